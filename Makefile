@@ -1,0 +1,41 @@
+# Corral: the two commands a newcomer runs (as root, on Debian 12) are
+#   make demo   - set everything up, bring up a 3-host lab, run the demo
+#   make test   - set everything up, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup host venv proto demo test bench lab-down clean
+
+setup: host venv
+
+host:
+	bash deploy/setup-host.sh
+
+# The venv is rebuilt only when pyproject.toml changes.
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+proto: venv
+	$(PY) proto/generate.py
+
+demo: setup
+	bash deploy/demo.sh
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/agent_vs_lxc.py
+
+lab-down:
+	$(VENV)/bin/corral lab down --name demo
+
+clean: lab-down
+	rm -rf $(VENV)

@@ -1,0 +1,54 @@
+"""The agent's configuration file (YAML), read strictly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from corral.config import TlsFiles, load_document, parse_address
+from corral.names import validate_name
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    listen: str
+    advertise: str
+    controller: str
+    lxc_path: Path
+    state_dir: Path
+    storage_dir: Path
+    shared_dir: Path | None
+    template_cache: Path
+    bridge: str
+    tls: TlsFiles
+    heartbeat_interval: float
+    log_level: str
+
+    @classmethod
+    def load(cls, path: Path) -> "AgentConfig":
+        doc = load_document(path)
+        doc.check_keys({
+            "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
+            "shared_dir", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level",
+        })  # fmt: skip
+        listen = doc.get("listen", str, parse=parse_address)
+        heartbeat = doc.get("heartbeat_interval", float, 1.0)
+        if not 0.05 <= heartbeat <= 60:
+            raise doc.error("heartbeat_interval", "must be between 0.05 and 60 seconds")
+        shared = doc.get("shared_dir", str, None)
+        return cls(
+            node=doc.get("node", str, parse=lambda v: validate_name(v, "node name")),
+            listen=listen,
+            advertise=doc.get("advertise", str, listen, parse=parse_address),
+            controller=doc.get("controller", str, parse=parse_address),
+            lxc_path=Path(doc.get("lxc_path", str, "/var/lib/corral/lxc")),
+            state_dir=Path(doc.get("state_dir", str, "/var/lib/corral/agent")),
+            storage_dir=Path(doc.get("storage_dir", str, "/var/lib/corral/storage")),
+            shared_dir=Path(shared) if shared else None,
+            template_cache=Path(doc.get("template_cache", str, "/var/cache/corral/templates")),
+            bridge=doc.get("bridge", str, "br0"),
+            tls=TlsFiles.from_section(doc.section("tls")),
+            heartbeat_interval=heartbeat,
+            log_level=doc.get("log_level", str, "info"),
+        )

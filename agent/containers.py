@@ -1,0 +1,240 @@
+"""The host's containers: the agent's domain logic between the API and LXC.
+
+Every action on one container holds that container's lock, so two requests
+can never interleave on it. Multi-step actions register their undo as they go
+(AsyncExitStack) and keep it only on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import structlog
+
+from agent.records import ContainerRecord, RecordStore
+from agent.runtime.cgroups import CgroupLayout
+from agent.runtime.lxc import ExecResult, LxcRuntime
+from agent.runtime.lxc_config import LxcConfig
+from agent.runtime.templates import template_named
+from agent.storage.base import StorageDriver
+from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from corral.model import Container, ContainerState, Limits, NetworkAttachment
+from corral.names import validate_name
+
+log = structlog.get_logger("corral.agent.containers")
+
+DEFAULT_STOP_TIMEOUT = 30
+DEFAULT_EXEC_TIMEOUT = 300
+MAX_EXEC_TIMEOUT = 24 * 3600
+
+
+class ContainerManager:
+    def __init__(
+        self,
+        *,
+        node: str,
+        runtime: LxcRuntime,
+        storages: Mapping[str, StorageDriver],
+        records: RecordStore,
+        bridge: str,
+        template_cache: Path,
+        cgroups: CgroupLayout,
+    ) -> None:
+        self.node = node
+        self.runtime = runtime
+        self.storages = storages
+        self.records = records
+        self.bridge = bridge
+        self.template_cache = template_cache
+        self.cgroups = cgroups
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Init PIDs learned from LXC, so listing does not ask LXC for each container.
+        self._pids: dict[str, int] = {}
+
+    # -- queries ---------------------------------------------------------
+
+    def _record(self, name: str) -> ContainerRecord:
+        validate_name(name)
+        record = self.records.load(name)
+        if record is None or not self.runtime.exists(name):
+            raise NotFound(f"container {name!r} does not exist on node {self.node!r}")
+        return record
+
+    def _container(self, record: ContainerRecord, state: ContainerState, pid: int, message: str = "") -> Container:
+        return Container(
+            name=record.name,
+            node=self.node,
+            template=record.template,
+            state=state,
+            limits=record.limits,
+            network=record.network,
+            storage=record.storage,
+            init_pid=pid,
+            created_at=record.created_at,
+            message=message,
+        )
+
+    async def get(self, name: str) -> Container:
+        record = self._record(name)
+        status = await self.runtime.status(name)
+        self._pids[name] = status.init_pid
+        return self._container(record, status.state, status.init_pid)
+
+    def running_names(self) -> set[str]:
+        """Containers whose LXC monitor is up, from one read of /proc/net/unix."""
+        prefix = f"@{self.runtime.lxc_path}/"
+        running = set()
+        with open("/proc/net/unix", "rb") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1].decode(errors="replace")
+                if path.startswith(prefix) and path.endswith("/command"):
+                    running.add(path[len(prefix) : -len("/command")])
+        return running
+
+    async def list(self) -> list[Container]:
+        running = self.running_names()
+        out = []
+        for record in self.records.all():
+            if not self.runtime.exists(record.name):
+                continue
+            if record.name in running:
+                pid = self._pids.get(record.name) or 0
+                if not pid:
+                    return_status = await self.runtime.status(record.name)
+                    pid = self._pids[record.name] = return_status.init_pid
+                out.append(self._container(record, ContainerState.RUNNING, pid))
+            else:
+                self._pids.pop(record.name, None)
+                out.append(self._container(record, ContainerState.STOPPED, 0))
+        return out
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def create(
+        self, name: str, template: str, limits: Limits, network: NetworkAttachment, storage: str
+    ) -> Container:
+        validate_name(name)
+        tmpl = template_named(template, self.template_cache)
+        driver = self.storages.get(storage or "dir")
+        if driver is None:
+            raise InvalidArgument(f"unknown storage {storage!r} (this node has: {', '.join(self.storages)})")
+        async with self._locks[name]:
+            if self.runtime.exists(name) or self.records.load(name) is not None:
+                raise AlreadyExists(f"container {name!r} already exists on node {self.node!r}")
+            bound = log.bind(container=name)
+            async with contextlib.AsyncExitStack() as undo:
+                rootfs = await driver.create_volume(name, limits.disk_bytes)
+                undo.push_async_callback(driver.destroy_volume, name)
+                await tmpl.populate(rootfs, name)
+                record = ContainerRecord(name, template, driver.name, limits, network, time.time())
+                ct_dir = self.runtime.container_dir(name)
+                ct_dir.mkdir(parents=True, exist_ok=False)
+                undo.push_async_callback(asyncio.to_thread, shutil.rmtree, ct_dir, True)
+                await self._write_config(record, tmpl.halt_signal)
+                await asyncio.to_thread(self.records.save, record)
+                undo.pop_all()
+            message = ""
+            if limits.disk_bytes and not driver.enforces_disk_limit:
+                message = f"disk size is accounted, not enforced, on {driver.name} storage"
+            bound.info("container created", template=template, storage=driver.name)
+            return self._container(record, ContainerState.STOPPED, 0, message)
+
+    async def _write_config(self, record: ContainerRecord, halt_signal: str | None = None) -> None:
+        if halt_signal is None:
+            halt_signal = template_named(record.template, self.template_cache).halt_signal
+        config = LxcConfig(
+            name=record.name,
+            rootfs=self.storages[record.storage].rootfs(record.name),
+            bridge=self.bridge,
+            network=record.network,
+            limits=record.limits,
+            halt_signal=halt_signal,
+            log_file=self.runtime.container_dir(record.name) / "lxc.log",
+        )
+        path = self.runtime.config_file(record.name)
+        await asyncio.to_thread(_write_atomic, path, config.render(self.cgroups))
+
+    async def start(self, name: str) -> Container:
+        async with self._locks[name]:
+            record = self._record(name)
+            status = await self.runtime.status(name)
+            if status.state != ContainerState.RUNNING:
+                await self.runtime.start(name)
+                status = await self.runtime.status(name)
+                log.info("container started", container=name, pid=status.init_pid)
+            self._pids[name] = status.init_pid
+            return self._container(record, status.state, status.init_pid)
+
+    async def stop(self, name: str, *, force: bool, timeout: int) -> Container:
+        async with self._locks[name]:
+            record = self._record(name)
+            await self.runtime.stop(name, force=force, timeout=timeout or DEFAULT_STOP_TIMEOUT)
+            self._pids.pop(name, None)
+            log.info("container stopped", container=name, force=force)
+            return self._container(record, ContainerState.STOPPED, 0)
+
+    async def destroy(self, name: str, *, force: bool) -> None:
+        async with self._locks[name]:
+            record = self._record(name)
+            status = await self.runtime.status(name)
+            if status.state != ContainerState.STOPPED:
+                if not force:
+                    raise FailedPrecondition(f"container {name!r} is {status.state.value}; stop it first or use --force")
+                await self.runtime.stop(name, force=True, timeout=10)
+            await self.storages[record.storage].destroy_volume(name)
+            await asyncio.to_thread(shutil.rmtree, self.runtime.container_dir(name), True)
+            await asyncio.to_thread(self.records.delete, name)
+            self._pids.pop(name, None)
+            log.info("container destroyed", container=name)
+
+    async def exec(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
+    ) -> ExecResult:
+        if not argv or not argv[0]:
+            raise InvalidArgument("no command given to run")
+        if timeout < 0 or timeout > MAX_EXEC_TIMEOUT:
+            raise InvalidArgument(f"exec timeout must be between 0 and {MAX_EXEC_TIMEOUT} seconds")
+        self._record(name)
+        if name not in self.running_names():
+            raise FailedPrecondition(f"container {name!r} is not running")
+        return await self.runtime.attach(name, argv, env=env, stdin=stdin, timeout=timeout or DEFAULT_EXEC_TIMEOUT)
+
+    async def set_limits(self, name: str, limits: Limits) -> Container:
+        async with self._locks[name]:
+            record = self._record(name)
+            updated = ContainerRecord(
+                record.name, record.template, record.storage, record.limits.merged(limits), record.network, record.created_at
+            )
+            running = name in self.running_names()
+            if running:
+                # Apply to the live cgroups first: if the kernel refuses, nothing is saved.
+                for key, value in self.cgroups.limit_files(limits):
+                    await self.runtime.set_cgroup(name, key, value)
+            await self._write_config(updated)
+            await asyncio.to_thread(self.records.save, updated)
+            log.info("limits set", container=name, limits=updated.limits)
+        return await self.get(name)
+
+    async def reconcile(self) -> list[Container]:
+        """On agent start: take stock of what runs; LXC containers we never made are left alone."""
+        known = {r.name for r in self.records.all()}
+        for stray in set(self.runtime.names()) - known:
+            log.warning("LXC container without a corral record left alone", container=stray)
+        for name in known - set(self.runtime.names()):
+            log.warning("record without an LXC container dropped", container=name)
+            self.records.delete(name)
+        containers = await self.list()
+        log.info("reconciled", running=sum(c.state == ContainerState.RUNNING for c in containers), total=len(containers))
+        return containers
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

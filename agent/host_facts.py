@@ -1,0 +1,57 @@
+"""What this host is and has: CPUs, memory, disk, kernel, LXC and CRIU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from agent import __version__
+from agent.runtime.criu import CriuStatus, check_criu
+from agent.runtime.lxc import LxcRuntime
+from corral import proc
+from corral.model import NodeFacts
+
+
+def _meminfo() -> tuple[int, int]:
+    values = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            values[key] = int(rest.split()[0]) * 1024
+    return values.get("MemTotal", 0), values.get("MemAvailable", 0)
+
+
+class HostFacts:
+    """Static facts measured once at start; memory and disk refreshed on each call."""
+
+    def __init__(self, node: str, address: str, storage_dir: Path, storage_drivers: tuple[str, ...]) -> None:
+        self._base = NodeFacts(name=node, address=address, storage_drivers=storage_drivers)
+        self._storage_dir = storage_dir
+
+    async def probe(self) -> None:
+        lxc = await proc.run(["lxc-start", "--version"], timeout=10, check=False)
+        criu: CriuStatus = await check_criu()
+        self._base = replace(
+            self._base,
+            cpus=os.cpu_count() or 1,
+            kernel=platform.release(),
+            lxc_version=LxcRuntime.version_of(lxc.stdout.decode()),
+            criu_version=criu.version,
+            criu_ok=criu.ok,
+            criu_detail=criu.detail,
+            agent_version=__version__,
+        )
+
+    def current(self) -> NodeFacts:
+        total, available = _meminfo()
+        disk = shutil.disk_usage(self._storage_dir)
+        return replace(
+            self._base,
+            memory_bytes=total,
+            memory_available_bytes=available,
+            disk_bytes=disk.total,
+            disk_free_bytes=disk.free,
+        )

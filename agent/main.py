@@ -1,0 +1,86 @@
+"""`corral-agent --config FILE`: serve one host's containers to the controller."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from agent.config import AgentConfig
+from agent.containers import ContainerManager
+from agent.host_facts import HostFacts
+from agent.membership import Membership
+from agent.records import RecordStore
+from agent.runtime.cgroups import CgroupLayout
+from agent.runtime.lxc import LxcRuntime
+from agent.service import AGENT_POLICY, AgentServicer
+from agent.storage.dir import DirStorage
+from corral import log as corral_log
+from corral.api.server import make_server
+from corral.api.tls import server_credentials
+from corral.errors import CorralError
+from corral.v1 import agent_pb2_grpc
+
+log = structlog.get_logger("corral.agent")
+
+
+async def serve(config: AgentConfig) -> None:
+    for d in (config.lxc_path, config.state_dir, config.storage_dir, config.template_cache):
+        d.mkdir(parents=True, exist_ok=True)
+    storages = {"dir": DirStorage(config.storage_dir)}
+    containers = ContainerManager(
+        node=config.node,
+        runtime=LxcRuntime(config.lxc_path),
+        storages=storages,
+        records=RecordStore(config.state_dir),
+        bridge=config.bridge,
+        template_cache=config.template_cache,
+        cgroups=CgroupLayout.detect(),
+    )
+    facts = HostFacts(config.node, config.advertise, config.storage_dir, tuple(storages))
+    await facts.probe()
+    await containers.reconcile()
+
+    server = make_server(AGENT_POLICY)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(containers, facts), server)
+    server.add_secure_port(config.listen, server_credentials(config.tls))
+    await server.start()
+    log.info("agent serving", node=config.node, listen=config.listen, lxc_path=str(config.lxc_path))
+
+    membership = Membership(config.controller, config.tls, facts, containers, config.heartbeat_interval)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with asyncio.TaskGroup() as tg:
+        beat = tg.create_task(membership.run())
+        await stop.wait()
+        log.info("agent stopping; containers keep running")
+        beat.cancel()
+        await server.stop(grace=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="corral-agent", description=__doc__)
+    parser.add_argument("--config", type=Path, default=Path("/etc/corral/agent.yaml"))
+    args = parser.parse_args(argv)
+    corral_log.configure(json_output=True)
+    try:
+        config = AgentConfig.load(args.config)
+    except CorralError as exc:
+        print(f"corral-agent: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    corral_log.configure(json_output=True, level=config.log_level)
+    try:
+        asyncio.run(serve(config))
+    except CorralError as exc:
+        log.error("agent failed", error=exc.message)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

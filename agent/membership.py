@@ -1,0 +1,85 @@
+"""The agent's side of fleet membership: register with the controller, then heartbeat.
+
+The agent keeps trying while the controller is away; containers keep running
+regardless (the agent owns no fleet decision).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from agent.containers import ContainerManager
+from agent.host_facts import HostFacts
+from corral.api.client import call
+from corral.api.convert import container_to_pb, facts_to_pb
+from corral.api.tls import secure_channel
+from corral.config import TlsFiles
+from corral.errors import CorralError
+from corral.v1 import controller_pb2 as cpb
+from corral.v1 import controller_pb2_grpc
+
+log = structlog.get_logger("corral.agent.membership")
+
+RPC_TIMEOUT = 5.0
+RETRY_DELAY = 1.0
+
+
+class Membership:
+    def __init__(
+        self, controller: str, tls: TlsFiles, facts: HostFacts, containers: ContainerManager, interval: float
+    ) -> None:
+        self.controller = controller
+        self.tls = tls
+        self.facts = facts
+        self.containers = containers
+        self.interval = interval
+        self.registered = asyncio.Event()
+
+    async def run(self) -> None:
+        channel = secure_channel(self.controller, self.tls, server_name="controller")
+        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        try:
+            while True:
+                try:
+                    await self._register(stub)
+                    await self._heartbeat_until_reregister(stub)
+                except CorralError as exc:
+                    self.registered.clear()
+                    log.warning("controller unreachable, retrying", controller=self.controller, error=exc.message)
+                    await asyncio.sleep(RETRY_DELAY)
+        finally:
+            await channel.close()
+
+    async def _snapshot(self):
+        return facts_to_pb(self.facts.current()), [container_to_pb(c) for c in await self.containers.list()]
+
+    async def _register(self, stub) -> None:
+        facts, containers = await self._snapshot()
+        reply = await call(
+            stub.RegisterNode,
+            cpb.RegisterNodeRequest(facts=facts, containers=containers),
+            timeout=RPC_TIMEOUT,
+            peer=f"controller {self.controller}",
+        )
+        if reply.heartbeat_interval_seconds > 0:
+            self.interval = reply.heartbeat_interval_seconds
+        self.registered.set()
+        log.info("registered with controller", controller=self.controller, containers=len(containers))
+
+    async def _heartbeat_until_reregister(self, stub) -> None:
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
+        while True:
+            next_beat += self.interval
+            await asyncio.sleep(max(0.0, next_beat - loop.time()))
+            facts, containers = await self._snapshot()
+            reply = await call(
+                stub.Heartbeat,
+                cpb.HeartbeatRequest(node=facts.name, facts=facts, containers=containers),
+                timeout=RPC_TIMEOUT,
+                peer=f"controller {self.controller}",
+            )
+            if reply.reregister:
+                return

@@ -1,0 +1,1 @@
+"""Container runtimes of a host: LXC for containers, CRIU for checkpoints."""

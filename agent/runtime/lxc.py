@@ -1,0 +1,114 @@
+"""The host's LXC, driven through the `lxc-*` tools with the agent's own LXC path.
+
+Each agent has its own LXC path, so several agents (lab hosts) share one
+machine without seeing each other's containers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from corral import proc
+from corral.errors import FailedPrecondition, NotFound, RuntimeFailure
+from corral.model import ContainerState
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_LXC_STATES = {
+    "STOPPED": ContainerState.STOPPED,
+    "STARTING": ContainerState.STARTING,
+    "RUNNING": ContainerState.RUNNING,
+    "STOPPING": ContainerState.STOPPING,
+    "ABORTING": ContainerState.STOPPING,
+    "FREEZING": ContainerState.FROZEN,
+    "FROZEN": ContainerState.FROZEN,
+    "THAWED": ContainerState.RUNNING,
+}
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    state: ContainerState
+    init_pid: int = 0
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class LxcRuntime:
+    def __init__(self, lxc_path: Path, command_timeout: float = 60.0) -> None:
+        self.lxc_path = lxc_path
+        self.command_timeout = command_timeout
+
+    def container_dir(self, name: str) -> Path:
+        return self.lxc_path / name
+
+    def config_file(self, name: str) -> Path:
+        return self.container_dir(name) / "config"
+
+    def exists(self, name: str) -> bool:
+        return self.config_file(name).is_file()
+
+    def names(self) -> list[str]:
+        if not self.lxc_path.is_dir():
+            return []
+        return sorted(p.name for p in self.lxc_path.iterdir() if (p / "config").is_file())
+
+    async def _lxc(self, tool: str, name: str, *args: str, timeout: float | None = None, check: bool = True):
+        argv = [tool, "-P", str(self.lxc_path), "-n", name, *args]
+        return await proc.run(argv, timeout=timeout or self.command_timeout, check=check, what=f"{tool} {name}")
+
+    async def status(self, name: str) -> RuntimeStatus:
+        if not self.exists(name):
+            raise NotFound(f"container {name!r} does not exist on this host")
+        done = await self._lxc("lxc-info", name, "-s", "-p", check=False)
+        if done.returncode != 0:
+            raise RuntimeFailure(f"lxc-info {name} failed: {done.output}")
+        state, pid = ContainerState.UNKNOWN, 0
+        for line in done.stdout.decode().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "State":
+                state = _LXC_STATES.get(value.strip(), ContainerState.UNKNOWN)
+            elif key.strip() == "PID":
+                pid = int(value.strip() or 0)
+        return RuntimeStatus(state, pid)
+
+    async def start(self, name: str) -> None:
+        done = await self._lxc("lxc-start", name, "-d", check=False)
+        if done.returncode != 0:
+            raise RuntimeFailure(f"lxc-start {name} failed: {done.output or 'see the container log'}")
+
+    async def stop(self, name: str, *, force: bool, timeout: float) -> None:
+        args = ["-k"] if force else ["-t", str(int(timeout))]
+        done = await self._lxc("lxc-stop", name, *args, timeout=timeout + 30, check=False)
+        # Exit 2 means "already stopped" for lxc-stop: that is what we wanted.
+        if done.returncode not in (0, 2):
+            raise RuntimeFailure(f"lxc-stop {name} failed: {done.output}")
+
+    async def set_cgroup(self, name: str, key: str, value: str) -> None:
+        done = await self._lxc("lxc-cgroup", name, key, value, check=False)
+        if done.returncode != 0:
+            raise FailedPrecondition(f"cannot set {key}={value} on {name}: {done.output}")
+
+    async def attach(
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str], stdin: bytes, timeout: float
+    ) -> ExecResult:
+        cmd = ["lxc-attach", "-P", str(self.lxc_path), "-n", name, "--clear-env"]
+        variables = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb", **env}
+        for key, value in variables.items():
+            cmd += ["-v", f"{key}={value}"]
+        cmd += ["--", *argv]
+        done = await proc.run(cmd, timeout=timeout, input=stdin, check=False, cwd="/", what=f"exec in {name}")
+        return ExecResult(done.returncode, done.stdout, done.stderr)
+
+    @staticmethod
+    def version_of(output: str) -> str:
+        match = re.search(r"\d+\.\d+(\.\d+)?", output)
+        return match.group(0) if match else output.strip()

@@ -1,0 +1,138 @@
+"""Root filesystem templates: what a new container's rootfs is made from.
+
+- `busybox`: a static busybox and a minimal init; no host directories are
+  bind-mounted, so the container can be checkpointed (DESIGN.md).
+- `debian`: Debian bookworm from debootstrap, built once per host into the
+  template cache (from the mirror the host's own apt uses), then copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from corral import proc
+from corral.errors import FailedPrecondition, InvalidArgument
+
+BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
+DEBIAN_SUITE = "bookworm"
+DEBIAN_PACKAGES = "systemd-sysv,iproute2,procps,iputils-ping,python3-minimal"
+
+
+class Template(Protocol):
+    name: str
+    halt_signal: str
+
+    async def populate(self, rootfs: Path, hostname: str) -> None: ...
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+@dataclass
+class BusyboxTemplate:
+    name = "busybox"
+    halt_signal = "SIGUSR1"  # busybox init halts on USR1
+
+    async def populate(self, rootfs: Path, hostname: str) -> None:
+        busybox = next((p for p in BUSYBOX_CANDIDATES if p.is_file()), None)
+        if busybox is None:
+            raise FailedPrecondition("busybox is not installed on this host (install busybox-static)")
+        done = await proc.run([str(busybox), "--list-full"], timeout=10, what="busybox --list-full")
+        applets = done.stdout.decode().split()
+        await asyncio.to_thread(self._build, rootfs, busybox, applets, hostname)
+
+    @staticmethod
+    def _build(rootfs: Path, busybox: Path, applets: list[str], hostname: str) -> None:
+        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "dev", "proc", "sys", "tmp",
+                  "root", "home", "mnt", "var/log", "var/run", "run", "dev/pts"):  # fmt: skip
+            (rootfs / d).mkdir(parents=True, exist_ok=True)
+        (rootfs / "tmp").chmod(0o1777)
+        shutil.copy2(busybox, rootfs / "bin" / "busybox")
+        for applet in applets:
+            link = rootfs / applet
+            if not link.exists() and link.name != "busybox":
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink("/bin/busybox", link)
+        _write(rootfs / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+        _write(rootfs / "etc/group", "root:x:0:root\n")
+        _write(rootfs / "etc/hostname", hostname + "\n")
+        _write(rootfs / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
+        # No getty, no console: a process tied to a tty cannot be checkpointed.
+        _write(
+            rootfs / "etc/inittab",
+            "::sysinit:/etc/init.d/rcS\n"
+            "::respawn:/etc/init.d/workload\n"
+            "::shutdown:/bin/umount -a -r\n",
+        )
+        _write(rootfs / "etc/init.d/rcS", "#!/bin/sh\n/bin/hostname -F /etc/hostname\n/sbin/ip link set lo up\n", 0o755)
+        # The workload init keeps alive; replace this file to run a service.
+        _write(rootfs / "etc/init.d/workload", "#!/bin/sh\nexec /bin/sleep 2147483647\n", 0o755)
+
+
+@dataclass
+class DebianTemplate:
+    cache_dir: Path
+    name = "debian"
+    halt_signal = "SIGRTMIN+3"  # systemd's halt signal
+
+    _lock = asyncio.Lock()
+
+    @property
+    def cached_rootfs(self) -> Path:
+        return self.cache_dir / f"debian-{DEBIAN_SUITE}" / "rootfs"
+
+    async def populate(self, rootfs: Path, hostname: str) -> None:
+        await self._ensure_cache()
+        await proc.run(["cp", "-a", f"{self.cached_rootfs}/.", str(rootfs)], timeout=600, what="copy debian rootfs")
+        await asyncio.to_thread(_write, rootfs / "etc/hostname", hostname + "\n")
+        await asyncio.to_thread(_write, rootfs / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
+
+    async def _ensure_cache(self) -> None:
+        async with self._lock:
+            if (self.cached_rootfs / "etc/debian_version").is_file():
+                return
+            mirror = host_debian_mirror()
+            staging = self.cached_rootfs.with_name("rootfs.partial")
+            if staging.exists():
+                await asyncio.to_thread(shutil.rmtree, staging)
+            staging.parent.mkdir(parents=True, exist_ok=True)
+            await proc.run(
+                ["debootstrap", "--variant=minbase", f"--include={DEBIAN_PACKAGES}", DEBIAN_SUITE, str(staging), mirror],
+                timeout=1200,
+                what="debootstrap",
+            )
+            # Containers get their address from LXC; nothing inside should touch it.
+            _write(staging / "etc/systemd/network/.keep", "")
+            staging.rename(self.cached_rootfs)
+
+
+def host_debian_mirror() -> str:
+    """The Debian mirror this host's apt already uses (operators run their own)."""
+    sources = [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]
+    for path in sources:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        match = re.search(r"^URIs:\s*(\S+)", text, re.MULTILINE) or re.search(
+            r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+\s+main", text, re.MULTILINE
+        )
+        if match:
+            return match.group(1)
+    raise FailedPrecondition("cannot find a Debian mirror in this host's apt sources")
+
+
+def template_named(name: str, cache_dir: Path) -> Template:
+    if name == "busybox":
+        return BusyboxTemplate()
+    if name == "debian":
+        return DebianTemplate(cache_dir)
+    raise InvalidArgument(f"unknown template {name!r} (available: busybox, debian)")

@@ -1,0 +1,1 @@
+"""Storage drivers: where a container root filesystem lives (one driver a module)."""

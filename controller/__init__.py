@@ -1,0 +1,1 @@
+"""corral-controller: the fleet — nodes, placement, containers, operations, API."""

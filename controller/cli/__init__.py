@@ -1,0 +1,1 @@
+"""The `corral` command line: fleet operations for people."""

@@ -1,0 +1,90 @@
+"""A typed async client of the controller's API, for the CLI and other services.
+
+    async with ControllerClient("10.0.0.1:7700", TlsFiles(...)) as fleet:
+        ct = await fleet.create_container("web1", "busybox", limits=Limits(memory_bytes=256 << 20))
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from corral.api.client import call
+from corral.api.convert import container_from_pb, limits_to_pb, node_from_pb
+from corral.api.tls import secure_channel
+from corral.config import TlsFiles
+from corral.model import Container, Limits, Node
+from corral.v1 import agent_pb2 as apb
+from corral.v1 import controller_pb2 as cpb
+from corral.v1 import controller_pb2_grpc
+
+
+class ControllerClient:
+    def __init__(self, address: str, tls: TlsFiles, timeout: float = 900.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = secure_channel(address, tls, server_name="controller")
+        self.stub = controller_pb2_grpc.ControllerServiceStub(self.channel)
+
+    async def __aenter__(self) -> "ControllerClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+
+    async def _call(self, rpc, request, timeout: float | None = None):
+        return await call(rpc, request, timeout=timeout or self.timeout, peer=f"controller {self.address}")
+
+    async def list_nodes(self) -> list[Node]:
+        reply = await self._call(self.stub.ListNodes, cpb.ListNodesRequest(), 30)
+        return [node_from_pb(n) for n in reply.nodes]
+
+    async def get_node(self, name: str) -> Node:
+        return node_from_pb(await self._call(self.stub.GetNode, cpb.GetNodeRequest(name=name), 30))
+
+    async def create_container(
+        self,
+        name: str,
+        template: str,
+        *,
+        node: str = "",
+        limits: Limits = Limits(),
+        storage: str = "",
+        start: bool = False,
+    ) -> Container:
+        req = cpb.CreateContainerRequest(
+            name=name, template=template, node=node, limits=limits_to_pb(limits), storage=storage, start=start
+        )
+        return container_from_pb(await self._call(self.stub.CreateContainer, req))
+
+    async def start_container(self, name: str) -> Container:
+        return container_from_pb(await self._call(self.stub.StartContainer, cpb.ContainerRef(name=name)))
+
+    async def stop_container(self, name: str, *, force: bool = False, timeout: int = 0) -> Container:
+        req = cpb.StopContainerRequest(name=name, force=force, timeout_seconds=timeout)
+        return container_from_pb(await self._call(self.stub.StopContainer, req))
+
+    async def destroy_container(self, name: str, *, force: bool = False) -> None:
+        await self._call(self.stub.DestroyContainer, cpb.DestroyContainerRequest(name=name, force=force))
+
+    async def get_container(self, name: str) -> Container:
+        return container_from_pb(await self._call(self.stub.GetContainer, cpb.ContainerRef(name=name), 30))
+
+    async def list_containers(self, node: str = "") -> list[Container]:
+        reply = await self._call(self.stub.ListContainers, cpb.ListContainersRequest(node=node), 30)
+        return [container_from_pb(c) for c in reply.containers]
+
+    async def exec(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes = b"",
+        timeout: int = 0,
+    ) -> apb.ExecResponse:
+        req = apb.ExecRequest(name=name, argv=list(argv), env=dict(env or {}), stdin=stdin, timeout_seconds=timeout)
+        return await self._call(self.stub.ExecContainer, req)
+
+    async def set_limits(self, name: str, limits: Limits) -> Container:
+        req = cpb.SetContainerLimitsRequest(name=name, limits=limits_to_pb(limits))
+        return container_from_pb(await self._call(self.stub.SetContainerLimits, req))

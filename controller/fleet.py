@@ -1,0 +1,215 @@
+"""The fleet's containers: what the controller does for each API request.
+
+Records live in the store; the agents do the work on their hosts. Every
+action on one container holds that container's lock in the controller, so
+requests for the same container never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import replace
+from typing import Mapping, Sequence
+
+import structlog
+
+from controller.agents import AgentClient, AgentPool
+from controller.health.registry import NodeRegistry
+from controller.network.ipam import AddressPool
+from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
+from controller.store.base import Store
+from corral.errors import AlreadyExists, CorralError, InvalidArgument, NotFound, Unavailable
+from corral.model import Container, ContainerState, Limits, Node, NodeState, validate_limits
+from corral.names import validate_name
+from corral.v1 import agent_pb2 as apb
+
+log = structlog.get_logger("corral.controller.fleet")
+
+TEMPLATES = ("busybox", "debian")
+STORAGES = ("dir",)
+# States the controller sets itself while it acts; heartbeats must not overwrite them.
+_TRANSITIONAL = {ContainerState.CREATING, ContainerState.DESTROYING}
+
+
+class Fleet:
+    def __init__(
+        self,
+        store: Store,
+        nodes: NodeRegistry,
+        agents: AgentPool,
+        addresses: AddressPool,
+        policy: PlacementPolicy = PlacementPolicy(),
+    ) -> None:
+        self.store = store
+        self.nodes = nodes
+        self.agents = agents
+        self.addresses = addresses
+        self.policy = policy
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Placement and address choice read then write: one at a time.
+        self._placement_lock = asyncio.Lock()
+
+    # -- nodes -------------------------------------------------------------
+
+    async def list_nodes(self) -> list[Node]:
+        containers = await self.store.list_containers()
+        allocated: dict[str, tuple[Limits, int]] = {}
+        for ct in containers:
+            limits, count = allocated.get(ct.node, (Limits(), 0))
+            allocated[ct.node] = (limits + ct.limits, count + 1)
+        return self.nodes.with_allocations(self.nodes.all(), allocated)
+
+    async def get_node(self, name: str) -> Node:
+        validate_name(name, "node name")
+        node = next((n for n in await self.list_nodes() if n.name == name), None)
+        if node is None:
+            raise NotFound(f"node {name!r} is not registered")
+        return node
+
+    def _agent_for(self, node_name: str) -> AgentClient:
+        node = self.nodes.get(node_name)
+        if node is None:
+            raise NotFound(f"node {node_name!r} is not registered")
+        if node.state != NodeState.READY:
+            raise Unavailable(f"node {node_name!r} is {node.state.value}")
+        return self.agents.client(node.facts)
+
+    # -- containers ----------------------------------------------------------
+
+    async def _record(self, name: str) -> Container:
+        validate_name(name)
+        record = await self.store.get_container(name)
+        if record is None:
+            raise NotFound(f"container {name!r} does not exist")
+        return record
+
+    def _observed(self, ct: Container) -> Container:
+        node = self.nodes.get(ct.node)
+        if ct.state not in _TRANSITIONAL and (node is None or node.state != NodeState.READY):
+            return replace(ct, state=ContainerState.UNKNOWN, message=f"node {ct.node} is unreachable")
+        return ct
+
+    async def get(self, name: str) -> Container:
+        record = self._observed(await self._record(name))
+        if record.state in _TRANSITIONAL or record.state == ContainerState.UNKNOWN:
+            return record
+        live = await self._agent_for(record.node).get(name)
+        return replace(record, state=live.state, init_pid=live.init_pid)
+
+    async def list(self, node: str = "") -> list[Container]:
+        if node:
+            validate_name(node, "node name")
+        return [self._observed(c) for c in await self.store.list_containers(node or None)]
+
+    async def create(
+        self, name: str, template: str, node: str, limits: Limits, storage: str, start: bool
+    ) -> Container:
+        validate_name(name)
+        if template not in TEMPLATES:
+            raise InvalidArgument(f"unknown template {template!r} (available: {', '.join(TEMPLATES)})")
+        storage = storage or "dir"
+        if storage not in STORAGES:
+            raise InvalidArgument(f"unknown storage {storage!r} (available: {', '.join(STORAGES)})")
+        if node:
+            validate_name(node, "node name")
+        validate_limits(limits)
+        bound = log.bind(container=name)
+        async with self._locks[name]:
+            async with self._placement_lock:
+                if await self.store.get_container(name) is not None:
+                    raise AlreadyExists(f"container {name!r} already exists")
+                request = PlacementRequest(name, limits, node, storage)
+                placement = place(request, await self.list_nodes(), self.policy)
+                used = [c.network.ipv4 for c in await self.store.list_containers()]
+                network = self.addresses.allocate(used)
+                record = Container(
+                    name=name, node=placement.node, template=template, state=ContainerState.CREATING,
+                    limits=limits, network=network, storage=storage, created_at=time.time(),
+                )  # fmt: skip
+                await self.store.insert_container(record)
+            bound.info("placing container", node=placement.node, reason=placement.reason, ip=network.ipv4)
+            try:
+                agent = self._agent_for(placement.node)
+                created = await agent.create(name, template, limits, network, storage)
+            except CorralError:
+                await self.store.delete_container(name)
+                raise
+            record = replace(record, state=created.state, message=created.message)
+            await self.store.update_container(record)
+            if start:
+                started = await agent.start(name)
+                record = replace(record, state=started.state, init_pid=started.init_pid)
+                await self.store.update_container(record)
+            bound.info("container created", node=placement.node)
+            return record
+
+    async def start(self, name: str) -> Container:
+        async with self._locks[name]:
+            record = await self._record(name)
+            observed = await self._agent_for(record.node).start(name)
+            return await self._save_observed(record, observed)
+
+    async def stop(self, name: str, force: bool, timeout: int) -> Container:
+        if timeout < 0 or timeout > 3600:
+            raise InvalidArgument("stop timeout must be between 0 and 3600 seconds")
+        async with self._locks[name]:
+            record = await self._record(name)
+            observed = await self._agent_for(record.node).stop(name, force, timeout)
+            return await self._save_observed(record, observed)
+
+    async def destroy(self, name: str, force: bool) -> None:
+        async with self._locks[name]:
+            record = await self._record(name)
+            try:
+                await self._agent_for(record.node).destroy(name, force)
+            except NotFound:
+                log.warning("container already gone from its node", container=name, node=record.node)
+            await self.store.delete_container(name)
+            log.info("container destroyed", container=name, node=record.node)
+
+    async def exec(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
+    ) -> apb.ExecResponse:
+        if not argv:
+            raise InvalidArgument("no command given to run")
+        record = await self._record(name)
+        return await self._agent_for(record.node).exec(name, argv, env, stdin, timeout)
+
+    async def set_limits(self, name: str, limits: Limits) -> Container:
+        validate_limits(limits)
+        if limits == Limits():
+            raise InvalidArgument("no limit given to change")
+        async with self._locks[name]:
+            record = await self._record(name)
+            # Only growth needs room on the node: check the increase like a placement.
+            growth = Limits(
+                memory_bytes=max(0, limits.memory_bytes - record.limits.memory_bytes),
+                cpu_millis=max(0, limits.cpu_millis - record.limits.cpu_millis),
+            )
+            if growth != Limits():
+                node = [n for n in await self.list_nodes() if n.name == record.node]
+                place(PlacementRequest(name, growth, record.node, record.storage), node, self.policy)
+            observed = await self._agent_for(record.node).set_limits(name, limits)
+            return await self._save_observed(replace(record, limits=observed.limits), observed)
+
+    async def _save_observed(self, record: Container, observed: Container) -> Container:
+        updated = replace(record, state=observed.state, init_pid=observed.init_pid, message=observed.message)
+        await self.store.update_container(updated)
+        return updated
+
+    # -- reports from agents ---------------------------------------------------
+
+    async def observe(self, node: str, reported: list[Container]) -> None:
+        """Fold a node's report of its containers into the records (only changes are written)."""
+        records = {c.name: c for c in await self.store.list_containers(node)}
+        for ct in reported:
+            record = records.get(ct.name)
+            if record is None:
+                log.warning("node reports a container the fleet has no record of", node=node, container=ct.name)
+                continue
+            if record.state in _TRANSITIONAL or self._locks[ct.name].locked():
+                continue
+            if record.state != ct.state:
+                await self.store.update_container(replace(record, state=ct.state, init_pid=ct.init_pid))

@@ -1,0 +1,1 @@
+"""Node liveness: registry, heartbeats, and (later) leases and fencing."""

@@ -1,0 +1,80 @@
+"""`corral-controller --config FILE`: the fleet's controller."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from controller.agents import AgentPool
+from controller.config import ControllerConfig
+from controller.fleet import Fleet
+from controller.health.registry import NodeRegistry
+from controller.service import ControllerServicer, controller_policy
+from controller.store.sqlite import SqliteStore
+from corral import log as corral_log
+from corral.api.server import make_server
+from corral.api.tls import server_credentials
+from corral.errors import CorralError, Unavailable
+from corral.v1 import controller_pb2_grpc
+
+log = structlog.get_logger("corral.controller")
+
+
+async def serve(config: ControllerConfig) -> None:
+    store = SqliteStore(config.store_path)
+    await store.open()
+    nodes = NodeRegistry(store, config.heartbeat_timeout)
+    await nodes.load()
+    agents = AgentPool(config.tls)
+    fleet = Fleet(store, nodes, agents, config.addresses, config.placement)
+
+    server = make_server(controller_policy)
+    controller_pb2_grpc.add_ControllerServiceServicer_to_server(
+        ControllerServicer(fleet, nodes, config.heartbeat_interval), server
+    )
+    credentials = server_credentials(config.tls)
+    for address in config.listen:
+        try:
+            server.add_secure_port(address, credentials)
+        except RuntimeError:
+            raise Unavailable(f"cannot listen on {address} (in use, or not an address of this host)") from None
+    await server.start()
+    log.info("controller serving", listen=list(config.listen), store=str(config.store_path))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            watcher = tg.create_task(nodes.watch())
+            await stop.wait()
+            log.info("controller stopping")
+            watcher.cancel()
+            await server.stop(grace=2)
+    finally:
+        await agents.close()
+        await store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="corral-controller", description=__doc__)
+    parser.add_argument("--config", type=Path, default=Path("/etc/corral/controller.yaml"))
+    args = parser.parse_args(argv)
+    corral_log.configure(json_output=True)
+    try:
+        config = ControllerConfig.load(args.config)
+        corral_log.configure(json_output=True, level=config.log_level)
+        asyncio.run(serve(config))
+    except CorralError as exc:
+        print(f"corral-controller: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Container addresses: which IP and MAC a container gets."""

@@ -1,0 +1,1 @@
+"""Pure placement decisions: a fleet snapshot in, a plan with reasons out."""

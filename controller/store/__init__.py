@@ -1,0 +1,1 @@
+"""The controller's durable state behind one interface (SQLite now, etcd later)."""

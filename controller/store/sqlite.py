@@ -1,0 +1,142 @@
+"""SQLite state backend: embedded, one file, durable (WAL + synchronous=FULL)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+
+from corral.errors import AlreadyExists
+from corral.model import Container, ContainerState, Limits, NetworkAttachment, NodeFacts
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    facts TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS containers (
+    name TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    template TEXT NOT NULL,
+    state TEXT NOT NULL,
+    limits TEXT NOT NULL,
+    network TEXT NOT NULL,
+    storage TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS containers_node ON containers(node);
+"""
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "store not opened"
+        return self._db
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path)
+        await self.db.execute("PRAGMA journal_mode=WAL")
+        await self.db.execute("PRAGMA synchronous=FULL")
+        await self.db.executescript(SCHEMA)
+        await self.db.commit()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def put_node(self, facts: NodeFacts) -> None:
+        await self.db.execute(
+            "INSERT INTO nodes(name, facts) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET facts=excluded.facts",
+            (facts.name, json.dumps(dataclasses.asdict(facts))),
+        )
+        await self.db.commit()
+
+    async def list_nodes(self) -> list[NodeFacts]:
+        async with self.db.execute("SELECT facts FROM nodes ORDER BY name") as cur:
+            rows = await cur.fetchall()
+        out = []
+        for (text,) in rows:
+            data = json.loads(text)
+            data["storage_drivers"] = tuple(data.get("storage_drivers", ()))
+            out.append(NodeFacts(**data))
+        return out
+
+    async def insert_container(self, container: Container) -> None:
+        try:
+            await self.db.execute(
+                "INSERT INTO containers(name, node, template, state, limits, network, storage, created_at, message)"
+                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _row(container),
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"container {container.name!r} already exists") from None
+        await self.db.commit()
+
+    async def update_container(self, container: Container) -> None:
+        name, *rest = _row(container)
+        await self.db.execute(
+            "UPDATE containers SET node=?, template=?, state=?, limits=?, network=?, storage=?, created_at=?,"
+            " message=? WHERE name=?",
+            (*rest, name),
+        )
+        await self.db.commit()
+
+    async def get_container(self, name: str) -> Container | None:
+        async with self.db.execute(f"SELECT {_COLUMNS} FROM containers WHERE name=?", (name,)) as cur:
+            row = await cur.fetchone()
+        return _container(row) if row else None
+
+    async def list_containers(self, node: str | None = None) -> list[Container]:
+        if node:
+            query, args = f"SELECT {_COLUMNS} FROM containers WHERE node=? ORDER BY name", (node,)
+        else:
+            query, args = f"SELECT {_COLUMNS} FROM containers ORDER BY name", ()
+        async with self.db.execute(query, args) as cur:
+            return [_container(r) for r in await cur.fetchall()]
+
+    async def delete_container(self, name: str) -> None:
+        await self.db.execute("DELETE FROM containers WHERE name=?", (name,))
+        await self.db.commit()
+
+
+_COLUMNS = "name, node, template, state, limits, network, storage, created_at, message"
+
+
+def _row(c: Container) -> tuple:
+    return (
+        c.name,
+        c.node,
+        c.template,
+        c.state.value,
+        json.dumps(dataclasses.asdict(c.limits)),
+        json.dumps(dataclasses.asdict(c.network)),
+        c.storage,
+        c.created_at,
+        c.message,
+    )
+
+
+def _container(row) -> Container:
+    name, node, template, state, limits, network, storage, created_at, message = row
+    return Container(
+        name=name,
+        node=node,
+        template=template,
+        state=ContainerState(state),
+        limits=Limits(**json.loads(limits)),
+        network=NetworkAttachment(**json.loads(network)),
+        storage=storage,
+        created_at=created_at,
+        message=message,
+    )

@@ -1,0 +1,1 @@
+"""Corral: shared pieces of the agent, the controller and the CLI."""

@@ -1,0 +1,1 @@
+"""The gRPC edge: TLS, authentication, error mapping and protobuf conversion."""

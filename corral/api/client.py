@@ -1,0 +1,26 @@
+"""The client side of the gRPC edge: calls with deadlines, errors as CorralError."""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from corral.errors import CorralError, DeadlineExceeded, Unavailable, from_grpc_code
+
+
+async def call(rpc: Callable[..., Awaitable[Any]], request: Any, *, timeout: float, peer: str) -> Any:
+    """One unary call with a deadline; a gRPC failure comes back as our own error."""
+    try:
+        return await rpc(request, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, peer) from None
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, peer: str) -> CorralError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"cannot reach {peer}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{peer} did not answer in time")
+    return from_grpc_code(code, details)

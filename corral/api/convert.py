@@ -1,0 +1,96 @@
+"""Conversion between protobuf messages and domain dataclasses (API edge only)."""
+
+from __future__ import annotations
+
+from corral.model import Container, ContainerState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
+from corral.v1 import types_pb2 as pb
+
+_STATE_TO_PB = {s: pb.ContainerState.Value(f"CONTAINER_STATE_{s.name}") for s in ContainerState}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_NODE_STATE_TO_PB = {s: pb.NodeState.Value(f"NODE_STATE_{s.name}") for s in NodeState}
+_NODE_STATE_FROM_PB = {v: k for k, v in _NODE_STATE_TO_PB.items()}
+
+
+def limits_to_pb(limits: Limits) -> pb.Limits:
+    return pb.Limits(**limits.__dict__)
+
+
+def limits_from_pb(msg: pb.Limits) -> Limits:
+    return Limits(
+        memory_bytes=msg.memory_bytes,
+        cpu_millis=msg.cpu_millis,
+        cpu_shares=msg.cpu_shares,
+        pids_max=msg.pids_max,
+        disk_bytes=msg.disk_bytes,
+    )
+
+
+def network_to_pb(net: NetworkAttachment) -> pb.NetworkAttachment:
+    return pb.NetworkAttachment(ipv4_cidr=net.ipv4_cidr, gateway=net.gateway, mac=net.mac)
+
+
+def network_from_pb(msg: pb.NetworkAttachment) -> NetworkAttachment:
+    return NetworkAttachment(ipv4_cidr=msg.ipv4_cidr, gateway=msg.gateway, mac=msg.mac)
+
+
+def container_to_pb(ct: Container) -> pb.Container:
+    return pb.Container(
+        name=ct.name,
+        node=ct.node,
+        template=ct.template,
+        state=_STATE_TO_PB[ct.state],
+        limits=limits_to_pb(ct.limits),
+        network=network_to_pb(ct.network),
+        storage=ct.storage,
+        init_pid=ct.init_pid,
+        created_at=ct.created_at,
+        message=ct.message,
+    )
+
+
+def container_from_pb(msg: pb.Container) -> Container:
+    return Container(
+        name=msg.name,
+        node=msg.node,
+        template=msg.template,
+        state=_STATE_FROM_PB.get(msg.state, ContainerState.UNKNOWN),
+        limits=limits_from_pb(msg.limits),
+        network=network_from_pb(msg.network),
+        storage=msg.storage,
+        init_pid=msg.init_pid,
+        created_at=msg.created_at,
+        message=msg.message,
+    )
+
+
+_FACT_FIELDS = [f for f in NodeFacts.__dataclass_fields__ if f != "storage_drivers"]
+
+
+def facts_to_pb(facts: NodeFacts) -> pb.NodeFacts:
+    return pb.NodeFacts(
+        **{f: getattr(facts, f) for f in _FACT_FIELDS}, storage_drivers=list(facts.storage_drivers)
+    )
+
+
+def facts_from_pb(msg: pb.NodeFacts) -> NodeFacts:
+    return NodeFacts(**{f: getattr(msg, f) for f in _FACT_FIELDS}, storage_drivers=tuple(msg.storage_drivers))
+
+
+def node_to_pb(node: Node) -> pb.Node:
+    return pb.Node(
+        facts=facts_to_pb(node.facts),
+        state=_NODE_STATE_TO_PB[node.state],
+        last_heartbeat=node.last_heartbeat,
+        allocated=limits_to_pb(node.allocated),
+        container_count=node.container_count,
+    )
+
+
+def node_from_pb(msg: pb.Node) -> Node:
+    return Node(
+        facts=facts_from_pb(msg.facts),
+        state=_NODE_STATE_FROM_PB.get(msg.state, NodeState.UNREACHABLE),
+        last_heartbeat=msg.last_heartbeat,
+        allocated=limits_from_pb(msg.allocated),
+        container_count=msg.container_count,
+    )

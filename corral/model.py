@@ -1,0 +1,126 @@
+"""Domain objects shared by the agent and the controller.
+
+Protobuf stays at the API edge (`corral.api.convert`); everything inside the
+daemons works with these typed dataclasses.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+
+class ContainerState(enum.Enum):
+    CREATING = "creating"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    FROZEN = "frozen"
+    DESTROYING = "destroying"
+    UNKNOWN = "unknown"
+    ERROR = "error"
+
+
+class NodeState(enum.Enum):
+    READY = "ready"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits; 0 means not limited."""
+
+    memory_bytes: int = 0
+    cpu_millis: int = 0
+    cpu_shares: int = 0
+    pids_max: int = 0
+    disk_bytes: int = 0
+
+    def merged(self, update: "Limits") -> "Limits":
+        """These limits with every non-zero field of `update` applied."""
+        changes = {k: v for k, v in update.__dict__.items() if v}
+        return replace(self, **changes)
+
+    def __add__(self, other: "Limits") -> "Limits":
+        return Limits(
+            self.memory_bytes + other.memory_bytes,
+            self.cpu_millis + other.cpu_millis,
+            self.cpu_shares + other.cpu_shares,
+            self.pids_max + other.pids_max,
+            self.disk_bytes + other.disk_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    ipv4_cidr: str = ""
+    gateway: str = ""
+    mac: str = ""
+
+    @property
+    def ipv4(self) -> str:
+        return self.ipv4_cidr.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    node: str
+    template: str
+    state: ContainerState
+    limits: Limits = field(default_factory=Limits)
+    network: NetworkAttachment = field(default_factory=NetworkAttachment)
+    storage: str = "dir"
+    init_pid: int = 0
+    created_at: float = 0.0
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    name: str
+    address: str
+    cpus: int = 0
+    memory_bytes: int = 0
+    memory_available_bytes: int = 0
+    disk_bytes: int = 0
+    disk_free_bytes: int = 0
+    kernel: str = ""
+    lxc_version: str = ""
+    criu_version: str = ""
+    criu_ok: bool = False
+    criu_detail: str = ""
+    agent_version: str = ""
+    storage_drivers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Node:
+    facts: NodeFacts
+    state: NodeState
+    last_heartbeat: float
+    allocated: Limits = field(default_factory=Limits)
+    container_count: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+
+MIN_MEMORY_BYTES = 16 << 20
+
+
+def validate_limits(limits: Limits) -> Limits:
+    """Refuse limits no container could run with; 0 (unlimited) is always fine."""
+    from corral.errors import InvalidArgument
+
+    if limits.memory_bytes and limits.memory_bytes < MIN_MEMORY_BYTES:
+        raise InvalidArgument(f"memory limit {limits.memory_bytes} bytes is below the minimum of 16M")
+    if limits.cpu_shares and not 2 <= limits.cpu_shares <= 262144:
+        raise InvalidArgument(f"cpu shares {limits.cpu_shares} out of range 2..262144")
+    if limits.cpu_millis and limits.cpu_millis < 10:
+        raise InvalidArgument(f"CPU quota {limits.cpu_millis / 1000:g} is below the minimum of 0.01 CPU")
+    if limits.disk_bytes and limits.disk_bytes < MIN_MEMORY_BYTES:
+        raise InvalidArgument(f"disk size {limits.disk_bytes} bytes is below the minimum of 16M")
+    return limits
