@@ -54,8 +54,6 @@ class ContainerManager:
         self.template_cache = template_cache
         self.cgroups = cgroups
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        # Init PIDs learned from LXC, so listing does not ask LXC for each container.
-        self._pids: dict[str, int] = {}
 
     # -- queries ---------------------------------------------------------
 
@@ -83,34 +81,18 @@ class ContainerManager:
     async def get(self, name: str) -> Container:
         record = self._record(name)
         status = await self.runtime.status(name)
-        self._pids[name] = status.init_pid
         return self._container(record, status.state, status.init_pid)
 
-    def running_names(self) -> set[str]:
-        """Containers whose LXC monitor is up, from one read of /proc/net/unix."""
-        prefix = f"@{self.runtime.lxc_path}/"
-        running = set()
-        with open("/proc/net/unix", "rb") as f:
-            for line in f:
-                path = line.rsplit(None, 1)[-1].decode(errors="replace")
-                if path.startswith(prefix) and path.endswith("/command"):
-                    running.add(path[len(prefix) : -len("/command")])
-        return running
-
     async def list(self) -> list[Container]:
-        running = self.running_names()
+        running = self.runtime.running_names()
         out = []
         for record in self.records.all():
             if not self.runtime.exists(record.name):
                 continue
             if record.name in running:
-                pid = self._pids.get(record.name) or 0
-                if not pid:
-                    return_status = await self.runtime.status(record.name)
-                    pid = self._pids[record.name] = return_status.init_pid
-                out.append(self._container(record, ContainerState.RUNNING, pid))
+                status = await self.runtime.status(record.name)
+                out.append(self._container(record, status.state, status.init_pid))
             else:
-                self._pids.pop(record.name, None)
                 out.append(self._container(record, ContainerState.STOPPED, 0))
         return out
 
@@ -163,19 +145,17 @@ class ContainerManager:
     async def start(self, name: str) -> Container:
         async with self._locks[name]:
             record = self._record(name)
-            status = await self.runtime.status(name)
-            if status.state != ContainerState.RUNNING:
-                await self.runtime.start(name)
+            if name in self.runtime.running_names():
                 status = await self.runtime.status(name)
+            else:
+                status = await self.runtime.start(name)
                 log.info("container started", container=name, pid=status.init_pid)
-            self._pids[name] = status.init_pid
             return self._container(record, status.state, status.init_pid)
 
     async def stop(self, name: str, *, force: bool, timeout: int) -> Container:
         async with self._locks[name]:
             record = self._record(name)
             await self.runtime.stop(name, force=force, timeout=timeout or DEFAULT_STOP_TIMEOUT)
-            self._pids.pop(name, None)
             log.info("container stopped", container=name, force=force)
             return self._container(record, ContainerState.STOPPED, 0)
 
@@ -190,7 +170,6 @@ class ContainerManager:
             await self.storages[record.storage].destroy_volume(name)
             await asyncio.to_thread(shutil.rmtree, self.runtime.container_dir(name), True)
             await asyncio.to_thread(self.records.delete, name)
-            self._pids.pop(name, None)
             log.info("container destroyed", container=name)
 
     async def exec(
@@ -201,7 +180,7 @@ class ContainerManager:
         if timeout < 0 or timeout > MAX_EXEC_TIMEOUT:
             raise InvalidArgument(f"exec timeout must be between 0 and {MAX_EXEC_TIMEOUT} seconds")
         self._record(name)
-        if name not in self.running_names():
+        if name not in self.runtime.running_names():
             raise FailedPrecondition(f"container {name!r} is not running")
         return await self.runtime.attach(name, argv, env=env, stdin=stdin, timeout=timeout or DEFAULT_EXEC_TIMEOUT)
 
@@ -211,7 +190,7 @@ class ContainerManager:
             updated = ContainerRecord(
                 record.name, record.template, record.storage, record.limits.merged(limits), record.network, record.created_at
             )
-            running = name in self.running_names()
+            running = name in self.runtime.running_names()
             if running:
                 # Apply to the live cgroups first: if the kernel refuses, nothing is saved.
                 for key, value in self.cgroups.limit_files(limits):

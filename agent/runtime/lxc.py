@@ -65,9 +65,47 @@ class LxcRuntime:
         argv = [tool, "-P", str(self.lxc_path), "-n", name, *args]
         return await proc.run(argv, timeout=timeout or self.command_timeout, check=check, what=f"{tool} {name}")
 
+    def running_names(self) -> set[str]:
+        """Containers whose LXC monitor is up, from one read of /proc/net/unix.
+
+        Each running container's monitor listens on the abstract socket
+        "@LXCPATH/NAME/command" (in the network namespace of whoever started
+        it, which is this agent's): far cheaper than asking LXC one by one.
+        """
+        prefix = f"@{self.lxc_path}/"
+        running = set()
+        with open("/proc/net/unix", "rb") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1].decode(errors="replace")
+                if path.startswith(prefix) and path.endswith("/command"):
+                    running.add(path[len(prefix) : -len("/command")])
+        return running
+
+    def _monitor_pidfile(self, name: str) -> Path:
+        return self.container_dir(name) / "monitor.pid"
+
+    def _init_pid_from_monitor(self, name: str) -> int:
+        # The monitor (pid written by `lxc-start -p`) has exactly one child: the container's init.
+        try:
+            monitor = int(self._monitor_pidfile(name).read_text().strip())
+            children = Path(f"/proc/{monitor}/task/{monitor}/children").read_text().split()
+            if f"{self.lxc_path} {name}".encode() not in Path(f"/proc/{monitor}/cmdline").read_bytes().replace(b"\0", b" "):
+                return 0
+            return int(children[0]) if children else 0
+        except (OSError, ValueError):
+            return 0
+
     async def status(self, name: str) -> RuntimeStatus:
         if not self.exists(name):
             raise NotFound(f"container {name!r} does not exist on this host")
+        if name not in self.running_names():
+            return RuntimeStatus(ContainerState.STOPPED, 0)
+        pid = self._init_pid_from_monitor(name)
+        if pid:
+            return RuntimeStatus(ContainerState.RUNNING, pid)
+        return await self._lxc_info(name)
+
+    async def _lxc_info(self, name: str) -> RuntimeStatus:
         done = await self._lxc("lxc-info", name, "-s", "-p", check=False)
         if done.returncode != 0:
             raise RuntimeFailure(f"lxc-info {name} failed: {done.output}")
@@ -80,10 +118,13 @@ class LxcRuntime:
                 pid = int(value.strip() or 0)
         return RuntimeStatus(state, pid)
 
-    async def start(self, name: str) -> None:
-        done = await self._lxc("lxc-start", name, "-d", check=False)
+    async def start(self, name: str) -> RuntimeStatus:
+        """Start detached; returns once LXC reports the container running."""
+        done = await self._lxc("lxc-start", name, "-d", "-p", str(self._monitor_pidfile(name)), check=False)
         if done.returncode != 0:
             raise RuntimeFailure(f"lxc-start {name} failed: {done.output or 'see the container log'}")
+        pid = self._init_pid_from_monitor(name)
+        return RuntimeStatus(ContainerState.RUNNING, pid) if pid else await self._lxc_info(name)
 
     async def stop(self, name: str, *, force: bool, timeout: float) -> None:
         args = ["-k"] if force else ["-t", str(int(timeout))]

@@ -1,0 +1,75 @@
+"""Mutual TLS everywhere: strangers, plaintext and the wrong roles are refused."""
+
+import grpc
+import pytest
+
+from corral import pki
+from corral.api.tls import secure_channel
+from corral.config import TlsFiles
+from corral.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc, types_pb2
+
+
+def _tls(pki_dir, role, name):
+    return TlsFiles(ca=pki_dir / "ca.crt", cert=pki_dir / f"{role}-{name}.crt", key=pki_dir / f"{role}-{name}.key")
+
+
+async def _list_containers(channel):
+    stub = controller_pb2_grpc.ControllerServiceStub(channel)
+    return await stub.ListContainers(controller_pb2.ListContainersRequest(), timeout=10)
+
+
+async def test_fleet_user_is_served(lab):
+    async with secure_channel(lab.controller_address, _tls(lab.pki_dir, "user", "admin"), "controller") as ch:
+        await _list_containers(ch)
+
+
+async def test_certificate_from_another_ca_is_refused(lab, tmp_path):
+    rogue = tmp_path / "rogue"
+    pki.init_ca(rogue, "Rogue CA")
+    pki.issue(rogue, "user", "admin")
+    # The rogue client trusts the real CA (so it can verify the server) but presents a rogue certificate.
+    tls = TlsFiles(ca=lab.pki_dir / "ca.crt", cert=rogue / "user-admin.crt", key=rogue / "user-admin.key")
+    async with secure_channel(lab.controller_address, tls, "controller") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _list_containers(ch)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_client_without_certificate_is_refused(lab):
+    creds = grpc.ssl_channel_credentials(root_certificates=(lab.pki_dir / "ca.crt").read_bytes())
+    options = [("grpc.ssl_target_name_override", "controller")]
+    async with grpc.aio.secure_channel(lab.controller_address, creds, options=options) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _list_containers(ch)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_plaintext_client_is_refused(lab):
+    async with grpc.aio.insecure_channel(lab.controller_address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _list_containers(ch)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    agent = lab.hosts[0].agent_address
+    async with grpc.aio.insecure_channel(agent) as ch:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await agent_pb2_grpc.AgentServiceStub(ch).ListContainers(agent_pb2.AgentListContainersRequest(), timeout=10)
+
+
+async def test_users_cannot_drive_agents_directly(lab):
+    host = lab.hosts[0]
+    async with secure_channel(host.agent_address, _tls(lab.pki_dir, "user", "admin"), host.node) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await agent_pb2_grpc.AgentServiceStub(ch).ListContainers(agent_pb2.AgentListContainersRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_agents_cannot_use_the_fleet_api_or_speak_for_other_nodes(lab):
+    async with secure_channel(lab.controller_address, _tls(lab.pki_dir, "agent", "n1"), "controller") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _list_containers(ch)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        stub = controller_pb2_grpc.ControllerServiceStub(ch)
+        forged = controller_pb2.HeartbeatRequest(node="n2", facts=types_pb2.NodeFacts(name="n2", address="1.2.3.4:1"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Heartbeat(forged, timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
