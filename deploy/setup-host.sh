@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 host for Corral (what `make setup` runs, as root).
+#
+#   - the runtime packages (LXC, busybox-static for the busybox template,
+#     rsync, iproute2, bridge-utils, iptables, debootstrap, ...), installed
+#     without recommends; `apt-get update` only when something must be
+#     installed and the package lists are missing or older than
+#     CORRAL_APT_MAX_AGE_HOURS (6);
+#   - a Python that can make the project's venv;
+#   - a CRIU that passes `criu check` (deploy/install-criu.sh);
+#   - fs.pipe-max-size >= 4194304, now and after reboots: CRIU's lazy-pages
+#     page server needs to grow its pipe beyond the default 1 MiB limit
+#     without CAP_SYS_RESOURCE (shared/DESIGN.md, "Post-copy");
+#   - the loopback interface up (CRIU's start-up probe connects to 127.0.0.1).
+#
+# Idempotent, needs no input; a second run with everything present takes
+# well under 5 s.
+set -euo pipefail
+umask 022
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly SCRIPT_DIR
+readonly APT_MAX_AGE_HOURS=${CORRAL_APT_MAX_AGE_HOURS:-6}
+readonly PIPE_MAX_SIZE_MIN=4194304
+readonly SYSCTL_FILE=/etc/sysctl.d/60-corral.conf
+
+# Installed with --no-install-recommends. Of lxc's recommends only apparmor
+# matters to `lxc-start`: /etc/lxc/default.conf asks for
+# `lxc.apparmor.profile = generated`, which needs apparmor_parser on a kernel
+# with AppArmor enabled (Debian's own kernels). The busybox template comes
+# with liblxc-common (a dependency), so lxc-templates is not needed; lxcfs,
+# uidmap and libpam-cgfs serve unprivileged containers only; wget/gnupg are
+# for the `download` template.
+readonly PACKAGES=(
+    lxc apparmor busybox-static
+    rsync iproute2 bridge-utils iptables
+    debootstrap openssh-client xz-utils ca-certificates
+)
+
+export DEBIAN_FRONTEND=noninteractive
+readonly APT_GET=(apt-get -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+
+log() { printf 'setup-host: %s\n' "$*"; }
+warn() { printf 'setup-host: WARNING: %s\n' "$*" >&2; }
+die() { printf 'setup-host: ERROR: %s\n' "$*" >&2; exit 1; }
+
+START=$EPOCHREALTIME
+elapsed() { awk -v a="$START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f s", b - a }'; }
+
+# The given packages that are not installed, one a line.
+missing_packages() {
+    dpkg-query -W -f='${db:Status-Abbrev} ${binary:Package}\n' "$@" 2>/dev/null \
+        | awk '$1 == "ii" { sub(/:.*/, "", $2); print $2 }' >"$TMP_LIST" || true
+    local p
+    for p in "$@"; do
+        grep -qxF "$p" "$TMP_LIST" || printf '%s\n' "$p"
+    done
+}
+
+apt_lists_fresh() {
+    [[ -n "$(find /var/lib/apt/lists -maxdepth 1 -type f -name '*_Packages*' \
+        -mmin "-$((APT_MAX_AGE_HOURS * 60))" -print -quit 2>/dev/null)" ]]
+}
+
+APT_UPDATED=0
+apt_update() {
+    ((APT_UPDATED)) && return 0
+    log "apt-get update"
+    "${APT_GET[@]}" -qq update || die "apt-get update failed"
+    APT_UPDATED=1
+}
+
+install_packages() {
+    local missing=()
+    mapfile -t missing < <(missing_packages "$@")
+    if ((${#missing[@]} == 0)); then
+        log "packages present: $*"
+        return 0
+    fi
+    apt_lists_fresh || apt_update
+    log "installing: ${missing[*]}"
+    if ! "${APT_GET[@]}" install -y -qq --no-install-recommends "${missing[@]}"; then
+        ((APT_UPDATED)) && die "apt-get install ${missing[*]} failed"
+        warn "apt-get install failed; refreshing the package lists and retrying"
+        apt_update
+        "${APT_GET[@]}" install -y -qq --no-install-recommends "${missing[@]}" \
+            || die "apt-get install ${missing[*]} failed"
+    fi
+}
+
+# The project's venv is made with whatever `python3` is on PATH (here a
+# pyenv 3.11.7, whose venv and ensurepip are built in). Only a Debian
+# python3 lacks them without python3-venv; only a host with no python3 at
+# all gets Debian's.
+ensure_python_venv() {
+    local py
+    py=$(command -v python3 || true)
+    if [[ -z "$py" ]]; then
+        log "no python3 on PATH: installing Debian's python3 and python3-venv"
+        install_packages python3 python3-venv
+        py=/usr/bin/python3
+    fi
+    if ! "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        if [[ "$(readlink -f "$py")" == /usr/bin/python3* ]]; then
+            install_packages python3-venv
+        fi
+        "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+            || die "$py ($("$py" --version 2>&1)) cannot make a venv or is older than 3.11"
+    fi
+    log "python: $py ($("$py" --version 2>&1)), venv OK"
+}
+
+ensure_pipe_max_size() {
+    local now
+    now=$(cat /proc/sys/fs/pipe-max-size)
+    if ((now < PIPE_MAX_SIZE_MIN)); then
+        log "fs.pipe-max-size $now -> $PIPE_MAX_SIZE_MIN (CRIU lazy-pages page server)"
+        echo "$PIPE_MAX_SIZE_MIN" >/proc/sys/fs/pipe-max-size \
+            || die "cannot write /proc/sys/fs/pipe-max-size"
+    fi
+    local want
+    want=$(printf '%s\n' \
+        "# Written by Corral's deploy/setup-host.sh." \
+        "# CRIU's lazy-pages page server (post-copy migration) grows its pipe to" \
+        "# 819 pages; without CAP_SYS_RESOURCE that needs fs.pipe-max-size >= 3354624." \
+        "fs.pipe-max-size = $PIPE_MAX_SIZE_MIN")
+    if [[ ! -f "$SYSCTL_FILE" || "$(cat "$SYSCTL_FILE")" != "$want" ]]; then
+        mkdir -p "$(dirname "$SYSCTL_FILE")"
+        printf '%s\n' "$want" >"$SYSCTL_FILE.tmp"
+        mv -f "$SYSCTL_FILE.tmp" "$SYSCTL_FILE"
+        log "wrote $SYSCTL_FILE"
+    fi
+}
+
+ensure_loopback_up() {
+    if ! ip -o link show lo | grep -q '[<,]UP[,>]'; then
+        log "bringing up the loopback interface"
+        ip link set lo up || die "cannot bring lo up"
+    fi
+}
+
+main() {
+    [[ $(id -u) -eq 0 ]] || die "must run as root"
+    [[ -r /etc/debian_version ]] || die "this script is for Debian 12 (no /etc/debian_version)"
+    TMP_LIST=$(mktemp)
+    trap 'rm -f -- "$TMP_LIST"' EXIT
+
+    install_packages "${PACKAGES[@]}"
+    ensure_python_venv
+    ensure_loopback_up
+    bash "$SCRIPT_DIR/install-criu.sh" || die "deploy/install-criu.sh failed"
+    ensure_pipe_max_size
+
+    local lxc_version criu_bin criu_version criu_check
+    lxc_version=$(lxc-start --version 2>/dev/null || echo '?')
+    criu_bin=$(command -v criu || echo '')
+    if [[ -n "$criu_bin" ]]; then
+        criu_version=$("$criu_bin" --version | awk '/^Version:/ { print $2; exit }')
+        if criu_check=$("$criu_bin" check 2>&1); then
+            criu_check="passed: $(tail -n 1 <<<"$criu_check")"
+        else
+            criu_check="FAILED: $(grep -m1 -i error <<<"$criu_check" || tail -n 1 <<<"$criu_check")"
+        fi
+    else
+        criu_version="not on PATH"; criu_check="-"
+    fi
+    log "summary:"
+    printf '  %-16s %s\n' \
+        "LXC" "$lxc_version" \
+        "CRIU" "${criu_version} (${criu_bin:-?})" \
+        "criu check" "$criu_check" \
+        "fs.pipe-max-size" "$(cat /proc/sys/fs/pipe-max-size)" \
+        "took" "$(elapsed)"
+}
+
+main "$@"
