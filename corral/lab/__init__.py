@@ -1,0 +1,75 @@
+"""The local lab: several Corral hosts on one machine, as network namespaces.
+
+Public API (all async unless noted):
+    lab_up(name="demo", nodes=3, base_dir=None, write_cli_config=None, *, wait_ready=True) -> LabInfo
+    lab_down(name="demo", base_dir=None) -> None          idempotent, works without lab.json
+    lab_status(name="demo", base_dir=None) -> LabInfo | None
+    lab_cli_config(name, base_dir=None) -> Path           (sync)
+    start_agent / stop_agent / kill_agent / restart_agent(name, node, base_dir=None)
+    crash_host(name, node, base_dir=None)                 agent and containers SIGKILLed
+    set_host_link(name, node, up, base_dir=None)          partition / heal a host
+    host_command(name, node, argv, base_dir=None) -> list[str]  (sync) run argv on that host
+
+Exports are loaded lazily: `python -m corral.lab.hostenter` and
+`python -m corral.lab.spawn` import this package first and must stay quick.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from corral.lab.hosts import (
+        crash_host,
+        host_command,
+        kill_agent,
+        restart_agent,
+        set_host_link,
+        start_agent,
+        stop_agent,
+    )
+    from corral.lab.lab import lab_cli_config, lab_down, lab_status, lab_up
+    from corral.lab.state import HostInfo, LabInfo
+
+_EXPORTS = {
+    "lab_up": "corral.lab.lab",
+    "lab_down": "corral.lab.lab",
+    "lab_status": "corral.lab.lab",
+    "lab_cli_config": "corral.lab.lab",
+    "start_agent": "corral.lab.hosts",
+    "stop_agent": "corral.lab.hosts",
+    "kill_agent": "corral.lab.hosts",
+    "restart_agent": "corral.lab.hosts",
+    "crash_host": "corral.lab.hosts",
+    "set_host_link": "corral.lab.hosts",
+    "host_command": "corral.lab.hosts",
+    "LabInfo": "corral.lab.state",
+    "HostInfo": "corral.lab.state",
+}
+
+__all__ = [
+    "HostInfo",
+    "LabInfo",
+    "crash_host",
+    "host_command",
+    "kill_agent",
+    "lab_cli_config",
+    "lab_down",
+    "lab_status",
+    "lab_up",
+    "restart_agent",
+    "set_host_link",
+    "start_agent",
+    "stop_agent",
+]
+
+
+def __getattr__(attr: str) -> Any:
+    module = _EXPORTS.get(attr)
+    if module is None:
+        raise AttributeError(f"module 'corral.lab' has no attribute {attr!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), attr)
+    globals()[attr] = value
+    return value

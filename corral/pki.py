@@ -1,0 +1,233 @@
+"""The fleet's certificate authority and its mTLS certificates.
+
+One CA per fleet signs every certificate. A leaf says who its holder is in its
+subject: CN is the name (a node name, "controller", a user name) and OU is
+the role ("controller", "agent" or "user"); the gRPC auth interceptor reads
+both back with `identity_from_pem`.
+
+Files in the PKI directory: `ca.crt`, `ca.key`, and `{role}-{name}.crt/.key`
+per leaf. Keys are EC P-256, PKCS#8 PEM, mode 0600.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
+
+ROLES = ("controller", "agent", "user")
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+
+_CA_VALIDITY = datetime.timedelta(days=3650)
+_LEAF_VALIDITY = datetime.timedelta(days=365)
+# Back-date a little so a peer whose clock is slightly behind accepts new certs.
+_CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    name: str
+
+
+def validate_role(role: str) -> str:
+    if role not in ROLES:
+        raise InvalidArgument(f"invalid role {role!r}: expected one of {', '.join(ROLES)}")
+    return role
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidArgument(
+            f"invalid certificate name {name!r}: use 1-63 characters of a-z, 0-9, '.' and '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def init_ca(pki_dir: Path, common_name: str = "Corral fleet CA") -> Path:
+    """Create the fleet CA in `pki_dir`; returns the path of `ca.crt`."""
+    pki_dir = Path(pki_dir)
+    key_path, cert_path = pki_dir / CA_KEY, pki_dir / CA_CERT
+    if key_path.exists():
+        raise AlreadyExists(f"a CA already exists in {pki_dir} ({key_path}); refusing to replace it")
+    pki_dir.mkdir(parents=True, exist_ok=True)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + _CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    # Key first: its existence is what marks the CA as present.
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> CertPaths:
+    """Issue (or re-issue) the leaf certificate `{role}-{name}` signed by the CA in `pki_dir`."""
+    pki_dir = Path(pki_dir)
+    validate_role(role)
+    validate_name(name)
+    ca_cert, ca_key = _load_ca(pki_dir)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+        ]
+    )
+    not_after = min(now + _LEAF_VALIDITY, ca_cert.not_valid_after_utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        # Agents and the controller are both servers and clients of each other.
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(_sans(role, name, hosts)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = CertPaths(
+        cert=pki_dir / f"{role}-{name}.crt",
+        key=pki_dir / f"{role}-{name}.key",
+        ca=pki_dir / CA_CERT,
+    )
+    _write_private(paths.key, _key_pem(key))
+    _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+def identity_from_pem(cert_pem: bytes) -> Identity:
+    """Who a (chain-verified) peer certificate names: its OU (role) and CN (name)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise Unauthenticated(f"peer certificate is not valid PEM: {e}") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if len(names) != 1 or len(units) != 1:
+        raise Unauthenticated("peer certificate must carry exactly one CN (name) and one OU (role)")
+    name, role = str(names[0].value), str(units[0].value)
+    if role not in ROLES:
+        raise Unauthenticated(f"peer certificate has unknown role {role!r}")
+    if not name:
+        raise Unauthenticated("peer certificate has an empty CN")
+    return Identity(role=role, name=name)
+
+
+def _sans(role: str, name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
+    wanted = [name, *hosts]
+    if role == "controller":
+        wanted += ["localhost", "127.0.0.1"]
+    sans: list[x509.GeneralName] = []
+    for host in dict.fromkeys(wanted):  # keep order, drop repeats
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            if not host or "/" in host or any(c.isspace() for c in host):
+                raise InvalidArgument(f"invalid host name for a certificate: {host!r}") from None
+            sans.append(x509.DNSName(host))
+    return sans
+
+
+def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = pki_dir / CA_CERT, pki_dir / CA_KEY
+    if not cert_path.exists() or not key_path.exists():
+        raise FailedPrecondition(f"no CA in {pki_dir}: create it first (init_ca)")
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise FailedPrecondition(f"CA key {key_path} is not an EC key")
+    return cert, key
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write_atomic(path, data, 0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    _write_atomic(path, data, 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    # Created with its final mode (never briefly world-readable), then renamed
+    # into place so a reader sees either the old file or the whole new one.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, mode)  # the umask must not change it
+        f.write(data)
+        f.flush()
+        os.fsync(fd)
+    os.replace(tmp, path)
