@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -84,35 +86,53 @@ class DebianTemplate:
     name = "debian"
     halt_signal = "SIGRTMIN+3"  # systemd's halt signal
 
-    _lock = asyncio.Lock()
-
     @property
     def cached_rootfs(self) -> Path:
         return self.cache_dir / f"debian-{DEBIAN_SUITE}" / "rootfs"
 
     async def populate(self, rootfs: Path, hostname: str) -> None:
-        await self._ensure_cache()
+        await self.ensure_cache()
         await proc.run(["cp", "-a", f"{self.cached_rootfs}/.", str(rootfs)], timeout=600, what="copy debian rootfs")
         await asyncio.to_thread(_write, rootfs / "etc/hostname", hostname + "\n")
         await asyncio.to_thread(_write, rootfs / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
 
-    async def _ensure_cache(self) -> None:
-        async with self._lock:
-            if (self.cached_rootfs / "etc/debian_version").is_file():
+    async def ensure_cache(self, timeout: float = 1800) -> None:
+        """Build the cached rootfs once; other agents sharing the cache wait for it."""
+        if self._cached():
+            return
+        self.cached_rootfs.parent.mkdir(parents=True, exist_ok=True)
+        async with _file_lock(self.cached_rootfs.parent / "build.lock", timeout):
+            if self._cached():
                 return
             mirror = host_debian_mirror()
             staging = self.cached_rootfs.with_name("rootfs.partial")
             if staging.exists():
                 await asyncio.to_thread(shutil.rmtree, staging)
-            staging.parent.mkdir(parents=True, exist_ok=True)
             await proc.run(
                 ["debootstrap", "--variant=minbase", f"--include={DEBIAN_PACKAGES}", DEBIAN_SUITE, str(staging), mirror],
-                timeout=1200,
-                what="debootstrap",
+                timeout=timeout,
+                what=f"debootstrap from {mirror} (the host must reach its Debian mirror)",
             )
-            # Containers get their address from LXC; nothing inside should touch it.
-            _write(staging / "etc/systemd/network/.keep", "")
             staging.rename(self.cached_rootfs)
+
+    def _cached(self) -> bool:
+        return (self.cached_rootfs / "etc/debian_version").is_file()
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: Path, timeout: float):
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def host_debian_mirror() -> str:
@@ -136,3 +156,24 @@ def template_named(name: str, cache_dir: Path) -> Template:
     if name == "debian":
         return DebianTemplate(cache_dir)
     raise InvalidArgument(f"unknown template {name!r} (available: busybox, debian)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agent.runtime.templates --cache DIR debian`: fill a template cache ahead of use.
+
+    Lab hosts have no route to the outside, so the lab builds the debian
+    cache from the machine's own network namespace; agents wait for it.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m agent.runtime.templates")
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--owner", help="who asked (lets `corral lab down` find this process)")
+    parser.add_argument("template", choices=["debian"])
+    args = parser.parse_args(argv)
+    asyncio.run(DebianTemplate(args.cache).ensure_cache())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -161,6 +161,18 @@ async def _create(state: LabState, paths: LabPaths, write_cli_config: Path | Non
         h.agent_pid = await spawn_agent(name, paths, h)
         state.save(paths.state_file)
         log.info("agent started", lab=name, node=h.node, pid=h.agent_pid)
+    await _prefetch_debian_template(paths)
+
+
+async def _prefetch_debian_template(paths: LabPaths) -> None:
+    """Lab hosts cannot reach the outside: build the debian template from this
+    namespace, in the background, into the cache the agents share (they wait)."""
+    if (TEMPLATE_CACHE / "debian-bookworm" / "rootfs" / "etc" / "debian_version").is_file():
+        return
+    argv = [sys.executable, "-m", "agent.runtime.templates", "--cache", str(TEMPLATE_CACHE),
+            "--owner", str(paths.base_dir), "debian"]  # fmt: skip
+    pid = await processes.spawn_detached(argv, log_file=paths.base_dir / "template-debian.log", cwd=paths.base_dir)
+    log.info("building the debian template in the background", pid=pid, cache=str(TEMPLATE_CACHE))
 
 
 async def free_subnet_octet(name: str) -> int:
