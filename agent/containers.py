@@ -148,8 +148,10 @@ class ContainerManager:
             if name in self.runtime.running_names():
                 status = await self.runtime.status(name)
             else:
+                began = time.perf_counter()
                 status = await self.runtime.start(name)
-                log.info("container started", container=name, pid=status.init_pid)
+                took = round((time.perf_counter() - began) * 1000, 1)
+                log.info("container started", container=name, pid=status.init_pid, ms=took)
             return self._container(record, status.state, status.init_pid)
 
     async def stop(self, name: str, *, force: bool, timeout: int) -> Container:

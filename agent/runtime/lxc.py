@@ -131,7 +131,7 @@ class LxcRuntime:
         done = await self._lxc("lxc-stop", name, *args, timeout=timeout + 30, check=False)
         # Exit 2 means "already stopped" for lxc-stop: that is what we wanted.
         if done.returncode not in (0, 2):
-            raise RuntimeFailure(f"lxc-stop {name} failed: {done.output}")
+            raise RuntimeFailure(f"lxc-stop {name} failed (exit {done.returncode}): {done.output}")
 
     async def set_cgroup(self, name: str, key: str, value: str) -> None:
         done = await self._lxc("lxc-cgroup", name, key, value, check=False)
