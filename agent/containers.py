@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -57,6 +58,20 @@ class ContainerManager:
 
     # -- queries ---------------------------------------------------------
 
+    def exists(self, name: str) -> bool:
+        return self.runtime.exists(name) or self.records.load(name) is not None
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """The lock every action on `name` holds (migration steps take it too)."""
+        return self._locks[name]
+
+    def record(self, name: str) -> ContainerRecord:
+        return self._record(name)
+
+    def rootfs(self, name: str) -> Path:
+        record = self._record(name)
+        return self.storages[record.storage].rootfs(name)
+
     def _record(self, name: str) -> ContainerRecord:
         validate_name(name)
         record = self.records.load(name)
@@ -78,7 +93,10 @@ class ContainerManager:
             message=message,
         )
 
-    async def get(self, name: str) -> Container:
+    async def get(self, name: str, wait_idle: bool = False) -> Container:
+        if wait_idle:
+            async with self._locks[name]:
+                return await self.get(name)
         record = self._record(name)
         status = await self.runtime.status(name)
         return self._container(record, status.state, status.init_pid)
@@ -202,6 +220,48 @@ class ContainerManager:
             log.info("limits set", container=name, limits=updated.limits)
         return await self.get(name)
 
+    async def adopt(self, container: Container, staged_rootfs: Path) -> Container:
+        """Install a container whose rootfs was received into `staged_rootfs` (migration target)."""
+        name = validate_name(container.name)
+        driver = self.storages.get(container.storage)
+        if driver is None:
+            raise InvalidArgument(f"this node has no {container.storage!r} storage")
+        async with self._locks[name]:
+            record = ContainerRecord(
+                name, container.template, driver.name, container.limits, container.network, container.created_at
+            )
+            existing = self.records.load(name)
+            if existing is not None and self.runtime.exists(name):
+                if existing == record:
+                    return await self.get(name)  # adopted already (a repeated step)
+                raise AlreadyExists(f"container {name!r} already exists on node {self.node!r}")
+            if not staged_rootfs.is_dir():
+                raise NotFound(f"no received root filesystem for {name!r} at {staged_rootfs}")
+            async with contextlib.AsyncExitStack() as undo:
+                rootfs = await driver.create_volume(name, container.limits.disk_bytes)
+                undo.push_async_callback(driver.destroy_volume, name)
+                await asyncio.to_thread(_replace_dir, staged_rootfs, rootfs)
+                ct_dir = self.runtime.container_dir(name)
+                ct_dir.mkdir(parents=True, exist_ok=True)
+                undo.push_async_callback(asyncio.to_thread, shutil.rmtree, ct_dir, True)
+                await self._write_config(record)
+                await asyncio.to_thread(self.records.save, record)
+                undo.pop_all()
+            log.info("container adopted", container=name, storage=driver.name)
+            return self._container(record, ContainerState.STOPPED, 0)
+
+    async def release(self, name: str) -> None:
+        """Remove this host's copy of a container that now lives elsewhere."""
+        async with self._locks[name]:
+            record = self.records.load(name)
+            if self.runtime.exists(name) and name in self.runtime.running_names():
+                await self.runtime.stop(name, force=True, timeout=10)
+            if record is not None:
+                await self.storages[record.storage].destroy_volume(name)
+            await asyncio.to_thread(shutil.rmtree, self.runtime.container_dir(name), True)
+            await asyncio.to_thread(self.records.delete, name)
+            log.info("container released", container=name)
+
     async def reconcile(self) -> list[Container]:
         """On agent start: take stock of what runs; LXC containers we never made are left alone."""
         known = {r.name for r in self.records.all()}
@@ -219,3 +279,13 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move a received tree into place: a rename where possible (same filesystem)."""
+    target.rmdir()  # the empty directory the storage driver made
+    try:
+        source.rename(target)
+    except OSError:  # another filesystem: copy with owners, modes, links, devices
+        subprocess.run(["cp", "-a", "--", str(source), str(target)], check=True, capture_output=True)
+        shutil.rmtree(source)

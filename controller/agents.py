@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import asyncio
+from typing import Callable, Mapping, Sequence
 
-from corral.api.client import call
-from corral.api.convert import container_from_pb, limits_to_pb, network_to_pb
+import grpc
+
+from corral.api.client import call, rpc_error
+from corral.api.convert import container_from_pb, container_to_pb, limits_to_pb, network_to_pb
+from corral.errors import Unavailable
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
 from corral.model import Container, Limits, NetworkAttachment, NodeFacts
@@ -51,8 +55,10 @@ class AgentClient:
         req = apb.AgentDestroyContainerRequest(name=name, force=force)
         await self._call(self.stub.DestroyContainer, req, LIFECYCLE_TIMEOUT)
 
-    async def get(self, name: str) -> Container:
-        return container_from_pb(await self._call(self.stub.GetContainer, apb.AgentContainerRef(name=name), QUICK_TIMEOUT))
+    async def get(self, name: str, *, wait_idle: bool = False) -> Container:
+        timeout = LIFECYCLE_TIMEOUT if wait_idle else QUICK_TIMEOUT
+        req = apb.AgentContainerRef(name=name, wait_idle=wait_idle)
+        return container_from_pb(await self._call(self.stub.GetContainer, req, timeout))
 
     async def exec(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
@@ -63,6 +69,53 @@ class AgentClient:
     async def set_limits(self, name: str, limits: Limits) -> Container:
         req = apb.AgentSetLimitsRequest(name=name, limits=limits_to_pb(limits))
         return container_from_pb(await self._call(self.stub.SetLimits, req, LIFECYCLE_TIMEOUT))
+
+    # -- migration -------------------------------------------------------------------
+
+    async def prepare_receive(self, op_id: str, name: str, public_key: str, ttl: int) -> apb.ReceiveGrant:
+        req = apb.PrepareReceiveRequest(op_id=op_id, container=name, public_key=public_key, ttl_seconds=ttl)
+        return await self._call(self.stub.PrepareReceive, req, QUICK_TIMEOUT)
+
+    async def finish_receive(self, op_id: str, discard: bool) -> None:
+        await self._call(self.stub.FinishReceive, apb.FinishReceiveRequest(op_id=op_id, discard=discard), LIFECYCLE_TIMEOUT)
+
+    async def send_files(
+        self, op_id: str, name: str, content: int, grant: apb.ReceiveGrant, private_key: str,
+        timeout: int, on_progress: Callable[[apb.TransferUpdate], None],
+    ) -> apb.TransferUpdate:  # fmt: skip
+        """Stream a transfer; returns its final update (with the totals)."""
+        req = apb.SendFilesRequest(
+            op_id=op_id, container=name, content=content, address=grant.address, user=grant.user,
+            host_key=grant.host_key, private_key=private_key, timeout_seconds=timeout,
+        )  # fmt: skip
+        last = None
+        try:
+            async for update in self.stub.SendFiles(req, timeout=timeout + 30):
+                last = update
+                on_progress(update)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, self.peer) from None
+        if last is None or not last.finished:
+            raise Unavailable(f"{self.peer} ended the transfer without its totals")
+        return last
+
+    async def checkpoint(self, op_id: str, name: str, mode: int) -> apb.CheckpointResult:
+        req = apb.CheckpointRequest(op_id=op_id, container=name, mode=mode)
+        return await self._call(self.stub.Checkpoint, req, LIFECYCLE_TIMEOUT)
+
+    async def restore(self, op_id: str, name: str, source: int) -> apb.RestoreResult:
+        req = apb.RestoreRequest(op_id=op_id, container=name, source=source)
+        return await self._call(self.stub.Restore, req, LIFECYCLE_TIMEOUT)
+
+    async def adopt(self, op_id: str, container: Container, volume_generation: int = 0) -> Container:
+        req = apb.AdoptContainerRequest(
+            op_id=op_id, container=container_to_pb(container), volume_generation=volume_generation
+        )
+        return container_from_pb(await self._call(self.stub.AdoptContainer, req, CREATE_TIMEOUT))
+
+    async def release(self, op_id: str, name: str) -> None:
+        req = apb.ReleaseContainerRequest(op_id=op_id, name=name)
+        await self._call(self.stub.ReleaseContainer, req, LIFECYCLE_TIMEOUT)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -77,6 +130,9 @@ class AgentPool:
         existing = self._clients.get(facts.name)
         if existing is not None and existing.address == facts.address:
             return existing
+        if existing is not None:
+            # The node moved: the old channel is closed in the background.
+            asyncio.get_running_loop().create_task(existing.close())
         client = AgentClient(facts.name, facts.address, self.tls)
         self._clients[facts.name] = client
         return client

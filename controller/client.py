@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import AsyncIterator, Mapping, Sequence
 
-from corral.api.client import call
+import grpc
+
+from corral.api.client import call, rpc_error
 from corral.api.convert import container_from_pb, limits_to_pb, node_from_pb
+from corral.v1 import types_pb2
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
 from corral.model import Container, Limits, Node
@@ -88,3 +91,37 @@ class ControllerClient:
     async def set_limits(self, name: str, limits: Limits) -> Container:
         req = cpb.SetContainerLimitsRequest(name=name, limits=limits_to_pb(limits))
         return container_from_pb(await self._call(self.stub.SetContainerLimits, req))
+
+    # -- migrations and operations (operations are returned as protobuf messages) --------
+
+    async def migrate(
+        self, name: str, target: str, *, live: bool = False, postcopy: bool = False, fallback_cold: bool = False
+    ) -> types_pb2.Operation:
+        req = cpb.MigrateContainerRequest(
+            name=name, target_node=target, live=live, postcopy=postcopy, fallback_cold=fallback_cold
+        )
+        return await self._call(self.stub.MigrateContainer, req, 60)
+
+    async def list_operations(self, container: str = "", active_only: bool = False) -> list[types_pb2.Operation]:
+        req = cpb.ListOperationsRequest(container=container, active_only=active_only)
+        return list((await self._call(self.stub.ListOperations, req, 30)).operations)
+
+    async def get_operation(self, op_id: str) -> types_pb2.Operation:
+        return await self._call(self.stub.GetOperation, cpb.OperationRef(id=op_id), 30)
+
+    async def cancel_operation(self, op_id: str) -> types_pb2.Operation:
+        return await self._call(self.stub.CancelOperation, cpb.OperationRef(id=op_id), 30)
+
+    async def watch_operation(self, op_id: str) -> AsyncIterator[types_pb2.Operation]:
+        """The operation as it changes, until it has finished."""
+        try:
+            async for op in self.stub.WatchOperation(cpb.OperationRef(id=op_id), timeout=self.timeout):
+                yield op
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, f"controller {self.address}") from None
+
+    async def wait_operation(self, op_id: str) -> types_pb2.Operation:
+        last = None
+        async for last in self.watch_operation(op_id):
+            pass
+        return last

@@ -18,9 +18,12 @@ import structlog
 from controller.agents import AgentClient, AgentPool
 from controller.health.registry import NodeRegistry
 from controller.network.ipam import AddressPool
+from controller.operations.engine import Engine
+from controller.operations.migrate import choose_strategy
+from controller.operations.model import Operation
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
 from controller.store.base import Store
-from corral.errors import AlreadyExists, CorralError, InvalidArgument, NotFound, Unavailable
+from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from corral.model import Container, ContainerState, Limits, Node, NodeState, validate_limits
 from corral.names import validate_name
 from corral.v1 import agent_pb2 as apb
@@ -48,6 +51,7 @@ class Fleet:
         self.addresses = addresses
         self.policy = policy
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.engine: Engine | None = None  # set once the operations engine exists
         # Placement and address choice read then write: one at a time.
         self._placement_lock = asyncio.Lock()
 
@@ -77,6 +81,11 @@ class Fleet:
         return self.agents.client(node.facts)
 
     # -- containers ----------------------------------------------------------
+
+    def _not_busy(self, name: str) -> None:
+        op = self.engine.active_for(name) if self.engine else None
+        if op is not None:
+            raise FailedPrecondition(f"container {name!r} is busy with operation {op.id} ({op.kind}, {op.state.value})")
 
     async def _record(self, name: str) -> Container:
         validate_name(name)
@@ -147,6 +156,7 @@ class Fleet:
 
     async def start(self, name: str) -> Container:
         async with self._locks[name]:
+            self._not_busy(name)
             record = await self._record(name)
             observed = await self._agent_for(record.node).start(name)
             return await self._save_observed(record, observed)
@@ -155,12 +165,14 @@ class Fleet:
         if timeout < 0 or timeout > 3600:
             raise InvalidArgument("stop timeout must be between 0 and 3600 seconds")
         async with self._locks[name]:
+            self._not_busy(name)
             record = await self._record(name)
             observed = await self._agent_for(record.node).stop(name, force, timeout)
             return await self._save_observed(record, observed)
 
     async def destroy(self, name: str, force: bool) -> None:
         async with self._locks[name]:
+            self._not_busy(name)
             record = await self._record(name)
             try:
                 await self._agent_for(record.node).destroy(name, force)
@@ -182,6 +194,7 @@ class Fleet:
         if limits == Limits():
             raise InvalidArgument("no limit given to change")
         async with self._locks[name]:
+            self._not_busy(name)
             record = await self._record(name)
             # Only growth needs room on the node: check the increase like a placement.
             growth = Limits(
@@ -193,6 +206,42 @@ class Fleet:
                 place(PlacementRequest(name, growth, record.node, record.storage), node, self.policy)
             observed = await self._agent_for(record.node).set_limits(name, limits)
             return await self._save_observed(replace(record, limits=observed.limits), observed)
+
+    async def migrate(self, name: str, target: str, *, live: bool, postcopy: bool, fallback_cold: bool) -> Operation:
+        """Validate a migration request and hand it to the operations engine."""
+        assert self.engine is not None
+        validate_name(name)
+        if not target:
+            raise InvalidArgument("no target node given (--to NODE)")
+        validate_name(target, "node name")
+        if postcopy and not live:
+            raise InvalidArgument("--postcopy is a kind of live migration: add --live")
+        if fallback_cold and not live:
+            raise InvalidArgument("--fallback cold only applies to --live migrations")
+        record = await self._record(name)
+        if record.node == target:
+            raise InvalidArgument(f"container {name!r} is already on node {target!r}")
+        nodes = {n.name: n for n in await self.list_nodes()}
+        source = nodes.get(record.node)
+        if source is None or source.state != NodeState.READY:
+            raise FailedPrecondition(f"the source node {record.node!r} is not reachable: migration needs it")
+        if target not in nodes:
+            raise NotFound(f"node {target!r} is not registered")
+        # The target must have room for the container (its own share is already counted on the source).
+        place(PlacementRequest(name, record.limits, target, record.storage), [nodes[target]], self.policy)
+        strategy = "cold"
+        if live:
+            try:
+                strategy = choose_strategy(source.facts.live_strategies, nodes[target].facts.live_strategies, postcopy)
+            except FailedPrecondition as exc:
+                reasons = "; ".join(
+                    f"{n}: {why}" for n in (record.node, target)
+                    for s, why in sorted(nodes[n].facts.live_unavailable.items()) if not postcopy or s == "post-copy"
+                )  # fmt: skip
+                raise FailedPrecondition(f"{exc.message}{' (' + reasons + ')' if reasons else ''}") from None
+        params = {"source": record.node, "target": target, "live": live, "postcopy": postcopy,
+                  "fallback_cold": fallback_cold, "strategy": strategy}  # fmt: skip
+        return await self.engine.submit("migrate", name, params)
 
     async def _save_observed(self, record: Container, observed: Container) -> Container:
         updated = replace(record, state=observed.state, init_pid=observed.init_pid, message=observed.message)
@@ -209,7 +258,8 @@ class Fleet:
             if record is None:
                 log.warning("node reports a container the fleet has no record of", node=node, container=ct.name)
                 continue
-            if record.state in _TRANSITIONAL or self._locks[ct.name].locked():
+            busy = self.engine is not None and self.engine.active_for(ct.name) is not None
+            if record.state in _TRANSITIONAL or self._locks[ct.name].locked() or busy:
                 continue
             if record.state != ct.state:
                 await self.store.update_container(replace(record, state=ct.state, init_pid=ct.init_pid))

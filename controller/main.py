@@ -14,6 +14,8 @@ from controller.agents import AgentPool
 from controller.config import ControllerConfig
 from controller.fleet import Fleet
 from controller.health.registry import NodeRegistry
+from controller.operations.engine import Engine
+from controller.operations.migrate import MigrationPlan
 from controller.service import ControllerServicer, controller_policy
 from controller.store.sqlite import SqliteStore
 from corral import log as corral_log
@@ -32,10 +34,12 @@ async def serve(config: ControllerConfig) -> None:
     await nodes.load()
     agents = AgentPool(config.tls)
     fleet = Fleet(store, nodes, agents, config.addresses, config.placement)
+    engine = Engine(store, {"migrate": lambda op: MigrationPlan(op, store, nodes, agents)})
+    fleet.engine = engine
 
     server = make_server(controller_policy)
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-        ControllerServicer(fleet, nodes, config.heartbeat_interval), server
+        ControllerServicer(fleet, nodes, engine, config.heartbeat_interval), server
     )
     credentials = server_credentials(config.tls)
     for address in config.listen:
@@ -44,6 +48,7 @@ async def serve(config: ControllerConfig) -> None:
         except RuntimeError:
             raise Unavailable(f"cannot listen on {address} (in use, or not an address of this host)") from None
     await server.start()
+    await engine.start()
     log.info("controller serving", listen=list(config.listen), store=str(config.store_path))
 
     stop = asyncio.Event()
@@ -58,6 +63,7 @@ async def serve(config: ControllerConfig) -> None:
             watcher.cancel()
             await server.stop(grace=2)
     finally:
+        await engine.close()
         await agents.close()
         await store.close()
 

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from controller.fleet import Fleet
+from controller.operations.engine import Engine
 from controller.health.registry import NodeRegistry
-from corral.api.convert import container_from_pb, container_to_pb, facts_from_pb, limits_from_pb, node_to_pb
+from corral.api.convert import (
+    container_from_pb,
+    container_to_pb,
+    facts_from_pb,
+    limits_from_pb,
+    node_to_pb,
+    operation_to_pb,
+)
 from corral.api.server import current_identity
 from corral.errors import PermissionDenied
 from corral.v1 import agent_pb2 as apb
@@ -26,8 +34,9 @@ def _require_self(node: str) -> None:
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
-    def __init__(self, fleet: Fleet, nodes: NodeRegistry, heartbeat_interval: float) -> None:
+    def __init__(self, fleet: Fleet, nodes: NodeRegistry, engine: Engine, heartbeat_interval: float) -> None:
         self.fleet = fleet
+        self.engine = engine
         self.nodes = nodes
         self.heartbeat_interval = heartbeat_interval
 
@@ -81,3 +90,24 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def SetContainerLimits(self, request, context):
         return container_to_pb(await self.fleet.set_limits(request.name, limits_from_pb(request.limits)))
+
+    async def MigrateContainer(self, request: cpb.MigrateContainerRequest, context):
+        op = await self.fleet.migrate(
+            request.name, request.target_node, live=request.live, postcopy=request.postcopy,
+            fallback_cold=request.fallback_cold,
+        )  # fmt: skip
+        return operation_to_pb(op)
+
+    async def ListOperations(self, request, context):
+        ops = await self.engine.list(request.container or None, request.active_only)
+        return cpb.ListOperationsResponse(operations=[operation_to_pb(op) for op in ops])
+
+    async def GetOperation(self, request, context):
+        return operation_to_pb(await self.engine.get(request.id))
+
+    async def WatchOperation(self, request, context):
+        async for op in self.engine.watch(request.id):
+            yield operation_to_pb(op)
+
+    async def CancelOperation(self, request, context):
+        return operation_to_pb(await self.engine.cancel(request.id))

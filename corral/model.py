@@ -93,6 +93,8 @@ class NodeFacts:
     criu_detail: str = ""
     agent_version: str = ""
     storage_drivers: tuple[str, ...] = ()
+    live_strategies: tuple[str, ...] = ()
+    live_unavailable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -222,3 +222,30 @@ def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk) -> None:
         _show(obj, result)
 
     go()
+
+
+@ct.command("migrate")
+@click.argument("name")
+@click.option("--to", "target", required=True, help="the node to move it to")
+@click.option("--live", is_flag=True, help="keep processes, memory, PIDs and address (CRIU)")
+@click.option("--postcopy", is_flag=True, help="live: resume on the target at once, pull memory on demand")
+@click.option("--fallback", type=click.Choice(["cold"]), help="live: migrate cold if CRIU's pre-flight fails")
+@click.option("--detach", "-d", is_flag=True, help="print the operation id and return at once")
+@click.pass_obj
+def ct_migrate(obj, name, target, live, postcopy, fallback, detach) -> None:
+    """Move a container to another node, cold (stop, move, start) or --live."""
+    from controller.cli.main import run
+    from controller.cli.operations import operation_dict, watch_with_progress
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            op = await fleet.migrate(name, target, live=live, postcopy=postcopy, fallback_cold=fallback == "cold")
+            if detach:
+                output.print_json(operation_dict(op)) if obj.json else click.echo(op.id)
+                return 0
+            if not obj.json:
+                click.echo(f"operation {op.id}: migrating {name} to {target} ({'live' if live else 'cold'})", err=True)
+            return await watch_with_progress(fleet, op.id, obj.json)
+
+    sys.exit(go())

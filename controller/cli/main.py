@@ -64,12 +64,13 @@ def cli(ctx: click.Context, config: Path | None, fmt: str) -> None:
 
 
 # Subcommand groups live in their own modules; importing them registers them.
-from controller.cli import containers, lab, nodes, pki  # noqa: E402,F401
+from controller.cli import containers, lab, nodes, operations, pki  # noqa: E402,F401
 
 cli.add_command(nodes.node)
 cli.add_command(containers.ct)
 cli.add_command(lab.lab)
 cli.add_command(pki.pki)
+cli.add_command(operations.ops)
 
 
 def main() -> None:

@@ -76,6 +76,17 @@ class NodeRegistry:
             await asyncio.sleep(interval)
             self.check_liveness()
 
+    async def wait_ready(self, name: str, timeout: float) -> bool:
+        """Wait (polling) until the node has re-registered and beats; False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            entry = self._nodes.get(name)
+            if entry is not None and entry.state == NodeState.READY and name in self._registered_this_run:
+                return True
+            await asyncio.sleep(0.2)
+        return False
+
     def get(self, name: str) -> Node | None:
         entry = self._nodes.get(name)
         return Node(entry.facts, entry.state, entry.last_heartbeat) if entry else None

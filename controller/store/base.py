@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from controller.operations.model import Operation
 from corral.model import Container, NodeFacts
 
 
@@ -29,3 +30,10 @@ class Store(Protocol):
     async def list_containers(self, node: str | None = None) -> list[Container]: ...
 
     async def delete_container(self, name: str) -> None: ...
+
+    # Operations: every long action, step by step (see controller.operations).
+    async def put_operation(self, op: Operation) -> None: ...
+
+    async def get_operation(self, op_id: str) -> Operation | None: ...
+
+    async def list_operations(self, container: str | None = None, active_only: bool = False) -> list[Operation]: ...

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from controller.operations.model import Operation
 from corral.errors import AlreadyExists
 from corral.model import Container, ContainerState, Limits, NetworkAttachment, NodeFacts
 
@@ -29,7 +30,17 @@ CREATE TABLE IF NOT EXISTS containers (
     message TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS containers_node ON containers(node);
+CREATE TABLE IF NOT EXISTS operations (
+    id TEXT PRIMARY KEY,
+    container TEXT NOT NULL,
+    state TEXT NOT NULL,
+    data TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS operations_container ON operations(container);
 """
+
+_ACTIVE = ("pending", "running", "rolling-back")
 
 
 class SqliteStore:
@@ -68,7 +79,8 @@ class SqliteStore:
         out = []
         for (text,) in rows:
             data = json.loads(text)
-            data["storage_drivers"] = tuple(data.get("storage_drivers", ()))
+            for key in ("storage_drivers", "live_strategies"):
+                data[key] = tuple(data.get(key, ()))
             out.append(NodeFacts(**data))
         return out
 
@@ -108,6 +120,31 @@ class SqliteStore:
     async def delete_container(self, name: str) -> None:
         await self.db.execute("DELETE FROM containers WHERE name=?", (name,))
         await self.db.commit()
+
+
+    async def put_operation(self, op: Operation) -> None:
+        await self.db.execute(
+            "INSERT INTO operations(id, container, state, data, created_at) VALUES(?, ?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET state=excluded.state, data=excluded.data",
+            (op.id, op.container, op.state.value, op.to_json(), op.created_at),
+        )
+        await self.db.commit()
+
+    async def get_operation(self, op_id: str) -> Operation | None:
+        async with self.db.execute("SELECT data FROM operations WHERE id=?", (op_id,)) as cur:
+            row = await cur.fetchone()
+        return Operation.from_json(row[0]) if row else None
+
+    async def list_operations(self, container: str | None = None, active_only: bool = False) -> list[Operation]:
+        query, args = "SELECT data FROM operations WHERE 1=1", []
+        if container:
+            query += " AND container=?"
+            args.append(container)
+        if active_only:
+            query += f" AND state IN ({','.join('?' * len(_ACTIVE))})"
+            args.extend(_ACTIVE)
+        async with self.db.execute(query + " ORDER BY created_at", args) as cur:
+            return [Operation.from_json(r[0]) for r in await cur.fetchall()]
 
 
 _COLUMNS = "name, node, template, state, limits, network, storage, created_at, message"

@@ -63,17 +63,26 @@ def container_from_pb(msg: pb.Container) -> Container:
     )
 
 
-_FACT_FIELDS = [f for f in NodeFacts.__dataclass_fields__ if f != "storage_drivers"]
+_COLLECTIONS = ("storage_drivers", "live_strategies", "live_unavailable")
+_FACT_FIELDS = [f for f in NodeFacts.__dataclass_fields__ if f not in _COLLECTIONS]
 
 
 def facts_to_pb(facts: NodeFacts) -> pb.NodeFacts:
     return pb.NodeFacts(
-        **{f: getattr(facts, f) for f in _FACT_FIELDS}, storage_drivers=list(facts.storage_drivers)
+        **{f: getattr(facts, f) for f in _FACT_FIELDS},
+        storage_drivers=list(facts.storage_drivers),
+        live_strategies=list(facts.live_strategies),
+        live_unavailable=dict(facts.live_unavailable),
     )
 
 
 def facts_from_pb(msg: pb.NodeFacts) -> NodeFacts:
-    return NodeFacts(**{f: getattr(msg, f) for f in _FACT_FIELDS}, storage_drivers=tuple(msg.storage_drivers))
+    return NodeFacts(
+        **{f: getattr(msg, f) for f in _FACT_FIELDS},
+        storage_drivers=tuple(msg.storage_drivers),
+        live_strategies=tuple(msg.live_strategies),
+        live_unavailable=dict(msg.live_unavailable),
+    )
 
 
 def node_to_pb(node: Node) -> pb.Node:
@@ -93,4 +102,32 @@ def node_from_pb(msg: pb.Node) -> Node:
         last_heartbeat=msg.last_heartbeat,
         allocated=limits_from_pb(msg.allocated),
         container_count=msg.container_count,
+    )
+
+
+def operation_to_pb(op) -> pb.Operation:
+    """controller.operations.model.Operation -> protobuf (values of params/result JSON-encoded)."""
+    import json
+
+    return pb.Operation(
+        id=op.id,
+        kind=op.kind,
+        container=op.container,
+        state=op.state.value,
+        params={k: json.dumps(v) for k, v in op.params.items()},
+        steps=[
+            pb.OperationStep(name=s.name, state=s.state.value, started_at=s.started_at,
+                             finished_at=s.finished_at, detail=s.detail)  # fmt: skip
+            for s in op.steps
+        ],
+        progress=pb.OperationProgress(
+            phase=op.progress.phase, bytes_done=op.progress.bytes_done, bytes_total=op.progress.bytes_total,
+            rate_bps=op.progress.rate_bps, eta_s=op.progress.eta_s, message=op.progress.message,
+        ),  # fmt: skip
+        timings_ms=op.timings,
+        result={k: json.dumps(v) for k, v in op.result.items()},
+        error=op.error,
+        cancel_requested=op.cancel_requested,
+        created_at=op.created_at,
+        updated_at=op.updated_at,
     )

@@ -81,6 +81,41 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.AgentSetLimitsRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
                 _registered_method=True)
+        self.PrepareReceive = channel.unary_unary(
+                '/corral.v1.AgentService/PrepareReceive',
+                request_serializer=corral_dot_v1_dot_agent__pb2.PrepareReceiveRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.ReceiveGrant.FromString,
+                _registered_method=True)
+        self.FinishReceive = channel.unary_unary(
+                '/corral.v1.AgentService/FinishReceive',
+                request_serializer=corral_dot_v1_dot_agent__pb2.FinishReceiveRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.FinishReceiveResponse.FromString,
+                _registered_method=True)
+        self.SendFiles = channel.unary_stream(
+                '/corral.v1.AgentService/SendFiles',
+                request_serializer=corral_dot_v1_dot_agent__pb2.SendFilesRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.TransferUpdate.FromString,
+                _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/corral.v1.AgentService/Checkpoint',
+                request_serializer=corral_dot_v1_dot_agent__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.CheckpointResult.FromString,
+                _registered_method=True)
+        self.Restore = channel.unary_unary(
+                '/corral.v1.AgentService/Restore',
+                request_serializer=corral_dot_v1_dot_agent__pb2.RestoreRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.RestoreResult.FromString,
+                _registered_method=True)
+        self.AdoptContainer = channel.unary_unary(
+                '/corral.v1.AgentService/AdoptContainer',
+                request_serializer=corral_dot_v1_dot_agent__pb2.AdoptContainerRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
+                _registered_method=True)
+        self.ReleaseContainer = channel.unary_unary(
+                '/corral.v1.AgentService/ReleaseContainer',
+                request_serializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -140,6 +175,54 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareReceive(self, request, context):
+        """Migration, destination side: open the transfer channel for one operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishReceive(self, request, context):
+        """Close it again (and drop what was received, if discard).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendFiles(self, request, context):
+        """Migration, source side: push the rootfs or the checkpoint images to the destination.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checkpoint(self, request, context):
+        """Checkpoint with CRIU: a trial (pre-flight, keeps running) or the real one (stops).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Restore(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptContainer(self, request, context):
+        """Destination: make a container of what was received (or of a shared volume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseContainer(self, request, context):
+        """Source, after the switch: forget the container here (its copy, or its volume attachment).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +270,41 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.SetLimits,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.AgentSetLimitsRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'PrepareReceive': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareReceive,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.PrepareReceiveRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.ReceiveGrant.SerializeToString,
+            ),
+            'FinishReceive': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishReceive,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.FinishReceiveRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.FinishReceiveResponse.SerializeToString,
+            ),
+            'SendFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.SendFiles,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.SendFilesRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.TransferUpdate.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.CheckpointRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.CheckpointResult.SerializeToString,
+            ),
+            'Restore': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restore,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.RestoreRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.RestoreResult.SerializeToString,
+            ),
+            'AdoptContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptContainer,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AdoptContainerRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'ReleaseContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseContainer,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +550,195 @@ class AgentService:
             '/corral.v1.AgentService/SetLimits',
             corral_dot_v1_dot_agent__pb2.AgentSetLimitsRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareReceive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/PrepareReceive',
+            corral_dot_v1_dot_agent__pb2.PrepareReceiveRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.ReceiveGrant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishReceive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/FinishReceive',
+            corral_dot_v1_dot_agent__pb2.FinishReceiveRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.FinishReceiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.v1.AgentService/SendFiles',
+            corral_dot_v1_dot_agent__pb2.SendFilesRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.TransferUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/Checkpoint',
+            corral_dot_v1_dot_agent__pb2.CheckpointRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.CheckpointResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/Restore',
+            corral_dot_v1_dot_agent__pb2.RestoreRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.RestoreResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/AdoptContainer',
+            corral_dot_v1_dot_agent__pb2.AdoptContainerRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/ReleaseContainer',
+            corral_dot_v1_dot_agent__pb2.ReleaseContainerRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.ReleaseContainerResponse.FromString,
             options,
             channel_credentials,
             insecure,

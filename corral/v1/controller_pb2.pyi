@@ -118,3 +118,37 @@ class SetContainerLimitsRequest(_message.Message):
     name: str
     limits: _types_pb2.Limits
     def __init__(self, name: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ...) -> None: ...
+
+class MigrateContainerRequest(_message.Message):
+    __slots__ = ("name", "target_node", "live", "postcopy", "fallback_cold")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_COLD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target_node: str
+    live: bool
+    postcopy: bool
+    fallback_cold: bool
+    def __init__(self, name: _Optional[str] = ..., target_node: _Optional[str] = ..., live: _Optional[bool] = ..., postcopy: _Optional[bool] = ..., fallback_cold: _Optional[bool] = ...) -> None: ...
+
+class ListOperationsRequest(_message.Message):
+    __slots__ = ("container", "active_only")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    active_only: bool
+    def __init__(self, container: _Optional[str] = ..., active_only: _Optional[bool] = ...) -> None: ...
+
+class ListOperationsResponse(_message.Message):
+    __slots__ = ("operations",)
+    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    operations: _containers.RepeatedCompositeFieldContainer[_types_pb2.Operation]
+    def __init__(self, operations: _Optional[_Iterable[_Union[_types_pb2.Operation, _Mapping]]] = ...) -> None: ...
+
+class OperationRef(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...

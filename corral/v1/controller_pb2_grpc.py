@@ -97,6 +97,31 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
                 _registered_method=True)
+        self.MigrateContainer = channel.unary_unary(
+                '/corral.v1.ControllerService/MigrateContainer',
+                request_serializer=corral_dot_v1_dot_controller__pb2.MigrateContainerRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ListOperations = channel.unary_unary(
+                '/corral.v1.ControllerService/ListOperations',
+                request_serializer=corral_dot_v1_dot_controller__pb2.ListOperationsRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.ListOperationsResponse.FromString,
+                _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/corral.v1.ControllerService/GetOperation',
+                request_serializer=corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
+                _registered_method=True)
+        self.WatchOperation = channel.unary_stream(
+                '/corral.v1.ControllerService/WatchOperation',
+                request_serializer=corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
+                _registered_method=True)
+        self.CancelOperation = channel.unary_unary(
+                '/corral.v1.ControllerService/CancelOperation',
+                request_serializer=corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -177,6 +202,39 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateContainer(self, request, context):
+        """Migration: an operation; watch it with WatchOperation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOperations(self, request, context):
+        """Operations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOperation(self, request, context):
+        """The operation as it changes, until it has finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelOperation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +297,31 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.SetContainerLimits,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'MigrateContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateContainer,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.MigrateContainerRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
+            ),
+            'ListOperations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOperations,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.ListOperationsRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.ListOperationsResponse.SerializeToString,
+            ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.OperationRef.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
+            ),
+            'WatchOperation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOperation,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.OperationRef.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
+            ),
+            'CancelOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOperation,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.OperationRef.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -565,6 +648,141 @@ class ControllerService:
             '/corral.v1.ControllerService/SetContainerLimits',
             corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/MigrateContainer',
+            corral_dot_v1_dot_controller__pb2.MigrateContainerRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/ListOperations',
+            corral_dot_v1_dot_controller__pb2.ListOperationsRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.ListOperationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/GetOperation',
+            corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.v1.ControllerService/WatchOperation',
+            corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/CancelOperation',
+            corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

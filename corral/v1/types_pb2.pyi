@@ -89,7 +89,14 @@ class Container(_message.Message):
     def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
-    __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers")
+    __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable")
+    class LiveUnavailableEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +111,8 @@ class NodeFacts(_message.Message):
     CRIU_DETAIL_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     STORAGE_DRIVERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_STRATEGIES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     cpus: int
@@ -118,7 +127,9 @@ class NodeFacts(_message.Message):
     criu_detail: str
     agent_version: str
     storage_drivers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ...) -> None: ...
+    live_strategies: _containers.RepeatedScalarFieldContainer[str]
+    live_unavailable: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., live_strategies: _Optional[_Iterable[str]] = ..., live_unavailable: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count")
@@ -133,3 +144,84 @@ class Node(_message.Message):
     allocated: Limits
     container_count: int
     def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ...) -> None: ...
+
+class Operation(_message.Message):
+    __slots__ = ("id", "kind", "container", "state", "params", "steps", "progress", "timings_ms", "result", "error", "cancel_requested", "created_at", "updated_at")
+    class ParamsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class TimingsMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ResultEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    container: str
+    state: str
+    params: _containers.ScalarMap[str, str]
+    steps: _containers.RepeatedCompositeFieldContainer[OperationStep]
+    progress: OperationProgress
+    timings_ms: _containers.ScalarMap[str, float]
+    result: _containers.ScalarMap[str, str]
+    error: str
+    cancel_requested: bool
+    created_at: float
+    updated_at: float
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., container: _Optional[str] = ..., state: _Optional[str] = ..., params: _Optional[_Mapping[str, str]] = ..., steps: _Optional[_Iterable[_Union[OperationStep, _Mapping]]] = ..., progress: _Optional[_Union[OperationProgress, _Mapping]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., result: _Optional[_Mapping[str, str]] = ..., error: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+
+class OperationStep(_message.Message):
+    __slots__ = ("name", "state", "started_at", "finished_at", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    started_at: float
+    finished_at: float
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class OperationProgress(_message.Message):
+    __slots__ = ("phase", "bytes_done", "bytes_total", "rate_bps", "eta_s", "message")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_BPS_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    bytes_done: int
+    bytes_total: int
+    rate_bps: float
+    eta_s: float
+    message: str
+    def __init__(self, phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bps: _Optional[float] = ..., eta_s: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...

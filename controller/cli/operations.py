@@ -1,0 +1,191 @@
+"""`corral ops ...` and the progress display shared with `corral ct migrate`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from controller.cli import output
+from corral.errors import Cancelled, CorralError
+from corral.units import format_size
+
+# Exit codes of a watched operation that did not succeed.
+_FAILED_EXIT = {"failed": CorralError.exit_code, "cancelled": Cancelled.exit_code}
+
+
+def operation_dict(op) -> dict:
+    return {
+        "id": op.id,
+        "kind": op.kind,
+        "container": op.container,
+        "state": op.state,
+        "name": op.id,
+        "params": {k: json.loads(v) for k, v in op.params.items()},
+        "phase": op.progress.phase,
+        "progress": {
+            "bytes_done": op.progress.bytes_done, "bytes_total": op.progress.bytes_total,
+            "rate_bps": op.progress.rate_bps, "eta_s": op.progress.eta_s, "message": op.progress.message,
+        },  # fmt: skip
+        "steps": [
+            {"name": s.name, "state": s.state, "started_at": s.started_at, "finished_at": s.finished_at,
+             "duration_ms": round((s.finished_at - s.started_at) * 1000, 1) if s.finished_at else None,
+             "detail": s.detail}  # fmt: skip
+            for s in op.steps
+        ],
+        "timings_ms": dict(op.timings_ms),
+        "result": {k: json.loads(v) for k, v in op.result.items()},
+        "error": op.error,
+        "cancel_requested": op.cancel_requested,
+        "created_at": op.created_at,
+        "updated_at": op.updated_at,
+    }
+
+
+def print_operation(op) -> None:
+    params = {k: json.loads(v) for k, v in op.params.items()}
+    fields = [
+        ("id", op.id), ("kind", op.kind), ("container", op.container), ("state", op.state),
+        ("from", params.get("source", "-")), ("to", params.get("target", "-")),
+        ("mode", ("live, " + params.get("strategy", "")) if params.get("live") else "cold"),
+        ("phase", op.progress.phase or "-"),
+    ]  # fmt: skip
+    if op.error:
+        fields.append(("error", op.error))
+    if params.get("fell_back_to_cold"):
+        fields.append(("note", f"fell back to cold: {params['fell_back_to_cold']}"))
+    output.print_fields(fields)
+    if op.steps:
+        output.print_table(
+            ["STEP", "STATE", "MS", "DETAIL"],
+            [[s.name, s.state, f"{(s.finished_at - s.started_at) * 1000:.0f}" if s.finished_at else "-", s.detail[:80]]
+             for s in op.steps],  # fmt: skip
+        )
+    print_timings(op)
+
+
+def print_timings(op) -> None:
+    """Per-phase timings, as `vzmigrate -t` printed them."""
+    t = dict(op.timings_ms)
+    if not t:
+        return
+    order = ["preflight_pause", "precopy", "dump", "criu_frozen", "transfer", "restore", "criu_restore", "downtime"]
+    labels = {
+        "preflight_pause": "pre-flight pause", "precopy": "rootfs pre-copy", "dump": "freeze+dump",
+        "criu_frozen": "  CRIU frozen", "transfer": "final transfer", "restore": "restore",
+        "criu_restore": "  CRIU restore", "downtime": "total downtime",
+    }  # fmt: skip
+    click.echo("timings:")
+    for key in order + sorted(k for k in t if k not in order):
+        if key in t and not key.endswith("_bytes"):
+            click.echo(f"  {labels.get(key, key):<18} {t[key]:>9.1f} ms")
+
+
+async def watch_with_progress(fleet, op_id: str, as_json: bool) -> int:
+    """Follow an operation to its end; a progress bar on a terminal, phase lines otherwise."""
+    last = None
+    if as_json or not sys.stderr.isatty():
+        phase = None
+        async for op in fleet.watch_operation(op_id):
+            last = op
+            if not as_json and op.progress.phase != phase:
+                phase = op.progress.phase
+                click.echo(f"[{time.strftime('%H:%M:%S')}] {op.id}: {phase} {op.progress.message}".rstrip(), err=True)
+    else:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)  # fmt: skip
+
+        with Progress(TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), TimeRemainingColumn(), transient=False) as bar:  # fmt: skip
+            task = bar.add_task("starting", total=None)
+            async for op in fleet.watch_operation(op_id):
+                last = op
+                p = op.progress
+                bar.update(task, description=p.phase or op.state, completed=p.bytes_done,
+                           total=p.bytes_total or None)  # fmt: skip
+    assert last is not None
+    if as_json:
+        output.print_json(operation_dict(last))
+    else:
+        print_operation(last)
+    return _FAILED_EXIT.get(last.state, 0)
+
+
+@click.group()
+def ops() -> None:
+    """Long actions (migrations...): list, show, watch, cancel."""
+
+
+@ops.command("ls")
+@click.option("--container", "-c", default="", help="only this container's operations")
+@click.option("--active", is_flag=True, help="only those not finished")
+@click.pass_obj
+def ops_ls(obj, container, active) -> None:
+    """List operations."""
+    from controller.cli.main import run
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            operations = await fleet.list_operations(container, active)
+        if obj.json:
+            output.print_json([operation_dict(op) for op in operations])
+            return
+        output.print_table(
+            ["ID", "KIND", "CONTAINER", "STATE", "PHASE", "PROGRESS", "DOWNTIME"],
+            [[op.id, op.kind, op.container, op.state, op.progress.phase,
+              f"{format_size(op.progress.bytes_done)}/{format_size(op.progress.bytes_total)}" if op.progress.bytes_total else "-",
+              f"{op.timings_ms['downtime']:.0f} ms" if "downtime" in op.timings_ms else "-"]
+             for op in operations],
+        )  # fmt: skip
+
+    go()
+
+
+@ops.command("show")
+@click.argument("op_id")
+@click.pass_obj
+def ops_show(obj, op_id) -> None:
+    """Show one operation with its steps and timings."""
+    from controller.cli.main import run
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            op = await fleet.get_operation(op_id)
+        output.print_json(operation_dict(op)) if obj.json else print_operation(op)
+
+    go()
+
+
+@ops.command("watch")
+@click.argument("op_id")
+@click.pass_obj
+def ops_watch(obj, op_id) -> None:
+    """Follow an operation with a progress bar until it ends (exit 0 if it succeeded)."""
+    from controller.cli.main import run
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            return await watch_with_progress(fleet, op_id, obj.json)
+
+    sys.exit(go())
+
+
+@ops.command("cancel")
+@click.argument("op_id")
+@click.pass_obj
+def ops_cancel(obj, op_id) -> None:
+    """Ask an operation to stop where it is safe; it rolls back."""
+    from controller.cli.main import run
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            op = await fleet.cancel_operation(op_id)
+        output.print_json(operation_dict(op)) if obj.json else click.echo(f"cancel requested for {op.id} ({op.progress.phase})")
+
+    go()

@@ -1,0 +1,1 @@
+"""Durable operations: long actions recorded step by step, watchable, resumable."""
