@@ -14,7 +14,6 @@ from typing import Any, Awaitable, Callable
 
 import click
 
-from controller.cli import output
 from corral.errors import CorralError
 
 OUTPUT_FORMATS = ("table", "json")
