@@ -117,6 +117,13 @@ class AgentClient:
         req = apb.ReleaseContainerRequest(op_id=op_id, name=name)
         await self._call(self.stub.ReleaseContainer, req, LIFECYCLE_TIMEOUT)
 
+    async def detach_volume(self, op_id: str, name: str) -> None:
+        await self._call(self.stub.DetachVolume, apb.VolumeRequest(op_id=op_id, name=name), LIFECYCLE_TIMEOUT)
+
+    async def attach_volume(self, op_id: str, name: str, generation: int) -> None:
+        req = apb.VolumeRequest(op_id=op_id, name=name, generation=generation)
+        await self._call(self.stub.AttachVolume, req, LIFECYCLE_TIMEOUT)
+
     async def close(self) -> None:
         await self.channel.close()
 

@@ -31,7 +31,7 @@ from corral.v1 import agent_pb2 as apb
 log = structlog.get_logger("corral.controller.fleet")
 
 TEMPLATES = ("busybox", "debian")
-STORAGES = ("dir",)
+STORAGES = ("dir", "image", "lvm")
 # States the controller sets itself while it acts; heartbeats must not overwrite them.
 _TRANSITIONAL = {ContainerState.CREATING, ContainerState.DESTROYING}
 

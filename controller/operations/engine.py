@@ -234,7 +234,7 @@ class Engine:
 
     async def _finish(self, ctx: OpContext, state: OpState, *, result: dict | None = None, error: str = "") -> None:
         op = replace(ctx.op, state=state, result=result or ctx.op.result, error=error or ctx.op.error,
-                     progress=replace(ctx.op.progress, phase=state.value), updated_at=time.time())  # fmt: skip
+                     progress=replace(ctx.op.progress, phase=state.value, message=""), updated_at=time.time())  # fmt: skip
         await ctx._save(op)
         self._active.pop(op.id, None)
         self._cancels.discard(op.id)

@@ -3,10 +3,13 @@
 Order of steps (each recorded before it is taken):
 
   cold, local storage   open-channel, precopy-rootfs (passes while it runs), stop-source,
-                        final-rootfs, adopt, start-target, switch, release-source, close-channel
-  live, local storage   preflight (trial dump), open-channel, precopy-rootfs, checkpoint
-                        (freeze+dump+stop), final-rootfs, send-checkpoint, adopt, restore, switch,
-                        release-source, close-channel
+                        final-transfer, adopt, start-target, switch, release-source, close-channel
+  cold, shared storage  stop-source, detach-source, adopt (attach at a new generation),
+                        start-target, switch, release-source
+  live                  preflight (trial dump), open-channel, [precopy-rootfs], checkpoint
+                        (freeze+dump+stop), [detach-source], final-transfer (rootfs delta and
+                        checkpoint images at once), adopt, restore, switch, release-source,
+                        close-channel
 
 "switch" (the fleet's record now says the container lives on the target) is the
 point of no return. Before it, any failure rolls back: the target's copy is
@@ -17,6 +20,7 @@ container runs exactly once at every moment (DESIGN.md rules 1 and 2).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
@@ -39,6 +43,9 @@ TRANSFER_TIMEOUT = 3600
 CHANNEL_TTL = 4 * 3600
 # After a controller restart, how long to wait for the nodes involved to report in.
 RECOVERY_NODE_WAIT = 30.0
+
+# Storage whose volume is handed over between hosts rather than copied.
+SHARED_STORAGES = frozenset({"image", "lvm"})
 
 STOP_AND_COPY = "stop-and-copy"
 PRE_COPY = "pre-copy"
@@ -68,6 +75,7 @@ class MigrationPlan:
         self.name = op.container
         self.source_name: str = op.params["source"]
         self.target_name: str = op.params["target"]
+        self.bytes_sent = 0  # what crossed the network in this run (not counted across a restart)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -94,6 +102,7 @@ class MigrationPlan:
                          rate_bps=u.rate_bps, eta_s=u.eta_s)  # fmt: skip
 
         final = await src.send_files(ctx.op.id, self.name, content, grant, private_key, TRANSFER_TIMEOUT, progress)
+        self.bytes_sent += final.bytes_sent
         ctx.log.info("transferred", what=label, bytes_sent=final.bytes_sent, literal=final.literal_bytes,
                      ms=round((time.monotonic() - began) * 1000))  # fmt: skip
         return final
@@ -124,24 +133,28 @@ class MigrationPlan:
                 live = False
                 await ctx.set_params(live=False, fell_back_to_cold=exc.message)
 
-        private_key, public_key = _operation_keypair()
-        await ctx.phase("open-channel")
-        async with ctx.step("open-channel"):
-            grant = await dst.prepare_receive(ctx.op.id, self.name, public_key, CHANNEL_TTL)
+        shared = record.storage in SHARED_STORAGES
+        grant = private_key = None
+        if not shared or live:
+            private_key, public_key = _operation_keypair()
+            await ctx.phase("open-channel")
+            async with ctx.step("open-channel"):
+                grant = await dst.prepare_receive(ctx.op.id, self.name, public_key, CHANNEL_TTL)
 
-        await ctx.phase("precopy-rootfs", "copying the root filesystem while the container runs")
-        began = time.monotonic()
-        async with ctx.step("precopy-rootfs"):
-            previous = None
-            for n in range(1, PRECOPY_MAX_PASSES + 1):
-                ctx.check_cancel()
-                stats = await self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, f"precopy-rootfs pass {n}", private_key, grant)
-                delta = stats.literal_bytes
-                if delta < PRECOPY_SMALL_DELTA or (previous is not None and delta >= previous):
-                    break
-                previous = delta
-        await ctx.timing(precopy=(time.monotonic() - began) * 1000)
-        ctx.check_cancel()  # the last point where cancelling leaves nothing to undo but the copy
+        if not shared:
+            await ctx.phase("precopy-rootfs", "copying the root filesystem while the container runs")
+            began = time.monotonic()
+            async with ctx.step("precopy-rootfs"):
+                previous = None
+                for n in range(1, PRECOPY_MAX_PASSES + 1):
+                    ctx.check_cancel()
+                    stats = await self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, f"precopy-rootfs pass {n}", private_key, grant)
+                    delta = stats.literal_bytes
+                    if delta < PRECOPY_SMALL_DELTA or (previous is not None and delta >= previous):
+                        break
+                    previous = delta
+            await ctx.timing(precopy=(time.monotonic() - began) * 1000)
+        ctx.check_cancel()  # the last point where cancelling leaves nothing to undo but a copy
 
         down_began = time.monotonic()
         if live:
@@ -155,17 +168,32 @@ class MigrationPlan:
                 await src.stop(self.name, force=False, timeout=30)
 
         transfer_began = time.monotonic()
-        await ctx.phase("final-rootfs", "copying what changed since the last pass")
-        async with ctx.step("final-rootfs"):
-            final = await self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, "final-rootfs", private_key, grant)
+        generation = record.volume_generation
+        if shared:
+            generation = record.volume_generation + 1
+            await ctx.set_params(volume_generation=generation)
+            await ctx.phase("detach-source", "handing the volume over (no data is copied)")
+            async with ctx.step("detach-source"):
+                await src.detach_volume(ctx.op.id, self.name)
+        else:
+            await ctx.phase("final-rootfs", "copying what changed since the last pass")
+        # After the freeze the rootfs delta and the checkpoint images are independent: send both at once.
+        sends = []
+        if not shared:
+            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, "final-rootfs", private_key, grant))
         if live:
-            async with ctx.step("send-checkpoint"):
-                images = await self._send(ctx, apb.TRANSFER_CONTENT_CHECKPOINT, "send-checkpoint", private_key, grant)
-        await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000, final_rootfs_bytes=final.literal_bytes)
+            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_CHECKPOINT, "send-checkpoint", private_key, grant))
+        if sends:
+            async with ctx.step("final-transfer"):
+                finals = await asyncio.gather(*sends)
+            if not shared:
+                await ctx.timing(final_rootfs_bytes=finals[0].literal_bytes)
+            images = finals[-1]
+        await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000)
 
         await ctx.phase("adopt", "installing the container on the target")
         async with ctx.step("adopt"):
-            await dst.adopt(ctx.op.id, replace(record, node=self.target_name))
+            await dst.adopt(ctx.op.id, replace(record, node=self.target_name, volume_generation=generation))
         if live:
             await ctx.phase("restore", "restoring processes on the target")
             restore_began = time.monotonic()
@@ -186,12 +214,16 @@ class MigrationPlan:
         record = await self._record()
         async with ctx.step("switch"):
             state = ContainerState.RUNNING if ctx.op.params.get("was_running") else ContainerState.STOPPED
-            await self.store.update_container(replace(record, node=self.target_name, state=state))
+            generation = ctx.op.params.get("volume_generation", record.volume_generation)
+            await self.store.update_container(
+                replace(record, node=self.target_name, state=state, volume_generation=generation)
+            )
         await ctx.phase("release-source", "removing the source's copy")
         async with ctx.step("release-source"):
             await self._agent(self.source_name).release(ctx.op.id, self.name)
-        async with ctx.step("close-channel"):
-            await self._agent(self.target_name).finish_receive(ctx.op.id, discard=False)
+        if ctx.op.step("open-channel") is not None:
+            async with ctx.step("close-channel"):
+                await self._agent(self.target_name).finish_receive(ctx.op.id, discard=False)
         timings = ctx.op.timings
         return {
             "from": self.source_name,
@@ -199,6 +231,7 @@ class MigrationPlan:
             "live": bool(ctx.op.params.get("live")),
             "strategy": ctx.op.params.get("strategy", "cold"),
             "downtime_ms": timings.get("downtime"),
+            "bytes_sent": self.bytes_sent,
         }
 
     # -- rollback & recovery ---------------------------------------------------------------------
@@ -215,12 +248,24 @@ class MigrationPlan:
             # Rule 1: the source may run again only once the target's copy is proven gone.
             async with ctx.step("undo-adopt"):
                 await self._agent(self.target_name).release(op.id, self.name)
+        if op.step("detach-source") is not None:
+            # The target must have let go first (its host enforces the ownership marker too).
+            if op.step("adopt") is not None and not target_may_run:
+                await self._best_effort(ctx, "undo-adopt", self._agent_release_target)
+            generation = int(op.params.get("volume_generation", 0)) + 1
+            async with ctx.step("reattach-source"):
+                await self._agent(self.source_name).attach_volume(op.id, self.name, generation)
+            await self._set_generation(generation)
         await self._resume_source(ctx)
         # The target never ran it: cleaning up there is tidiness, not safety.
-        if op.step("adopt") is not None and not target_may_run:
+        if op.step("adopt") is not None and not target_may_run and not ctx.op.done("undo-adopt"):
             await self._best_effort(ctx, "undo-adopt", self._agent_release_target)
         if op.step("open-channel") is not None:
             await self._best_effort(ctx, "undo-channel", self._agent_discard_channel)
+
+    async def _set_generation(self, generation: int) -> None:
+        record = await self._record()
+        await self.store.update_container(replace(record, volume_generation=generation))
 
     async def _agent_release_target(self) -> None:
         await self._agent(self.target_name).release(self.op.id, self.name)
@@ -259,7 +304,7 @@ class MigrationPlan:
         if not ctx.op.done("release-source"):
             async with ctx.step("release-source"):
                 await self._agent(self.source_name).release(ctx.op.id, self.name)
-        if not ctx.op.done("close-channel"):
+        if ctx.op.step("open-channel") is not None and not ctx.op.done("close-channel"):
             async with ctx.step("close-channel"):
                 await self._agent(self.target_name).finish_receive(ctx.op.id, discard=False)
         return {"from": self.source_name, "to": self.target_name, "recovered": True,

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS containers (
     network TEXT NOT NULL,
     storage TEXT NOT NULL,
     created_at REAL NOT NULL,
-    message TEXT NOT NULL DEFAULT ''
+    message TEXT NOT NULL DEFAULT '',
+    volume_generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS containers_node ON containers(node);
 CREATE TABLE IF NOT EXISTS operations (
@@ -60,6 +61,15 @@ class SqliteStore:
         await self.db.execute("PRAGMA synchronous=FULL")
         await self.db.executescript(SCHEMA)
         await self.db.commit()
+        await self._upgrade()
+
+    async def _upgrade(self) -> None:
+        """Columns added since the first schema, for stores made by older versions."""
+        async with self.db.execute("PRAGMA table_info(containers)") as cur:
+            columns = {row[1] for row in await cur.fetchall()}
+        if "volume_generation" not in columns:
+            await self.db.execute("ALTER TABLE containers ADD COLUMN volume_generation INTEGER NOT NULL DEFAULT 0")
+            await self.db.commit()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -87,8 +97,8 @@ class SqliteStore:
     async def insert_container(self, container: Container) -> None:
         try:
             await self.db.execute(
-                "INSERT INTO containers(name, node, template, state, limits, network, storage, created_at, message)"
-                " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO containers(name, node, template, state, limits, network, storage, created_at, message,"
+                " volume_generation) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _row(container),
             )
         except sqlite3.IntegrityError:
@@ -99,7 +109,7 @@ class SqliteStore:
         name, *rest = _row(container)
         await self.db.execute(
             "UPDATE containers SET node=?, template=?, state=?, limits=?, network=?, storage=?, created_at=?,"
-            " message=? WHERE name=?",
+            " message=?, volume_generation=? WHERE name=?",
             (*rest, name),
         )
         await self.db.commit()
@@ -147,7 +157,7 @@ class SqliteStore:
             return [Operation.from_json(r[0]) for r in await cur.fetchall()]
 
 
-_COLUMNS = "name, node, template, state, limits, network, storage, created_at, message"
+_COLUMNS = "name, node, template, state, limits, network, storage, created_at, message, volume_generation"
 
 
 def _row(c: Container) -> tuple:
@@ -161,11 +171,12 @@ def _row(c: Container) -> tuple:
         c.storage,
         c.created_at,
         c.message,
+        c.volume_generation,
     )
 
 
 def _container(row) -> Container:
-    name, node, template, state, limits, network, storage, created_at, message = row
+    name, node, template, state, limits, network, storage, created_at, message, generation = row
     return Container(
         name=name,
         node=node,
@@ -176,4 +187,5 @@ def _container(row) -> Container:
         storage=storage,
         created_at=created_at,
         message=message,
+        volume_generation=generation,
     )
