@@ -1,0 +1,155 @@
+"""Who may write where: one receive grant per migration operation.
+
+A grant says: SSH user `op-<op_id>`, holding exactly this public key, may run
+`rsync --server` (receiving) into `staging_root/<op_id>` until `expires_at`.
+The registry lives in memory only: after an agent restart every grant is gone
+and the controller asks again (PrepareReceive is repeatable).
+
+Thread-safe: `revoke` is usually run in a worker thread (it removes a tree),
+while the SSH server looks grants up on the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import structlog
+
+from agent.transfer.keys import parse_public_key, public_key_line
+from corral.errors import InvalidArgument, RuntimeFailure
+
+log = structlog.get_logger("corral.agent.transfer")
+
+USER_PREFIX = "op-"
+MAX_TTL = 7 * 24 * 3600.0  # a grant is for one operation, never a standing credential
+_OP_ID = re.compile(r"^[a-z0-9-]{1,64}$")
+
+GrantListener = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ReceiveGrant:
+    op_id: str
+    user: str  # "op-<op_id>"
+    public_key: str  # "ssh-ed25519 AAAA...": the only key accepted for this user
+    staging: Path  # staging_root/<op_id>
+    expires_at: float  # time.time() deadline
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.expires_at
+
+
+def validate_op_id(op_id: str) -> str:
+    if not isinstance(op_id, str) or not _OP_ID.match(op_id) or op_id.strip("-") != op_id:
+        raise InvalidArgument(
+            f"operation id {op_id!r} is invalid: use 1-64 lowercase letters, digits and '-', "
+            "not starting or ending with '-'"
+        )
+    return op_id
+
+
+def user_for(op_id: str) -> str:
+    return USER_PREFIX + validate_op_id(op_id)
+
+
+class GrantRegistry:
+    def __init__(self, staging_root: Path) -> None:
+        self.staging_root = Path(staging_root)
+        # 0700: what a grant receives may hold setuid files and device nodes;
+        # no local user may reach them before the container owns them.
+        self.staging_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.staging_root, 0o700)
+        self._grants: dict[str, ReceiveGrant] = {}  # by user
+        self._lock = threading.Lock()
+        self._listeners: list[GrantListener] = []
+
+    def add_listener(self, listener: GrantListener) -> None:
+        """`listener(user)` runs after that user's grant is replaced or revoked, in the
+        caller's thread, before `revoke` removes the staging directory."""
+        self._listeners.append(listener)
+
+    def authorize(self, op_id: str, public_key: str, ttl: float) -> ReceiveGrant:
+        """Open (or re-open) receiving for `op_id`; replaces the key of an active grant."""
+        user = user_for(op_id)
+        key = public_key_line(parse_public_key(public_key, "the operation's public key"))
+        if not isinstance(ttl, (int, float)) or not (0 < ttl <= MAX_TTL):
+            raise InvalidArgument(f"grant lifetime must be between 0 and {MAX_TTL:g} seconds, got {ttl!r}")
+        staging = self._make_staging(op_id)
+        grant = ReceiveGrant(op_id, user, key, staging, time.time() + ttl)
+        with self._lock:
+            previous = self._grants.get(user)
+            self._grants[user] = grant
+        log.info("transfer grant authorized", op=op_id, user=user, ttl=ttl,
+                 replaced_key=previous is not None and previous.public_key != key)  # fmt: skip
+        if previous is not None:
+            self._notify(user)
+        return grant
+
+    def revoke(self, op_id: str, *, remove_staging: bool) -> None:
+        """Close receiving for `op_id` (idempotent): its key stops working and its live
+        sessions are cut; with `remove_staging` its staging directory goes too."""
+        user = user_for(op_id)
+        with self._lock:
+            grant = self._grants.pop(user, None)
+        self._notify(user)  # also for an unknown grant: cut anything still running
+        if remove_staging:
+            self._remove_staging(self.staging_root / op_id)
+        log.info("transfer grant revoked", op=op_id, user=user, was_active=grant is not None,
+                 removed_staging=remove_staging)  # fmt: skip
+
+    def lookup(self, user: str) -> ReceiveGrant | None:
+        """The live grant of `user`; None if unknown, revoked or expired."""
+        with self._lock:
+            grant = self._grants.get(user)
+        if grant is None or grant.expired():
+            return None
+        return grant
+
+    # -- internals ---------------------------------------------------------------
+
+    def _notify(self, user: str) -> None:
+        for listener in self._listeners:
+            try:
+                listener(user)
+            except Exception:  # a listener's failure must not keep a grant alive
+                log.exception("transfer grant listener failed", user=user)
+
+    def _make_staging(self, op_id: str) -> Path:
+        staging = self.staging_root / op_id
+        try:
+            os.mkdir(staging, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(staging)
+        if not stat.S_ISDIR(st.st_mode):
+            raise RuntimeFailure(f"staging path {staging} exists and is not a directory")
+        return staging
+
+    def _remove_staging(self, staging: Path) -> None:
+        try:
+            st = os.lstat(staging)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            staging.unlink()
+            return
+        # rmtree does not follow symlinks: links a grant planted inside stay links.
+        for attempt in range(3):
+            try:
+                shutil.rmtree(staging)
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                # A just-killed receiver may still have been finishing a write.
+                if attempt == 2:
+                    raise RuntimeFailure(f"cannot remove staging directory {staging}: {e}") from None
+                time.sleep(0.1)
