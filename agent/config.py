@@ -24,13 +24,14 @@ class AgentConfig:
     tls: TlsFiles
     heartbeat_interval: float
     log_level: str
+    transfer_port: int
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
         doc = load_document(path)
         doc.check_keys({
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
-            "shared_dir", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level",
+            "shared_dir", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
         heartbeat = doc.get("heartbeat_interval", float, 1.0)
@@ -51,4 +52,11 @@ class AgentConfig:
             tls=TlsFiles.from_section(doc.section("tls")),
             heartbeat_interval=heartbeat,
             log_level=doc.get("log_level", str, "info"),
+            transfer_port=doc.get("transfer_port", int, 7702, parse=_port),
         )
+
+
+def _port(value: int) -> int:
+    if not 0 < value < 65536:
+        raise ValueError(f"{value} is not a TCP port")
+    return value

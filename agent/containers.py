@@ -221,7 +221,12 @@ class ContainerManager:
         return await self.get(name)
 
     async def adopt(self, container: Container, staged_rootfs: Path) -> Container:
-        """Install a container whose rootfs was received into `staged_rootfs` (migration target)."""
+        """Install a container that is moving here (migration target).
+
+        Local storage: its rootfs was received into `staged_rootfs`. Shared
+        storage: its volume is attached here at the generation the controller
+        recorded (the host refuses if another host still holds it).
+        """
         name = validate_name(container.name)
         driver = self.storages.get(container.storage)
         if driver is None:
@@ -235,32 +240,63 @@ class ContainerManager:
                 if existing == record:
                     return await self.get(name)  # adopted already (a repeated step)
                 raise AlreadyExists(f"container {name!r} already exists on node {self.node!r}")
-            if not staged_rootfs.is_dir():
-                raise NotFound(f"no received root filesystem for {name!r} at {staged_rootfs}")
             async with contextlib.AsyncExitStack() as undo:
-                rootfs = await driver.create_volume(name, container.limits.disk_bytes)
-                undo.push_async_callback(driver.destroy_volume, name)
-                await asyncio.to_thread(_replace_dir, staged_rootfs, rootfs)
+                if driver.shared:
+                    await driver.attach(name, container.volume_generation)
+                    undo.push_async_callback(driver.detach, name)
+                else:
+                    if not staged_rootfs.is_dir():
+                        raise NotFound(f"no received root filesystem for {name!r} at {staged_rootfs}")
+                    rootfs = await driver.create_volume(name, container.limits.disk_bytes)
+                    undo.push_async_callback(driver.destroy_volume, name)
+                    await asyncio.to_thread(_replace_dir, staged_rootfs, rootfs)
                 ct_dir = self.runtime.container_dir(name)
                 ct_dir.mkdir(parents=True, exist_ok=True)
                 undo.push_async_callback(asyncio.to_thread, shutil.rmtree, ct_dir, True)
                 await self._write_config(record)
                 await asyncio.to_thread(self.records.save, record)
                 undo.pop_all()
-            log.info("container adopted", container=name, storage=driver.name)
+            log.info("container adopted", container=name, storage=driver.name, generation=container.volume_generation)
             return self._container(record, ContainerState.STOPPED, 0)
 
     async def release(self, name: str) -> None:
-        """Remove this host's copy of a container that now lives elsewhere."""
+        """Remove this host's copy of a container that now lives elsewhere.
+
+        A shared volume is only detached (it is the container's one disk, now
+        used by its new host); a local copy is deleted.
+        """
         async with self._locks[name]:
             record = self.records.load(name)
             if self.runtime.exists(name) and name in self.runtime.running_names():
                 await self.runtime.stop(name, force=True, timeout=10)
             if record is not None:
-                await self.storages[record.storage].destroy_volume(name)
+                driver = self.storages[record.storage]
+                if driver.shared:
+                    if driver.is_attached(name):
+                        await driver.detach(name)
+                else:
+                    await driver.destroy_volume(name)
             await asyncio.to_thread(shutil.rmtree, self.runtime.container_dir(name), True)
             await asyncio.to_thread(self.records.delete, name)
             log.info("container released", container=name)
+
+    async def detach_volume(self, name: str) -> None:
+        async with self._locks[name]:
+            record = self._record(name)
+            driver = self.storages[record.storage]
+            if not driver.shared:
+                raise FailedPrecondition(f"{record.storage} storage is local; it is moved by copying")
+            if name in self.runtime.running_names():
+                raise FailedPrecondition(f"container {name!r} is running; stop it before detaching its volume")
+            await driver.detach(name)
+
+    async def attach_volume(self, name: str, generation: int) -> None:
+        async with self._locks[name]:
+            record = self._record(name)
+            driver = self.storages[record.storage]
+            if not driver.shared:
+                raise FailedPrecondition(f"{record.storage} storage is local; it is moved by copying")
+            await driver.attach(name, generation)
 
     async def reconcile(self) -> list[Container]:
         """On agent start: take stock of what runs; LXC containers we never made are left alone."""

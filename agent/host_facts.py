@@ -9,10 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent import __version__
-from agent.runtime.criu import CriuStatus, check_criu
+from agent.runtime.criu_features import LiveSupport, probe_live_support
 from agent.runtime.lxc import LxcRuntime
 from corral import proc
 from corral.model import NodeFacts
+
+IMPLEMENTED_STRATEGIES = ("stop-and-copy",)
 
 
 def _meminfo() -> tuple[int, int]:
@@ -31,19 +33,28 @@ class HostFacts:
         self._base = NodeFacts(name=node, address=address, storage_drivers=storage_drivers)
         self._storage_dir = storage_dir
 
-    async def probe(self) -> None:
+    async def probe(self) -> LiveSupport:
         lxc = await proc.run(["lxc-start", "--version"], timeout=10, check=False)
-        criu: CriuStatus = await check_criu()
+        live = await probe_live_support()
+        # Only the strategies this agent implements are offered; the others say why not.
+        offered = [s for s in live.strategies() if s in IMPLEMENTED_STRATEGIES]
+        unavailable = dict(live.reasons)
+        for s in live.strategies():
+            if s not in IMPLEMENTED_STRATEGIES:
+                unavailable[s] = "supported by this host, not implemented by this agent version"
         self._base = replace(
             self._base,
             cpus=os.cpu_count() or 1,
             kernel=platform.release(),
             lxc_version=LxcRuntime.version_of(lxc.stdout.decode()),
-            criu_version=criu.version,
-            criu_ok=criu.ok,
-            criu_detail=criu.detail,
+            criu_version=live.criu_version,
+            criu_ok=live.criu_ok,
+            criu_detail=live.detail,
+            live_strategies=tuple(offered),
+            live_unavailable=unavailable,
             agent_version=__version__,
         )
+        return live
 
     def current(self) -> NodeFacts:
         total, available = _meminfo()

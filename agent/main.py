@@ -18,11 +18,17 @@ from agent.records import RecordStore
 from agent.runtime.cgroups import CgroupLayout
 from agent.runtime.lxc import LxcRuntime
 from agent.service import AGENT_POLICY, AgentServicer
+from agent.migration import Migrations
+from agent.runtime.checkpoint import Checkpointer
+from agent.storage.base import StorageDriver
 from agent.storage.dir import DirStorage
+from agent.storage.image import ImageStorage
+from agent.transfer.grants import GrantRegistry
+from agent.transfer.server import TransferServer
 from corral import log as corral_log
 from corral.api.server import make_server
 from corral.api.tls import server_credentials
-from corral.errors import CorralError
+from corral.errors import CorralError, Unavailable
 from corral.v1 import agent_pb2_grpc
 
 log = structlog.get_logger("corral.agent")
@@ -31,7 +37,9 @@ log = structlog.get_logger("corral.agent")
 async def serve(config: AgentConfig) -> None:
     for d in (config.lxc_path, config.state_dir, config.storage_dir, config.template_cache):
         d.mkdir(parents=True, exist_ok=True)
-    storages = {"dir": DirStorage(config.storage_dir)}
+    storages: dict[str, StorageDriver] = {"dir": DirStorage(config.storage_dir)}
+    if config.shared_dir is not None:
+        storages["image"] = ImageStorage(config.shared_dir, config.state_dir / "mounts", config.node)
     containers = ContainerManager(
         node=config.node,
         runtime=LxcRuntime(config.lxc_path),
@@ -42,12 +50,21 @@ async def serve(config: AgentConfig) -> None:
         cgroups=CgroupLayout.detect(),
     )
     facts = HostFacts(config.node, config.advertise, config.storage_dir, tuple(storages))
-    await facts.probe()
+    live = await facts.probe()
     await containers.reconcile()
 
+    grants = GrantRegistry(config.state_dir / "staging")
+    listen_host = config.listen.rpartition(":")[0]
+    transfer = TransferServer(listen_host, config.transfer_port, config.state_dir / "ssh_host_ed25519_key", grants)
+    await transfer.start()
+    migrations = Migrations(containers, transfer, grants, Checkpointer(config.lxc_path, network_lock=live.network_lock), config.state_dir)
+
     server = make_server(AGENT_POLICY)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(containers, facts), server)
-    server.add_secure_port(config.listen, server_credentials(config.tls))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(containers, facts, migrations), server)
+    try:
+        server.add_secure_port(config.listen, server_credentials(config.tls))
+    except RuntimeError:
+        raise Unavailable(f"cannot listen on {config.listen} (in use, or not an address of this host)") from None
     await server.start()
     log.info("agent serving", node=config.node, listen=config.listen, lxc_path=str(config.lxc_path))
 
@@ -62,6 +79,7 @@ async def serve(config: AgentConfig) -> None:
         log.info("agent stopping; containers keep running")
         beat.cancel()
         await server.stop(grace=2)
+        await transfer.close()
 
 
 def main(argv: list[str] | None = None) -> None:

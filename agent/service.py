@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
-from corral.api.convert import container_to_pb, facts_to_pb, limits_from_pb, network_from_pb
+from agent.migration import CHECKPOINT, ROOTFS, Migrations
+from agent.transfer.client import PushTarget, TransferProgress
+from corral.api.convert import container_from_pb, container_to_pb, facts_to_pb, limits_from_pb, network_from_pb
+from corral.errors import InvalidArgument
 from corral.model import validate_limits
 from corral.v1 import agent_pb2 as apb
 from corral.v1 import agent_pb2_grpc
@@ -14,9 +19,10 @@ AGENT_POLICY = lambda method: ("controller",)  # noqa: E731
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, containers: ContainerManager, facts: HostFacts) -> None:
+    def __init__(self, containers: ContainerManager, facts: HostFacts, migrations: Migrations) -> None:
         self.containers = containers
         self.facts = facts
+        self.migrations = migrations
 
     async def GetNodeFacts(self, request, context):
         return facts_to_pb(self.facts.current())
@@ -43,7 +49,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return apb.AgentDestroyContainerResponse()
 
     async def GetContainer(self, request, context):
-        return container_to_pb(await self.containers.get(request.name))
+        return container_to_pb(await self.containers.get(request.name, wait_idle=request.wait_idle))
 
     async def ListContainers(self, request, context):
         return apb.AgentListContainersResponse(containers=[container_to_pb(c) for c in await self.containers.list()])
@@ -57,3 +63,86 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def SetLimits(self, request, context):
         ct = await self.containers.set_limits(request.name, validate_limits(limits_from_pb(request.limits)))
         return container_to_pb(ct)
+
+    # -- migration -----------------------------------------------------------------
+
+    async def PrepareReceive(self, request: apb.PrepareReceiveRequest, context):
+        grant = await self.migrations.prepare_receive(
+            request.op_id, request.container, request.public_key, float(request.ttl_seconds or 3600)
+        )
+        return apb.ReceiveGrant(address=grant.address, user=grant.user, host_key=grant.host_key)
+
+    async def FinishReceive(self, request, context):
+        await self.migrations.finish_receive(request.op_id, request.discard)
+        return apb.FinishReceiveResponse()
+
+    async def SendFiles(self, request: apb.SendFilesRequest, context):
+        content = {apb.TRANSFER_CONTENT_ROOTFS: ROOTFS, apb.TRANSFER_CONTENT_CHECKPOINT: CHECKPOINT}.get(request.content)
+        if content is None:
+            raise InvalidArgument("transfer content must be ROOTFS or CHECKPOINT")
+        target = PushTarget(request.address, request.user, request.host_key, request.private_key)
+        updates: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+        def progress(p: TransferProgress) -> None:
+            # Only the newest progress matters: replace what the stream has not sent yet.
+            if updates.full():
+                updates.get_nowait()
+            updates.put_nowait(p)
+
+        task = asyncio.ensure_future(self.migrations.send(
+            request.op_id, request.container, content, target, float(request.timeout_seconds or 3600), progress
+        ))  # fmt: skip
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    p = getter.result()
+                    yield apb.TransferUpdate(bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+                                             rate_bps=p.rate_bps, eta_s=p.eta_s if p.eta_s is not None else -1)  # fmt: skip
+                else:
+                    getter.cancel()
+            stats = task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+        yield apb.TransferUpdate(
+            finished=True, bytes_done=stats.total_size, bytes_total=stats.total_size, bytes_sent=stats.bytes_sent,
+            literal_bytes=stats.literal_bytes, total_size=stats.total_size,
+            files_transferred=stats.files_transferred, duration_ms=stats.duration_s * 1000,
+        )  # fmt: skip
+
+    async def Checkpoint(self, request: apb.CheckpointRequest, context):
+        if request.mode not in (apb.CHECKPOINT_MODE_TRIAL, apb.CHECKPOINT_MODE_STOP):
+            raise InvalidArgument("checkpoint mode must be TRIAL or STOP")
+        result = await self.migrations.checkpoint(request.op_id, request.container, request.mode == apb.CHECKPOINT_MODE_TRIAL)
+        c = result.criu
+        return apb.CheckpointResult(
+            wall_ms=result.wall_ms, frozen_ms=c.frozen_ms or 0, freezing_ms=c.freezing_ms or 0,
+            memdump_ms=c.memdump_ms or 0, memwrite_ms=c.memwrite_ms or 0, images_bytes=result.images_bytes,
+            started_at=result.started_at,
+            pause_ms=max(0.0, (result.finished_at - result.freeze_began) * 1000) if result.finished_at else result.wall_ms,
+        )  # fmt: skip
+
+    async def Restore(self, request: apb.RestoreRequest, context):
+        if request.source not in (apb.RESTORE_SOURCE_LOCAL, apb.RESTORE_SOURCE_RECEIVED):
+            raise InvalidArgument("restore source must be LOCAL or RECEIVED")
+        ct, result = await self.migrations.restore(request.op_id, request.container, request.source == apb.RESTORE_SOURCE_LOCAL)
+        return apb.RestoreResult(container=container_to_pb(ct), wall_ms=result.wall_ms,
+                                 restore_ms=result.criu.restore_ms or 0, finished_at=result.finished_at)  # fmt: skip
+
+    async def AdoptContainer(self, request: apb.AdoptContainerRequest, context):
+        ct = await self.migrations.adopt(request.op_id, container_from_pb(request.container))
+        return container_to_pb(ct)
+
+    async def ReleaseContainer(self, request, context):
+        await self.migrations.release(request.op_id, request.name)
+        return apb.ReleaseContainerResponse()
+
+    async def DetachVolume(self, request, context):
+        await self.containers.detach_volume(request.name)
+        return apb.VolumeResponse()
+
+    async def AttachVolume(self, request, context):
+        await self.containers.attach_volume(request.name, request.generation)
+        return apb.VolumeResponse()

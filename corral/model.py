@@ -75,6 +75,7 @@ class Container:
     init_pid: int = 0
     created_at: float = 0.0
     message: str = ""
+    volume_generation: int = 0
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,17 @@
 
 import asyncio
 import os
+import time
 
 from corral import lab as corral_lab
 
 
-async def _wait_node_ready(corral, node, timeout=20.0):
+async def _wait_node_back(corral, node, since: float, timeout=20.0):
+    """Until the restarted agent has reported in (a heartbeat newer than its restart)."""
     async with asyncio.timeout(timeout):
         while True:
             shown = await corral.json("node", "show", node)
-            if shown["state"] == "ready":
+            if shown["state"] == "ready" and shown["last_heartbeat"] > since:
                 return
             await asyncio.sleep(0.3)
 
@@ -22,8 +24,9 @@ async def test_containers_survive_agent_restart(corral, cleanup, lab):
 
     await corral_lab.kill_agent(lab.name, "n2")
     os.kill(pid_before, 0)  # the container's init still runs without its agent
+    restarted = time.time()
     await corral_lab.start_agent(lab.name, "n2")
-    await _wait_node_ready(corral, "n2")
+    await _wait_node_back(corral, "n2", restarted)
 
     shown = await corral.json("ct", "show", "survivor")
     assert shown["state"] == "running" and shown["init_pid"] == pid_before

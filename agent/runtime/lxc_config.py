@@ -44,10 +44,12 @@ class LxcConfig:
             "lxc.cap.drop = sys_module mac_admin mac_override sys_time",
             "lxc.mount.auto = cgroup:mixed proc:mixed sys:mixed",
             "lxc.mount.entry = shm dev/shm tmpfs defaults,create=dir 0 0",
-            "lxc.apparmor.profile = unconfined",
             f"lxc.log.file = {self.log_file}",
             "lxc.log.level = WARN",
         ]
+        if Path("/sys/kernel/security/apparmor").exists():
+            # Only where AppArmor exists: CRIU refuses a restore naming an LSM the kernel lacks.
+            lines.append("lxc.apparmor.profile = unconfined")
         prefix = cgroups.config_prefix
         lines.append(f"{prefix}.devices.deny = a")
         lines += [f"{prefix}.devices.allow = {rule}" for rule in _DEVICE_RULES]

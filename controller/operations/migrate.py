@@ -161,7 +161,10 @@ class MigrationPlan:
             await ctx.phase("checkpoint", "freezing and dumping the container")
             async with ctx.step("checkpoint"):
                 dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP)
-            await ctx.timing(dump=dump.wall_ms, criu_frozen=dump.frozen_ms, criu_memdump=dump.memdump_ms)
+            # Downtime began at the freeze, inside the dump: count from there, not from the call.
+            down_began = time.monotonic() - dump.pause_ms / 1000
+            await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, criu_frozen=dump.frozen_ms,
+                             criu_memdump=dump.memdump_ms)  # fmt: skip
         elif was_running:
             await ctx.phase("stop-source", "stopping the container on the source")
             async with ctx.step("stop-source"):

@@ -8,6 +8,8 @@ import grpc
 
 from corral.errors import CorralError, DeadlineExceeded, Unavailable, from_grpc_code
 
+ERROR_MARK = "corral-error"  # see corral.api.server
+
 
 async def call(rpc: Callable[..., Awaitable[Any]], request: Any, *, timeout: float, peer: str) -> Any:
     """One unary call with a deadline; a gRPC failure comes back as our own error."""
@@ -19,6 +21,9 @@ async def call(rpc: Callable[..., Awaitable[Any]], request: Any, *, timeout: flo
 
 def rpc_error(exc: grpc.aio.AioRpcError, peer: str) -> CorralError:
     code, details = exc.code(), exc.details() or ""
+    metadata = exc.trailing_metadata() or ()
+    if any(key == ERROR_MARK for key, _ in metadata):
+        return from_grpc_code(code, details)  # the peer's own error, passed on as it said it
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"cannot reach {peer}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

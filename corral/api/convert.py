@@ -45,6 +45,7 @@ def container_to_pb(ct: Container) -> pb.Container:
         init_pid=ct.init_pid,
         created_at=ct.created_at,
         message=ct.message,
+        volume_generation=ct.volume_generation,
     )
 
 
@@ -60,6 +61,7 @@ def container_from_pb(msg: pb.Container) -> Container:
         init_pid=msg.init_pid,
         created_at=msg.created_at,
         message=msg.message,
+        volume_generation=msg.volume_generation,
     )
 
 

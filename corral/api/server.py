@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import grpc
 import structlog
 
+from corral.api.client import ERROR_MARK
 from corral.errors import CorralError, PermissionDenied, Unauthenticated
 from corral.pki import Identity, identity_from_pem
 
@@ -88,9 +89,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+# Trailing metadata marking an error raised by Corral itself (not by the transport),
+# so a client does not mistake "the controller could not reach an agent" for
+# "the client could not reach the controller".
 async def _abort(context, method: str, exc: CorralError) -> None:
     log.info("request refused", method=method, code=exc.grpc_code.name, error=exc.message)
-    await context.abort(exc.grpc_code, exc.message)
+    await context.abort(exc.grpc_code, exc.message, trailing_metadata=((ERROR_MARK, type(exc).__name__),))
 
 
 def make_server(policy: Policy) -> grpc.aio.Server:

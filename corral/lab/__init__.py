@@ -6,6 +6,7 @@ Public API (all async unless noted):
     lab_status(name="demo", base_dir=None) -> LabInfo | None
     lab_cli_config(name, base_dir=None) -> Path           (sync)
     start_agent / stop_agent / kill_agent / restart_agent(name, node, base_dir=None)
+    kill_controller / start_controller(name, base_dir=None)   a controller crash and restart
     crash_host(name, node, base_dir=None)                 agent and containers SIGKILLed
     set_host_link(name, node, up, base_dir=None)          partition / heal a host
     host_command(name, node, argv, base_dir=None) -> list[str]  (sync) run argv on that host
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
         start_agent,
         stop_agent,
     )
+    from corral.lab.controller import kill_controller, start_controller
     from corral.lab.lab import lab_cli_config, lab_down, lab_status, lab_up
     from corral.lab.state import HostInfo, LabInfo
 
@@ -43,6 +45,8 @@ _EXPORTS = {
     "crash_host": "corral.lab.hosts",
     "set_host_link": "corral.lab.hosts",
     "host_command": "corral.lab.hosts",
+    "kill_controller": "corral.lab.controller",
+    "start_controller": "corral.lab.controller",
     "LabInfo": "corral.lab.state",
     "HostInfo": "corral.lab.state",
 }
@@ -53,6 +57,7 @@ __all__ = [
     "crash_host",
     "host_command",
     "kill_agent",
+    "kill_controller",
     "lab_cli_config",
     "lab_down",
     "lab_status",
@@ -60,6 +65,7 @@ __all__ = [
     "restart_agent",
     "set_host_link",
     "start_agent",
+    "start_controller",
     "stop_agent",
 ]
 

@@ -22,6 +22,7 @@ from corral import pki
 from corral.errors import FailedPrecondition, RuntimeFailure
 from corral.lab import configs, containers, hostns, mounts, network, processes, readiness
 from corral.lab.hosts import enter_prefix, kill_host_processes, spawn_agent
+from corral.lab.controller import spawn_controller
 from corral.lab.layout import (
     HOST_BRIDGE,
     TEMPLATE_CACHE,
@@ -152,9 +153,7 @@ async def _create(state: LabState, paths: LabPaths, write_cli_config: Path | Non
     if write_cli_config is not None:
         configs.write_yaml(Path(write_cli_config).expanduser(), cli)
 
-    state.controller_pid = await processes.spawn_detached(
-        [sys.executable, "-m", "controller.main", "--config", paths.controller_config],
-        log_file=paths.controller_log, cwd=paths.controller_dir)
+    state.controller_pid = await spawn_controller(paths)
     state.save(paths.state_file)
     log.info("controller started", lab=name, pid=state.controller_pid, address=net.controller_address)
     for h in state.hosts:

@@ -222,7 +222,7 @@ class CheckpointRequest(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., mode: _Optional[_Union[CheckpointMode, str]] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
-    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at")
+    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms")
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,7 @@ class CheckpointResult(_message.Message):
     MEMWRITE_MS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_BYTES_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
     wall_ms: float
     frozen_ms: float
     freezing_ms: float
@@ -237,7 +238,8 @@ class CheckpointResult(_message.Message):
     memwrite_ms: float
     images_bytes: int
     started_at: float
-    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ...) -> None: ...
+    pause_ms: float
+    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("op_id", "container", "source")
@@ -280,5 +282,19 @@ class ReleaseContainerRequest(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ReleaseContainerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VolumeRequest(_message.Message):
+    __slots__ = ("op_id", "name", "generation")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    name: str
+    generation: int
+    def __init__(self, op_id: _Optional[str] = ..., name: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class VolumeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

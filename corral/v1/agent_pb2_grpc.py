@@ -116,6 +116,16 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerResponse.FromString,
                 _registered_method=True)
+        self.DetachVolume = channel.unary_unary(
+                '/corral.v1.AgentService/DetachVolume',
+                request_serializer=corral_dot_v1_dot_agent__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.VolumeResponse.FromString,
+                _registered_method=True)
+        self.AttachVolume = channel.unary_unary(
+                '/corral.v1.AgentService/AttachVolume',
+                request_serializer=corral_dot_v1_dot_agent__pb2.VolumeRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.VolumeResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -223,6 +233,19 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DetachVolume(self, request, context):
+        """Shared storage: let go of a container's volume (unmount, release ownership) or take it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -305,6 +328,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ReleaseContainer,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerRequest.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.ReleaseContainerResponse.SerializeToString,
+            ),
+            'DetachVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachVolume,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.VolumeRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.VolumeResponse.SerializeToString,
+            ),
+            'AttachVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachVolume,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.VolumeRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.VolumeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -739,6 +772,60 @@ class AgentService:
             '/corral.v1.AgentService/ReleaseContainer',
             corral_dot_v1_dot_agent__pb2.ReleaseContainerRequest.SerializeToString,
             corral_dot_v1_dot_agent__pb2.ReleaseContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/DetachVolume',
+            corral_dot_v1_dot_agent__pb2.VolumeRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.VolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/AttachVolume',
+            corral_dot_v1_dot_agent__pb2.VolumeRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.VolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,7 +65,7 @@ class NetworkAttachment(_message.Message):
     def __init__(self, ipv4_cidr: _Optional[str] = ..., gateway: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message")
+    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class Container(_message.Message):
     INIT_PID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_GENERATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     node: str
     template: str
@@ -86,7 +87,8 @@ class Container(_message.Message):
     init_pid: int
     created_at: float
     message: str
-    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    volume_generation: int
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable")
