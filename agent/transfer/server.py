@@ -340,7 +340,10 @@ class TransferServer:
             if process.subsystem is not None:
                 raise CommandRefused(f"subsystem {process.subsystem!r} is not available on this endpoint")
             command = parse_rsync_server_command(process.command)
-            async with self._one_at_a_time(user):
+            # Sessions into different top-level directories (rootfs, checkpoint) cannot touch
+            # each other's trees: they may run at once. Into the same one, one at a time.
+            top = command.destination.strip("/").split("/", 1)[0]
+            async with self._one_at_a_time(f"{user}/{top}"):
                 grant = self.grants.lookup(user)
                 if not _grant_matches(grant, state.key):
                     raise CommandRefused("the operation's grant was revoked, has expired or has another key now")
@@ -446,8 +449,9 @@ class TransferServer:
 
 
 class _UserSlot:
-    """One session per grant at a time (a second waits): a destination is checked and then
-    used, and only another session of the same grant could swap it for a symlink meanwhile."""
+    """One session per grant and top-level destination at a time (a second waits): a
+    destination is checked and then used, and only another session of the same grant
+    writing into the same tree could swap it for a symlink meanwhile."""
 
     def __init__(self, server: TransferServer, user: str) -> None:
         self._server, self._user = server, user

@@ -104,6 +104,10 @@ def init_host_namespace() -> None:
         raise HostEnterError(f"umount -l /sys: {os.strerror(err)}")
     _mount("sysfs", "/sys", "sysfs", _SYSFS_FLAGS, "")
     mount_cgroups()
+    # A /run of the host's own, on tmpfs as on a real host: LXC keeps its locks
+    # there, and CRIU caches its kernel probe there only on tmpfs (20-40 ms
+    # saved on every dump and restore).
+    _mount("tmpfs", "/run", "tmpfs", _RUN_FLAGS, "mode=0755,size=64m")
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
@@ -114,6 +118,7 @@ def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None
         raise HostEnterError(f"mount -t {fstype} -o {data or 'defaults'} {source} {target}: {os.strerror(err)}")
 
 
+_RUN_FLAGS = 0x2 | 0x4  # MS_NOSUID | MS_NODEV
 _LIBC: ctypes.CDLL | None = None
 
 
