@@ -20,6 +20,11 @@ step ct exec web1 -- sh -c 'echo "hello from $(hostname) at $(ip -4 -o addr show
 web2_ip=$("$CORRAL" -o json ct show web2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ipv4"])')
 step ct exec web1 -- ping -c 1 -W 2 "$web2_ip"
 step ct show db1
+# Live migration: web1 keeps its processes, memory and address while it moves.
+step ct exec web1 -- sh -c 'echo "init started $(cut -d" " -f22 /proc/1/stat) ticks after boot; pid of sleep: $(pidof sleep)"'
+step ct migrate web1 --to n3 --live
+step ct exec web1 -- sh -c 'echo "same processes on $(hostname), pid of sleep: $(pidof sleep)"'
+step ct ls
 cat <<MSG
 
 The lab is up: 3 hosts (network namespaces corral-demo-n1..n3), each with its

@@ -71,16 +71,18 @@ def print_timings(op) -> None:
     t = dict(op.timings_ms)
     if not t:
         return
-    order = ["preflight_pause", "precopy", "dump", "criu_frozen", "transfer", "restore", "criu_restore", "downtime"]
+    order = ["preflight_pause", "precopy", "dump", "freeze", "criu_frozen", "criu_memdump", "transfer",
+             "restore", "criu_restore", "pages_done", "downtime"]  # fmt: skip
     labels = {
-        "preflight_pause": "pre-flight pause", "precopy": "rootfs pre-copy", "dump": "freeze+dump",
-        "criu_frozen": "  CRIU frozen", "transfer": "final transfer", "restore": "restore",
-        "criu_restore": "  CRIU restore", "downtime": "total downtime",
+        "preflight_pause": "pre-flight pause", "precopy": "rootfs pre-copy", "dump": "checkpoint call",
+        "freeze": "  frozen in dump", "criu_frozen": "  CRIU frozen", "criu_memdump": "  CRIU memory dump",
+        "transfer": "final transfer", "restore": "restore", "criu_restore": "  CRIU restore",
+        "pages_done": "all pages moved", "downtime": "total downtime",
     }  # fmt: skip
     click.echo("timings:")
     for key in order + sorted(k for k in t if k not in order):
         if key in t and not key.endswith("_bytes"):
-            click.echo(f"  {labels.get(key, key):<18} {t[key]:>9.1f} ms")
+            click.echo(f"  {labels.get(key, key):<20} {t[key]:>9.1f} ms")
 
 
 async def watch_with_progress(fleet, op_id: str, as_json: bool) -> int:
