@@ -3,7 +3,8 @@
 - `busybox`: a static busybox and a minimal init; no host directories are
   bind-mounted, so the container can be checkpointed (DESIGN.md).
 - `debian`: Debian bookworm from debootstrap, built once per host into the
-  template cache (from the mirror the host's own apt uses), then copied.
+  template cache (from the mirror the host's own apt uses), then copied, with
+  drop-ins that keep systemd's units checkpointable (checkpointable_systemd).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shutil
@@ -23,7 +25,15 @@ from corral.errors import FailedPrecondition, InvalidArgument
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 DEBIAN_SUITE = "bookworm"
-DEBIAN_PACKAGES = "systemd-sysv,iproute2,procps,iputils-ping,python3-minimal"
+# busybox: small services for tests and demos (`busybox httpd`), and wget to reach them.
+DEBIAN_PACKAGES = "systemd-sysv,iproute2,procps,iputils-ping,python3-minimal,busybox"
+
+
+def debian_cache_key(suite: str = DEBIAN_SUITE, packages: str = DEBIAN_PACKAGES) -> str:
+    """The cache directory's name: it changes with the suite or the package list, so a
+    cache built from an older list is never used for a newer one."""
+    wanted = ",".join(sorted(p.strip() for p in packages.split(",") if p.strip()))
+    return f"debian-{suite}-{hashlib.sha256(wanted.encode()).hexdigest()[:12]}"
 
 
 class Template(Protocol):
@@ -88,21 +98,22 @@ class DebianTemplate:
 
     @property
     def cached_rootfs(self) -> Path:
-        return self.cache_dir / f"debian-{DEBIAN_SUITE}" / "rootfs"
+        return self.cache_dir / debian_cache_key() / "rootfs"
 
     async def populate(self, rootfs: Path, hostname: str) -> None:
         await self.ensure_cache()
         await proc.run(["cp", "-a", f"{self.cached_rootfs}/.", str(rootfs)], timeout=600, what="copy debian rootfs")
         await asyncio.to_thread(_write, rootfs / "etc/hostname", hostname + "\n")
         await asyncio.to_thread(_write, rootfs / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {hostname}\n")
+        await asyncio.to_thread(checkpointable_systemd, rootfs)
 
     async def ensure_cache(self, timeout: float = 1800) -> None:
         """Build the cached rootfs once; other agents sharing the cache wait for it."""
-        if self._cached():
+        if self.is_cached():
             return
         self.cached_rootfs.parent.mkdir(parents=True, exist_ok=True)
         async with _file_lock(self.cached_rootfs.parent / "build.lock", timeout):
-            if self._cached():
+            if self.is_cached():
                 return
             mirror = host_debian_mirror()
             staging = self.cached_rootfs.with_name("rootfs.partial")
@@ -115,8 +126,48 @@ class DebianTemplate:
             )
             staging.rename(self.cached_rootfs)
 
-    def _cached(self) -> bool:
+    def is_cached(self) -> bool:
         return (self.cached_rootfs / "etc/debian_version").is_file()
+
+
+# Unit settings that make systemd hold what CRIU cannot dump or restore, reset by a drop-in
+# (an empty assignment resets each of them):
+# - credentials: systemd mounts a ramfs on /run/credentials/UNIT for every unit that has them,
+#   and leaves it mounted after a oneshot has run; CRIU refuses the dump ("mnt: FS mnt
+#   ./run/credentials/... unsupported"). Debian's units only import optional credentials that
+#   nothing passes to a container.
+# - IP address filters: systemd attaches cgroup BPF programs and PID 1 keeps their file
+#   descriptors; CRIU cannot dump those ("Can't dump file N of that type [600]
+#   (anon anon_inode:bpf-prog)"). Debian's journald has IPAddressDeny=any.
+_CHECKPOINT_RESETS = (
+    ("LoadCredential", "LoadCredentialEncrypted", "SetCredential", "SetCredentialEncrypted"),
+    ("IPAddressDeny", "IPAddressAllow"),
+)
+CHECKPOINT_DROPIN = "10-corral-checkpoint.conf"
+
+
+def checkpointable_systemd(rootfs: Path) -> list[str]:
+    """Write drop-ins into the rootfs's /etc/systemd/system that reset the settings above in
+    each shipped service that uses them; returns the services changed. Units installed later
+    (apt in the container) are not covered."""
+    changed = []
+    unit_dirs = {d.resolve() for d in (rootfs / "lib/systemd/system", rootfs / "usr/lib/systemd/system") if d.is_dir()}
+    for unit_dir in sorted(unit_dirs):
+        for unit in sorted(unit_dir.glob("*.service")):
+            if unit.is_symlink() or not unit.is_file():
+                continue
+            keys = {line.split("=", 1)[0].strip() for line in unit.read_text(errors="replace").splitlines() if "=" in line}
+            resets = [key for group in _CHECKPOINT_RESETS for key in group if key in keys]
+            if not resets or unit.name in changed:
+                continue
+            body = "".join(f"{key}=\n" for key in resets)
+            _write(
+                rootfs / "etc/systemd/system" / f"{unit.name}.d" / CHECKPOINT_DROPIN,
+                "# Written by corral (agent/runtime/templates.py): CRIU cannot checkpoint what these\n"
+                f"# settings make systemd hold (credential mounts, BPF programs).\n[Service]\n{body}",
+            )
+            changed.append(unit.name)
+    return changed
 
 
 @contextlib.asynccontextmanager

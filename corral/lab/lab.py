@@ -166,7 +166,9 @@ async def _create(state: LabState, paths: LabPaths, write_cli_config: Path | Non
 async def _prefetch_debian_template(paths: LabPaths) -> None:
     """Lab hosts cannot reach the outside: build the debian template from this
     namespace, in the background, into the cache the agents share (they wait)."""
-    if (TEMPLATE_CACHE / "debian-bookworm" / "rootfs" / "etc" / "debian_version").is_file():
+    from agent.runtime.templates import DebianTemplate
+
+    if DebianTemplate(TEMPLATE_CACHE).is_cached():
         return
     argv = [sys.executable, "-m", "agent.runtime.templates", "--cache", str(TEMPLATE_CACHE),
             "--owner", str(paths.base_dir), "debian"]  # fmt: skip
