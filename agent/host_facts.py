@@ -9,12 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent import __version__
-from agent.runtime.criu_features import LiveSupport, probe_live_support
+from agent.runtime.criu_features import POST_COPY, PRE_COPY, STOP_AND_COPY, LiveSupport, probe_live_support
 from agent.runtime.lxc import LxcRuntime
 from corral import proc
 from corral.model import NodeFacts
 
-IMPLEMENTED_STRATEGIES = ("stop-and-copy",)
+IMPLEMENTED_STRATEGIES = (STOP_AND_COPY, PRE_COPY, POST_COPY)
 
 
 def _meminfo() -> tuple[int, int]:
@@ -42,6 +42,10 @@ class HostFacts:
         for s in live.strategies():
             if s not in IMPLEMENTED_STRATEGIES:
                 unavailable[s] = "supported by this host, not implemented by this agent version"
+        if POST_COPY in offered and not live.tls:
+            # Post-copy pages cross the network through CRIU's page server: only over its TLS.
+            offered.remove(POST_COPY)
+            unavailable[POST_COPY] = f"CRIU cannot encrypt its page server here ({live.tls_detail})"
         self._base = replace(
             self._base,
             cpus=os.cpu_count() or 1,

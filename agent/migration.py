@@ -6,24 +6,40 @@ controller restart, and finished even if the controller goes away mid-call
 
 Layout under the agent's state directory:
   staging/<op>/rootfs, staging/<op>/checkpoint   what a destination receives
-  checkpoints/<op>/                              a source's own dump (for rollback)
+  staging/<op>/<op>-predump/<n>                  pre-copy: the pre-dumps it received
+  checkpoints/<op>/                              a source's own dump (for rollback); post-copy:
+                                                 its images without memory, and after a failed
+                                                 page transfer a complete checkpoint ("kept")
+  checkpoints/<op>-predump/<n>                   pre-copy: the source's memory pre-dumps
+  checkpoints/<op>-lazy/                         a failed post-copy dump, kept for its logs
+
+Post-copy (see agent/postcopy.py): the source's page server and the destination's
+page puller authenticate each other with the agents' fleet certificates (CRIU's TLS);
+the images (no memory) go through the per-operation rsync channel like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import structlog
 
 from agent.containers import ContainerManager
-from agent.runtime.checkpoint import Checkpointer, DumpResult, RestoreResult
-from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push
+from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PostCopySource, PostCopyTarget, memory_usage_of
+from agent.runtime.checkpoint import DUMP_CONFIG, FROZEN_AT, Checkpointer, DumpResult, PageServer, RestoreResult
+from agent.runtime.checkpoint import TlsFiles as CriuTls
+from agent.runtime.criu_pagemap import lazy_bytes
+from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push, split_address
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
+from corral.config import TlsFiles
 from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container
 from corral.names import validate_name
@@ -32,6 +48,13 @@ log = structlog.get_logger("corral.agent.migration")
 
 ROOTFS = "rootfs"
 CHECKPOINT = "checkpoint"
+PREDUMP = "predump"
+# Post-copy: the page transfer (and the whole lazy dump or restore) must end within this. Long:
+# when it passes, the destination's copy dies (its memory is incomplete).
+PAGES_DEADLINE = 3600.0
+KEEP_TIMEOUT = 600.0  # dumping a failed post-copy source to disk (its whole memory)
+SOURCE_FINISH_WAIT = 60.0  # release: for the source's CRIU to exit once every page has moved
+KEPT_MARK = "corral-kept.json"  # a complete checkpoint a failed post-copy source left
 
 
 @dataclass(frozen=True)
@@ -49,7 +72,11 @@ class Migrations:
         grants: GrantRegistry,
         checkpointer: Checkpointer,
         state_dir: Path,
+        *,
+        tls: TlsFiles | None = None,
     ) -> None:
+        """`tls`: this agent's fleet identity, which CRIU's page server (source) and page
+        puller (destination) use for post-copy; without it post-copy is refused."""
         self.containers = containers
         self.transfer = transfer
         self.grants = grants
@@ -57,7 +84,10 @@ class Migrations:
         self.staging_root = grants.staging_root
         self.checkpoints_root = state_dir / "checkpoints"
         self.checkpoints_root.mkdir(parents=True, exist_ok=True)
+        self.criu_tls = CriuTls(tls.ca, tls.cert, tls.key) if tls is not None else None
         self._background: set[asyncio.Task] = set()
+        self._sources: dict[str, PostCopySource] = {}
+        self._targets: dict[str, PostCopyTarget] = {}
 
     async def _shielded(self, coro: Awaitable[Any]) -> Any:
         """Run to completion even if the caller (the controller) disconnects."""
@@ -72,6 +102,14 @@ class Migrations:
     def _staging(self, op_id: str) -> Path:
         return self.staging_root / _op(op_id)
 
+    def _predumps(self, op_id: str) -> Path:
+        return self.checkpoints_root / f"{_op(op_id)}-predump"
+
+    def _require_tls(self) -> CriuTls:
+        if self.criu_tls is None:
+            raise FailedPrecondition("post-copy needs this agent's TLS files: pages never cross the network in clear")
+        return self.criu_tls
+
     # -- destination -------------------------------------------------------------
 
     async def prepare_receive(self, op_id: str, container: str, public_key: str, ttl: float) -> Grant:
@@ -85,6 +123,10 @@ class Migrations:
         return Grant(self.transfer.address, grant.user, self.transfer.host_key)
 
     async def finish_receive(self, op_id: str, discard: bool) -> None:
+        target = self._targets.get(op_id)
+        if target is not None and target.state == PagesState.MOVING and not discard:
+            raise FailedPrecondition(f"operation {op_id}: pages are still arriving from the source")
+        self._targets.pop(op_id, None)
         # Whatever is still in staging was not adopted (or was only needed to restore): it goes.
         await asyncio.to_thread(self.grants.revoke, _op(op_id), remove_staging=True)
         log.info("receive channel closed", op=op_id, discarded=discard)
@@ -93,10 +135,19 @@ class Migrations:
         """Make the container from what was received (its rootfs), with its record and config."""
         return await self._shielded(self.containers.adopt(container, self._staging(op_id) / ROOTFS))
 
-    async def restore(self, op_id: str, name: str, local: bool) -> tuple[Container, RestoreResult]:
+    async def restore(
+        self, op_id: str, name: str, local: bool, lazy_from: tuple[str, int] | None = None
+    ) -> tuple[Container, RestoreResult]:
         images = self._checkpoint_dir(op_id) if local else self._staging(op_id) / CHECKPOINT
         if not (images / "inventory.img").is_file():
             raise NotFound(f"no checkpoint images for {name!r} at {images}")
+        if lazy_from is not None:
+            if local:
+                raise InvalidArgument("a post-copy restore takes the images received from the source")
+            return await self._lazy_restore(op_id, name, images, lazy_from)
+        if _is_lazy(images):
+            # Its memory is not in it (it was served to the destination): never restore that.
+            raise FailedPrecondition(f"the checkpoint at {images} is a post-copy dump without memory")
 
         async def work():
             async with self.containers.lock(name):
@@ -106,24 +157,81 @@ class Migrations:
 
         return await self._shielded(work())
 
+    async def _lazy_restore(
+        self, op_id: str, name: str, images: Path, source: tuple[str, int]
+    ) -> tuple[Container, RestoreResult]:
+        """Post-copy destination: restore, pulling the memory from the source's page server.
+        Returns once the container runs; its pages go on arriving (wait_pages)."""
+        tls = self._require_tls()
+        existing = self._targets.get(op_id)
+        if existing is not None:  # a repeated step
+            return await self.containers.get(name), existing.running
+        server = PageServer(source[0], source[1], tls)
+
+        async def work():
+            async with self.containers.lock(name):
+                lazy = await self.checkpointer.start_lazy_restore(name, images, server, timeout=PAGES_DEADLINE)
+                running = await lazy.running()
+                total = await asyncio.to_thread(lazy_bytes, images)
+                pid = running.init_pid
+                usage = lambda: memory_usage_of(pid) if pid else None  # noqa: E731
+                target = PostCopyTarget(op_id, name, lazy, running, total, usage)
+                self._targets[op_id] = target
+                log.info("post-copy restore running", op=op_id, container=name, ms=round(running.wall_ms, 1),
+                         lazy_bytes=total, source=f"{source[0]}:{source[1]}")  # fmt: skip
+            return await self.containers.get(name), running
+
+        return await self._shielded(work())
+
+    # -- post-copy, either side ------------------------------------------------------
+
+    async def wait_pages(self, op_id: str, interval: float = 0.5) -> AsyncIterator[PagesStatus]:
+        """The page transfer of `op_id` as it goes, ending with its outcome (DONE or FAILED;
+        UNKNOWN at once if this agent has none: it restarted, or never had one)."""
+        _op(op_id)
+        side: PostCopyTarget | PostCopySource | None = self._targets.get(op_id) or self._sources.get(op_id)
+        if side is None:
+            images = self._checkpoint_dir(op_id)
+            if (images / KEPT_MARK).is_file():  # kept before this agent restarted
+                yield PagesStatus(PagesState.FAILED, detail="kept after a failed page transfer", kept_checkpoint=images)
+            else:
+                yield self._unknown(op_id)
+            return
+        while True:
+            status = side.status()
+            yield status
+            if status.state != PagesState.MOVING:
+                return
+            await side.wait(interval)
+
     # -- source ------------------------------------------------------------------
 
     async def send(
         self, op_id: str, name: str, content: str, target: PushTarget, timeout: float,
         progress: Callable[[TransferProgress], None],
     ) -> TransferStats:  # fmt: skip
+        dest = content
         if content == ROOTFS:
             source = self.containers.rootfs(name)
         elif content == CHECKPOINT:
             source = self._checkpoint_dir(op_id)
+        elif content == PREDUMP:
+            # Same name on both sides: the final dump's `parent` link is relative (../<op>-predump/N).
+            source = self._predumps(op_id)
+            dest = source.name
         else:
             raise InvalidArgument(f"unknown transfer content {content!r}")
         if not source.is_dir():
             raise NotFound(f"nothing to send: {source} does not exist")
-        return await rsync_push(source, target, content, progress=progress, timeout=timeout)
+        return await rsync_push(source, target, dest, progress=progress, timeout=timeout)
 
-    async def checkpoint(self, op_id: str, name: str, trial: bool) -> DumpResult:
+    async def checkpoint(self, op_id: str, name: str, trial: bool, parent_predump: int = 0) -> DumpResult:
+        """A trial dump (keeps running), or the real one (stops): for pre-copy, as the delta
+        from pre-dump number `parent_predump`."""
         self.containers.record(name)
+        parent = self._predumps(op_id) / str(parent_predump) if parent_predump else None
+        if parent is not None and not (parent / "inventory.img").is_file():
+            raise NotFound(f"no pre-dump {parent_predump} of operation {op_id} at {parent}")
 
         async def work():
             async with self.containers.lock(name):
@@ -135,21 +243,165 @@ class Migrations:
                 images = self._checkpoint_dir(op_id)
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
-                result = await self.checkpointer.dump(name, images, stop=True)
-                log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1))
+                result = await self.checkpointer.dump(name, images, stop=True, parent=parent)
+                log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
+                         parent_predump=parent_predump or None)  # fmt: skip
                 return result
 
         return await self._shielded(work())
+
+    async def predump(self, op_id: str, name: str, iteration: int) -> DumpResult:
+        """Pre-copy: memory pre-dump number `iteration` (1, 2...), each the delta from the one
+        before; the container keeps running. Needs the kernel's dirty-memory tracking."""
+        if iteration < 1:
+            raise InvalidArgument("pre-dump iterations are numbered from 1")
+        self.containers.record(name)
+        root = self._predumps(op_id)
+        images, parent = root / str(iteration), (root / str(iteration - 1) if iteration > 1 else None)
+
+        async def work():
+            async with self.containers.lock(name):
+                if name not in self.containers.runtime.running_names():
+                    raise FailedPrecondition(f"container {name!r} is not running")
+                if images.exists():
+                    await asyncio.to_thread(shutil.rmtree, images)
+                result = await self.checkpointer.predump(name, images, parent)
+                log.info("pre-dumped", op=op_id, container=name, iteration=iteration,
+                         pages_written=result.criu.pages_written, ms=round(result.wall_ms, 1))  # fmt: skip
+                return result
+
+        return await self._shielded(work())
+
+    async def lazy_checkpoint(self, op_id: str, name: str) -> LazyCheckpoint:
+        """Post-copy source: freeze, dump all but the memory, serve the pages from a free port
+        of this host's address (TLS). Returns once the images are written and it listens."""
+        tls = self._require_tls()
+        self.containers.record(name)
+        existing = self._sources.get(op_id)
+        if existing is not None:  # a repeated step
+            return existing.info
+        host = split_address(self.transfer.address)[0]
+
+        async def work():
+            async with self.containers.lock(name):
+                if name not in self.containers.runtime.running_names():
+                    raise FailedPrecondition(f"container {name!r} is not running")
+                images = self._checkpoint_dir(op_id)
+                if images.exists():
+                    await asyncio.to_thread(shutil.rmtree, images)
+                server = PageServer(host, await asyncio.to_thread(_free_port, host), tls)
+                lazy = await self.checkpointer.start_lazy_dump(name, images, server, timeout=PAGES_DEADLINE,
+                                                               keep_source=True)  # fmt: skip
+                ready = await lazy.images_ready()
+                if not lazy.keeps_source_frozen:
+                    # Then a failed transfer would let CRIU thaw the source while the destination runs it.
+                    await lazy.abort()
+                    await lazy.resume_source()
+                    raise FailedPrecondition(f"post-copy of {name!r} refused: its freezer cgroup could not be "
+                                             "frozen by the agent, so a failed page transfer could not keep "
+                                             "the source stopped")  # fmt: skip
+                info = LazyCheckpoint(ready, server.address, server.port, _read_frozen_at(images),
+                                      await asyncio.to_thread(lazy_bytes, images))  # fmt: skip
+                self._sources[op_id] = PostCopySource(op_id, name, lazy, info, lambda: self._keep_source(op_id, name))
+                log.info("post-copy source serving", op=op_id, container=name, port=server.port,
+                         images_ms=round(ready.wall_ms, 1), lazy_bytes=info.lazy_bytes)  # fmt: skip
+                return info
+
+        return await self._shielded(work())
+
+    async def _keep_source(self, op_id: str, name: str) -> Path:
+        """A post-copy source whose page transfer failed (frozen, network locked): dump it whole,
+        memory and all, into checkpoints/<op>/ and stop it. It is never resumed from here."""
+        images, aside = self._checkpoint_dir(op_id), self.checkpoints_root / f"{_op(op_id)}-lazy"
+        if aside.exists():
+            await asyncio.to_thread(shutil.rmtree, aside)
+        await asyncio.to_thread(images.rename, aside)  # the failed dump's logs say what went wrong
+        async with self.containers.lock(name):
+            result = await self.checkpointer.dump(name, images, stop=True, resume_on_failure=False,
+                                                  timeout=KEEP_TIMEOUT)  # fmt: skip
+        mark = {"op": op_id, "container": name, "kept_at": time.time(), "images_bytes": result.images_bytes,
+                "frozen_at": _read_frozen_at(aside)}  # fmt: skip
+        await asyncio.to_thread((images / KEPT_MARK).write_text, json.dumps(mark) + "\n")
+        return images
+
+    async def resume_source(self, op_id: str, name: str) -> Container:
+        """Post-copy, only once the destination's copy is known to be gone (rollback, or the
+        operator's choice after a failure): the source runs on as it was at the freeze, thawed
+        if it is still frozen here, whole, else restored from the checkpoint it kept."""
+        self.containers.record(name)
+
+        async def work():
+            await self._after_step_in_flight(name)
+            source = self._sources.get(op_id)
+            if source is not None:
+                if source.serving:
+                    await source.abort()
+                await source.wait(KEEP_TIMEOUT)
+                if source.kept is None:
+                    # Still frozen here, whole (served, or aborted, or not kept): thaw it, unlock it.
+                    await source.lazy.resume_source()
+                    self._sources.pop(op_id, None)
+                    log.info("post-copy source resumed", op=op_id, container=name)
+                    return await self.containers.get(name)
+            if name in self.containers.runtime.running_names():
+                return await self.containers.get(name)
+            images = self._checkpoint_dir(op_id)
+            if not (images / KEPT_MARK).is_file():
+                raise FailedPrecondition(f"{name!r} cannot resume here: no complete checkpoint at {images}")
+            async with self.containers.lock(name):
+                result = await self.checkpointer.restore(name, images)
+                # Its network namespace was saved with the failed dump's lock in it.
+                await self.checkpointer.unlock_network(name)
+            log.info("post-copy source restored from its kept checkpoint", op=op_id, container=name,
+                     ms=round(result.wall_ms, 1))  # fmt: skip
+            self._sources.pop(op_id, None)
+            for done_with in (images, self.checkpoints_root / f"{_op(op_id)}-lazy"):  # it runs again: stale now
+                await asyncio.to_thread(shutil.rmtree, done_with, True)
+            return await self.containers.get(name)
+
+        return await self._shielded(work())
+
+    async def keep_source(self, op_id: str, name: str) -> PagesStatus:
+        """Post-copy source whose destination copy is gone: stop serving its pages and keep it
+        as a complete checkpoint here, stopped. Never lets it run."""
+        self.containers.record(name)
+        await self._after_step_in_flight(name)
+        source = self._sources.get(op_id)
+        if source is not None:
+            return await self._shielded(source.stop_and_keep(KEEP_TIMEOUT))
+        images = self._checkpoint_dir(op_id)
+        if (images / KEPT_MARK).is_file():  # kept before this agent restarted
+            return PagesStatus(PagesState.FAILED, detail="kept after a failed page transfer", kept_checkpoint=images)
+        return self._unknown(op_id)
+
+    def _unknown(self, op_id: str) -> PagesStatus:
+        return PagesStatus(PagesState.UNKNOWN, detail=f"no post-copy of operation {op_id} on node {self.containers.node!r}")
+
+    async def _after_step_in_flight(self, name: str) -> None:
+        """Wait for a step on `name` still running here (a lazy checkpoint or restore the controller
+        sent before it went away holds the container's lock until it has registered itself)."""
+        async with self.containers.lock(name):
+            pass
 
     async def release(self, op_id: str, name: str) -> None:
         """The container now lives elsewhere (or never made it here): remove this host's copy."""
 
         async def work():
+            await self._after_step_in_flight(name)
+            target = self._targets.pop(op_id, None)
+            if target is not None:
+                await target.abort()  # kills the page puller with the container
+            source = self._sources.pop(op_id, None)
+            if source is not None:
+                await source.wait(SOURCE_FINISH_WAIT)  # every page has moved: CRIU is about to exit
+                if source.state == PagesState.MOVING:
+                    log.warning("post-copy source still serving at release; stopping it", op=op_id, container=name)
+                    await source.abort()
             if self.containers.exists(name):
                 await self.containers.release(name)
-            images = self._checkpoint_dir(op_id)
-            if images.exists():
-                await asyncio.to_thread(shutil.rmtree, images)
+            for images in (self._checkpoint_dir(op_id), self._predumps(op_id), self.checkpoints_root / f"{op_id}-lazy"):
+                if images.exists():
+                    await asyncio.to_thread(shutil.rmtree, images)
 
         await self._shielded(work())
 
@@ -157,5 +409,27 @@ class Migrations:
 def _op(op_id: str) -> str:
     validate_name(op_id, "operation id")
     return op_id
+
+
+def _is_lazy(images: Path) -> bool:
+    try:
+        return "lazy-pages" in (images / DUMP_CONFIG).read_text().split()
+    except OSError:
+        return False
+
+
+def _read_frozen_at(images: Path) -> float | None:
+    try:
+        return float((images / FROZEN_AT).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on `host` now, for CRIU's page server to listen on (the kernel picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 

@@ -6,7 +6,8 @@ import asyncio
 
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
-from agent.migration import CHECKPOINT, ROOTFS, Migrations
+from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations
+from agent.postcopy import PagesState, PagesStatus
 from agent.transfer.client import PushTarget, TransferProgress
 from corral.api.convert import container_from_pb, container_to_pb, facts_to_pb, limits_from_pb, network_from_pb
 from corral.errors import InvalidArgument
@@ -77,9 +78,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return apb.FinishReceiveResponse()
 
     async def SendFiles(self, request: apb.SendFilesRequest, context):
-        content = {apb.TRANSFER_CONTENT_ROOTFS: ROOTFS, apb.TRANSFER_CONTENT_CHECKPOINT: CHECKPOINT}.get(request.content)
+        content = {apb.TRANSFER_CONTENT_ROOTFS: ROOTFS, apb.TRANSFER_CONTENT_CHECKPOINT: CHECKPOINT,
+                   apb.TRANSFER_CONTENT_PREDUMP: PREDUMP}.get(request.content)  # fmt: skip
         if content is None:
-            raise InvalidArgument("transfer content must be ROOTFS or CHECKPOINT")
+            raise InvalidArgument("transfer content must be ROOTFS, CHECKPOINT or PREDUMP")
         target = PushTarget(request.address, request.user, request.host_key, request.private_key)
         updates: asyncio.Queue = asyncio.Queue(maxsize=1)
 
@@ -113,23 +115,53 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )  # fmt: skip
 
     async def Checkpoint(self, request: apb.CheckpointRequest, context):
-        if request.mode not in (apb.CHECKPOINT_MODE_TRIAL, apb.CHECKPOINT_MODE_STOP):
-            raise InvalidArgument("checkpoint mode must be TRIAL or STOP")
-        result = await self.migrations.checkpoint(request.op_id, request.container, request.mode == apb.CHECKPOINT_MODE_TRIAL)
+        op, name, mode = request.op_id, request.container, request.mode
+        if mode == apb.CHECKPOINT_MODE_LAZY:
+            lazy = await self.migrations.lazy_checkpoint(op, name)
+            r = lazy.ready
+            return apb.CheckpointResult(
+                wall_ms=r.wall_ms, images_bytes=r.images_bytes, started_at=r.started_at,
+                pause_ms=max(0.0, (r.ready_at - (lazy.frozen_at or r.started_at)) * 1000),
+                page_server_address=lazy.address, page_server_port=lazy.port, lazy_bytes=lazy.lazy_bytes,
+            )  # fmt: skip
+        if mode == apb.CHECKPOINT_MODE_PREDUMP:
+            result = await self.migrations.predump(op, name, request.iteration)
+        elif mode in (apb.CHECKPOINT_MODE_TRIAL, apb.CHECKPOINT_MODE_STOP):
+            trial = mode == apb.CHECKPOINT_MODE_TRIAL
+            result = await self.migrations.checkpoint(op, name, trial, 0 if trial else request.iteration)
+        else:
+            raise InvalidArgument("checkpoint mode must be TRIAL, STOP, LAZY or PREDUMP")
         c = result.criu
         return apb.CheckpointResult(
             wall_ms=result.wall_ms, frozen_ms=c.frozen_ms or 0, freezing_ms=c.freezing_ms or 0,
             memdump_ms=c.memdump_ms or 0, memwrite_ms=c.memwrite_ms or 0, images_bytes=result.images_bytes,
             started_at=result.started_at,
             pause_ms=max(0.0, (result.finished_at - result.freeze_began) * 1000) if result.finished_at else result.wall_ms,
+            pages_written=c.pages_written or 0,
         )  # fmt: skip
 
     async def Restore(self, request: apb.RestoreRequest, context):
         if request.source not in (apb.RESTORE_SOURCE_LOCAL, apb.RESTORE_SOURCE_RECEIVED):
             raise InvalidArgument("restore source must be LOCAL or RECEIVED")
-        ct, result = await self.migrations.restore(request.op_id, request.container, request.source == apb.RESTORE_SOURCE_LOCAL)
+        lazy_from = None
+        if request.lazy_address or request.lazy_port:
+            if not request.lazy_address or not 0 < request.lazy_port < 65536:
+                raise InvalidArgument("a post-copy restore needs the page server's address and port")
+            lazy_from = (request.lazy_address, request.lazy_port)
+        local = request.source == apb.RESTORE_SOURCE_LOCAL
+        ct, result = await self.migrations.restore(request.op_id, request.container, local, lazy_from)
         return apb.RestoreResult(container=container_to_pb(ct), wall_ms=result.wall_ms,
                                  restore_ms=result.criu.restore_ms or 0, finished_at=result.finished_at)  # fmt: skip
+
+    async def WaitPages(self, request: apb.WaitPagesRequest, context):
+        async for status in self.migrations.wait_pages(request.op_id):
+            yield _pages_to_pb(status)
+
+    async def KeepSource(self, request: apb.ResumeSourceRequest, context):
+        return _pages_to_pb(await self.migrations.keep_source(request.op_id, request.container))
+
+    async def ResumeSource(self, request: apb.ResumeSourceRequest, context):
+        return container_to_pb(await self.migrations.resume_source(request.op_id, request.container))
 
     async def AdoptContainer(self, request: apb.AdoptContainerRequest, context):
         ct = await self.migrations.adopt(request.op_id, container_from_pb(request.container))
@@ -146,3 +178,19 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def AttachVolume(self, request, context):
         await self.containers.attach_volume(request.name, request.generation)
         return apb.VolumeResponse()
+
+
+def _pages_to_pb(s: PagesStatus) -> apb.PagesUpdate:
+    return apb.PagesUpdate(
+        state=_PAGES_STATE[s.state], bytes_done=s.bytes_done, bytes_total=s.bytes_total,
+        pages_done_at=s.pages_done_at or 0, detail=s.detail,
+        kept_checkpoint=str(s.kept_checkpoint) if s.kept_checkpoint else "",
+    )  # fmt: skip
+
+
+_PAGES_STATE = {
+    PagesState.MOVING: apb.PAGES_STATE_MOVING,
+    PagesState.DONE: apb.PAGES_STATE_DONE,
+    PagesState.FAILED: apb.PAGES_STATE_FAILED,
+    PagesState.UNKNOWN: apb.PAGES_STATE_UNKNOWN,
+}

@@ -99,13 +99,41 @@ class AgentClient:
             raise Unavailable(f"{self.peer} ended the transfer without its totals")
         return last
 
-    async def checkpoint(self, op_id: str, name: str, mode: int) -> apb.CheckpointResult:
-        req = apb.CheckpointRequest(op_id=op_id, container=name, mode=mode)
+    async def checkpoint(self, op_id: str, name: str, mode: int, iteration: int = 0) -> apb.CheckpointResult:
+        req = apb.CheckpointRequest(op_id=op_id, container=name, mode=mode, iteration=iteration)
         return await self._call(self.stub.Checkpoint, req, LIFECYCLE_TIMEOUT)
 
-    async def restore(self, op_id: str, name: str, source: int) -> apb.RestoreResult:
-        req = apb.RestoreRequest(op_id=op_id, container=name, source=source)
+    async def restore(
+        self, op_id: str, name: str, source: int, lazy_from: tuple[str, int] | None = None
+    ) -> apb.RestoreResult:
+        address, port = lazy_from or ("", 0)
+        req = apb.RestoreRequest(op_id=op_id, container=name, source=source, lazy_address=address, lazy_port=port)
         return await self._call(self.stub.Restore, req, LIFECYCLE_TIMEOUT)
+
+    async def wait_pages(
+        self, op_id: str, name: str, timeout: float, on_update: Callable[[apb.PagesUpdate], None] | None = None
+    ) -> apb.PagesUpdate:
+        """Follow a post-copy page transfer on this node; returns its last update (the outcome)."""
+        req = apb.WaitPagesRequest(op_id=op_id, container=name)
+        last = None
+        try:
+            async for update in self.stub.WaitPages(req, timeout=timeout):
+                last = update
+                if on_update is not None:
+                    on_update(update)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, self.peer) from None
+        if last is None or last.state == apb.PAGES_STATE_MOVING:
+            raise Unavailable(f"{self.peer} ended the page transfer report before its outcome")
+        return last
+
+    async def keep_source(self, op_id: str, name: str) -> apb.PagesUpdate:
+        req = apb.ResumeSourceRequest(op_id=op_id, container=name)
+        return await self._call(self.stub.KeepSource, req, CREATE_TIMEOUT)
+
+    async def resume_source(self, op_id: str, name: str) -> Container:
+        req = apb.ResumeSourceRequest(op_id=op_id, container=name)
+        return container_from_pb(await self._call(self.stub.ResumeSource, req, CREATE_TIMEOUT))
 
     async def adopt(self, op_id: str, container: Container, volume_generation: int = 0) -> Container:
         req = apb.AdoptContainerRequest(

@@ -95,11 +95,13 @@ class ControllerClient:
     # -- migrations and operations (operations are returned as protobuf messages) --------
 
     async def migrate(
-        self, name: str, target: str, *, live: bool = False, postcopy: bool = False, fallback_cold: bool = False
-    ) -> types_pb2.Operation:
+        self, name: str, target: str, *, live: bool = False, postcopy: bool = False, fallback_cold: bool = False,
+        from_checkpoint: str = "",
+    ) -> types_pb2.Operation:  # fmt: skip
         req = cpb.MigrateContainerRequest(
-            name=name, target_node=target, live=live, postcopy=postcopy, fallback_cold=fallback_cold
-        )
+            name=name, target_node=target, live=live, postcopy=postcopy, fallback_cold=fallback_cold,
+            from_checkpoint=from_checkpoint,
+        )  # fmt: skip
         return await self._call(self.stub.MigrateContainer, req, 60)
 
     async def list_operations(self, container: str = "", active_only: bool = False) -> list[types_pb2.Operation]:

@@ -19,8 +19,8 @@ from controller.agents import AgentClient, AgentPool
 from controller.health.registry import NodeRegistry
 from controller.network.ipam import AddressPool
 from controller.operations.engine import Engine
-from controller.operations.migrate import choose_strategy
-from controller.operations.model import Operation
+from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_STORAGES, choose_strategy
+from controller.operations.model import Operation, OpState
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
 from controller.store.base import Store
 from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -207,7 +207,9 @@ class Fleet:
             observed = await self._agent_for(record.node).set_limits(name, limits)
             return await self._save_observed(replace(record, limits=observed.limits), observed)
 
-    async def migrate(self, name: str, target: str, *, live: bool, postcopy: bool, fallback_cold: bool) -> Operation:
+    async def migrate(
+        self, name: str, target: str, *, live: bool, postcopy: bool, fallback_cold: bool, from_checkpoint: str = ""
+    ) -> Operation:
         """Validate a migration request and hand it to the operations engine."""
         assert self.engine is not None
         validate_name(name)
@@ -218,15 +220,25 @@ class Fleet:
             raise InvalidArgument("--postcopy is a kind of live migration: add --live")
         if fallback_cold and not live:
             raise InvalidArgument("--fallback cold only applies to --live migrations")
+        if from_checkpoint:
+            if postcopy or fallback_cold:
+                raise InvalidArgument("--from-checkpoint restores a kept checkpoint: no --postcopy or --fallback")
+            validate_name(from_checkpoint, "operation id")
         record = await self._record(name)
         if record.node == target:
             raise InvalidArgument(f"container {name!r} is already on node {target!r}")
         nodes = {n.name: n for n in await self.list_nodes()}
         source = nodes.get(record.node)
+        if from_checkpoint:
+            return await self._migrate_from_checkpoint(record, target, nodes, from_checkpoint)
         if source is None or source.state != NodeState.READY:
             raise FailedPrecondition(f"the source node {record.node!r} is not reachable: migration needs it")
         if target not in nodes:
             raise NotFound(f"node {target!r} is not registered")
+        if postcopy and record.storage in _SHARED_STORAGES:
+            # Its source serves pages until the last has moved, holding the volume the target needs to restore.
+            raise FailedPrecondition(f"post-copy cannot move a container on {record.storage} storage (its volume "
+                                     "changes hands before the restore): migrate it --live without --postcopy")  # fmt: skip
         # The target must have room for the container (its own share is already counted on the source).
         place(PlacementRequest(name, record.limits, target, record.storage), [nodes[target]], self.policy)
         strategy = "cold"
@@ -242,6 +254,29 @@ class Fleet:
         params = {"source": record.node, "target": target, "live": live, "postcopy": postcopy,
                   "fallback_cold": fallback_cold, "strategy": strategy}  # fmt: skip
         return await self.engine.submit("migrate", name, params)
+
+    async def _migrate_from_checkpoint(self, record: Container, target: str, nodes: dict[str, Node],
+                                       kept_op: str) -> Operation:  # fmt: skip
+        """Back to where a failed post-copy kept the container's checkpoint (see MigrationPlan)."""
+        assert self.engine is not None
+        op = await self.engine.get(kept_op)
+        if op.kind != "migrate" or op.container != record.name or op.params.get("strategy") != POST_COPY:
+            raise InvalidArgument(f"operation {kept_op} is not a post-copy migration of {record.name!r}")
+        if op.state != OpState.FAILED or not op.params.get("kept_checkpoint"):
+            raise FailedPrecondition(f"operation {kept_op} left no checkpoint of {record.name!r} "
+                                     f"({op.state.value}{': ' + op.error if op.error else ''})")  # fmt: skip
+        if record.node != op.params["target"]:
+            raise FailedPrecondition(f"{record.name!r} has moved since operation {kept_op} (it is on {record.node!r})")
+        if target != op.params["source"]:
+            kept_on = op.params["source"]
+            raise InvalidArgument(f"the checkpoint of {kept_op} is on node {kept_on!r}: --to {kept_on}")
+        for node in (record.node, target):
+            if node not in nodes or nodes[node].state != NodeState.READY:
+                # Rule 1: its copy there must be proven stopped before the checkpoint runs.
+                raise FailedPrecondition(f"node {node!r} is not reachable: it must be, to bring {record.name!r} back")
+        params = {"source": record.node, "target": target, "live": True, "strategy": "from-checkpoint",
+                  "from_checkpoint": kept_op}  # fmt: skip
+        return await self.engine.submit("migrate", record.name, params)
 
     async def _save_observed(self, record: Container, observed: Container) -> Container:
         updated = replace(record, state=observed.state, init_pid=observed.init_pid, message=observed.message)

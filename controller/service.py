@@ -94,7 +94,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def MigrateContainer(self, request: cpb.MigrateContainerRequest, context):
         op = await self.fleet.migrate(
             request.name, request.target_node, live=request.live, postcopy=request.postcopy,
-            fallback_cold=request.fallback_cold,
+            fallback_cold=request.fallback_cold, from_checkpoint=request.from_checkpoint,
         )  # fmt: skip
         return operation_to_pb(op)
 

@@ -12,8 +12,9 @@ What it takes on these machines (DESIGN.md, measured):
   CRIU_CONFIG_FILE, which CRIU reads itself. Values there are `key value`;
   optional-argument options need `key=value` (`verbosity=4`).
 - Post-copy: the source dumps in lazy-pages mode and stays frozen, serving
-  pages from its address until the destination has them all, then stops. The
-  destination runs `criu lazy-pages` (which fetches the pages), waits for its
+  pages from its address until the destination has them all, then stops (with
+  keep_source it stays frozen for its caller to stop or keep: start_lazy_dump
+  says why). The destination runs `criu lazy-pages` (which fetches the pages), waits for its
   socket, then restores with `lazy-pages`. A failed lazy restore can leave
   `criu restore` waiting forever (and deaf to SIGTERM): every wait here has a
   deadline and ends with SIGKILL of the tool's whole process tree.
@@ -57,6 +58,9 @@ PREFROZEN_MARK = "corral-prefrozen"
 FREEZE_SCRIPT = "corral-freeze.sh"  # CRIU action script (lxc-checkpoint -A)
 FROZEN_AT = "corral-frozen-at"  # when the freeze began (epoch seconds), written by that script
 APPARMOR_FS = Path("/sys/kernel/security/apparmor")  # what CRIU looks at (criu/lsm.c, kerndat_lsm)
+NETLOCK_RULES = "corral-netlock.nft"  # our own network lock for a post-copy source that is kept (see LazyDump)
+NETLOCKED = "corral-netlocked"  # written by the action script once that lock is in place
+NETLOCK_TABLE = "corral-lock"
 LAZY_SOCKET = "lazy-pages.socket"
 LAZY_LOG = "lazy-pages.log"
 _POLL = 0.005  # seconds between looks at /proc/net/tcp or a socket file: cheap, and 5 ms is noise
@@ -388,7 +392,26 @@ class _Freezer:
         else:
             (self.path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
 
-    def action_script(self, images: Path) -> str:
+    def freeze(self, timeout: float = 2.0) -> bool:
+        """Freeze and wait (at most `timeout`) until it is; True if it is frozen."""
+        with contextlib.suppress(OSError):
+            self._write(True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.frozen():
+                return True
+            time.sleep(0.001)
+        return self.frozen()
+
+    def frozen(self) -> bool:
+        try:
+            if self.v2:
+                return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
+            return (self.path / "freezer.state").read_text().strip() == "FROZEN"
+        except OSError:
+            return False
+
+    def action_script(self, images: Path, lock_after_dump: bool = False) -> str:
         """A CRIU action script that freezes the container at CRIU's `pre-dump` stage.
 
         Why: CRIU freezes the cgroup itself but re-reads its state only every 100 ms, and on
@@ -399,9 +422,21 @@ class _Freezer:
         not a tmpfs and its cache cannot be kept), which then stays outside the pause.
         CRIU records the state it found (FROZEN) in the images and restores it so: the marker
         file tells our restore to thaw it. If the freeze does not happen in 2 s, it thaws and
-        leaves the freezing to CRIU (whose loop has kludges for stubborn v1 cgroups)."""
+        leaves the freezing to CRIU (whose loop has kludges for stubborn v1 cgroups).
+        `lock_after_dump`: at `post-dump` (before CRIU lifts its own network lock, which it does
+        for a dump that leaves its tasks alive) put our own lock, NETLOCK_RULES, in the
+        container's network namespace, and say so in NETLOCKED."""
         q = shlex.quote
         state, mark, at = q(str(self._state_file)), q(str(images / PREFROZEN_MARK)), q(str(images / FROZEN_AT))
+        lock = ""
+        if lock_after_dump:
+            rules, locked = q(str(images / NETLOCK_RULES)), q(str(images / NETLOCKED))
+            lock = (
+                'if [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ]; then\n'
+                f'    nsenter -t "$CRTOOLS_INIT_PID" -n nft -f {rules} && : > {locked}\n'
+                "    exit 0\n"
+                "fi\n"
+            )
         frozen_word = "1" if self.v2 else "FROZEN"
         thawed_word = "0" if self.v2 else "THAWED"
         if self.v2:
@@ -412,6 +447,7 @@ class _Freezer:
         return (
             "#!/bin/sh\n"
             "# Written by corral-agent for one checkpoint (agent/runtime/checkpoint.py).\n"
+            f"{lock}"
             '[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0\n'
             f"date +%s.%N > {at}\n"
             f"echo {frozen_word} > {state} || exit 0\n"
@@ -450,13 +486,28 @@ _IPTABLES_UNLOCK = (  # what CRIU's own unlock feeds iptables-restore (criu/net.
 )
 
 
+# Our own lock for a kept post-copy source (LazyDump): no IPv4/IPv6 and no ARP in or out, so the
+# frozen source's kernel neither answers for its address (the destination has the same address and
+# MAC) nor acknowledges data its processes will never see.
+_NETLOCK_RULES = f"""table inet {NETLOCK_TABLE} {{
+    chain input {{ type filter hook input priority -10; policy drop; }}
+    chain output {{ type filter hook output priority -10; policy drop; }}
+}}
+table arp {NETLOCK_TABLE} {{
+    chain input {{ type filter hook input priority 0; policy drop; }}
+    chain output {{ type filter hook output priority 0; policy drop; }}
+}}
+"""
+
+
 async def _remove_network_lock(pid: int) -> None:
-    """Undo CRIU's network lock in the network namespace of `pid`, whichever kind it is."""
+    """Undo CRIU's network lock (and ours, NETLOCK_TABLE) in the network namespace of `pid`,
+    whichever kind it is."""
     enter = ["nsenter", "-t", str(pid), "-n", "--"]
     tables = await proc.run([*enter, "nft", "list", "tables"], timeout=10, check=False, env=_env(None))
     for line in tables.stdout.decode().splitlines():
         parts = line.split()
-        if len(parts) == 3 and parts[0] == "table" and parts[2].startswith("CRIU"):
+        if len(parts) == 3 and parts[0] == "table" and (parts[2].startswith("CRIU") or parts[2] == NETLOCK_TABLE):
             await proc.run([*enter, "nft", "delete", "table", parts[1], parts[2]], timeout=10, check=False,
                            env=_env(None))  # fmt: skip
     for tool in ("iptables-restore", "ip6tables-restore"):
@@ -537,6 +588,14 @@ class Checkpointer:
         if pid:
             await _remove_network_lock(pid)
 
+    async def unlock_network(self, name: str) -> None:
+        """Remove every CRIU network lock in the running container's network namespace: after
+        restoring images that hold a stale one (a dump of a container whose earlier dump had
+        failed with its lock in place: CRIU saves the netns's nftables ruleset, that lock too)."""
+        pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
+        if pid:
+            await _remove_network_lock(pid)
+
     @staticmethod
     def _thaw_after_failure(freezer: _Freezer | None, images: Path) -> None:
         # A failed dump leaves the cgroup as CRIU found it: frozen, if our script froze it.
@@ -561,12 +620,15 @@ class Checkpointer:
 
     async def dump(
         self, name: str, images: Path, *, stop: bool = True, lazy: PageServer | None = None,
-        parent: Path | None = None, timeout: float = 120,
+        parent: Path | None = None, timeout: float = 120, resume_on_failure: bool = True,
     ) -> DumpResult:  # fmt: skip
         """Checkpoint `name` into `images` (an empty or new directory). `stop`: the container
         is stopped after the dump; else it keeps running. `lazy`: post-copy, returns once the
         destination has every page (use start_lazy_dump to act when the images are ready).
-        `parent`: a pre-dump to diff against (needs dirty tracking)."""
+        `parent`: a pre-dump to diff against (needs dirty tracking). `resume_on_failure=False`:
+        a failed or killed dump leaves the container frozen (and its network locked) instead of
+        letting it run on: for a container that must not run here (a post-copy source whose
+        destination may have run it)."""
         if lazy is not None:
             if not stop or parent is not None:
                 raise InvalidArgument("a lazy (post-copy) dump always stops the container and has no parent")
@@ -578,10 +640,10 @@ class Checkpointer:
         if parent is not None:
             await self._require_dirty_tracking()
             flags += ["--predump-dir", os.path.relpath(parent, images)]
-        return await self._run_dump(name, images, flags, "checkpoint", timeout)
+        return await self._run_dump(name, images, flags, "checkpoint", timeout, resume_on_failure=resume_on_failure)
 
     async def _run_dump(self, name: str, images: Path, flags: list[str], what: str, timeout: float,
-                        criu_log: str = "dump.log") -> DumpResult:  # fmt: skip
+                        criu_log: str = "dump.log", resume_on_failure: bool = True) -> DumpResult:  # fmt: skip
         await asyncio.to_thread(_check_images_dir, images)
         config = self._write_config(images / DUMP_CONFIG, self._dump_options())
         freezer, freeze_flags = await self._prefreeze(name, images) if "-s" in flags else (None, [])
@@ -591,11 +653,13 @@ class Checkpointer:
                                         output=images / "lxc-checkpoint.out", env=_env(config))  # fmt: skip
             rc = await child.wait(timeout)
         except BaseException:
-            await asyncio.shield(self._undo_killed_dump(name, freezer, images))
+            if resume_on_failure:
+                await asyncio.shield(self._undo_killed_dump(name, freezer, images))
             raise
         wall_ms, finished_at = (time.perf_counter() - t0) * 1000, time.time()
         if rc != 0:
-            self._thaw_after_failure(freezer, images)
+            if resume_on_failure:
+                self._thaw_after_failure(freezer, images)
             raise await self._failed(what, name, images, criu_log, child)
         criu = await self._stats(images, dump=True)
         size = await asyncio.to_thread(_dir_bytes, images)
@@ -624,9 +688,20 @@ class Checkpointer:
             flags += ["--predump-dir", os.path.relpath(parent, images)]
         return await self._run_dump(name, images, flags, "pre-dump", timeout, criu_log="pre-dump.log")
 
-    async def start_lazy_dump(self, name: str, images: Path, server: PageServer, *, timeout: float = 120) -> LazyDump:
+    async def start_lazy_dump(
+        self, name: str, images: Path, server: PageServer, *, timeout: float = 120, keep_source: bool = False
+    ) -> LazyDump:
         """Post-copy source, step one: freeze and dump everything but the memory, then serve
-        the pages from `server` (address on this host). `timeout` bounds the whole thing."""
+        the pages from `server` (address on this host). `timeout` bounds the whole thing.
+
+        `keep_source`: when the page transfer ends, leave the source's tasks frozen (and its
+        network locked, by our own lock) instead of letting CRIU kill them; the caller stops
+        them once the destination is known to have all its memory, or dumps them whole if it
+        is not. Why: CRIU 4.1.1's lazy page server ends *successfully* whenever its peer
+        closes the connection (criu/page-xfer.c, page_server_serve: "the data were not
+        flushed" is checked only when receiving), and `criu lazy-pages` closes it cleanly as
+        soon as the restored tasks are gone: so a destination container killed mid-transfer
+        made CRIU kill the source too, and the container's memory was lost on both hosts."""
         self._require_config(name)
         await asyncio.to_thread(_check_images_dir, images)
         config = self._write_config(
@@ -635,13 +710,20 @@ class Checkpointer:
         if _listening(server.port):
             raise FailedPrecondition(f"port {server.port} is already in use on this host")
         freezer, freeze_flags = await self._prefreeze(name, images)
+        if keep_source:
+            if freezer is None:
+                raise FailedPrecondition(f"cannot keep the post-copy source {name}: its freezer cgroup was not found")
+            await asyncio.to_thread((images / NETLOCK_RULES).write_text, _NETLOCK_RULES)
+            await asyncio.to_thread(_write_executable, images / FREEZE_SCRIPT, freezer.action_script(images, True))
+        stop = [] if keep_source else ["-s"]
         started_at = time.time()
-        child = await _Child.launch(self._argv(name, images, "-s", *freeze_flags),
+        child = await _Child.launch(self._argv(name, images, *stop, *freeze_flags),
                                     what=f"post-copy checkpoint of {name}",
                                     output=images / "lxc-checkpoint.out", env=_env(config))  # fmt: skip
         log.info("post-copy checkpoint started", container=name, address=server.address, port=server.port,
-                 tls=server.tls is not None)  # fmt: skip
-        return LazyDump(self, name, images, server, child, started_at, time.perf_counter() + timeout, freezer)
+                 tls=server.tls is not None, keep_source=keep_source)  # fmt: skip
+        return LazyDump(self, name, images, server, child, started_at, time.perf_counter() + timeout, freezer,
+                        keep_source)  # fmt: skip
 
     # -- restore ---------------------------------------------------------------
 
@@ -759,14 +841,27 @@ class LazyDump:
     """A post-copy source in flight (see Checkpointer.start_lazy_dump)."""
 
     def __init__(self, owner: Checkpointer, name: str, images: Path, server: PageServer, child: _Child,
-                 started_at: float, deadline: float, freezer: _Freezer | None) -> None:  # fmt: skip
+                 started_at: float, deadline: float, freezer: _Freezer | None,
+                 keep_source: bool = False) -> None:  # fmt: skip
         self._owner, self.name, self.images, self.server = owner, name, images, server
         self._child, self.started_at, self._deadline = child, started_at, deadline
         self._freezer = freezer
+        self.keep_source = keep_source
         self._ready: LazyDumpReady | None = None
 
     def _left(self) -> float:
         return max(0.0, self._deadline - time.perf_counter())
+
+    @property
+    def keeps_source_frozen(self) -> bool:
+        """Whether a failed page transfer leaves the source frozen (known once images_ready()
+        returned). Only if our action script froze it: CRIU restores the freezer state it found,
+        so had CRIU frozen it itself, a failure would let the source's tasks run again. With
+        keep_source, its network must also be locked by us (CRIU lifts its own lock before it
+        serves the pages)."""
+        if self._freezer is None or not (self.images / PREFROZEN_MARK).exists():
+            return False
+        return not self.keep_source or (self.images / NETLOCKED).exists()
 
     async def images_ready(self) -> LazyDumpReady:
         """Wait until the images (without memory) are written and the page server listens:
@@ -778,17 +873,17 @@ class LazyDump:
                 while not _listening(self.server.port):
                     if self._child.returncode is not None:
                         # CRIU failed before serving pages (and unlocked the network): the source goes on.
-                        Checkpointer._thaw_after_failure(self._freezer, self.images)
+                        await self._resume_after_failure()
                         raise await self._owner._failed("post-copy checkpoint", self.name, self.images,
                                                         "dump.log", self._child)  # fmt: skip
                     await asyncio.sleep(_POLL)
         except TimeoutError:
             await self._child.kill()
-            Checkpointer._thaw_after_failure(self._freezer, self.images)
+            await self._resume_after_failure()
             raise DeadlineExceeded(f"post-copy checkpoint of {self.name}: page server not listening in time") from None
         except asyncio.CancelledError:
             await self._child.kill()
-            Checkpointer._thaw_after_failure(self._freezer, self.images)
+            await self._resume_after_failure()
             raise
         ready_at = time.time()
         size = await asyncio.to_thread(_dir_bytes, self.images)
@@ -796,9 +891,25 @@ class LazyDump:
         log.info("post-copy images ready", container=self.name, ms=round(self._ready.wall_ms, 1), images_bytes=size)
         return self._ready
 
+    async def _resume_after_failure(self) -> None:
+        if self.keep_source:
+            await self.resume_source()  # our own lock may be in place too
+        else:
+            Checkpointer._thaw_after_failure(self._freezer, self.images)
+
     async def finished(self) -> DumpResult:
-        """Wait until the destination has every page and the source container has stopped."""
-        rc = await self._child.wait(self._left())
+        """Wait until the destination has every page and the source container has stopped
+        (keep_source: until the page server's peer has closed; the source stays frozen).
+        Cancelling this leaves a keep_source CRIU serving (it runs in a session of its own)."""
+        if self.keep_source:
+            try:
+                async with asyncio.timeout(self._left()):
+                    rc = await self._child.proc.wait()
+            except TimeoutError:
+                await self.abort()
+                raise DeadlineExceeded(f"post-copy page transfer of {self.name} not done in time (stopped)") from None
+        else:
+            rc = await self._child.wait(self._left())
         finished_at = time.time()
         if rc != 0:
             raise await self._owner._failed("post-copy checkpoint", self.name, self.images, "dump.log", self._child)
@@ -811,9 +922,13 @@ class LazyDump:
         return DumpResult(self.images, wall_ms, self.started_at, CriuTimes(), size, finished_at, frozen_at)
 
     async def abort(self) -> None:
-        """Kill CRIU. The source's tasks are left as they are (frozen if we pre-froze them):
-        the caller knows whether the destination ran, and so whether to resume_source() or
-        to stop the source container."""
+        """Kill CRIU, the source's tasks left frozen: the caller knows whether the destination
+        ran, and so whether to resume_source() or to stop the source container. (While it
+        serves pages CRIU holds the tasks by ptrace in a thawed cgroup: killing it alone
+        would let them run. So the cgroup is frozen first.)"""
+        if self._freezer is not None and self._child.returncode is None:
+            if not await asyncio.to_thread(self._freezer.freeze):
+                log.warning("could not freeze the post-copy source before stopping CRIU", container=self.name)
         await self._child.kill()
 
     async def resume_source(self) -> None:
@@ -870,13 +985,18 @@ class LazyRestore:
 
     async def finished(self) -> float:
         """Wait until every page has arrived; returns when (time.time()). If the transfer
-        fails the restored container is killed: its missing memory cannot come back."""
+        fails the restored container is killed: its missing memory cannot come back.
+        (Cancelling this, as an agent that stops does, leaves both running: `criu lazy-pages`
+        has a session of its own. Note that it also ends well, exit 0, when the restored
+        tasks are all gone: the caller checks that the container still runs.)"""
         await self.running()
         try:
-            rc = await self._pages.wait(self._left())
-        except BaseException:
+            async with asyncio.timeout(self._left()):
+                rc = await self._pages.proc.wait()
+        except TimeoutError:
+            await self._pages.kill()
             await self._owner._kill_container(self.name)
-            raise
+            raise DeadlineExceeded(f"post-copy page transfer for {self.name} not done in time (killed)") from None
         done_at = time.time()
         if rc != 0:
             reason = await asyncio.to_thread(failure_reason, self.images / LAZY_LOG, self._pages.output)

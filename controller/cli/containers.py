@@ -230,22 +230,37 @@ def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk) -> None:
 @click.option("--live", is_flag=True, help="keep processes, memory, PIDs and address (CRIU)")
 @click.option("--postcopy", is_flag=True, help="live: resume on the target at once, pull memory on demand")
 @click.option("--fallback", type=click.Choice(["cold"]), help="live: migrate cold if CRIU's pre-flight fails")
+@click.option("--from-checkpoint", "from_checkpoint", metavar="OP",
+              help="after post-copy OP failed: back to its source, from the checkpoint kept there")
 @click.option("--detach", "-d", is_flag=True, help="print the operation id and return at once")
 @click.pass_obj
-def ct_migrate(obj, name, target, live, postcopy, fallback, detach) -> None:
+def ct_migrate(obj, name, target, live, postcopy, fallback, from_checkpoint, detach) -> None:
     """Move a container to another node, cold (stop, move, start) or --live."""
     from controller.cli.main import run
     from controller.cli.operations import operation_dict, watch_with_progress
 
     @run
     async def go():
+        if postcopy and live:
+            # Said before anything starts: the risk is the operator's to take.
+            click.echo(POSTCOPY_WARNING.format(name=name, target=target), err=True)
         async with obj.client() as fleet:
-            op = await fleet.migrate(name, target, live=live, postcopy=postcopy, fallback_cold=fallback == "cold")
+            op = await fleet.migrate(name, target, live=live or bool(from_checkpoint), postcopy=postcopy,
+                                     fallback_cold=fallback == "cold", from_checkpoint=from_checkpoint or "")  # fmt: skip
             if detach:
                 output.print_json(operation_dict(op)) if obj.json else click.echo(op.id)
                 return 0
             if not obj.json:
-                click.echo(f"operation {op.id}: migrating {name} to {target} ({'live' if live else 'cold'})", err=True)
+                mode = "from its kept checkpoint" if from_checkpoint else "live" if live else "cold"
+                click.echo(f"operation {op.id}: migrating {name} to {target} ({mode})", err=True)
             return await watch_with_progress(fleet, op.id, obj.json)
 
     sys.exit(go())
+
+
+POSTCOPY_WARNING = (
+    "warning: post-copy: {name} resumes on {target} at once and pulls its memory from its current node until "
+    "every page has arrived. Until then, if the current node fails the container is lost (its disk on {target} "
+    "stays); if {target} fails it can only be restarted from the state kept at the switch, losing what it did "
+    "on {target} since."
+)

@@ -6,16 +6,27 @@ Order of steps (each recorded before it is taken):
                         final-transfer, adopt, start-target, switch, release-source, close-channel
   cold, shared storage  stop-source, detach-source, adopt (attach at a new generation),
                         start-target, switch, release-source
-  live                  preflight (trial dump), open-channel, [precopy-rootfs], checkpoint
+  live, stop-and-copy   preflight (trial dump), open-channel, [precopy-rootfs], checkpoint
                         (freeze+dump+stop), [detach-source], final-transfer (rootfs delta and
                         checkpoint images at once), adopt, restore, switch, release-source,
                         close-channel
+  live, pre-copy        as stop-and-copy, with precopy-memory (memory pre-dumps, each sent,
+                        until the dirty set stops shrinking) before the checkpoint, which then
+                        dumps only what changed since the last pre-dump
+  live, post-copy       preflight, open-channel, precopy-rootfs, lazy-checkpoint (freeze, dump
+                        all but the memory, serve it), final-transfer, adopt, lazy-restore
+                        (runs on the target: the downtime ends), switch, wait-pages (the
+                        target pulls the rest of the memory), release-source, close-channel
+  from a kept checkpoint   (after a failed post-copy: back to its source) stop-target,
+                        restore-kept, switch, release-target
 
 "switch" (the fleet's record now says the container lives on the target) is the
 point of no return. Before it, any failure rolls back: the target's copy is
 removed and the source runs again (restored from its own checkpoint when it
 was live). The source's copy is removed only after the target runs it, so the
 container runs exactly once at every moment (DESIGN.md rules 1 and 2).
+Post-copy's point of no return comes earlier, when the target resumes
+(lazy-restore): see controller/operations/postcopy.py.
 """
 
 from __future__ import annotations
@@ -29,20 +40,32 @@ import asyncssh
 
 from controller.agents import AgentClient, AgentPool
 from controller.health.registry import NodeRegistry
+from controller.operations import postcopy
 from controller.operations.engine import OpContext
 from controller.operations.model import Operation
+from controller.operations.postcopy import SideReport
 from controller.store.base import Store
-from corral.errors import CorralError, FailedPrecondition, NotFound
+from corral.errors import CorralError, FailedPrecondition, NotFound, RuntimeFailure, Unavailable
 from corral.model import Container, ContainerState, NodeState
 from corral.v1 import agent_pb2 as apb
 
 # Rootfs pre-copy: stop when a pass moves less than this, or stops shrinking, or after this many passes.
 PRECOPY_SMALL_DELTA = 1 << 20
 PRECOPY_MAX_PASSES = 5
+# Memory pre-copy: stop when a pre-dump writes fewer pages than this, or no fewer than the one before.
+PREDUMP_SMALL_PAGES = 256
+PREDUMP_MAX_PASSES = 8
 TRANSFER_TIMEOUT = 3600
 CHANNEL_TTL = 4 * 3600
 # After a controller restart, how long to wait for the nodes involved to report in.
 RECOVERY_NODE_WAIT = 30.0
+# Post-copy: how long every page may take to move (the agents kill the transfer after an hour too).
+PAGES_DEADLINE = 3600.0
+# Post-copy, after one side reported a failure: how long to wait to reach a target that does not
+# answer, and for a source to notice by itself that its destination is gone.
+TARGET_REACH_WAIT = 60.0
+SOURCE_NOTICE_WAIT = 10.0
+RETRY_INTERVAL = 1.0
 
 # Storage whose volume is handed over between hosts rather than copied.
 SHARED_STORAGES = frozenset({"image", "lvm"})
@@ -50,6 +73,7 @@ SHARED_STORAGES = frozenset({"image", "lvm"})
 STOP_AND_COPY = "stop-and-copy"
 PRE_COPY = "pre-copy"
 POST_COPY = "post-copy"
+FROM_CHECKPOINT = "from-checkpoint"
 
 
 def choose_strategy(source_strategies: tuple[str, ...], target_strategies: tuple[str, ...], postcopy: bool) -> str:
@@ -76,6 +100,7 @@ class MigrationPlan:
         self.source_name: str = op.params["source"]
         self.target_name: str = op.params["target"]
         self.bytes_sent = 0  # what crossed the network in this run (not counted across a restart)
+        self.down_began: float | None = None  # monotonic, the freeze (not known across a restart)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -85,6 +110,13 @@ class MigrationPlan:
             raise NotFound(f"node {node!r} is not registered")
         if n.state != NodeState.READY:
             raise FailedPrecondition(f"node {node!r} is {n.state.value}")
+        return self.agents.client(n.facts)
+
+    def _client(self, node: str) -> AgentClient:
+        """A node's agent even while it is marked unreachable (to keep trying through a blip)."""
+        n = self.nodes.get(node)
+        if n is None:
+            raise NotFound(f"node {node!r} is not registered")
         return self.agents.client(n.facts)
 
     async def _record(self) -> Container:
@@ -111,14 +143,20 @@ class MigrationPlan:
 
     async def run(self, ctx: OpContext) -> dict[str, Any]:
         params = ctx.op.params
+        if params.get("from_checkpoint"):
+            return await self._run_from_checkpoint(ctx)
         record = await self._record()
         src, dst = self._agent(self.source_name), self._agent(self.target_name)
         live = bool(params.get("live"))
+        strategy = params.get("strategy", STOP_AND_COPY) if live else "cold"
         observed = await src.get(self.name, wait_idle=True)
         was_running = observed.state == ContainerState.RUNNING
         await ctx.set_params(was_running=was_running)
         if live and not was_running:
             raise FailedPrecondition(f"container {self.name!r} is not running: migrate it without --live")
+        shared = record.storage in SHARED_STORAGES
+        if strategy == POST_COPY and shared:
+            raise FailedPrecondition(f"post-copy cannot move {record.storage} storage (see fleet.migrate)")
 
         if live:
             await ctx.phase("preflight", "checking that CRIU can dump this container")
@@ -130,10 +168,9 @@ class MigrationPlan:
                 if not params.get("fallback_cold"):
                     raise FailedPrecondition(f"CRIU cannot live-migrate {self.name!r}: {exc.message}") from None
                 ctx.log.warning("pre-flight failed; falling back to a cold migration", error=exc.message)
-                live = False
-                await ctx.set_params(live=False, fell_back_to_cold=exc.message)
+                live, strategy = False, "cold"
+                await ctx.set_params(live=False, strategy="cold", fell_back_to_cold=exc.message)
 
-        shared = record.storage in SHARED_STORAGES
         grant = private_key = None
         if not shared or live:
             private_key, public_key = _operation_keypair()
@@ -154,13 +191,24 @@ class MigrationPlan:
                         break
                     previous = delta
             await ctx.timing(precopy=(time.monotonic() - began) * 1000)
+        predumps = 0
+        if strategy == PRE_COPY:
+            await ctx.phase("precopy-memory", "copying memory while the container runs")
+            began = time.monotonic()
+            async with ctx.step("precopy-memory"):
+                predumps = await self._precopy_memory(ctx, src, private_key, grant)
+            await ctx.set_params(predumps=predumps)
+            await ctx.timing(precopy_memory=(time.monotonic() - began) * 1000)
         ctx.check_cancel()  # the last point where cancelling leaves nothing to undo but a copy
+
+        if strategy == POST_COPY:
+            return await self._run_postcopy(ctx, record, src, dst, private_key, grant)
 
         down_began = time.monotonic()
         if live:
             await ctx.phase("checkpoint", "freezing and dumping the container")
             async with ctx.step("checkpoint"):
-                dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP)
+                dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP, predumps)
             # Downtime began at the freeze, inside the dump: count from there, not from the call.
             down_began = time.monotonic() - dump.pause_ms / 1000
             await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, criu_frozen=dump.frozen_ms,
@@ -180,18 +228,7 @@ class MigrationPlan:
                 await src.detach_volume(ctx.op.id, self.name)
         else:
             await ctx.phase("final-rootfs", "copying what changed since the last pass")
-        # After the freeze the rootfs delta and the checkpoint images are independent: send both at once.
-        sends = []
-        if not shared:
-            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, "final-rootfs", private_key, grant))
-        if live:
-            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_CHECKPOINT, "send-checkpoint", private_key, grant))
-        if sends:
-            async with ctx.step("final-transfer"):
-                finals = await asyncio.gather(*sends)
-            if not shared:
-                await ctx.timing(final_rootfs_bytes=finals[0].literal_bytes)
-            images = finals[-1]
+        images = await self._final_transfer(ctx, shared, live, private_key, grant)
         await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000)
 
         await ctx.phase("adopt", "installing the container on the target")
@@ -212,8 +249,218 @@ class MigrationPlan:
 
         return await self._switch_and_clean(ctx)
 
-    async def _switch_and_clean(self, ctx: OpContext) -> dict[str, Any]:
-        """The point of no return, then the source's copy goes."""
+    async def _final_transfer(self, ctx: OpContext, shared: bool, live: bool, private_key, grant):
+        """After the freeze the rootfs delta and the checkpoint images are independent: send both
+        at once. Returns the images' transfer (or the rootfs', or None)."""
+        sends = []
+        if not shared:
+            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, "final-rootfs", private_key, grant))
+        if live:
+            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_CHECKPOINT, "send-checkpoint", private_key, grant))
+        if not sends:
+            return None
+        async with ctx.step("final-transfer"):
+            finals = await asyncio.gather(*sends)
+        if not shared:
+            await ctx.timing(final_rootfs_bytes=finals[0].literal_bytes)
+        return finals[-1]
+
+    async def _precopy_memory(self, ctx: OpContext, src: AgentClient, private_key: str, grant) -> int:
+        """Pre-dump the memory while the container runs, sending each pre-dump, until the dirty
+        set stops shrinking; returns the number of the last pre-dump."""
+        previous = None
+        n = 0
+        for n in range(1, PREDUMP_MAX_PASSES + 1):
+            ctx.check_cancel()
+            result = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_PREDUMP, n)
+            await self._send(ctx, apb.TRANSFER_CONTENT_PREDUMP, f"precopy-memory pass {n}", private_key, grant)
+            pages = result.pages_written
+            ctx.log.info("memory pre-dump", iteration=n, pages_written=pages, pause_ms=round(result.pause_ms, 1))
+            if pages < PREDUMP_SMALL_PAGES or (previous is not None and pages >= previous):
+                break
+            previous = pages
+        return n
+
+    # -- post-copy ------------------------------------------------------------------------
+
+    async def _run_postcopy(self, ctx: OpContext, record: Container, src: AgentClient, dst: AgentClient,
+                            private_key: str, grant) -> dict[str, Any]:  # fmt: skip
+        await ctx.phase("lazy-checkpoint", "freezing the container and dumping all but its memory")
+        async with ctx.step("lazy-checkpoint"):
+            dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_LAZY)
+        self.down_began = time.monotonic() - dump.pause_ms / 1000
+        server = (dump.page_server_address, dump.page_server_port)
+        await ctx.set_params(page_server=f"{server[0]}:{server[1]}")
+        await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, lazy_bytes=dump.lazy_bytes,
+                         images_bytes=dump.images_bytes)  # fmt: skip
+
+        transfer_began = time.monotonic()
+        await ctx.phase("final-rootfs", "copying what changed since the last pass, and the images")
+        await self._final_transfer(ctx, False, True, private_key, grant)
+        await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000)
+
+        await ctx.phase("adopt", "installing the container on the target")
+        async with ctx.step("adopt"):
+            await dst.adopt(ctx.op.id, replace(record, node=self.target_name))
+        await ctx.phase("lazy-restore", "resuming on the target; its memory follows on demand")
+        restore_began = time.monotonic()
+        async with ctx.step("lazy-restore"):
+            restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED, lazy_from=server)
+        now = time.monotonic()
+        await ctx.timing(restore=(now - restore_began) * 1000, downtime=(now - self.down_began) * 1000,
+                         criu_restore=restored.restore_ms)  # fmt: skip
+        return await self._postcopy_tail(ctx)
+
+    async def _postcopy_tail(self, ctx: OpContext) -> dict[str, Any]:
+        """Past post-copy's point of no return: the target runs it. Switch, wait for the pages,
+        then remove the source's copy. A failed page transfer is not rolled back (see postcopy.py)."""
+        if not ctx.op.done("switch"):
+            await self._switch(ctx)
+        if not ctx.op.done("wait-pages"):
+            await ctx.phase("wait-pages", f"memory moving from {self.source_name} on demand: until every page "
+                                          f"has arrived, losing {self.source_name} loses the container")  # fmt: skip
+            async with ctx.step("wait-pages"):
+                await self._wait_pages(ctx)
+        return await self._finish_forward(ctx)
+
+    async def _wait_pages(self, ctx: OpContext) -> None:
+        deadline = time.monotonic() + PAGES_DEADLINE
+
+        def progress(u: apb.PagesUpdate) -> None:
+            ctx.progress(phase="wait-pages", bytes_done=u.bytes_done, bytes_total=u.bytes_total, eta_s=-1)
+
+        target = asyncio.ensure_future(self._side_report(ctx, self.target_name, deadline, progress))
+        source = asyncio.ensure_future(self._side_report(ctx, self.source_name, deadline))
+        try:
+            await asyncio.wait({target, source}, return_when=asyncio.FIRST_COMPLETED)
+            if target.done() and target.result().state == postcopy.DONE:
+                return await self._pages_done(ctx, target.result())
+            # Either side ended otherwise: hear both before deciding anything.
+            t = await _settle(target, TARGET_REACH_WAIT)
+            s = await _settle(source, SOURCE_NOTICE_WAIT)
+            running = await self._target_running(ctx)
+            if postcopy.pages_moved(t, s, running):
+                return await self._pages_done(ctx, t)
+            if running:
+                # Its memory will not all come (the source failed or is gone): it must not run on
+                # half of it, and proving it stopped lets the source's copy be used.
+                ctx.log.warning("stopping the target's copy: its memory is incomplete")
+                await self._client(self.target_name).stop(self.name, force=True, timeout=0)
+                running = False
+            gone = postcopy.target_gone(t, running)
+            if gone and s.state != postcopy.FAILED:
+                # Still serving (or still dumping itself to disk, or not heard): keep its checkpoint.
+                s = await self._keep_source(ctx, s)
+            message = postcopy.failure_message(self.name, ctx.op.id, self.source_name, self.target_name, t, s, gone)
+            kept_on = self.source_name if s.kept_checkpoint else ""
+            await ctx.set_params(kept_checkpoint=s.kept_checkpoint, kept_on=kept_on)
+            if gone:
+                record = await self._record()
+                note = f"post-copy {ctx.op.id} failed, see the operation"
+                await self.store.update_container(replace(record, state=ContainerState.STOPPED, init_pid=0, message=note))
+            raise RuntimeFailure(message)
+        finally:
+            for task in (target, source):
+                task.cancel()
+
+    async def _pages_done(self, ctx: OpContext, target: SideReport) -> None:
+        if self.down_began is not None:
+            await ctx.timing(pages_done=(time.monotonic() - self.down_began) * 1000)
+        ctx.log.info("every page has moved", target=target.state)
+
+    async def _side_report(self, ctx: OpContext, node: str, deadline: float, progress=None) -> SideReport:
+        """One agent's report on the page transfer, asked again through network blips and agent
+        restarts until the deadline."""
+        while True:
+            try:
+                update = await self._client(node).wait_pages(ctx.op.id, self.name, PAGES_DEADLINE, progress)
+                return SideReport.of(update)
+            except (Unavailable, NotFound, FailedPrecondition) as exc:
+                if time.monotonic() >= deadline:
+                    return SideReport(postcopy.UNREACHABLE, exc.message)
+                ctx.log.info("cannot hear from a node about the pages yet; trying again", node=node, error=exc.message)
+                await asyncio.sleep(RETRY_INTERVAL)
+
+    async def _through_blips(self, ctx: OpContext, node: str, action, wait: float = TARGET_REACH_WAIT):
+        """`action(agent)`, tried again while the node cannot be reached, for at most `wait` s."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return await action(self._client(node))
+            except Unavailable as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                ctx.log.info("node unreachable; trying again", node=node, error=exc.message)
+                await asyncio.sleep(RETRY_INTERVAL)
+
+    async def _target_running(self, ctx: OpContext) -> bool | None:
+        """Does the target run the container? None if it cannot be reached in time."""
+        deadline = time.monotonic() + TARGET_REACH_WAIT
+        while True:
+            try:
+                ct = await self._client(self.target_name).get(self.name, wait_idle=True)
+                return ct.state == ContainerState.RUNNING
+            except NotFound:
+                return False
+            except (Unavailable, FailedPrecondition) as exc:
+                if time.monotonic() >= deadline:
+                    ctx.log.warning("target unreachable: cannot tell whether its copy runs", error=exc.message)
+                    return None
+                await asyncio.sleep(RETRY_INTERVAL)
+
+    async def _keep_source(self, ctx: OpContext, report: SideReport) -> SideReport:
+        """The target's copy is gone but the source still serves (or was not heard): make it keep
+        the container as a checkpoint, stopped."""
+        try:
+            return SideReport.of(await self._client(self.source_name).keep_source(ctx.op.id, self.name))
+        except CorralError as exc:
+            ctx.log.warning("could not make the source keep its checkpoint", error=exc.message)
+            return replace(report, detail=report.detail or exc.message)
+
+    # -- from a kept checkpoint -------------------------------------------------------------
+
+    async def _run_from_checkpoint(self, ctx: OpContext) -> dict[str, Any]:
+        """After a failed post-copy: run the container again on that migration's source, from the
+        checkpoint it kept there. Here `source` is where the record says it is (the failed
+        migration's target) and `target` where the checkpoint is."""
+        kept_op = ctx.op.params["from_checkpoint"]
+        here = self._agent(self.source_name)
+        await ctx.phase("stop-target", f"making sure the copy on {self.source_name} does not run")
+        async with ctx.step("stop-target"):
+            try:
+                await here.stop(self.name, force=True, timeout=0)
+            except NotFound:
+                pass  # nothing of it left there
+        await ctx.phase("restore-kept", f"restoring the checkpoint kept on {self.target_name}")
+        began = time.monotonic()
+        async with ctx.step("restore-kept"):
+            await self._agent(self.target_name).resume_source(kept_op, self.name)
+        await ctx.timing(restore=(time.monotonic() - began) * 1000)
+        return await self._finish_from_checkpoint(ctx)
+
+    async def _finish_from_checkpoint(self, ctx: OpContext) -> dict[str, Any]:
+        kept_op = ctx.op.params["from_checkpoint"]
+        if not ctx.op.done("switch"):
+            record = await self._record()
+            async with ctx.step("switch"):
+                await self.store.update_container(replace(record, node=self.target_name, state=ContainerState.RUNNING,
+                                                          message=""))  # fmt: skip
+        if not ctx.op.done("release-target"):
+            # The copy it left behind (stopped; its disk is newer than the checkpoint, but goes with it).
+            async with ctx.step("release-target"):
+                old = self._client(self.source_name)
+                await old.release(kept_op, self.name)
+                try:
+                    await old.finish_receive(kept_op, discard=True)
+                except CorralError:
+                    pass  # its channel was closed already
+        return {"from": self.source_name, "to": self.target_name, "live": True, "strategy": FROM_CHECKPOINT,
+                "from_checkpoint": kept_op}  # fmt: skip
+
+    # -- switch ---------------------------------------------------------------------------
+
+    async def _switch(self, ctx: OpContext) -> None:
+        """The fleet's record now says the container lives on the target."""
         record = await self._record()
         async with ctx.step("switch"):
             state = ContainerState.RUNNING if ctx.op.params.get("was_running") else ContainerState.STOPPED
@@ -221,32 +468,39 @@ class MigrationPlan:
             await self.store.update_container(
                 replace(record, node=self.target_name, state=state, volume_generation=generation)
             )
-        await ctx.phase("release-source", "removing the source's copy")
-        async with ctx.step("release-source"):
-            await self._agent(self.source_name).release(ctx.op.id, self.name)
-        if ctx.op.step("open-channel") is not None:
-            async with ctx.step("close-channel"):
-                await self._agent(self.target_name).finish_receive(ctx.op.id, discard=False)
-        timings = ctx.op.timings
-        return {
-            "from": self.source_name,
-            "to": self.target_name,
-            "live": bool(ctx.op.params.get("live")),
-            "strategy": ctx.op.params.get("strategy", "cold"),
-            "downtime_ms": timings.get("downtime"),
-            "bytes_sent": self.bytes_sent,
-        }
+
+    async def _switch_and_clean(self, ctx: OpContext) -> dict[str, Any]:
+        """The point of no return, then the source's copy goes."""
+        await self._switch(ctx)
+        return await self._finish_forward(ctx)
 
     # -- rollback & recovery ---------------------------------------------------------------------
 
+    def _past_postcopy_return(self, op: Operation) -> bool:
+        """Post-copy's point of no return: the target has resumed the container."""
+        return op.params.get("strategy") == POST_COPY and op.done("lazy-restore")
+
     async def rollback(self, ctx: OpContext, error: CorralError) -> None:
         op = ctx.op
+        if op.params.get("from_checkpoint"):
+            if op.done("restore-kept"):
+                await self._finish_from_checkpoint(ctx)  # it runs again where it was kept: finish
+            return  # otherwise nothing changed but a stop of a copy that was not running anyway
+        if self._past_postcopy_return(op):
+            # The target runs it: never back to the source from here (see postcopy.py).
+            if op.step("wait-pages") is None:
+                await self._postcopy_tail(ctx)  # failed before the pages were waited for: go on
+            elif op.done("wait-pages"):
+                await self._finish_forward(ctx)  # every page moved: only the cleanup failed
+            # Otherwise the page transfer failed and was dealt with there: the source's checkpoint
+            # stays for the operator, and the error says where.
+            return
         if op.done("switch"):
             # Past the point of no return: finish instead (the target runs it).
             await self._finish_forward(ctx)
             return
         await ctx.phase("rollback", f"putting {self.name} back on {self.source_name}")
-        target_may_run = op.step("restore") is not None or op.step("start-target") is not None
+        target_may_run = any(op.step(s) is not None for s in ("restore", "start-target", "lazy-restore"))
         if target_may_run:
             # Rule 1: the source may run again only once the target's copy is proven gone.
             async with ctx.step("undo-adopt"):
@@ -289,6 +543,18 @@ class MigrationPlan:
         if not op.params.get("was_running"):
             return
         src = self._agent(self.source_name)
+        if op.step("lazy-checkpoint") is not None:
+            # A post-copy source is frozen while it serves pages (the agent still reports it as
+            # running): its agent knows whether to thaw it or restore the checkpoint it kept.
+            async with ctx.step("resume-source"):
+                try:
+                    await src.resume_source(op.id, self.name)
+                except FailedPrecondition as exc:
+                    if (await src.get(self.name, wait_idle=True)).state == ContainerState.RUNNING:
+                        return
+                    ctx.log.warning("nothing to resume the source from; starting it afresh", error=exc.message)
+                    await src.start(self.name)
+            return
         current = await src.get(self.name, wait_idle=True)
         if current.state == ContainerState.RUNNING:
             return
@@ -305,13 +571,27 @@ class MigrationPlan:
         if not ctx.op.done("switch"):
             return await self._switch_and_clean(ctx)
         if not ctx.op.done("release-source"):
+            await ctx.phase("release-source", "removing the source's copy")
             async with ctx.step("release-source"):
-                await self._agent(self.source_name).release(ctx.op.id, self.name)
+                await self._through_blips(ctx, self.source_name, lambda a: a.release(ctx.op.id, self.name))
         if ctx.op.step("open-channel") is not None and not ctx.op.done("close-channel"):
-            async with ctx.step("close-channel"):
-                await self._agent(self.target_name).finish_receive(ctx.op.id, discard=False)
-        return {"from": self.source_name, "to": self.target_name, "recovered": True,
-                "downtime_ms": ctx.op.timings.get("downtime")}  # fmt: skip
+            try:
+                async with ctx.step("close-channel"):
+                    await self._through_blips(ctx, self.target_name,
+                                              lambda a: a.finish_receive(ctx.op.id, discard=False))  # fmt: skip
+            except CorralError as exc:
+                # Tidiness only (the grant expires, the staging goes with it): the container has moved.
+                ctx.log.warning("could not close the transfer channel on the target", error=exc.message)
+        timings = ctx.op.timings
+        return {
+            "from": self.source_name,
+            "to": self.target_name,
+            "live": bool(ctx.op.params.get("live")),
+            "strategy": ctx.op.params.get("strategy", "cold"),
+            "downtime_ms": timings.get("downtime"),
+            "pages_done_ms": timings.get("pages_done"),
+            "bytes_sent": self.bytes_sent,
+        }
 
     async def recover(self, ctx: OpContext) -> dict[str, Any]:
         """The controller restarted mid-migration: look at the target, then finish or roll back."""
@@ -319,17 +599,34 @@ class MigrationPlan:
         for node in (self.source_name, self.target_name):
             if not await self.nodes.wait_ready(node, RECOVERY_NODE_WAIT):
                 ctx.log.warning("node did not come back in time for recovery", node=node)
+        if op.params.get("from_checkpoint"):
+            if op.done("restore-kept"):
+                return await self._finish_from_checkpoint(ctx)
+            raise FailedPrecondition("the controller restarted before the checkpoint was restored; nothing changed")
+        if self._past_postcopy_return(op):
+            return await self._postcopy_tail(ctx)
         if op.done("switch"):
             return await self._finish_forward(ctx)
-        if op.step("restore") is not None or op.step("start-target") is not None:
+        if any(op.step(s) is not None for s in ("restore", "start-target", "lazy-restore")):
             try:
                 on_target = await self._agent(self.target_name).get(self.name, wait_idle=True)
             except NotFound:
                 on_target = None
             if on_target is not None and on_target.state == ContainerState.RUNNING:
                 ctx.log.info("target already runs the container: finishing the migration")
+                if op.params.get("strategy") == POST_COPY:
+                    return await self._postcopy_tail(ctx)
                 return await self._finish_forward(ctx)
         raise FailedPrecondition("the controller restarted during the migration; rolled back")
+
+
+async def _settle(task: asyncio.Future, timeout: float) -> SideReport:
+    """A side's report, waiting at most `timeout` more for it."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(task)
+    except TimeoutError:
+        return SideReport(postcopy.MOVING, "no outcome reported in time")
 
 
 def _operation_keypair() -> tuple[str, str]:

@@ -14,27 +14,46 @@ class TransferContent(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_CONTENT_UNSPECIFIED: _ClassVar[TransferContent]
     TRANSFER_CONTENT_ROOTFS: _ClassVar[TransferContent]
     TRANSFER_CONTENT_CHECKPOINT: _ClassVar[TransferContent]
+    TRANSFER_CONTENT_PREDUMP: _ClassVar[TransferContent]
 
 class CheckpointMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CHECKPOINT_MODE_UNSPECIFIED: _ClassVar[CheckpointMode]
     CHECKPOINT_MODE_TRIAL: _ClassVar[CheckpointMode]
     CHECKPOINT_MODE_STOP: _ClassVar[CheckpointMode]
+    CHECKPOINT_MODE_LAZY: _ClassVar[CheckpointMode]
+    CHECKPOINT_MODE_PREDUMP: _ClassVar[CheckpointMode]
 
 class RestoreSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RESTORE_SOURCE_UNSPECIFIED: _ClassVar[RestoreSource]
     RESTORE_SOURCE_LOCAL: _ClassVar[RestoreSource]
     RESTORE_SOURCE_RECEIVED: _ClassVar[RestoreSource]
+
+class PagesState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PAGES_STATE_UNSPECIFIED: _ClassVar[PagesState]
+    PAGES_STATE_MOVING: _ClassVar[PagesState]
+    PAGES_STATE_DONE: _ClassVar[PagesState]
+    PAGES_STATE_FAILED: _ClassVar[PagesState]
+    PAGES_STATE_UNKNOWN: _ClassVar[PagesState]
 TRANSFER_CONTENT_UNSPECIFIED: TransferContent
 TRANSFER_CONTENT_ROOTFS: TransferContent
 TRANSFER_CONTENT_CHECKPOINT: TransferContent
+TRANSFER_CONTENT_PREDUMP: TransferContent
 CHECKPOINT_MODE_UNSPECIFIED: CheckpointMode
 CHECKPOINT_MODE_TRIAL: CheckpointMode
 CHECKPOINT_MODE_STOP: CheckpointMode
+CHECKPOINT_MODE_LAZY: CheckpointMode
+CHECKPOINT_MODE_PREDUMP: CheckpointMode
 RESTORE_SOURCE_UNSPECIFIED: RestoreSource
 RESTORE_SOURCE_LOCAL: RestoreSource
 RESTORE_SOURCE_RECEIVED: RestoreSource
+PAGES_STATE_UNSPECIFIED: PagesState
+PAGES_STATE_MOVING: PagesState
+PAGES_STATE_DONE: PagesState
+PAGES_STATE_FAILED: PagesState
+PAGES_STATE_UNKNOWN: PagesState
 
 class GetNodeFactsRequest(_message.Message):
     __slots__ = ()
@@ -212,17 +231,19 @@ class TransferUpdate(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bps: _Optional[float] = ..., eta_s: _Optional[float] = ..., finished: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., literal_bytes: _Optional[int] = ..., total_size: _Optional[int] = ..., files_transferred: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("op_id", "container", "mode")
+    __slots__ = ("op_id", "container", "mode", "iteration")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     container: str
     mode: CheckpointMode
-    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., mode: _Optional[_Union[CheckpointMode, str]] = ...) -> None: ...
+    iteration: int
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., mode: _Optional[_Union[CheckpointMode, str]] = ..., iteration: _Optional[int] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
-    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms")
+    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written")
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +252,10 @@ class CheckpointResult(_message.Message):
     IMAGES_BYTES_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SERVER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SERVER_PORT_FIELD_NUMBER: _ClassVar[int]
+    LAZY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     wall_ms: float
     frozen_ms: float
     freezing_ms: float
@@ -239,17 +264,25 @@ class CheckpointResult(_message.Message):
     images_bytes: int
     started_at: float
     pause_ms: float
-    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ...) -> None: ...
+    page_server_address: str
+    page_server_port: int
+    lazy_bytes: int
+    pages_written: int
+    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("op_id", "container", "source")
+    __slots__ = ("op_id", "container", "source", "lazy_address", "lazy_port")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LAZY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAZY_PORT_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     container: str
     source: RestoreSource
-    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., source: _Optional[_Union[RestoreSource, str]] = ...) -> None: ...
+    lazy_address: str
+    lazy_port: int
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., source: _Optional[_Union[RestoreSource, str]] = ..., lazy_address: _Optional[str] = ..., lazy_port: _Optional[int] = ...) -> None: ...
 
 class RestoreResult(_message.Message):
     __slots__ = ("container", "wall_ms", "restore_ms", "finished_at")
@@ -298,3 +331,35 @@ class VolumeRequest(_message.Message):
 class VolumeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WaitPagesRequest(_message.Message):
+    __slots__ = ("op_id", "container")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    container: str
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ...) -> None: ...
+
+class PagesUpdate(_message.Message):
+    __slots__ = ("state", "bytes_done", "bytes_total", "pages_done_at", "detail", "kept_checkpoint")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PAGES_DONE_AT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    KEPT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    state: PagesState
+    bytes_done: int
+    bytes_total: int
+    pages_done_at: float
+    detail: str
+    kept_checkpoint: str
+    def __init__(self, state: _Optional[_Union[PagesState, str]] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., pages_done_at: _Optional[float] = ..., detail: _Optional[str] = ..., kept_checkpoint: _Optional[str] = ...) -> None: ...
+
+class ResumeSourceRequest(_message.Message):
+    __slots__ = ("op_id", "container")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    container: str
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ...) -> None: ...

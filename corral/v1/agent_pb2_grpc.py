@@ -126,6 +126,21 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.VolumeRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.VolumeResponse.FromString,
                 _registered_method=True)
+        self.WaitPages = channel.unary_stream(
+                '/corral.v1.AgentService/WaitPages',
+                request_serializer=corral_dot_v1_dot_agent__pb2.WaitPagesRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.PagesUpdate.FromString,
+                _registered_method=True)
+        self.ResumeSource = channel.unary_unary(
+                '/corral.v1.AgentService/ResumeSource',
+                request_serializer=corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
+                _registered_method=True)
+        self.KeepSource = channel.unary_unary(
+                '/corral.v1.AgentService/KeepSource',
+                request_serializer=corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.PagesUpdate.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -246,6 +261,31 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitPages(self, request, context):
+        """Post-copy, either side: follow the page transfer of an operation until every page has
+        moved (or the transfer failed), with progress. The destination reports the pages
+        arrived; the source that it served them all (or, if it failed, the checkpoint it kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSource(self, request, context):
+        """Post-copy source, rollback before the destination ran: stop serving pages and let the
+        container run on here as it was (thawed, or restored from the checkpoint it kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepSource(self, request, context):
+        """Post-copy source whose destination copy is gone: stop serving pages and keep the
+        container as a complete checkpoint here, stopped (it does not run). Returns the outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +378,21 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.AttachVolume,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.VolumeRequest.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.VolumeResponse.SerializeToString,
+            ),
+            'WaitPages': grpc.unary_stream_rpc_method_handler(
+                    servicer.WaitPages,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.WaitPagesRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.PagesUpdate.SerializeToString,
+            ),
+            'ResumeSource': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSource,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'KeepSource': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepSource,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.PagesUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -826,6 +881,87 @@ class AgentService:
             '/corral.v1.AgentService/AttachVolume',
             corral_dot_v1_dot_agent__pb2.VolumeRequest.SerializeToString,
             corral_dot_v1_dot_agent__pb2.VolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitPages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.v1.AgentService/WaitPages',
+            corral_dot_v1_dot_agent__pb2.WaitPagesRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.PagesUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/ResumeSource',
+            corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/KeepSource',
+            corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.PagesUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -120,18 +120,20 @@ class SetContainerLimitsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ...) -> None: ...
 
 class MigrateContainerRequest(_message.Message):
-    __slots__ = ("name", "target_node", "live", "postcopy", "fallback_cold")
+    __slots__ = ("name", "target_node", "live", "postcopy", "fallback_cold", "from_checkpoint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_COLD_FIELD_NUMBER: _ClassVar[int]
+    FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     target_node: str
     live: bool
     postcopy: bool
     fallback_cold: bool
-    def __init__(self, name: _Optional[str] = ..., target_node: _Optional[str] = ..., live: _Optional[bool] = ..., postcopy: _Optional[bool] = ..., fallback_cold: _Optional[bool] = ...) -> None: ...
+    from_checkpoint: str
+    def __init__(self, name: _Optional[str] = ..., target_node: _Optional[str] = ..., live: _Optional[bool] = ..., postcopy: _Optional[bool] = ..., fallback_cold: _Optional[bool] = ..., from_checkpoint: _Optional[str] = ...) -> None: ...
 
 class ListOperationsRequest(_message.Message):
     __slots__ = ("container", "active_only")
