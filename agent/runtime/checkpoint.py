@@ -360,6 +360,21 @@ def _init_pid(lxc_path: Path, name: str) -> int:
         return 0
 
 
+def _cgroup2_root(pid: int) -> str | None:
+    """Where the container's cgroup2 tree begins: the root of the cgroup2 mount its init sees
+    (e.g. /lxc.payload.NAME), or None (no cgroup2 mount, or the whole hierarchy)."""
+    try:
+        mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in mounts:
+        pre, _, post = line.partition(" - ")
+        if post.split()[:1] == ["cgroup2"]:
+            root = pre.split()[3]
+            return root if root != "/" else None
+    return None
+
+
 @dataclass(frozen=True)
 class _Freezer:
     """The container's freezer: cgroup v1 `freezer.state` or cgroup v2 `cgroup.freeze`."""
@@ -545,6 +560,19 @@ class Checkpointer:
     def _dump_options(self) -> list[tuple[str, str | None]]:
         return [("network-lock", self.network_lock)] if self.network_lock else []
 
+    async def _cgroup_options(self, name: str) -> list[tuple[str, str | None]]:
+        """CRIU saves the cgroup2 tree from the container's own root only if told where that is:
+        LXC names a root for each v1 hierarchy but, in a hybrid layout, none for cgroup2, and
+        CRIU then walks it from init's cgroup. Under systemd (init in /init.scope) the
+        container's other cgroup2 directories, empty ones included, are then missing on restore,
+        and so are systemd's inotify watches on their cgroup.events ("fsnotify: Unable to open
+        .../system-getty.slice/cgroup.events"). `cgroup-root :ROOT` names it (controller "")."""
+        pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
+        root = await asyncio.to_thread(_cgroup2_root, pid) if pid else None
+        if root is None or any(c.isspace() for c in root) or "#" in root:
+            return []
+        return [("cgroup-root", f":{root}")]
+
     def _write_config(self, path: Path, options: Sequence[tuple[str, str | None]]) -> Path | None:
         if not options:
             return None
@@ -645,7 +673,7 @@ class Checkpointer:
     async def _run_dump(self, name: str, images: Path, flags: list[str], what: str, timeout: float,
                         criu_log: str = "dump.log", resume_on_failure: bool = True) -> DumpResult:  # fmt: skip
         await asyncio.to_thread(_check_images_dir, images)
-        config = self._write_config(images / DUMP_CONFIG, self._dump_options())
+        config = self._write_config(images / DUMP_CONFIG, [*self._dump_options(), *await self._cgroup_options(name)])
         freezer, freeze_flags = await self._prefreeze(name, images) if "-s" in flags else (None, [])
         started_at, t0 = time.time(), time.perf_counter()
         try:
@@ -705,7 +733,8 @@ class Checkpointer:
         self._require_config(name)
         await asyncio.to_thread(_check_images_dir, images)
         config = self._write_config(
-            images / DUMP_CONFIG, [("lazy-pages", None), *server.criu_options(server=True), *self._dump_options()]
+            images / DUMP_CONFIG,
+            [("lazy-pages", None), *server.criu_options(server=True), *self._dump_options(), *await self._cgroup_options(name)],
         )
         if _listening(server.port):
             raise FailedPrecondition(f"port {server.port} is already in use on this host")
