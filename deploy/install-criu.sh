@@ -8,11 +8,16 @@
 #      sha256 in /var/cache/corral/criu/): install it to /usr/local/sbin;
 #   3. Debian's own criu package, if its `criu check` passes here (tested
 #      from the downloaded .deb, unpacked in a temporary directory);
-#   4. build CRIU 4.1.1 from Debian's trixie source archive
-#      (criu_4.1.1.orig.tar.xz, hash-checked), `make criu`, install the
+#   4. build CRIU 4.2.1 from Debian's forky (or sid) source archive
+#      (criu_4.2.1.orig.tar.xz, hash-checked), `make criu`, install the
 #      binary to /usr/local/sbin/criu.
 #
-# The host's apt configuration is never changed: the trixie source index
+# Why at least 4.2.1: CRIU 4.1.1 passes `criu check` here but cannot dump a
+# TCP socket on Linux >= 6.16 ("Can't get 1:16 opt: Operation not supported",
+# CRIU issue #2705, fixed in 4.2), so any container running a network service
+# could not be live-migrated. A working CRIU older than that is replaced.
+#
+# The host's apt configuration is never changed: the source index
 # is fetched into a temporary directory with apt's Dir::* options. The
 # Debian mirror is taken from the host's own apt sources (or from
 # CORRAL_DEBIAN_MIRROR).
@@ -21,11 +26,12 @@
 set -euo pipefail
 umask 022
 
-readonly CRIU_UPSTREAM_VERSION=4.1.1
-readonly CRIU_DEBIAN_SOURCE_VERSION=4.1.1-1
-readonly CRIU_SOURCE_SUITE=trixie
+readonly CRIU_UPSTREAM_VERSION=4.2.1
+readonly CRIU_MIN_VERSION=4.2.1
+readonly CRIU_DEBIAN_SOURCE_VERSION=4.2.1-1
+readonly CRIU_SOURCE_SUITE="forky sid"
 readonly CRIU_TARBALL=criu_${CRIU_UPSTREAM_VERSION}.orig.tar.xz
-readonly CRIU_TARBALL_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+readonly CRIU_TARBALL_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 readonly CACHE_DIR=${CORRAL_CRIU_CACHE_DIR:-/var/cache/corral/criu}
 readonly INSTALL_PATH=/usr/local/sbin/criu
 readonly ARCHIVE_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
@@ -210,8 +216,19 @@ finish() {
     report_path "$bin"
 }
 
+# Is criu binary $1 at least CRIU_MIN_VERSION?
+recent_enough() {
+    local v
+    v=$(criu_version "$1" 2>/dev/null || true)
+    [[ -n "$v" ]] && [[ "$(printf '%s\n%s\n' "$CRIU_MIN_VERSION" "$v" | sort -V | head -n1)" == "$CRIU_MIN_VERSION" ]]
+}
+
 # Step 1: an installed criu that already works.
 existing_criu_ok() {
+    if [[ -x "$INSTALL_PATH" ]] && ! recent_enough "$INSTALL_PATH"; then
+        log "$INSTALL_PATH is CRIU $(criu_version "$INSTALL_PATH" || true), older than $CRIU_MIN_VERSION: replacing it"
+        return 1
+    fi
     if [[ -x "$INSTALL_PATH" ]]; then
         if criu_check "$INSTALL_PATH"; then
             finish "$INSTALL_PATH" "already installed, nothing to do"
@@ -223,7 +240,7 @@ existing_criu_ok() {
     fi
     local other
     other=$(command -v criu || true)
-    if [[ -n "$other" ]]; then
+    if [[ -n "$other" ]] && recent_enough "$other"; then
         if criu_check "$other"; then
             finish "$other" "already installed, nothing to do"
             return 0
@@ -273,6 +290,10 @@ debian_package_ok() {
     fi
     if [[ -z "$candidate" || "$candidate" == "(none)" ]]; then
         log "Debian offers no criu package here"
+        return 1
+    fi
+    if ! dpkg --compare-versions "$candidate" ge "$CRIU_MIN_VERSION"; then
+        log "Debian's criu $candidate is older than $CRIU_MIN_VERSION: not used"
         return 1
     fi
     installed=$(dpkg-query -W -f='${Version}' criu 2>/dev/null || true)
@@ -335,7 +356,10 @@ fetch_tarball() {
     dir=$TMP_DIR/src
     mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/download"
     chown -R _apt "$dir/lists" "$dir/download" 2>/dev/null || true
-    printf 'deb-src [signed-by=%s] %s %s main\n' "$ARCHIVE_KEYRING" "$mirror" "$CRIU_SOURCE_SUITE" >"$dir/sources.list"
+    local suite
+    for suite in $CRIU_SOURCE_SUITE; do
+        printf 'deb-src [signed-by=%s] %s %s main\n' "$ARCHIVE_KEYRING" "$mirror" "$suite"
+    done >"$dir/sources.list"
     # Only this source list, and indexes and caches in the temporary
     # directory: nothing of the host's apt state is read or written.
     local src_opts=(
@@ -438,7 +462,7 @@ main() {
     exec 9>"$CACHE_DIR/.lock"
     flock -w 900 9 || die "another install-criu.sh holds $CACHE_DIR/.lock"
     # Another run may have finished while we waited.
-    if [[ -x "$INSTALL_PATH" ]] && criu_check "$INSTALL_PATH"; then
+    if [[ -x "$INSTALL_PATH" ]] && recent_enough "$INSTALL_PATH" && criu_check "$INSTALL_PATH"; then
         finish "$INSTALL_PATH" "installed by a concurrent run"
         return 0
     fi
