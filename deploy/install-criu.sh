@@ -8,14 +8,17 @@
 #      sha256 in /var/cache/corral/criu/): install it to /usr/local/sbin;
 #   3. Debian's own criu package, if its `criu check` passes here (tested
 #      from the downloaded .deb, unpacked in a temporary directory);
-#   4. build CRIU 4.2.1 from Debian's forky (or sid) source archive
-#      (criu_4.2.1.orig.tar.xz, hash-checked), `make criu`, install the
+#   4. build CRIU 4.1.1 from Debian's trixie source archive
+#      (criu_4.1.1.orig.tar.xz, hash-checked), `make criu`, install the
 #      binary to /usr/local/sbin/criu.
 #
-# Why at least 4.2.1: CRIU 4.1.1 passes `criu check` here but cannot dump a
-# TCP socket on Linux >= 6.16 ("Can't get 1:16 opt: Operation not supported",
-# CRIU issue #2705, fixed in 4.2), so any container running a network service
-# could not be live-migrated. A working CRIU older than that is replaced.
+# The version is pinned: the agent's post-copy handling was written against
+# 4.1.1's lazy-pages behaviour, and another version installed here is replaced.
+# Known limit of 4.1.1: it cannot dump a TCP socket on Linux >= 6.16 ("Can't
+# get 1:16 opt", CRIU issue #2705, fixed in 4.2). CRIU 4.2.1 (Debian forky/sid,
+# sha256 29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9)
+# builds and passes `criu check` here; moving to it needs the post-copy path
+# re-validated first.
 #
 # The host's apt configuration is never changed: the source index
 # is fetched into a temporary directory with apt's Dir::* options. The
@@ -26,12 +29,11 @@
 set -euo pipefail
 umask 022
 
-readonly CRIU_UPSTREAM_VERSION=4.2.1
-readonly CRIU_MIN_VERSION=4.2.1
-readonly CRIU_DEBIAN_SOURCE_VERSION=4.2.1-1
-readonly CRIU_SOURCE_SUITE="forky sid"
+readonly CRIU_UPSTREAM_VERSION=4.1.1
+readonly CRIU_DEBIAN_SOURCE_VERSION=4.1.1-1
+readonly CRIU_SOURCE_SUITE="trixie"
 readonly CRIU_TARBALL=criu_${CRIU_UPSTREAM_VERSION}.orig.tar.xz
-readonly CRIU_TARBALL_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
+readonly CRIU_TARBALL_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
 readonly CACHE_DIR=${CORRAL_CRIU_CACHE_DIR:-/var/cache/corral/criu}
 readonly INSTALL_PATH=/usr/local/sbin/criu
 readonly ARCHIVE_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
@@ -216,17 +218,15 @@ finish() {
     report_path "$bin"
 }
 
-# Is criu binary $1 at least CRIU_MIN_VERSION?
+# Is criu binary $1 the pinned version?
 recent_enough() {
-    local v
-    v=$(criu_version "$1" 2>/dev/null || true)
-    [[ -n "$v" ]] && [[ "$(printf '%s\n%s\n' "$CRIU_MIN_VERSION" "$v" | sort -V | head -n1)" == "$CRIU_MIN_VERSION" ]]
+    [[ "$(criu_version "$1" 2>/dev/null || true)" == "$CRIU_UPSTREAM_VERSION" ]]
 }
 
 # Step 1: an installed criu that already works.
 existing_criu_ok() {
     if [[ -x "$INSTALL_PATH" ]] && ! recent_enough "$INSTALL_PATH"; then
-        log "$INSTALL_PATH is CRIU $(criu_version "$INSTALL_PATH" || true), older than $CRIU_MIN_VERSION: replacing it"
+        log "$INSTALL_PATH is CRIU $(criu_version "$INSTALL_PATH" || true), not the pinned $CRIU_UPSTREAM_VERSION: replacing it"
         return 1
     fi
     if [[ -x "$INSTALL_PATH" ]]; then
@@ -292,8 +292,8 @@ debian_package_ok() {
         log "Debian offers no criu package here"
         return 1
     fi
-    if ! dpkg --compare-versions "$candidate" ge "$CRIU_MIN_VERSION"; then
-        log "Debian's criu $candidate is older than $CRIU_MIN_VERSION: not used"
+    if [[ "${candidate%%-*}" != "$CRIU_UPSTREAM_VERSION" ]]; then
+        log "Debian's criu $candidate is not the pinned $CRIU_UPSTREAM_VERSION: not used"
         return 1
     fi
     installed=$(dpkg-query -W -f='${Version}' criu 2>/dev/null || true)

@@ -27,7 +27,13 @@ async def start_counter(corral, name: str) -> None:
 
 
 async def read_int(corral, name: str, path: str) -> int:
-    return int((await corral("ct", "exec", name, "--", "cat", path)).stdout.strip())
+    # The workload rewrites the file ten times a second: a read can land on it empty.
+    async with asyncio.timeout(5):
+        while True:
+            text = (await corral("ct", "exec", name, "--", "cat", path)).stdout.strip()
+            if text:
+                return int(text)
+            await asyncio.sleep(0.05)
 
 
 async def test_cold_migration_moves_the_files_and_removes_the_source_copy(corral, cleanup, lab):
