@@ -84,3 +84,15 @@ async def cleanup(corral):
     yield names
     for name in names:
         await corral("ct", "destroy", "--force", name, check=False)
+
+
+async def running_copies(lab, name: str) -> list[str]:
+    """The lab hosts on which LXC really runs `name` (asked on each host itself)."""
+    hosts = []
+    for host in lab.hosts:
+        argv = corral_lab.host_command(lab.name, host.node, ["lxc-ls", "-P", str(host.lxc_path), "--running", "-1"])
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await proc.communicate()
+        if name in out.decode().split():
+            hosts.append(host.node)
+    return hosts

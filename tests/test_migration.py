@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from conftest import running_copies
 from corral import lab as corral_lab
 
 COUNTER = """#!/bin/sh
@@ -130,18 +131,6 @@ async def test_destination_agent_killed_during_transfer_source_keeps_running(cor
         await corral_lab.start_agent(lab.name, "n2")
     shown = await corral.json("ct", "show", "victim")
     assert shown["node"] == "n1" and shown["state"] == "running"
-
-
-async def running_copies(lab, name: str) -> list[str]:
-    """The lab hosts on which LXC really runs `name` (asked on each host itself)."""
-    hosts = []
-    for host in lab.hosts:
-        argv = corral_lab.host_command(lab.name, host.node, ["lxc-ls", "-P", str(host.lxc_path), "--running", "-1"])
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await proc.communicate()
-        if name in out.decode().split():
-            hosts.append(host.node)
-    return hosts
 
 
 async def test_cold_migration_on_shared_storage_hands_the_volume_over(corral, cleanup, lab):

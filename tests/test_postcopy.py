@@ -15,6 +15,7 @@ import time
 import pytest
 
 from corral import lab as corral_lab
+from conftest import running_copies as lxc_running
 
 MEMORY = 64_000_000
 
@@ -92,18 +93,6 @@ class RunningCopies:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-
-
-async def lxc_running(lab, name: str) -> list[str]:
-    """Hosts on which LXC runs `name` (asked on each host itself)."""
-    hosts = []
-    for host in lab.hosts:
-        argv = corral_lab.host_command(lab.name, host.node, ["lxc-ls", "-P", str(host.lxc_path), "--running", "-1"])
-        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await proc.communicate()
-        if name in out.decode().split():
-            hosts.append(host.node)
-    return hosts
 
 
 @contextlib.asynccontextmanager
