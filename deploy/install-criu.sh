@@ -8,17 +8,16 @@
 #      sha256 in /var/cache/corral/criu/): install it to /usr/local/sbin;
 #   3. Debian's own criu package, if its `criu check` passes here (tested
 #      from the downloaded .deb, unpacked in a temporary directory);
-#   4. build CRIU 4.1.1 from Debian's trixie source archive
-#      (criu_4.1.1.orig.tar.xz, hash-checked), `make criu`, install the
+#   4. build CRIU 4.2.1 from Debian's forky (or sid) source archive
+#      (criu_4.2.1.orig.tar.xz, hash-checked), `make criu`, install the
 #      binary to /usr/local/sbin/criu.
 #
-# The version is pinned: the agent's post-copy handling was written against
-# 4.1.1's lazy-pages behaviour, and another version installed here is replaced.
-# Known limit of 4.1.1: it cannot dump a TCP socket on Linux >= 6.16 ("Can't
-# get 1:16 opt", CRIU issue #2705, fixed in 4.2). CRIU 4.2.1 (Debian forky/sid,
-# sha256 29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9)
-# builds and passes `criu check` here; moving to it needs the post-copy path
-# re-validated first.
+# The version is pinned: the agent reads CRIU's images (pagemap, stats) and
+# relies on its lazy-pages behaviour, both validated against this release, so
+# another version installed here is replaced. Why 4.2.1 and not 4.1.1: 4.1.1
+# passes `criu check` here but cannot dump a TCP socket on Linux >= 6.16
+# ("Can't get 1:16 opt: Operation not supported", CRIU issue #2705, fixed in
+# 4.2), so no container running a network service could be live-migrated.
 #
 # The host's apt configuration is never changed: the source index
 # is fetched into a temporary directory with apt's Dir::* options. The
@@ -29,11 +28,11 @@
 set -euo pipefail
 umask 022
 
-readonly CRIU_UPSTREAM_VERSION=4.1.1
-readonly CRIU_DEBIAN_SOURCE_VERSION=4.1.1-1
-readonly CRIU_SOURCE_SUITE="trixie"
+readonly CRIU_UPSTREAM_VERSION=4.2.1
+readonly CRIU_DEBIAN_SOURCE_VERSION=4.2.1-1
+readonly CRIU_SOURCE_SUITE="forky sid"
 readonly CRIU_TARBALL=criu_${CRIU_UPSTREAM_VERSION}.orig.tar.xz
-readonly CRIU_TARBALL_SHA256=f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe
+readonly CRIU_TARBALL_SHA256=29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9
 readonly CACHE_DIR=${CORRAL_CRIU_CACHE_DIR:-/var/cache/corral/criu}
 readonly INSTALL_PATH=/usr/local/sbin/criu
 readonly ARCHIVE_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
@@ -378,7 +377,7 @@ fetch_tarball() {
         >"$dir/source.log" 2>&1 || true
     local got=$dir/download/$CRIU_TARBALL
     if [[ ! -f "$got" ]]; then
-        # The same upstream tarball is shared by every Debian revision 4.1.1-N.
+        # The same upstream tarball is shared by every Debian revision 4.2.1-N.
         local v
         for v in $(apt-cache "${src_opts[@]}" showsrc criu 2>/dev/null \
                 | awk '/^Version:/ { print $2 }' | grep -F "$CRIU_UPSTREAM_VERSION-" || true); do

@@ -313,6 +313,33 @@ def test_stats_images_are_read_without_crit():
             dump_stats_from_bytes(bad)
 
 
+def test_lazy_pages_are_counted_in_both_pagemap_formats(tmp_path):
+    """CRIU 4.2 moved nr_pages to a u64 field 5 and left field 2 as a compat copy: a post-copy's
+    page total (the progress the user sees, and the check that memory went lazily) reads both."""
+    from agent.runtime.criu_pagemap import lazy_bytes, lazy_pages_of
+    from agent.runtime.criu_stats import StatsFormatError
+    import struct
+
+    def image(*entries: bytes) -> bytes:
+        out = struct.pack("<II", 0x54564319, 0x56084025)
+        for e in (_field(1, 3),) + entries:  # pagemap_head{pages_id}, then the entries
+            out += struct.pack("<I", len(e)) + e
+        return out
+
+    lazy, present = 2, 4
+    old = image(_field(1, 0x1000) + _field(2, 10) + _field(4, lazy), _field(1, 0x9000) + _field(2, 5) + _field(4, present))
+    new = image(_field(1, 0x1000) + _field(2, 0) + _field(5, 70000) + _field(4, lazy | present),
+                _field(1, 0x9000) + _field(2, 5) + _field(5, 5) + _field(4, present))  # fmt: skip
+    assert lazy_pages_of(old) == 10
+    assert lazy_pages_of(new) == 70000  # over 2^16 pages: only the u64 field holds it
+    (tmp_path / "pagemap-1.img").write_bytes(old)
+    (tmp_path / "pagemap-7.img").write_bytes(new)
+    (tmp_path / "pagemap-shmem-9.img").write_bytes(b"ignored")
+    assert lazy_bytes(tmp_path) == (10 + 70000) * 4096
+    with pytest.raises(StatsFormatError):
+        lazy_pages_of(b"\x19\x43\x56\x54\x00\x00\x00\x00")
+
+
 def test_failure_reason_prefers_criu_errors(tmp_path):
     from agent.runtime.checkpoint import failure_reason
 

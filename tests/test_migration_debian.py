@@ -6,11 +6,9 @@ from another host after the move, with its PID unchanged.
 """
 
 import asyncio
-import platform
 import secrets
 import time
 
-import pytest
 
 WEB_UNIT = """[Unit]
 Description=A small HTTP server (busybox httpd)
@@ -24,11 +22,9 @@ Restart=always
 WantedBy=multi-user.target
 """
 
-# CRIU before 4.2 reads SO_PASSCRED/SO_PASSSEC of every socket; Linux 6.16 and later refuse
-# that for all but AF_UNIX/AF_NETLINK/AF_BLUETOOTH sockets, so CRIU fails to dump any TCP
-# socket (CRIU issue #2705, fixed by commit 4b7398595 "criu/sockets: Restrict SO_PASSCRED
-# and SO_PASSSEC to supported families", in 4.2).
-CRIU_INET_SOCKOPT_BUG = "Can't get 1:16 opt"
+# Needs CRIU >= 4.2 (deploy/install-criu.sh pins 4.2.1): before it, CRIU read SO_PASSCRED of
+# every socket, which Linux >= 6.16 refuses for TCP sockets, so no TCP socket could be dumped
+# (CRIU issue #2705).
 
 
 async def wait_for(check, timeout: float, what: str, interval: float = 0.2):
@@ -77,17 +73,6 @@ async def test_debian_http_service_answers_at_the_same_address_after_a_live_migr
 
     result = await corral("--output", "json", "ct", "migrate", "debweb", "--to", "n2", "--live", check=False)
     op = result.json()
-    if op["state"] != "succeeded" and CRIU_INET_SOCKOPT_BUG in op["error"]:
-        # Refused at the pre-flight dump: the container must run on as it was.
-        shown = await corral.json("ct", "show", "debweb")
-        assert shown["node"] == "n1" and shown["state"] == "running"
-        assert await fetch(corral, "webclient", f"http://{ip}/") == token
-        node = await corral.json("node", "show", "n1")
-        pytest.skip(
-            f"CRIU {node['criu_version']} cannot dump a TCP socket on Linux {platform.release()}: "
-            "getsockopt(SO_PASSCRED) on an inet socket fails with EOPNOTSUPP since Linux 6.16 "
-            "(CRIU issue #2705; fixed in CRIU 4.2, commit 4b7398595). Error: " + op["error"]
-        )
     assert result.returncode == 0 and op["state"] == "succeeded", op["error"]
     assert op["params"]["live"] is True
     moved_at = time.monotonic()

@@ -725,7 +725,7 @@ class Checkpointer:
         `keep_source`: when the page transfer ends, leave the source's tasks frozen (and its
         network locked, by our own lock) instead of letting CRIU kill them; the caller stops
         them once the destination is known to have all its memory, or dumps them whole if it
-        is not. Why: CRIU 4.1.1's lazy page server ends *successfully* whenever its peer
+        is not. Why: CRIU's lazy page server (4.1.1, 4.2.1) ends *successfully* whenever its peer
         closes the connection (criu/page-xfer.c, page_server_serve: "the data were not
         flushed" is checked only when receiving), and `criu lazy-pages` closes it cleanly as
         soon as the restored tasks are gone: so a destination container killed mid-transfer
@@ -943,7 +943,7 @@ class LazyDump:
         if rc != 0:
             raise await self._owner._failed("post-copy checkpoint", self.name, self.images, "dump.log", self._child)
         # No CRIU figures: in lazy mode its page server re-initialises the dump stats (cr_page_server
-        # calls init_stats again, CRIU 4.1.1), so stats-dump holds zeros and a bogus frozen time.
+        # calls init_stats again, CRIU 4.1.1 and 4.2.1), so stats-dump holds zeros and a bogus frozen time.
         size = self._ready.images_bytes if self._ready else await asyncio.to_thread(_dir_bytes, self.images)
         wall_ms = (finished_at - self.started_at) * 1000
         frozen_at = await asyncio.to_thread(_read_frozen_at, self.images)

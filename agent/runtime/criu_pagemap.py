@@ -1,10 +1,11 @@
 """How much memory a post-copy dump left behind: CRIU's `pagemap-PID.img` images, read without `crit`.
 
-Format (CRIU 4.1.1: criu/image.c, criu/protobuf.c, images/pagemap.proto):
+Format (CRIU 4.1 and 4.2: criu/image.c, criu/protobuf.c, images/pagemap.proto):
 
     u32 IMG_COMMON_MAGIC (0x54564319)  u32 PAGEMAP_MAGIC (0x56084025)
     then entries, each a u32 size and `size` bytes of protobuf:
-    first a pagemap_head {1 pages_id}, then pagemap_entry {1 vaddr, 2 nr_pages, 3 in_parent, 4 flags}
+    first a pagemap_head {1 pages_id}, then pagemap_entry {1 vaddr, 2 nr_pages, 3 in_parent, 4 flags,
+    5 nr_pages (u64, CRIU >= 4.2; field 2 is then `compat_nr_pages`, read only when 5 is absent)}
 
 with flags PE_PARENT 1, PE_LAZY 2, PE_PRESENT 4 (criu/include/pagemap.h). The lazy
 entries are what the destination pulls from the source's page server: their sum is
@@ -46,7 +47,7 @@ def lazy_pages_of(data: bytes) -> int:
         if first:  # the pagemap_head
             first = False
             continue
-        flags, pages = entry.get(4, 0), entry.get(2, 0)
+        flags, pages = entry.get(4, 0), entry.get(5, entry.get(2, 0))
         if isinstance(flags, int) and isinstance(pages, int) and flags & PE_LAZY:
             lazy += pages
     return lazy
