@@ -80,6 +80,7 @@ async def serve(config: AgentConfig) -> None:
         log.info("agent stopping; containers keep running")
         beat.cancel()
         await server.stop(grace=2)
+        await migrations.close()
         await transfer.close()
 
 

@@ -33,12 +33,14 @@ import structlog
 
 from agent.containers import ContainerManager
 from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PostCopySource, PostCopyTarget, memory_usage_of
-from agent.runtime.checkpoint import DUMP_CONFIG, FROZEN_AT, Checkpointer, DumpResult, PageServer, RestoreResult
+from agent.runtime.checkpoint import DUMP_CONFIG, FROZEN_AT, PREFROZEN_MARK, Checkpointer, DumpResult, PageServer
+from agent.runtime.checkpoint import RestoreResult
 from agent.runtime.checkpoint import TlsFiles as CriuTls
 from agent.runtime.criu_pagemap import lazy_bytes
 from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push, split_address
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
+from agent.transfer.stream_push import StreamPusher
 from corral.config import TlsFiles
 from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container
@@ -55,6 +57,24 @@ PAGES_DEADLINE = 3600.0
 KEEP_TIMEOUT = 600.0  # dumping a failed post-copy source to disk (its whole memory)
 SOURCE_FINISH_WAIT = 60.0  # release: for the source's CRIU to exit once every page has moved
 KEPT_MARK = "corral-kept.json"  # a complete checkpoint a failed post-copy source left
+
+
+@dataclass(frozen=True)
+class SendAlong:
+    """Send with the checkpoint, in one step: the rootfs delta (`rootfs`) while the dump runs,
+    the images once they are written. Why: both are on the downtime's critical path; the
+    container is frozen from the start of the dump, so its rootfs no longer changes then."""
+
+    target: PushTarget
+    rootfs: bool
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Sent:
+    images: TransferStats
+    rootfs: TransferStats | None
+    after_dump_ms: float  # from the end of the dump until the last byte was sent
 
 
 @dataclass(frozen=True)
@@ -85,9 +105,13 @@ class Migrations:
         self.checkpoints_root = state_dir / "checkpoints"
         self.checkpoints_root.mkdir(parents=True, exist_ok=True)
         self.criu_tls = CriuTls(tls.ca, tls.cert, tls.key) if tls is not None else None
+        self.pusher = StreamPusher()
         self._background: set[asyncio.Task] = set()
         self._sources: dict[str, PostCopySource] = {}
         self._targets: dict[str, PostCopyTarget] = {}
+
+    async def close(self) -> None:
+        await self.pusher.close()
 
     async def _shielded(self, coro: Awaitable[Any]) -> Any:
         """Run to completion even if the caller (the controller) disconnects."""
@@ -223,11 +247,55 @@ class Migrations:
             raise InvalidArgument(f"unknown transfer content {content!r}")
         if not source.is_dir():
             raise NotFound(f"nothing to send: {source} does not exist")
+        if content == CHECKPOINT:
+            return await self._push_images(source, target, timeout)
+        self.pusher.warm(target)  # for the images, later, while the container is frozen
         return await rsync_push(source, target, dest, progress=progress, timeout=timeout)
 
-    async def checkpoint(self, op_id: str, name: str, trial: bool, parent_predump: int = 0) -> DumpResult:
+    async def _push_images(self, images: Path, target: PushTarget, timeout: float) -> TransferStats:
+        """Checkpoint images: in-process over a connection opened before (flat directory), else
+        (a pre-copy dump's `parent` link) by rsync."""
+        sent = await self.pusher.push(images, target, CHECKPOINT, timeout=timeout)
+        return sent if sent is not None else await rsync_push(images, target, CHECKPOINT, timeout=timeout)
+
+    async def _dump_and_send(self, name: str, images: Path, dumping: Awaitable[Any],
+                             send: SendAlong | None) -> tuple[Any, Sent | None]:  # fmt: skip
+        """Await `dumping` (done once the images are written) and, with `send`, send along (see
+        SendAlong). A failed dump sends nothing; a failed send fails the step (the dump stands:
+        the controller rolls back from it)."""
+        if send is None:
+            return await dumping, None
+        dump = asyncio.ensure_future(dumping)
+        rootfs = asyncio.ensure_future(self._rootfs_once_frozen(name, images, dump, send)) if send.rootfs else None
+        try:
+            result = await dump
+            dumped = time.monotonic()
+            images_sent = await self._push_images(images, send.target, send.timeout)
+            rootfs_sent = await rootfs if rootfs is not None else None
+        finally:
+            for task in (dump, rootfs):
+                if task is not None and not task.done():
+                    task.cancel()
+        return result, Sent(images_sent, rootfs_sent, (time.monotonic() - dumped) * 1000)
+
+    async def _rootfs_once_frozen(self, name: str, images: Path, dump: asyncio.Future,
+                                  send: SendAlong) -> TransferStats | None:  # fmt: skip
+        """The rootfs delta, from the moment the freeze holds (the dump's action script marks it),
+        or after the dump if it never says so (the freezing was left to CRIU)."""
+        mark = images / PREFROZEN_MARK
+        while not dump.done() and not mark.exists():
+            await asyncio.sleep(0.002)
+        if dump.done() and (dump.cancelled() or dump.exception() is not None):
+            return None
+        return await rsync_push(self.containers.rootfs(name), send.target, ROOTFS, timeout=send.timeout)
+
+    async def checkpoint(
+        self, op_id: str, name: str, trial: bool, parent_predump: int = 0, send: SendAlong | None = None
+    ) -> tuple[DumpResult, Sent | None]:
         """A trial dump (keeps running), or the real one (stops): for pre-copy, as the delta
-        from pre-dump number `parent_predump`."""
+        from pre-dump number `parent_predump`; with `send`, sent along (SendAlong)."""
+        if trial and send is not None:
+            raise InvalidArgument("a trial dump is not sent anywhere")
         self.containers.record(name)
         parent = self._predumps(op_id) / str(parent_predump) if parent_predump else None
         if parent is not None and not (parent / "inventory.img").is_file():
@@ -239,14 +307,16 @@ class Migrations:
                     raise FailedPrecondition(f"container {name!r} is not running")
                 if trial:
                     scratch = self.checkpoints_root / f"{_op(op_id)}-trial"
-                    return await self.checkpointer.trial_dump(name, scratch)
+                    return await self.checkpointer.trial_dump(name, scratch), None
                 images = self._checkpoint_dir(op_id)
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
-                result = await self.checkpointer.dump(name, images, stop=True, parent=parent)
+                dumping = self.checkpointer.dump(name, images, stop=True, parent=parent)
+                result, sent = await self._dump_and_send(name, images, dumping, send)
                 log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
-                         parent_predump=parent_predump or None)  # fmt: skip
-                return result
+                         parent_predump=parent_predump or None,
+                         sent_after_ms=round(sent.after_dump_ms, 1) if sent else None)  # fmt: skip
+                return result, sent
 
         return await self._shielded(work())
 
@@ -272,14 +342,22 @@ class Migrations:
 
         return await self._shielded(work())
 
-    async def lazy_checkpoint(self, op_id: str, name: str) -> LazyCheckpoint:
+    async def lazy_checkpoint(
+        self, op_id: str, name: str, send: SendAlong | None = None
+    ) -> tuple[LazyCheckpoint, Sent | None]:
         """Post-copy source: freeze, dump all but the memory, serve the pages from a free port
-        of this host's address (TLS). Returns once the images are written and it listens."""
+        of this host's address (TLS). Returns once the images are written and it listens (and,
+        with `send`, were sent along)."""
         tls = self._require_tls()
         self.containers.record(name)
         existing = self._sources.get(op_id)
         if existing is not None:  # a repeated step
-            return existing.info
+            if send is None:
+                return existing.info, None
+            images_sent = await self._push_images(self._checkpoint_dir(op_id), send.target, send.timeout)
+            rootfs_sent = (await rsync_push(self.containers.rootfs(name), send.target, ROOTFS, timeout=send.timeout)
+                           if send.rootfs else None)  # fmt: skip
+            return existing.info, Sent(images_sent, rootfs_sent, 0.0)
         host = split_address(self.transfer.address)[0]
 
         async def work():
@@ -292,20 +370,26 @@ class Migrations:
                 server = PageServer(host, await asyncio.to_thread(_free_port, host), tls)
                 lazy = await self.checkpointer.start_lazy_dump(name, images, server, timeout=PAGES_DEADLINE,
                                                                keep_source=True)  # fmt: skip
-                ready = await lazy.images_ready()
-                if not lazy.keeps_source_frozen:
-                    # Then a failed transfer would let CRIU thaw the source while the destination runs it.
-                    await lazy.abort()
-                    await lazy.resume_source()
-                    raise FailedPrecondition(f"post-copy of {name!r} refused: its freezer cgroup could not be "
-                                             "frozen by the agent, so a failed page transfer could not keep "
-                                             "the source stopped")  # fmt: skip
-                info = LazyCheckpoint(ready, server.address, server.port, _read_frozen_at(images),
-                                      await asyncio.to_thread(lazy_bytes, images))  # fmt: skip
-                self._sources[op_id] = PostCopySource(op_id, name, lazy, info, lambda: self._keep_source(op_id, name))
-                log.info("post-copy source serving", op=op_id, container=name, port=server.port,
-                         images_ms=round(ready.wall_ms, 1), lazy_bytes=info.lazy_bytes)  # fmt: skip
-                return info
+
+                async def serving() -> LazyCheckpoint:
+                    ready = await lazy.images_ready()
+                    if not lazy.keeps_source_frozen:
+                        # Then a failed transfer would let CRIU thaw the source while the destination runs it.
+                        await lazy.abort()
+                        await lazy.resume_source()
+                        raise FailedPrecondition(f"post-copy of {name!r} refused: its freezer cgroup could not "
+                                                 "be frozen by the agent, so a failed page transfer could not "
+                                                 "keep the source stopped")  # fmt: skip
+                    info = LazyCheckpoint(ready, server.address, server.port, _read_frozen_at(images),
+                                          await asyncio.to_thread(lazy_bytes, images))  # fmt: skip
+                    # Known before anything is sent: a failed send rolls back through resume_source.
+                    self._sources[op_id] = PostCopySource(op_id, name, lazy, info,
+                                                          lambda: self._keep_source(op_id, name))  # fmt: skip
+                    log.info("post-copy source serving", op=op_id, container=name, port=server.port,
+                             images_ms=round(ready.wall_ms, 1), lazy_bytes=info.lazy_bytes)  # fmt: skip
+                    return info
+
+                return await self._dump_and_send(name, images, serving(), send)
 
         return await self._shielded(work())
 

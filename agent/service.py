@@ -6,7 +6,7 @@ import asyncio
 
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
-from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations
+from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, Sent
 from agent.postcopy import PagesState, PagesStatus
 from agent.transfer.client import PushTarget, TransferProgress
 from corral.api.convert import container_from_pb, container_to_pb, facts_to_pb, limits_from_pb, network_from_pb
@@ -116,29 +116,33 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def Checkpoint(self, request: apb.CheckpointRequest, context):
         op, name, mode = request.op_id, request.container, request.mode
+        send = _send_along(request.send) if request.HasField("send") else None
+        if send is not None and mode not in (apb.CHECKPOINT_MODE_STOP, apb.CHECKPOINT_MODE_LAZY):
+            raise InvalidArgument("only a STOP or LAZY checkpoint is sent along")
         if mode == apb.CHECKPOINT_MODE_LAZY:
-            lazy = await self.migrations.lazy_checkpoint(op, name)
+            lazy, sent = await self.migrations.lazy_checkpoint(op, name, send)
             r = lazy.ready
-            return apb.CheckpointResult(
+            return _with_sent(apb.CheckpointResult(
                 wall_ms=r.wall_ms, images_bytes=r.images_bytes, started_at=r.started_at,
                 pause_ms=max(0.0, (r.ready_at - (lazy.frozen_at or r.started_at)) * 1000),
                 page_server_address=lazy.address, page_server_port=lazy.port, lazy_bytes=lazy.lazy_bytes,
-            )  # fmt: skip
+            ), sent)  # fmt: skip
+        sent = None
         if mode == apb.CHECKPOINT_MODE_PREDUMP:
             result = await self.migrations.predump(op, name, request.iteration)
         elif mode in (apb.CHECKPOINT_MODE_TRIAL, apb.CHECKPOINT_MODE_STOP):
             trial = mode == apb.CHECKPOINT_MODE_TRIAL
-            result = await self.migrations.checkpoint(op, name, trial, 0 if trial else request.iteration)
+            result, sent = await self.migrations.checkpoint(op, name, trial, 0 if trial else request.iteration, send)
         else:
             raise InvalidArgument("checkpoint mode must be TRIAL, STOP, LAZY or PREDUMP")
         c = result.criu
-        return apb.CheckpointResult(
+        return _with_sent(apb.CheckpointResult(
             wall_ms=result.wall_ms, frozen_ms=c.frozen_ms or 0, freezing_ms=c.freezing_ms or 0,
             memdump_ms=c.memdump_ms or 0, memwrite_ms=c.memwrite_ms or 0, images_bytes=result.images_bytes,
             started_at=result.started_at,
             pause_ms=max(0.0, (result.finished_at - result.freeze_began) * 1000) if result.finished_at else result.wall_ms,
             pages_written=c.pages_written or 0,
-        )  # fmt: skip
+        ), sent)  # fmt: skip
 
     async def Restore(self, request: apb.RestoreRequest, context):
         if request.source not in (apb.RESTORE_SOURCE_LOCAL, apb.RESTORE_SOURCE_RECEIVED):
@@ -194,3 +198,18 @@ _PAGES_STATE = {
     PagesState.FAILED: apb.PAGES_STATE_FAILED,
     PagesState.UNKNOWN: apb.PAGES_STATE_UNKNOWN,
 }
+
+
+def _send_along(send: apb.SendAlong) -> SendAlong:
+    return SendAlong(PushTarget(send.address, send.user, send.host_key, send.private_key), send.rootfs,
+                     float(send.timeout_seconds or 3600))  # fmt: skip
+
+
+def _with_sent(result: apb.CheckpointResult, sent: Sent | None) -> apb.CheckpointResult:
+    if sent is not None:
+        rootfs = sent.rootfs
+        result.sent_ms = sent.after_dump_ms
+        result.images_sent_bytes = sent.images.bytes_sent
+        result.rootfs_delta_bytes = rootfs.literal_bytes if rootfs else 0
+        result.bytes_sent = sent.images.bytes_sent + (rootfs.bytes_sent if rootfs else 0)
+    return result

@@ -99,9 +99,14 @@ class AgentClient:
             raise Unavailable(f"{self.peer} ended the transfer without its totals")
         return last
 
-    async def checkpoint(self, op_id: str, name: str, mode: int, iteration: int = 0) -> apb.CheckpointResult:
-        req = apb.CheckpointRequest(op_id=op_id, container=name, mode=mode, iteration=iteration)
-        return await self._call(self.stub.Checkpoint, req, LIFECYCLE_TIMEOUT)
+    async def checkpoint(
+        self, op_id: str, name: str, mode: int, iteration: int = 0, send: apb.SendAlong | None = None
+    ) -> apb.CheckpointResult:
+        """`send`: the source sends the rootfs delta and the images to the destination in the same
+        call (see agent.migration.SendAlong); the deadline then covers the transfer too."""
+        req = apb.CheckpointRequest(op_id=op_id, container=name, mode=mode, iteration=iteration, send=send)
+        timeout = LIFECYCLE_TIMEOUT + (send.timeout_seconds if send is not None else 0)
+        return await self._call(self.stub.Checkpoint, req, timeout)
 
     async def restore(
         self, op_id: str, name: str, source: int, lazy_from: tuple[str, int] | None = None

@@ -193,6 +193,8 @@ async def test_second_push_sends_only_the_delta(endpoint, source_tree, tmp_path)
     with open(big, "r+b") as f:  # 16 bytes changed in the middle of 4 MiB
         f.seek(2 * 1024 * 1024)
         f.write(os.urandom(16))
+    later = time.time() + 5  # same size: rsync's quick check needs another mtime (same-second runs)
+    os.utime(big, (later, later))
     (src / "etc/hostname").unlink()
     changed = await rsync_push(src, target, "rootfs", timeout=60)
     assert changed.files_transferred == 1
@@ -583,3 +585,151 @@ def test_endpoint_address_needs_a_reachable_host(tmp_path):
     for bad in ("host", "host:0", "host:99999", ":22", "-oProxyCommand=x:22", "a b:22"):
         with pytest.raises(InvalidArgument):
             transfer_client.split_address(bad)
+
+
+# -- checkpoint images: the in-process file stream (corral-receive-files) ------------------
+
+
+def _images(root: Path, sizes=(100, 4096, 300_000)) -> Path:
+    """A flat directory like a CRIU checkpoint."""
+    root.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        (root / f"pages-{i}.img").write_bytes(os.urandom(size))
+    (root / "inventory.img").write_bytes(b"inv")
+    (root / "dump.log").write_text("log\n")
+    os.chmod(root / "dump.log", 0o640)
+    return root
+
+
+async def _raw_stream(target: PushTarget, command: str, payload: bytes) -> tuple[int, bytes, bytes]:
+    """Whatever bytes a credential holder chooses to send to a receiving command."""
+    host, port = transfer_client.split_address(target.address)
+    known = asyncssh.import_known_hosts(transfer_client.known_hosts_line(host, port, target.host_key))
+    async with asyncssh.connect(host, port, username=target.user, known_hosts=known, agent_path=None, config=None,
+                                client_keys=[asyncssh.import_private_key(target.private_key)]) as conn:  # fmt: skip
+        process = await conn.create_process(command, encoding=None)
+        try:
+            process.stdin.write(payload)
+            process.stdin.write_eof()
+        except OSError:  # refused before it read anything
+            pass
+        async with asyncio.timeout(20):
+            out, err = await asyncio.gather(process.stdout.read(), process.stderr.read())
+            await process.wait_closed()
+    return process.exit_status, out, err
+
+
+def _frame(name: bytes, data: bytes, mode: int = 0o600) -> bytes:
+    import struct
+
+    return struct.pack(">H", len(name)) + name + struct.pack(">IQ", mode, len(data)) + data
+
+
+async def test_checkpoint_images_stream_over_one_warm_connection(endpoint, tmp_path):
+    from agent.transfer.stream_push import StreamPusher
+
+    images = _images(tmp_path / "images")
+    target, staging = endpoint.grant()
+    pusher = StreamPusher()
+    try:
+        pusher.warm(target)
+        first = await pusher.push(images, target, "checkpoint", timeout=30)
+        assert first.files_transferred == 5 and first.total_size == sum(p.stat().st_size for p in images.iterdir())
+        for path in images.iterdir():
+            got = staging / "checkpoint" / path.name
+            assert got.read_bytes() == path.read_bytes()
+            assert stat.S_IMODE(got.stat().st_mode) == stat.S_IMODE(path.stat().st_mode) & 0o700
+        # Sent again (a repeated step): the directory is made afresh, not merged.
+        (images / "dump.log").unlink()
+        again = await pusher.push(images, target, "checkpoint", timeout=30)
+        assert again.files_transferred == 4 and not (staging / "checkpoint" / "dump.log").exists()
+        assert len(pusher._connections) == 1  # one SSH connection for the operation
+        # A tree (subdirectory, symlink) is not a flat directory: the caller uses rsync.
+        os.symlink("../parent", images / "parent")
+        assert await pusher.push(images, target, "checkpoint", timeout=30) is None
+    finally:
+        await pusher.close()
+
+
+async def test_file_stream_writes_nothing_outside_its_directory(endpoint, tmp_path):
+    target, staging = endpoint.grant()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # A symlink where the directory will be: replaced, never followed.
+    os.symlink(outside, staging / "checkpoint")
+    for name in (b"../escape", b"a/b", b".", b"..", b"/etc/x", b"-", b""):
+        payload = _frame(b"ok.img", b"fine") + _frame(name, b"evil") + b"\0\0"
+        status, _, stderr = await _raw_stream(target, "corral-receive-files checkpoint", payload)
+        if name == b"":  # an empty name ends the stream: what came after is ignored
+            assert status == 0
+            continue
+        assert status == 1 and b"corral: refused" in stderr, (name, stderr)
+    assert list(outside.iterdir()) == []
+    assert not (staging / "checkpoint").is_symlink()
+    assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == ["ok.img"]
+    # The same name twice in one stream is refused (no overwrite through a race).
+    status, _, _ = await _raw_stream(target, "corral-receive-files checkpoint", _frame(b"a", b"1") + _frame(b"a", b"2"))
+    assert status == 1
+    for command in ("corral-receive-files ../x", "corral-receive-files a/b", "corral-receive-files",
+                    "corral-receive-files a b", "corral-receive-files ."):  # fmt: skip
+        status, _, stderr = await _raw_stream(target, command, b"\0\0")
+        assert status == 1 and b"corral: refused" in stderr, (command, stderr)
+    # A stream cut short leaves an error, not a success.
+    status, _, stderr = await _raw_stream(target, "corral-receive-files checkpoint", _frame(b"x", b"data")[:-2])
+    assert status == 1 and b"before its end" in stderr
+
+
+async def test_file_stream_credentials_and_revocation(endpoint, tmp_path):
+    from agent.transfer.stream_push import StreamPusher
+
+    images = _images(tmp_path / "images")
+    target, staging = endpoint.grant()
+    impostor = public_key_line(asyncssh.generate_private_key("ssh-ed25519"))
+    other_private, _ = new_operation_keypair()
+    pusher = StreamPusher()
+    try:
+        with pytest.raises(PermissionDenied, match="host key"):
+            await pusher.push(images, PushTarget(target.address, target.user, impostor, target.private_key),
+                              "checkpoint", timeout=30)  # fmt: skip
+        with pytest.raises(Unauthenticated):
+            await pusher.push(images, PushTarget(target.address, target.user, target.host_key, other_private),
+                              "checkpoint", timeout=30)  # fmt: skip
+        assert not any(staging.iterdir())
+        await pusher.push(images, target, "checkpoint", timeout=30)
+        # Revoked: the open connection is cut, and a new one refused.
+        endpoint.grants.revoke(target.user.removeprefix("op-"), remove_staging=True)
+        with pytest.raises(Unauthenticated):
+            await pusher.push(images, target, "checkpoint", timeout=30)
+        assert not staging.exists()
+    finally:
+        await pusher.close()
+
+
+async def test_file_stream_session_is_cut_when_the_grant_ends(endpoint):
+    target, staging = endpoint.grant()
+    host, port = transfer_client.split_address(target.address)
+    known = asyncssh.import_known_hosts(transfer_client.known_hosts_line(host, port, target.host_key))
+    async with asyncssh.connect(host, port, username=target.user, known_hosts=known, agent_path=None, config=None,
+                                client_keys=[asyncssh.import_private_key(target.private_key)]) as conn:  # fmt: skip
+        process = await conn.create_process("corral-receive-files checkpoint", encoding=None)
+        process.stdin.write(_frame(b"half.img", b"x" * 10)[:-5])  # then silence: a transfer in progress
+        await _wait_for_session(endpoint, target.user)
+        await asyncio.to_thread(endpoint.grants.revoke, target.user.removeprefix("op-"), remove_staging=True)
+        async with asyncio.timeout(10):
+            stderr = await process.stderr.read()
+            await process.wait_closed()
+        assert process.exit_status == 1 and b"transfer cut" in stderr
+        assert not staging.exists()
+
+
+async def test_file_stream_destination_out_of_space(small_endpoint, tmp_path):
+    from agent.transfer.stream_push import StreamPusher
+
+    images = _images(tmp_path / "images", sizes=(20 * 1024 * 1024,))
+    target, _ = small_endpoint.grant()
+    pusher = StreamPusher()
+    try:
+        with pytest.raises(RuntimeFailure, match="ran out of space"):
+            await pusher.push(images, target, "checkpoint", timeout=60)
+    finally:
+        await pusher.close()

@@ -2,8 +2,10 @@
 
 There is no system sshd and no login: a client authenticates as `op-<op_id>`
 with the one key the controller registered for that operation (public key only),
-and may exec exactly one thing, our client's `rsync --server` receiving into
-that operation's staging directory (see rsync_command.py). Shells, other
+and may exec exactly two things, both only writing into that operation's staging
+directory: our client's `rsync --server` receiving (see rsync_command.py), and
+`corral-receive-files NAME`, a flat directory of files received in-process
+(file_stream.py; checkpoint images, sent while the container is frozen). Shells, other
 commands, subsystems (sftp), PTYs, port/agent/X11 forwarding are refused; a
 refused session ends with exit status 1 and one line on stderr.
 
@@ -37,6 +39,7 @@ from pathlib import Path
 import asyncssh
 import structlog
 
+from agent.transfer import file_stream
 from agent.transfer.grants import GrantRegistry, ReceiveGrant
 from agent.transfer.keys import load_or_create_host_key, public_key_line
 from agent.transfer.rsync_command import CommandRefused, parse_rsync_server_command, resolve_destination
@@ -113,12 +116,27 @@ class _ConnectionState:
     sessions: int = 0  # receivers running on this connection
 
 
+class _TaskHandle:
+    """An in-process receiver, stoppable from any thread like a _ProcessGroup. It only writes
+    relative to a directory descriptor, so once its staging is removed it can write nowhere."""
+
+    def __init__(self, task: asyncio.Task, loop: asyncio.AbstractEventLoop) -> None:
+        self._task, self._loop = task, loop
+
+    def kill(self, wait: float = 0.0) -> None:
+        if not self._task.done() and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass(eq=False)
 class _Session:
     state: _ConnectionState
     user: str
     key: bytes
-    group: _ProcessGroup
+    group: _ProcessGroup | _TaskHandle
     cut_reason: str | None = None
 
 
@@ -339,19 +357,23 @@ class TransferServer:
                 raise CommandRefused("the operation's grant was revoked, has expired or has another key now")
             if process.subsystem is not None:
                 raise CommandRefused(f"subsystem {process.subsystem!r} is not available on this endpoint")
-            command = parse_rsync_server_command(process.command)
+            files_into = file_stream.parse_receive_command(process.command)
+            command = parse_rsync_server_command(process.command) if files_into is None else None
             # Sessions into different top-level directories (rootfs, checkpoint) cannot touch
             # each other's trees: they may run at once. Into the same one, one at a time.
-            top = command.destination.strip("/").split("/", 1)[0]
+            top = files_into or command.destination.strip("/").split("/", 1)[0]
             async with self._one_at_a_time(f"{user}/{top}"):
                 grant = self.grants.lookup(user)
                 if not _grant_matches(grant, state.key):
                     raise CommandRefused("the operation's grant was revoked, has expired or has another key now")
                 if process.is_closing():
                     raise CommandRefused("the client went away while waiting for its turn")
-                destination = resolve_destination(grant.staging, command.destination)
-                argv = command.argv(self._rsync, destination)
-                status = await self._run_receiver(process, state, grant, argv, slog)
+                if files_into is not None:
+                    status = await self._run_file_receiver(process, state, grant, files_into, slog)
+                else:
+                    destination = resolve_destination(grant.staging, command.destination)
+                    argv = command.argv(self._rsync, destination)
+                    status = await self._run_receiver(process, state, grant, argv, slog)
             process.exit(status)
         except CommandRefused as e:
             slog.warning("transfer session refused", reason=e.message, command=(process.command or "")[:300],
@@ -423,6 +445,49 @@ class TransferServer:
             return 1
         slog.info("transfer session ended", exit_status=status)
         return status if status >= 0 else 1
+
+    async def _run_file_receiver(
+        self, process: asyncssh.SSHServerProcess, state: _ConnectionState, grant: ReceiveGrant, name: str, slog,
+    ) -> int:  # fmt: skip
+        """Receive a flat directory of files in-process (file_stream.py) into staging/NAME."""
+        assert self._loop is not None
+        directory = Path(grant.staging) / name
+        receiving = asyncio.ensure_future(file_stream.read_stream(process.stdin.readexactly, directory))
+        session = _Session(state, state.user, state.key, _TaskHandle(receiving, self._loop))
+        with self._lock:
+            self._sessions.add(session)
+            state.sessions += 1
+        watcher = asyncio.ensure_future(self._until_grant_ends(state.user, state.key))
+        try:
+            done, _ = await asyncio.wait({receiving, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving not in done:
+                session.cut_reason = watcher.result()
+                receiving.cancel()
+            try:
+                received = await receiving
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+                session.cut_reason = session.cut_reason or "the operation's grant was revoked"
+            except asyncio.IncompleteReadError:
+                session.cut_reason = "the client closed the stream before its end"
+            except OSError as e:
+                slog.warning("file receive failed", destination=name, error=str(e))
+                _write_stderr(process, f"corral: refused: cannot write {name}: {e.strerror or e}\n")
+                return 1
+        finally:
+            watcher.cancel()
+            receiving.cancel()
+            with self._lock:
+                self._sessions.discard(session)
+                state.sessions -= 1
+        if session.cut_reason:
+            slog.warning("transfer session cut", reason=session.cut_reason, destination=name)
+            _write_stderr(process, f"corral: transfer cut: {session.cut_reason}\n")
+            return 1
+        process.stdout.write(f"OK {received.files} {received.bytes}\n".encode())
+        slog.info("files received", destination=name, files=received.files, bytes=received.bytes)
+        return 0
 
     async def _until_grant_ends(self, user: str, key: bytes) -> str:
         """Returns (with the reason) once `user`'s grant no longer allows `key`."""

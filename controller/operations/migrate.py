@@ -7,14 +7,14 @@ Order of steps (each recorded before it is taken):
   cold, shared storage  stop-source, detach-source, adopt (attach at a new generation),
                         start-target, switch, release-source
   live, stop-and-copy   preflight (trial dump), open-channel, [precopy-rootfs], checkpoint
-                        (freeze+dump+stop), [detach-source], final-transfer (rootfs delta and
-                        checkpoint images at once), adopt, restore, switch, release-source,
-                        close-channel
+                        (freeze+dump+stop; the source sends the rootfs delta while it dumps
+                        and the images right after, in the same step), [detach-source],
+                        adopt, restore, switch, release-source, close-channel
   live, pre-copy        as stop-and-copy, with precopy-memory (memory pre-dumps, each sent,
                         until the dirty set stops shrinking) before the checkpoint, which then
                         dumps only what changed since the last pre-dump
   live, post-copy       preflight, open-channel, precopy-rootfs, lazy-checkpoint (freeze, dump
-                        all but the memory, serve it), final-transfer, adopt, lazy-restore
+                        all but the memory, serve it, send as above), adopt, lazy-restore
                         (runs on the target: the downtime ends), switch, wait-pages (the
                         target pulls the rest of the memory), release-source, close-channel
   from a kept checkpoint   (after a failed post-copy: back to its source) stop-target,
@@ -206,11 +206,14 @@ class MigrationPlan:
 
         down_began = time.monotonic()
         if live:
-            await ctx.phase("checkpoint", "freezing and dumping the container")
+            what = "freezing and dumping the container, sending " + ("its images" if shared else "it")
+            await ctx.phase("checkpoint", what)
             async with ctx.step("checkpoint"):
-                dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP, predumps)
+                dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP, predumps,
+                                            send=self._send_along(grant, private_key, rootfs=not shared))  # fmt: skip
             # Downtime began at the freeze, inside the dump: count from there, not from the call.
-            down_began = time.monotonic() - dump.pause_ms / 1000
+            down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms) / 1000
+            await self._sent_along(ctx, dump, shared)
             await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, criu_frozen=dump.frozen_ms,
                              criu_memdump=dump.memdump_ms)  # fmt: skip
         elif was_running:
@@ -218,7 +221,6 @@ class MigrationPlan:
             async with ctx.step("stop-source"):
                 await src.stop(self.name, force=False, timeout=30)
 
-        transfer_began = time.monotonic()
         generation = record.volume_generation
         if shared:
             generation = record.volume_generation + 1
@@ -226,10 +228,11 @@ class MigrationPlan:
             await ctx.phase("detach-source", "handing the volume over (no data is copied)")
             async with ctx.step("detach-source"):
                 await src.detach_volume(ctx.op.id, self.name)
-        else:
+        elif not live:
             await ctx.phase("final-rootfs", "copying what changed since the last pass")
-        images = await self._final_transfer(ctx, shared, live, private_key, grant)
-        await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000)
+            transfer_began = time.monotonic()
+            await self._final_transfer(ctx, private_key, grant)
+            await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000)
 
         await ctx.phase("adopt", "installing the container on the target")
         async with ctx.step("adopt"):
@@ -241,7 +244,7 @@ class MigrationPlan:
                 restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED)
             now = time.monotonic()
             await ctx.timing(restore=(now - restore_began) * 1000, downtime=(now - down_began) * 1000,
-                             criu_restore=restored.restore_ms, images_bytes=images.total_size)  # fmt: skip
+                             criu_restore=restored.restore_ms)  # fmt: skip
         elif was_running:
             async with ctx.step("start-target"):
                 await dst.start(self.name)
@@ -249,21 +252,26 @@ class MigrationPlan:
 
         return await self._switch_and_clean(ctx)
 
-    async def _final_transfer(self, ctx: OpContext, shared: bool, live: bool, private_key, grant):
-        """After the freeze the rootfs delta and the checkpoint images are independent: send both
-        at once. Returns the images' transfer (or the rootfs', or None)."""
-        sends = []
-        if not shared:
-            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, "final-rootfs", private_key, grant))
-        if live:
-            sends.append(self._send(ctx, apb.TRANSFER_CONTENT_CHECKPOINT, "send-checkpoint", private_key, grant))
-        if not sends:
-            return None
+    async def _final_transfer(self, ctx: OpContext, private_key: str, grant) -> None:
+        """Cold, local storage: the rootfs delta once the container has stopped."""
         async with ctx.step("final-transfer"):
-            finals = await asyncio.gather(*sends)
+            final = await self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, "final-rootfs", private_key, grant)
+        await ctx.timing(final_rootfs_bytes=final.literal_bytes)
+
+    @staticmethod
+    def _send_along(grant: apb.ReceiveGrant, private_key: str, *, rootfs: bool) -> apb.SendAlong:
+        return apb.SendAlong(address=grant.address, user=grant.user, host_key=grant.host_key,
+                             private_key=private_key, rootfs=rootfs, timeout_seconds=TRANSFER_TIMEOUT)  # fmt: skip
+
+    async def _sent_along(self, ctx: OpContext, dump: apb.CheckpointResult, shared: bool) -> None:
+        """What a checkpoint sent along (the rootfs delta during the dump, the images after it)."""
+        self.bytes_sent += dump.bytes_sent
+        await ctx.timing(transfer=dump.sent_ms, images_bytes=dump.images_sent_bytes)
         if not shared:
-            await ctx.timing(final_rootfs_bytes=finals[0].literal_bytes)
-        return finals[-1]
+            await ctx.timing(final_rootfs_bytes=dump.rootfs_delta_bytes)
+        ctx.log.info("sent along with the checkpoint", bytes_sent=dump.bytes_sent,
+                     rootfs_delta=dump.rootfs_delta_bytes, images=dump.images_sent_bytes,
+                     after_dump_ms=round(dump.sent_ms, 1))  # fmt: skip
 
     async def _precopy_memory(self, ctx: OpContext, src: AgentClient, private_key: str, grant) -> int:
         """Pre-dump the memory while the container runs, sending each pre-dump, until the dirty
@@ -285,19 +293,15 @@ class MigrationPlan:
 
     async def _run_postcopy(self, ctx: OpContext, record: Container, src: AgentClient, dst: AgentClient,
                             private_key: str, grant) -> dict[str, Any]:  # fmt: skip
-        await ctx.phase("lazy-checkpoint", "freezing the container and dumping all but its memory")
+        await ctx.phase("lazy-checkpoint", "freezing the container, dumping all but its memory, sending it")
         async with ctx.step("lazy-checkpoint"):
-            dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_LAZY)
-        self.down_began = time.monotonic() - dump.pause_ms / 1000
+            dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_LAZY,
+                                        send=self._send_along(grant, private_key, rootfs=True))  # fmt: skip
+        self.down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms) / 1000
         server = (dump.page_server_address, dump.page_server_port)
         await ctx.set_params(page_server=f"{server[0]}:{server[1]}")
-        await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, lazy_bytes=dump.lazy_bytes,
-                         images_bytes=dump.images_bytes)  # fmt: skip
-
-        transfer_began = time.monotonic()
-        await ctx.phase("final-rootfs", "copying what changed since the last pass, and the images")
-        await self._final_transfer(ctx, False, True, private_key, grant)
-        await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000)
+        await self._sent_along(ctx, dump, False)
+        await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, lazy_bytes=dump.lazy_bytes)
 
         await ctx.phase("adopt", "installing the container on the target")
         async with ctx.step("adopt"):

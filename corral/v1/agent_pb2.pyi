@@ -231,19 +231,37 @@ class TransferUpdate(_message.Message):
     def __init__(self, bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bps: _Optional[float] = ..., eta_s: _Optional[float] = ..., finished: _Optional[bool] = ..., bytes_sent: _Optional[int] = ..., literal_bytes: _Optional[int] = ..., total_size: _Optional[int] = ..., files_transferred: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
-    __slots__ = ("op_id", "container", "mode", "iteration")
+    __slots__ = ("op_id", "container", "mode", "iteration", "send")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
+    SEND_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     container: str
     mode: CheckpointMode
     iteration: int
-    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., mode: _Optional[_Union[CheckpointMode, str]] = ..., iteration: _Optional[int] = ...) -> None: ...
+    send: SendAlong
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., mode: _Optional[_Union[CheckpointMode, str]] = ..., iteration: _Optional[int] = ..., send: _Optional[_Union[SendAlong, _Mapping]] = ...) -> None: ...
+
+class SendAlong(_message.Message):
+    __slots__ = ("address", "user", "host_key", "private_key", "rootfs", "timeout_seconds")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    HOST_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    user: str
+    host_key: str
+    private_key: str
+    rootfs: bool
+    timeout_seconds: int
+    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
-    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written")
+    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes")
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +274,10 @@ class CheckpointResult(_message.Message):
     PAGE_SERVER_PORT_FIELD_NUMBER: _ClassVar[int]
     LAZY_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SENT_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     wall_ms: float
     frozen_ms: float
     freezing_ms: float
@@ -268,7 +290,11 @@ class CheckpointResult(_message.Message):
     page_server_port: int
     lazy_bytes: int
     pages_written: int
-    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ...) -> None: ...
+    sent_ms: float
+    bytes_sent: int
+    rootfs_delta_bytes: int
+    images_sent_bytes: int
+    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ..., sent_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., rootfs_delta_bytes: _Optional[int] = ..., images_sent_bytes: _Optional[int] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
     __slots__ = ("op_id", "container", "source", "lazy_address", "lazy_port")

@@ -1,0 +1,202 @@
+"""The pushing side of `corral-receive-files`: the source agent's own SSH connection.
+
+One asyncssh connection per operation and destination, opened ahead of need
+(`warm`, called when the operation's first rsync push starts) and kept while in use
+and CONTROL_PERSIST s after, so that sending a checkpoint during the downtime costs
+one channel and the bytes, not a key exchange. It trusts exactly the pinned host key
+and offers exactly the operation's key, like the OpenSSH client of rsync pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import structlog
+
+from agent.transfer import file_stream
+from agent.transfer.client import CONNECT_TIMEOUT, CONTROL_PERSIST, PushTarget, TransferStats, split_address
+from agent.transfer.keys import parse_public_key
+from agent.transfer.server import ENCRYPTION_ALGS
+from corral.errors import (
+    CorralError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RuntimeFailure,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = structlog.get_logger("corral.agent.transfer")
+
+
+@dataclass
+class _Connection:
+    conn: asyncssh.SSHClientConnection
+    used_at: float
+
+
+class StreamPusher:
+    """Connections of this agent to destinations' transfer endpoints, by operation credential."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, _Connection] = {}
+        self._opening: dict[str, asyncio.Future] = {}
+        self._warming: set[asyncio.Task] = set()
+
+    def warm(self, target: PushTarget) -> None:
+        """Open the connection for `target` in the background (errors surface at push time)."""
+        if _key(target) in self._connections or _key(target) in self._opening:
+            return
+        task = asyncio.ensure_future(self._connection(target))
+        self._warming.add(task)
+        task.add_done_callback(self._warmed)
+
+    def _warmed(self, task: asyncio.Task) -> None:
+        self._warming.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("transfer connection not opened ahead", error=str(task.exception())[:200])
+
+    async def push(self, src_dir: Path, target: PushTarget, dest: str, *, timeout: float) -> TransferStats | None:
+        """Send the flat directory `src_dir` as staging/`dest` on the destination. None if
+        `src_dir` is not flat (a tree: the caller uses rsync)."""
+        dest = file_stream.check_name(dest, "destination")
+        if not src_dir.is_dir():
+            raise NotFound(f"nothing to send: {src_dir} is not a directory")
+        files = await asyncio.to_thread(file_stream.flat_files, src_dir)
+        if files is None:
+            return None
+        began = time.monotonic()
+        plog = log.bind(op=target.user.removeprefix("op-"), address=target.address, dest=dest)
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    sent, answer, status, errors = await self._send(target, files, dest)
+                except (OSError, asyncssh.Error):
+                    if _key(target) not in self._connections:
+                        raise
+                    # A kept connection the peer has since closed (idle, or its grant was
+                    # replaced): once more on a new one, which also hears why.
+                    self._drop(target)
+                    sent, answer, status, errors = await self._send(target, files, dest)
+        except TimeoutError:
+            self._drop(target)
+            raise DeadlineExceeded(f"sending {dest} did not finish within {timeout:g} s") from None
+        except (OSError, asyncssh.Error) as e:
+            self._drop(target)
+            raise _error_for(e) from None
+        if status != 0 or not answer.startswith("OK "):
+            raise _refusal(errors, status)
+        duration = time.monotonic() - began
+        plog.info("files pushed", files=sent.files, bytes=sent.bytes, ms=round(duration * 1000, 1))
+        return TransferStats(bytes_sent=sent.bytes, literal_bytes=sent.bytes, total_size=sent.bytes,
+                             files_transferred=sent.files, duration_s=duration)  # fmt: skip
+
+    async def _send(self, target: PushTarget, files: list[Path], dest: str):
+        entry = await self._connection(target)
+        entry.used_at = time.monotonic()
+        async with entry.conn.create_process(file_stream.command_for(dest), encoding=None) as process:
+            async def write(data: bytes) -> None:
+                process.stdin.write(data)
+                await process.stdin.drain()
+
+            try:
+                sent = await file_stream.write_stream(files, write)
+                process.stdin.write_eof()
+            except BrokenPipeError:
+                sent = None  # the receiver stopped reading: its stderr says why
+            answer, errors = await asyncio.gather(process.stdout.read(), process.stderr.read())
+            completed = await process.wait()
+        entry.used_at = time.monotonic()
+        status = completed.exit_status if sent is not None else (completed.exit_status or 1)
+        return sent, answer.decode(errors="replace"), status, errors.decode(errors="replace")
+
+    async def _connection(self, target: PushTarget) -> _Connection:
+        key = _key(target)
+        self._expire()
+        if key in self._connections:
+            return self._connections[key]
+        if key not in self._opening:
+            self._opening[key] = asyncio.ensure_future(_connect(target))
+        future = self._opening[key]
+        try:
+            conn = await asyncio.shield(future)
+        finally:
+            if future.done():
+                self._opening.pop(key, None)
+        entry = self._connections.setdefault(key, _Connection(conn, time.monotonic()))
+        return entry
+
+    def _drop(self, target: PushTarget) -> None:
+        entry = self._connections.pop(_key(target), None)
+        if entry is not None:
+            entry.conn.close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key, entry in list(self._connections.items()):
+            if now - entry.used_at > CONTROL_PERSIST or entry.conn.is_closed():
+                del self._connections[key]
+                entry.conn.close()
+
+    async def close(self) -> None:
+        for task in list(self._warming):
+            task.cancel()
+        for entry in self._connections.values():
+            entry.conn.close()
+        self._connections.clear()
+
+
+async def _connect(target: PushTarget) -> asyncssh.SSHClientConnection:
+    host, port = split_address(target.address)
+    if "PRIVATE KEY-----" not in (target.private_key or ""):
+        raise InvalidArgument("the operation's private key must be an OpenSSH PEM private key")
+    host_key = parse_public_key(target.host_key, "the destination host key")
+    try:
+        client_key = asyncssh.import_private_key(target.private_key)
+    except (asyncssh.KeyImportError, ValueError) as e:
+        raise InvalidArgument(f"the operation's private key cannot be read: {e}") from None
+    try:
+        return await asyncssh.connect(
+            host, port, username=target.user, client_keys=[client_key], known_hosts=([host_key], [], []),
+            server_host_key_algs=["ssh-ed25519"], encryption_algs=ENCRYPTION_ALGS, preferred_auth="publickey",
+            agent_path=None, config=None, connect_timeout=CONNECT_TIMEOUT, keepalive_interval=15,
+            keepalive_count_max=4, compression_algs=None,
+        )  # fmt: skip
+    except (OSError, asyncssh.Error) as e:
+        raise _error_for(e) from None
+
+
+def _key(target: PushTarget) -> str:
+    return hashlib.sha256("\0".join([target.user, target.address, target.host_key, target.private_key]).encode()).hexdigest()
+
+
+def _error_for(e: BaseException) -> CorralError:
+    if isinstance(e, CorralError):
+        return e
+    if isinstance(e, asyncssh.HostKeyNotVerifiable):
+        return PermissionDenied("the destination's host key is not the pinned one: refusing to send "
+                                "(wrong host or a man in the middle)")  # fmt: skip
+    if isinstance(e, asyncssh.PermissionDenied):
+        return Unauthenticated("the destination refused the operation's credential "
+                               "(unknown, revoked, expired or replaced key)")  # fmt: skip
+    if isinstance(e, (OSError, asyncssh.ConnectionLost, asyncssh.DisconnectError)):
+        return Unavailable(f"cannot reach the destination's transfer endpoint: {e}")
+    return RuntimeFailure(f"sending files failed: {e}")
+
+
+def _refusal(errors: str, status: int | None) -> CorralError:
+    line = next((l for l in reversed(errors.splitlines()) if l.strip()), f"exit status {status}")
+    if "No space left on device" in errors or "Disk quota exceeded" in errors:
+        return RuntimeFailure(f"the destination ran out of space (No space left on device); nothing was "
+                              f"changed on the source: {line}")  # fmt: skip
+    if "corral: refused" in line or "corral: transfer cut" in line:
+        return PermissionDenied(f"the destination {line.removeprefix('corral: ')}")
+    return RuntimeFailure(f"sending files failed: {line}")
+
