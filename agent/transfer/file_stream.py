@@ -33,6 +33,8 @@ from agent.transfer.rsync_command import CommandRefused
 
 RECEIVE_COMMAND = "corral-receive-files"
 CHUNK = 1024 * 1024
+SMALL_FILE = 256 * 1024  # at most this size, files travel in batches (one thread hop a batch)
+BATCH_FILES = 64
 MAX_NAME = 255
 MAX_FILES = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
@@ -80,40 +82,91 @@ def flat_files(directory: Path) -> list[Path] | None:
 
 
 async def write_stream(files: list[Path], write: Callable[[bytes], Awaitable[None]]) -> StreamedFiles:
-    """Send `files` through `write` in the wire format, ending with the empty name."""
-    total = 0
+    """Send `files` through `write` in the wire format, ending with the empty name. Small files
+    are read in batches, one thread hop per batch (a checkpoint is dozens of small images)."""
+    total = count = 0
+    batch: list[Path] = []
     for path in files:
-        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CommandRefused(f"{path} is not a regular file")
-            name = path.name.encode()
-            await write(_NAME_LEN.pack(len(name)) + name + _FILE_HEAD.pack(st.st_mode & 0o777, st.st_size))
-            left = st.st_size
-            while left > 0:
-                data = await asyncio.to_thread(os.read, fd, min(CHUNK, left))
-                if not data:
-                    raise OSError(f"{path} shrank while being sent")
-                await write(data)
-                left -= len(data)
-            total += st.st_size
-        finally:
-            os.close(fd)
+        if path.stat().st_size <= SMALL_FILE and len(batch) < BATCH_FILES:
+            batch.append(path)
+            continue
+        if batch:
+            total, count = total + await _write_small(batch, write), count + len(batch)
+            batch = []
+        total, count = total + await _write_large(path, write), count + 1
+    if batch:
+        total, count = total + await _write_small(batch, write), count + len(batch)
     await write(_NAME_LEN.pack(0))
-    return StreamedFiles(len(files), total)
+    return StreamedFiles(count, total)
+
+
+async def _write_small(paths: list[Path], write: Callable[[bytes], Awaitable[None]]) -> int:
+    frames = await asyncio.to_thread(lambda: [_frame_of(p) for p in paths])
+    await write(b"".join(f for f, _ in frames))
+    return sum(size for _, size in frames)
+
+
+def _frame_of(path: Path) -> tuple[bytes, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CommandRefused(f"{path} is not a regular file")
+        data = _read_all(fd, st.st_size, path)
+    finally:
+        os.close(fd)
+    return _head(path.name, st.st_mode, len(data)) + data, len(data)
+
+
+async def _write_large(path: Path, write: Callable[[bytes], Awaitable[None]]) -> int:
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CommandRefused(f"{path} is not a regular file")
+        await write(_head(path.name, st.st_mode, st.st_size))
+        left = st.st_size
+        while left > 0:
+            data = await asyncio.to_thread(os.read, fd, min(CHUNK, left))
+            if not data:
+                raise OSError(f"{path} shrank while being sent")
+            await write(data)
+            left -= len(data)
+        return st.st_size
+    finally:
+        os.close(fd)
+
+
+def _head(name: str, mode: int, size: int) -> bytes:
+    encoded = name.encode()
+    return _NAME_LEN.pack(len(encoded)) + encoded + _FILE_HEAD.pack(mode & 0o777, size)
+
+
+def _read_all(fd: int, size: int, path: Path) -> bytes:
+    """`size` bytes (the size when the file was opened: a log still growing is cut there)."""
+    parts, left = [], size
+    while left > 0:
+        data = os.read(fd, left)
+        if not data:
+            raise OSError(f"{path} shrank while being sent")
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
 
 
 async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) -> StreamedFiles:
     """Receive a stream into `directory`, made afresh (a previous attempt's is removed).
-    `read(n)` returns exactly n bytes or raises (asyncio.IncompleteReadError at EOF)."""
+    `read(n)` returns exactly n bytes or raises (asyncio.IncompleteReadError at EOF). Small
+    files are written in batches, one thread hop per batch."""
     await asyncio.to_thread(_fresh_directory, directory)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     files = total = 0
+    batch: list[tuple[str, int, bytes]] = []
     try:
         while True:
             (length,) = _NAME_LEN.unpack(await read(_NAME_LEN.size))
             if length == 0:
+                await asyncio.to_thread(_create_files, dir_fd, batch)
                 return StreamedFiles(files, total)
             if length > MAX_NAME:
                 raise CommandRefused(f"file name of {length} bytes")
@@ -122,7 +175,13 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) 
             files += 1
             if files > MAX_FILES:
                 raise CommandRefused(f"more than {MAX_FILES} files")
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o700, dir_fd=dir_fd)
+            if size <= SMALL_FILE and len(batch) < BATCH_FILES:
+                batch.append((name, mode, await read(size) if size else b""))
+                total += size
+                continue
+            await asyncio.to_thread(_create_files, dir_fd, batch)
+            batch = []
+            fd = await asyncio.to_thread(_create, dir_fd, name, mode)
             try:
                 left = size
                 while left > 0:
@@ -134,6 +193,19 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) 
             total += size
     finally:
         os.close(dir_fd)
+
+
+def _create(dir_fd: int, name: str, mode: int) -> int:
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o700, dir_fd=dir_fd)
+
+
+def _create_files(dir_fd: int, files: list[tuple[str, int, bytes]]) -> None:
+    for name, mode, data in files:
+        fd = _create(dir_fd, name, mode)
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
 
 
 def _fresh_directory(directory: Path) -> None:
