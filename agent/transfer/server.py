@@ -50,6 +50,10 @@ log = structlog.get_logger("corral.agent.transfer")
 
 # AEAD ciphers only, aes128-gcm first: fastest here with AES-NI (DESIGN.md).
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com"]
+# Larger SSH packets and windows than asyncssh's defaults (32 KiB, 2 MiB): fewer Python-level
+# packets per byte. Measured on one 512 MiB image: ~280 -> ~360-500 MB/s, asyncssh to asyncssh.
+MAX_PACKET = 256 * 1024
+WINDOW = 16 * 1024 * 1024
 LOGIN_TIMEOUT = 20.0
 KEEPALIVE_INTERVAL = 15.0
 KEEPALIVE_COUNT_MAX = 4
@@ -255,7 +259,7 @@ class TransferServer:
                 gss_host=None, allow_pty=False, agent_forwarding=False, x11_forwarding=False,
                 sftp_factory=None, allow_scp=False, encryption_algs=ENCRYPTION_ALGS,
                 login_timeout=LOGIN_TIMEOUT, keepalive_interval=KEEPALIVE_INTERVAL,
-                keepalive_count_max=KEEPALIVE_COUNT_MAX,
+                keepalive_count_max=KEEPALIVE_COUNT_MAX, max_pktsize=MAX_PACKET, window=WINDOW,
             )  # fmt: skip
         except OSError as e:
             raise RuntimeFailure(f"transfer endpoint cannot listen on {self.listen_host}:{self.port}: {e}") from None

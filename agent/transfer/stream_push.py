@@ -21,7 +21,7 @@ import structlog
 from agent.transfer import file_stream
 from agent.transfer.client import CONNECT_TIMEOUT, CONTROL_PERSIST, PushTarget, TransferStats, split_address
 from agent.transfer.keys import parse_public_key
-from agent.transfer.server import ENCRYPTION_ALGS
+from agent.transfer.server import ENCRYPTION_ALGS, MAX_PACKET, WINDOW
 from corral.errors import (
     CorralError,
     DeadlineExceeded,
@@ -167,7 +167,7 @@ async def _connect(target: PushTarget) -> asyncssh.SSHClientConnection:
             host, port, username=target.user, client_keys=[client_key], known_hosts=([host_key], [], []),
             server_host_key_algs=["ssh-ed25519"], encryption_algs=ENCRYPTION_ALGS, preferred_auth="publickey",
             agent_path=None, config=None, connect_timeout=CONNECT_TIMEOUT, keepalive_interval=15,
-            keepalive_count_max=4, compression_algs=None,
+            keepalive_count_max=4, compression_algs=None, max_pktsize=MAX_PACKET, window=WINDOW,
         )  # fmt: skip
     except (OSError, asyncssh.Error) as e:
         raise _error_for(e) from None
