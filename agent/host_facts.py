@@ -70,3 +70,17 @@ class HostFacts:
             disk_bytes=disk.total,
             disk_free_bytes=disk.free,
         )
+
+
+NET_ADDR_SET = 3  # /sys/class/net/*/addr_assign_type: the address was set explicitly
+
+
+def bridge_mac_pinned(bridge: str) -> bool | None:
+    """Whether the containers' bridge has a MAC address of its own (None: no such bridge).
+    Why it matters: a bridge without one takes its lowest port's, and a live migration in
+    restores the container's host-side veth (CRIU) with a random MAC that can be lower, so
+    the host's own MAC would change under its address and its peers' ARP entries go stale."""
+    try:
+        return int(Path(f"/sys/class/net/{bridge}/addr_assign_type").read_text()) == NET_ADDR_SET
+    except (OSError, ValueError):
+        return None

@@ -12,7 +12,7 @@ import structlog
 
 from agent.config import AgentConfig
 from agent.containers import ContainerManager
-from agent.host_facts import HostFacts
+from agent.host_facts import HostFacts, bridge_mac_pinned
 from agent.membership import Membership
 from agent.records import RecordStore
 from agent.runtime.cgroups import CgroupLayout
@@ -51,6 +51,10 @@ async def serve(config: AgentConfig) -> None:
     )
     facts = HostFacts(config.node, config.advertise, config.storage_dir, tuple(storages))
     live = await facts.probe()
+    if await asyncio.to_thread(bridge_mac_pinned, config.bridge) is False:
+        log.warning("the containers' bridge has no MAC address of its own: containers migrated in can change "
+                    "this host's MAC and strand its peers' ARP entries; set one (ip link set BRIDGE address MAC)",
+                    bridge=config.bridge)  # fmt: skip
     await containers.reconcile()
 
     grants = GrantRegistry(config.state_dir / "staging")

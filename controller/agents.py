@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import grpc
 
 from corral.api.client import call, rpc_error
 from corral.api.convert import container_from_pb, container_to_pb, limits_to_pb, network_to_pb
-from corral.errors import Unavailable
+from corral.errors import NotFound, Unavailable
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
-from corral.model import Container, Limits, NetworkAttachment, NodeFacts
+from corral.model import Container, Limits, NetworkAttachment, NodeFacts, NodeState
 from corral.v1 import agent_pb2 as apb
 from corral.v1 import agent_pb2_grpc
+
+if TYPE_CHECKING:
+    from controller.health.registry import NodeRegistry
 
 # Deadlines per kind of call; creating a debian rootfs the first time is slow.
 CREATE_TIMEOUT = 900.0
@@ -165,19 +168,32 @@ class AgentPool:
     def __init__(self, tls: TlsFiles) -> None:
         self.tls = tls
         self._clients: dict[str, AgentClient] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def client(self, facts: NodeFacts) -> AgentClient:
         existing = self._clients.get(facts.name)
         if existing is not None and existing.address == facts.address:
             return existing
         if existing is not None:
-            # The node moved: the old channel is closed in the background.
-            asyncio.get_running_loop().create_task(existing.close())
+            # The node moved: the old channel is closed in the background (calls on it may still run).
+            task = asyncio.get_running_loop().create_task(existing.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         client = AgentClient(facts.name, facts.address, self.tls)
         self._clients[facts.name] = client
         return client
 
+    def ready(self, nodes: NodeRegistry, name: str) -> AgentClient:
+        """The agent of node `name`, which must be registered and ready."""
+        node = nodes.get(name)
+        if node is None:
+            raise NotFound(f"node {name!r} is not registered")
+        if node.state != NodeState.READY:
+            raise Unavailable(f"node {name!r} is {node.state.value}")
+        return self.client(node.facts)
+
     async def close(self) -> None:
+        await asyncio.gather(*self._closing, return_exceptions=True)
         for client in self._clients.values():
             await client.close()
         self._clients.clear()

@@ -23,7 +23,7 @@ from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_
 from controller.operations.model import Operation, OpState
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
 from controller.store.base import Store
-from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container, ContainerState, Limits, Node, NodeState, validate_limits
 from corral.names import validate_name
 from corral.v1 import agent_pb2 as apb
@@ -73,12 +73,7 @@ class Fleet:
         return node
 
     def _agent_for(self, node_name: str) -> AgentClient:
-        node = self.nodes.get(node_name)
-        if node is None:
-            raise NotFound(f"node {node_name!r} is not registered")
-        if node.state != NodeState.READY:
-            raise Unavailable(f"node {node_name!r} is {node.state.value}")
-        return self.agents.client(node.facts)
+        return self.agents.ready(self.nodes, node_name)
 
     # -- containers ----------------------------------------------------------
 

@@ -46,7 +46,7 @@ from controller.operations.model import Operation
 from controller.operations.postcopy import SideReport
 from controller.store.base import Store
 from corral.errors import CorralError, FailedPrecondition, NotFound, RuntimeFailure, Unavailable
-from corral.model import Container, ContainerState, NodeState
+from corral.model import Container, ContainerState
 from corral.v1 import agent_pb2 as apb
 
 # Rootfs pre-copy: stop when a pass moves less than this, or stops shrinking, or after this many passes.
@@ -105,12 +105,7 @@ class MigrationPlan:
     # -- helpers ---------------------------------------------------------------------
 
     def _agent(self, node: str) -> AgentClient:
-        n = self.nodes.get(node)
-        if n is None:
-            raise NotFound(f"node {node!r} is not registered")
-        if n.state != NodeState.READY:
-            raise FailedPrecondition(f"node {node!r} is {n.state.value}")
-        return self.agents.client(n.facts)
+        return self.agents.ready(self.nodes, node)
 
     def _client(self, node: str) -> AgentClient:
         """A node's agent even while it is marked unreachable (to keep trying through a blip)."""

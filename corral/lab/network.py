@@ -107,6 +107,12 @@ async def configure_host_namespace(namespace: str, address: str, prefixlen: int,
     await run([*ip, "link", "add", bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0"],
               timeout=_IP_TIMEOUT)
     await run([*ip, "link", "set", "eth0", "master", bridge], timeout=_IP_TIMEOUT)
+    # A bridge without a MAC of its own takes its lowest port's, and CRIU restores a container's
+    # host-side veth with a random one (LXC's own start with fe:..., never the lowest): a live
+    # migration in could change the host's MAC under its address and strand its peers' ARP
+    # entries for seconds. Pinned, as a real host's bridge config does.
+    links = json.loads((await run([*ip, "-j", "link", "show", "dev", "eth0"], timeout=_IP_TIMEOUT)).stdout)
+    await run([*ip, "link", "set", bridge, "address", links[0]["address"]], timeout=_IP_TIMEOUT)
     await run([*ip, "addr", "add", f"{address}/{prefixlen}", "dev", bridge], timeout=_IP_TIMEOUT)
     await run([*ip, "link", "set", "eth0", "up"], timeout=_IP_TIMEOUT)
     await run([*ip, "link", "set", bridge, "up"], timeout=_IP_TIMEOUT)
