@@ -62,7 +62,7 @@ async def serve(config: AgentConfig) -> None:
     transfer = TransferServer(listen_host, config.transfer_port, config.state_dir / "ssh_host_ed25519_key", grants)
     await transfer.start()
     migrations = Migrations(containers, transfer, grants, Checkpointer(config.lxc_path, network_lock=live.network_lock),
-                            config.state_dir, tls=config.tls)  # fmt: skip
+                            config.state_dir)  # fmt: skip
 
     server = make_server(AGENT_POLICY)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(containers, facts, migrations), server)

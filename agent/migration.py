@@ -14,13 +14,16 @@ Layout under the agent's state directory:
   checkpoints/<op>-lazy/                         a failed post-copy dump, kept for its logs
 
 Post-copy (see agent/postcopy.py): the source's page server and the destination's
-page puller authenticate each other with the agents' fleet certificates (CRIU's TLS);
-the images (no memory) go through the per-operation rsync channel like any other.
+page puller authenticate each other with certificates of a CA the source makes for that
+one transfer (CRIU's TLS; the client's key reaches the destination through the
+controller, as the transfer key does); the images (no memory) go through the
+per-operation channel like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import shutil
 import socket
@@ -32,7 +35,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import structlog
 
 from agent.containers import ContainerManager
-from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PostCopySource, PostCopyTarget, memory_usage_of
+from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PageServerTls, PostCopySource, PostCopyTarget
+from agent.postcopy import memory_usage_of, write_tls_files
 from agent.runtime.checkpoint import DUMP_CONFIG, FROZEN_AT, PREFROZEN_MARK, Checkpointer, DumpResult, PageServer
 from agent.runtime.checkpoint import RestoreResult
 from agent.runtime.checkpoint import TlsFiles as CriuTls
@@ -41,7 +45,7 @@ from agent.transfer.client import PushTarget, TransferProgress, TransferStats, r
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
 from agent.transfer.stream_push import StreamPusher
-from corral.config import TlsFiles
+from corral import pki
 from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container
 from corral.names import validate_name
@@ -54,6 +58,7 @@ PREDUMP = "predump"
 # Post-copy: the page transfer (and the whole lazy dump or restore) must end within this. Long:
 # when it passes, the destination's copy dies (its memory is incomplete).
 PAGES_DEADLINE = 3600.0
+ONE_TIME_TLS_VALIDITY = datetime.timedelta(seconds=PAGES_DEADLINE + 3600)  # a post-copy's page server
 KEEP_TIMEOUT = 600.0  # dumping a failed post-copy source to disk (its whole memory)
 SOURCE_FINISH_WAIT = 60.0  # release: for the source's CRIU to exit once every page has moved
 KEPT_MARK = "corral-kept.json"  # a complete checkpoint a failed post-copy source left
@@ -92,11 +97,7 @@ class Migrations:
         grants: GrantRegistry,
         checkpointer: Checkpointer,
         state_dir: Path,
-        *,
-        tls: TlsFiles | None = None,
     ) -> None:
-        """`tls`: this agent's fleet identity, which CRIU's page server (source) and page
-        puller (destination) use for post-copy; without it post-copy is refused."""
         self.containers = containers
         self.transfer = transfer
         self.grants = grants
@@ -104,7 +105,6 @@ class Migrations:
         self.staging_root = grants.staging_root
         self.checkpoints_root = state_dir / "checkpoints"
         self.checkpoints_root.mkdir(parents=True, exist_ok=True)
-        self.criu_tls = CriuTls(tls.ca, tls.cert, tls.key) if tls is not None else None
         self.pusher = StreamPusher()
         self._background: set[asyncio.Task] = set()
         self._sources: dict[str, PostCopySource] = {}
@@ -129,10 +129,10 @@ class Migrations:
     def _predumps(self, op_id: str) -> Path:
         return self.checkpoints_root / f"{_op(op_id)}-predump"
 
-    def _require_tls(self) -> CriuTls:
-        if self.criu_tls is None:
-            raise FailedPrecondition("post-copy needs this agent's TLS files: pages never cross the network in clear")
-        return self.criu_tls
+    def _page_server_tls_dir(self, op_id: str) -> Path:
+        """A post-copy source's one-time TLS files: beside its images, never among them (the
+        images are sent to the destination, the server's key must not be)."""
+        return self.checkpoints_root / f"{_op(op_id)}-tls"
 
     # -- destination -------------------------------------------------------------
 
@@ -153,6 +153,7 @@ class Migrations:
         self._targets.pop(op_id, None)
         # Whatever is still in staging was not adopted (or was only needed to restore): it goes.
         await asyncio.to_thread(self.grants.revoke, _op(op_id), remove_staging=True)
+        await asyncio.to_thread(shutil.rmtree, self._page_server_tls_dir(op_id), True)
         log.info("receive channel closed", op=op_id, discarded=discard)
 
     async def adopt(self, op_id: str, container: Container) -> Container:
@@ -160,7 +161,8 @@ class Migrations:
         return await self._shielded(self.containers.adopt(container, self._staging(op_id) / ROOTFS))
 
     async def restore(
-        self, op_id: str, name: str, local: bool, lazy_from: tuple[str, int] | None = None
+        self, op_id: str, name: str, local: bool, lazy_from: tuple[str, int] | None = None,
+        lazy_tls: PageServerTls | None = None,
     ) -> tuple[Container, RestoreResult]:
         images = self._checkpoint_dir(op_id) if local else self._staging(op_id) / CHECKPOINT
         if not (images / "inventory.img").is_file():
@@ -168,7 +170,7 @@ class Migrations:
         if lazy_from is not None:
             if local:
                 raise InvalidArgument("a post-copy restore takes the images received from the source")
-            return await self._lazy_restore(op_id, name, images, lazy_from)
+            return await self._lazy_restore(op_id, name, images, lazy_from, lazy_tls)
         if _is_lazy(images):
             # Its memory is not in it (it was served to the destination): never restore that.
             raise FailedPrecondition(f"the checkpoint at {images} is a post-copy dump without memory")
@@ -182,15 +184,20 @@ class Migrations:
         return await self._shielded(work())
 
     async def _lazy_restore(
-        self, op_id: str, name: str, images: Path, source: tuple[str, int]
+        self, op_id: str, name: str, images: Path, source: tuple[str, int], client_tls: PageServerTls | None
     ) -> tuple[Container, RestoreResult]:
-        """Post-copy destination: restore, pulling the memory from the source's page server.
-        Returns once the container runs; its pages go on arriving (wait_pages)."""
-        tls = self._require_tls()
+        """Post-copy destination: restore, pulling the memory from the source's page server
+        with the one-time client certificate the source made for this transfer. Returns once
+        the container runs; its pages go on arriving (wait_pages)."""
+        if client_tls is None:
+            raise InvalidArgument("a post-copy restore needs the page server's one-time TLS: "
+                                  "pages never cross the network in clear")  # fmt: skip
         existing = self._targets.get(op_id)
         if existing is not None:  # a repeated step
             return await self.containers.get(name), existing.running
-        server = PageServer(source[0], source[1], tls)
+        # Not in staging: the source can write there.
+        files = await asyncio.to_thread(client_tls.write, self._page_server_tls_dir(op_id))
+        server = PageServer(source[0], source[1], files)
 
         async def work():
             async with self.containers.lock(name):
@@ -348,7 +355,6 @@ class Migrations:
         """Post-copy source: freeze, dump all but the memory, serve the pages from a free port
         of this host's address (TLS). Returns once the images are written and it listens (and,
         with `send`, were sent along)."""
-        tls = self._require_tls()
         self.containers.record(name)
         existing = self._sources.get(op_id)
         if existing is not None:  # a repeated step
@@ -367,7 +373,11 @@ class Migrations:
                 images = self._checkpoint_dir(op_id)
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
-                server = PageServer(host, await asyncio.to_thread(_free_port, host), tls)
+                # Only the holder of this transfer's client certificate may pull the pages: a
+                # fleet certificate would let any agent or user read the container's memory.
+                one_time = await asyncio.to_thread(pki.one_time_tls, host, ONE_TIME_TLS_VALIDITY, f"pages of {op_id}")
+                server_files = await asyncio.to_thread(_write_server_tls, one_time, self._page_server_tls_dir(op_id))
+                server = PageServer(host, await asyncio.to_thread(_free_port, host), server_files)
                 lazy = await self.checkpointer.start_lazy_dump(name, images, server, timeout=PAGES_DEADLINE,
                                                                keep_source=True)  # fmt: skip
 
@@ -381,7 +391,8 @@ class Migrations:
                                                  "be frozen by the agent, so a failed page transfer could not "
                                                  "keep the source stopped")  # fmt: skip
                     info = LazyCheckpoint(ready, server.address, server.port, _read_frozen_at(images),
-                                          await asyncio.to_thread(lazy_bytes, images))  # fmt: skip
+                                          await asyncio.to_thread(lazy_bytes, images),
+                                          PageServerTls.client_of(one_time))  # fmt: skip
                     # Known before anything is sent: a failed send rolls back through resume_source.
                     self._sources[op_id] = PostCopySource(op_id, name, lazy, info,
                                                           lambda: self._keep_source(op_id, name))  # fmt: skip
@@ -439,7 +450,8 @@ class Migrations:
             log.info("post-copy source restored from its kept checkpoint", op=op_id, container=name,
                      ms=round(result.wall_ms, 1))  # fmt: skip
             self._sources.pop(op_id, None)
-            for done_with in (images, self.checkpoints_root / f"{_op(op_id)}-lazy"):  # it runs again: stale now
+            for done_with in (images, self.checkpoints_root / f"{_op(op_id)}-lazy",
+                              self._page_server_tls_dir(op_id)):  # it runs again: stale now
                 await asyncio.to_thread(shutil.rmtree, done_with, True)
             return await self.containers.get(name)
 
@@ -483,7 +495,8 @@ class Migrations:
                     await source.abort()
             if self.containers.exists(name):
                 await self.containers.release(name)
-            for images in (self._checkpoint_dir(op_id), self._predumps(op_id), self.checkpoints_root / f"{op_id}-lazy"):
+            for images in (self._checkpoint_dir(op_id), self._predumps(op_id), self.checkpoints_root / f"{op_id}-lazy",
+                           self._page_server_tls_dir(op_id)):  # fmt: skip
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
 
@@ -517,3 +530,6 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def _write_server_tls(tls: pki.OneTimeTls, directory: Path) -> CriuTls:
+    """The page server's side of a one-time TLS, as files CRIU reads (private directory)."""
+    return write_tls_files(directory, tls.ca_pem, tls.server_cert_pem, tls.server_key_pem)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -31,6 +32,8 @@ from typing import Awaitable, Callable
 import structlog
 
 from agent.runtime.checkpoint import LazyDump, LazyDumpReady, LazyRestore, RestoreResult
+from agent.runtime.checkpoint import TlsFiles as CriuTls
+from corral import pki
 from corral.errors import CorralError
 
 log = structlog.get_logger("corral.agent.postcopy")
@@ -53,15 +56,49 @@ class PagesStatus:
     kept_checkpoint: Path | None = None
 
 
+@dataclass(frozen=True, repr=False)
+class PageServerTls:
+    """The destination's side of a page server's one-time TLS (corral.pki.one_time_tls), PEM."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    def __repr__(self) -> str:  # never print the key
+        return "PageServerTls(...)"
+
+    @classmethod
+    def client_of(cls, tls: pki.OneTimeTls) -> PageServerTls:
+        return cls(tls.ca_pem, tls.client_cert_pem, tls.client_key_pem)
+
+    def write(self, directory: Path) -> CriuTls:
+        """As files CRIU reads, in a private directory."""
+        return write_tls_files(directory, self.ca, self.cert, self.key)
+
+
+def write_tls_files(directory: Path, ca: bytes, cert: bytes, key: bytes) -> CriuTls:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    files = CriuTls(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    for path, data in ((files.cacert, ca), (files.cert, cert), (files.key, key)):
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return files
+
+
 @dataclass(frozen=True)
 class LazyCheckpoint:
-    """What the controller needs of a post-copy source: where its pages are served."""
+    """What the controller needs of a post-copy source: where its pages are served, and the
+    one certificate that may pull them."""
 
     ready: LazyDumpReady
     address: str
     port: int
     frozen_at: float | None  # when our freezer script froze it (the start of the downtime)
     lazy_bytes: int
+    client_tls: PageServerTls
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ import asyncio
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
 from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, Sent
-from agent.postcopy import PagesState, PagesStatus
+from agent.postcopy import PagesState, PagesStatus, PageServerTls
 from agent.transfer.client import PushTarget, TransferProgress
 from corral.api.convert import container_from_pb, container_to_pb, facts_to_pb, limits_from_pb, network_from_pb
 from corral.errors import InvalidArgument
@@ -126,6 +126,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 wall_ms=r.wall_ms, images_bytes=r.images_bytes, started_at=r.started_at,
                 pause_ms=max(0.0, (r.ready_at - (lazy.frozen_at or r.started_at)) * 1000),
                 page_server_address=lazy.address, page_server_port=lazy.port, lazy_bytes=lazy.lazy_bytes,
+                page_server_tls=apb.PageServerTls(ca=lazy.client_tls.ca.decode(), cert=lazy.client_tls.cert.decode(),
+                                                  key=lazy.client_tls.key.decode()),
             ), sent)  # fmt: skip
         sent = None
         if mode == apb.CHECKPOINT_MODE_PREDUMP:
@@ -152,8 +154,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             if not request.lazy_address or not 0 < request.lazy_port < 65536:
                 raise InvalidArgument("a post-copy restore needs the page server's address and port")
             lazy_from = (request.lazy_address, request.lazy_port)
+        lazy_tls = None
+        if request.HasField("lazy_tls"):
+            t = request.lazy_tls
+            if not all("-----BEGIN" in pem for pem in (t.ca, t.cert, t.key)):
+                raise InvalidArgument("the page server's one-time TLS must be three PEM texts (CA, cert, key)")
+            lazy_tls = PageServerTls(t.ca.encode(), t.cert.encode(), t.key.encode())
         local = request.source == apb.RESTORE_SOURCE_LOCAL
-        ct, result = await self.migrations.restore(request.op_id, request.container, local, lazy_from)
+        ct, result = await self.migrations.restore(request.op_id, request.container, local, lazy_from, lazy_tls)
         return apb.RestoreResult(container=container_to_pb(ct), wall_ms=result.wall_ms,
                                  restore_ms=result.criu.restore_ms or 0, finished_at=result.finished_at)  # fmt: skip
 

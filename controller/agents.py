@@ -112,10 +112,12 @@ class AgentClient:
         return await self._call(self.stub.Checkpoint, req, timeout)
 
     async def restore(
-        self, op_id: str, name: str, source: int, lazy_from: tuple[str, int] | None = None
-    ) -> apb.RestoreResult:
+        self, op_id: str, name: str, source: int, lazy_from: tuple[str, int] | None = None,
+        lazy_tls: apb.PageServerTls | None = None,
+    ) -> apb.RestoreResult:  # fmt: skip
         address, port = lazy_from or ("", 0)
-        req = apb.RestoreRequest(op_id=op_id, container=name, source=source, lazy_address=address, lazy_port=port)
+        req = apb.RestoreRequest(op_id=op_id, container=name, source=source, lazy_address=address, lazy_port=port,
+                                 lazy_tls=lazy_tls)  # fmt: skip
         return await self._call(self.stub.Restore, req, LIFECYCLE_TIMEOUT)
 
     async def wait_pages(

@@ -76,28 +76,7 @@ def init_ca(pki_dir: Path, common_name: str = "Corral fleet CA") -> Path:
     pki_dir.mkdir(parents=True, exist_ok=True)
 
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + _CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    cert = _build_ca(key, common_name, _CA_VALIDITY)
     # Key first: its existence is what marks the CA as present.
     _write_private(key_path, _key_pem(key))
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
@@ -112,15 +91,109 @@ def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> Cer
     ca_cert, ca_key = _load_ca(pki_dir)
 
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, name),
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
         ]
     )
-    not_after = min(now + _LEAF_VALIDITY, ca_cert.not_valid_after_utc)
-    cert = (
+    cert = _build_leaf(ca_cert, ca_key, key, subject, _sans(role, name, hosts), _LEAF_VALIDITY)
+    paths = CertPaths(
+        cert=pki_dir / f"{role}-{name}.crt",
+        key=pki_dir / f"{role}-{name}.key",
+        ca=pki_dir / CA_CERT,
+    )
+    _write_private(paths.key, _key_pem(key))
+    _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
+@dataclass(frozen=True)
+class OneTimeTls:
+    """A throwaway CA and the two certificates it signed, for one connection's peers (PEM).
+    The CA's key is never kept: nothing else can ever be signed by it."""
+
+    ca_pem: bytes
+    server_cert_pem: bytes
+    server_key_pem: bytes
+    client_cert_pem: bytes
+    client_key_pem: bytes
+
+    def __repr__(self) -> str:  # never print the keys
+        return "OneTimeTls(...)"
+
+
+def one_time_tls(server_host: str, validity: datetime.timedelta, purpose: str) -> OneTimeTls:
+    """Certificates for one connection: the server's names `server_host` (CN and SAN); the
+    client is the only other holder of a certificate from this CA. Why: a fleet certificate
+    proves membership of the fleet, not a part in this one transfer (CRIU's page server can
+    check a peer's CA, not its role or name)."""
+    try:
+        ipaddress.ip_address(server_host)
+    except ValueError:
+        raise InvalidArgument(f"one-time TLS needs the server's IP address, not {server_host!r}") from None
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _build_ca(ca_key, f"Corral one-time CA: {purpose}"[:64], validity)
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    server = _build_leaf(ca, ca_key, server_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_host)]),
+                         _sans("agent", server_host, ()), validity)  # fmt: skip
+    client = _build_leaf(ca, ca_key, client_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")]),
+                         [x509.DNSName("client")], validity)  # fmt: skip
+    pem = serialization.Encoding.PEM
+    return OneTimeTls(ca.public_bytes(pem), server.public_bytes(pem), _key_pem(server_key),
+                      client.public_bytes(pem), _key_pem(client_key))  # fmt: skip
+
+
+def identity_from_pem(cert_pem: bytes) -> Identity:
+    """Who a (chain-verified) peer certificate names: its OU (role) and CN (name)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise Unauthenticated(f"peer certificate is not valid PEM: {e}") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    if len(names) != 1 or len(units) != 1:
+        raise Unauthenticated("peer certificate must carry exactly one CN (name) and one OU (role)")
+    name, role = str(names[0].value), str(units[0].value)
+    if role not in ROLES:
+        raise Unauthenticated(f"peer certificate has unknown role {role!r}")
+    if not name:
+        raise Unauthenticated("peer certificate has an empty CN")
+    return Identity(role=role, name=name)
+
+
+def _build_ca(key: ec.EllipticCurvePrivateKey, common_name: str, validity: datetime.timedelta) -> x509.Certificate:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _build_leaf(
+    ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name, sans: list[x509.GeneralName], validity: datetime.timedelta,
+) -> x509.Certificate:  # fmt: skip
+    now = datetime.datetime.now(datetime.timezone.utc)
+    not_after = min(now + validity, ca_cert.not_valid_after_utc)
+    return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
@@ -142,39 +215,11 @@ def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> Cer
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectAlternativeName(_sans(role, name, hosts)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    paths = CertPaths(
-        cert=pki_dir / f"{role}-{name}.crt",
-        key=pki_dir / f"{role}-{name}.key",
-        ca=pki_dir / CA_CERT,
-    )
-    _write_private(paths.key, _key_pem(key))
-    _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
-    return paths
-
-
-def identity_from_pem(cert_pem: bytes) -> Identity:
-    """Who a (chain-verified) peer certificate names: its OU (role) and CN (name)."""
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError as e:
-        raise Unauthenticated(f"peer certificate is not valid PEM: {e}") from None
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    if len(names) != 1 or len(units) != 1:
-        raise Unauthenticated("peer certificate must carry exactly one CN (name) and one OU (role)")
-    name, role = str(names[0].value), str(units[0].value)
-    if role not in ROLES:
-        raise Unauthenticated(f"peer certificate has unknown role {role!r}")
-    if not name:
-        raise Unauthenticated("peer certificate has an empty CN")
-    return Identity(role=role, name=name)
 
 
 def _sans(role: str, name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:

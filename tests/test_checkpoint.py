@@ -530,7 +530,8 @@ def _tls(info, node: str) -> dict:
             "key": str(pki / f"agent-{node}.key")}  # fmt: skip
 
 
-async def test_post_copy_to_another_host_over_tls(ckp):
+async def test_post_copy_to_another_host_over_tls(ckp, tmp_path):
+    """Over the one-time TLS the agent makes for each transfer (corral.pki.one_time_tls)."""
     name = "ck-lazy"
     await counter_container(ckp, name, workload=COUNTER_WITH_MEMORY)
     try:
@@ -539,13 +540,14 @@ async def test_post_copy_to_another_host_over_tls(ckp):
         await copy_container_config(ckp, name, "n1", "n2")
         src, dst = images_dir(ckp, "n1", name), images_dir(ckp, "n2", name)
         address, port = ckp.host("n1").address, random.randint(30000, 60000)
+        server_tls, client_tls = _one_time_tls(tmp_path, address)
         restorer = await Driver.start(ckp, "n2", {
             "action": "lazy-restore", "name": name, "images": str(dst), "wait": True,
-            "server": {"address": address, "port": port, "tls": _tls(ckp, "n2")},
+            "server": {"address": address, "port": port, "tls": client_tls},
         })  # fmt: skip
         source = await Driver.start(ckp, "n1", {
             "action": "lazy-dump", "name": name, "images": str(src),
-            "server": {"address": address, "port": port, "tls": _tls(ckp, "n1")},
+            "server": {"address": address, "port": port, "tls": server_tls},
         })  # fmt: skip
         try:
             assert (await restorer.line())["waiting"]
@@ -629,6 +631,66 @@ async def test_post_copy_source_refuses_a_destination_without_tls(ckp):
         assert " 0% packet loss" in ping, ping
         TIMINGS["post-copy-without-tls"] = {"destination": answers[-1]["message"][:300],
                                             "source": failed["message"][:300]}  # fmt: skip
+    finally:
+        await destroy(ckp, name, copies_on=("n2",))
+
+
+
+def _one_time_tls(directory: Path, server_address: str) -> tuple[dict, dict]:
+    """(server files, client files) of a one-time TLS for a page server at `server_address`."""
+    import datetime
+
+    from agent.postcopy import write_tls_files
+    from corral import pki
+
+    t = pki.one_time_tls(server_address, datetime.timedelta(hours=1), "test")
+    server = write_tls_files(directory / "server", t.ca_pem, t.server_cert_pem, t.server_key_pem)
+    client = write_tls_files(directory / "client", t.ca_pem, t.client_cert_pem, t.client_key_pem)
+    as_dict = lambda f: {"cacert": str(f.cacert), "cert": str(f.cert), "key": str(f.key)}  # noqa: E731
+    return as_dict(server), as_dict(client)
+
+
+async def test_post_copy_pages_go_only_to_the_transfers_own_client(ckp, tmp_path):
+    """A page server with a one-time CA (what the agent gives it) refuses a destination holding
+    a valid fleet certificate: being in the fleet is not being this transfer's destination
+    (any agent's or user's certificate would otherwise read the container's memory)."""
+    name = "ck-onetime"
+    await counter_container(ckp, name)
+    try:
+        await wait_counter(ckp, "n1", name, above=3)
+        await sync_rootfs(ckp, name, "n1", "n2")
+        await copy_container_config(ckp, name, "n1", "n2")
+        src, dst = images_dir(ckp, "n1", name), images_dir(ckp, "n2", name)
+        address, port = ckp.host("n1").address, random.randint(30000, 60000)
+        server_tls, _ = _one_time_tls(tmp_path, address)
+        restorer = await Driver.start(ckp, "n2", {
+            "action": "lazy-restore", "name": name, "images": str(dst), "wait": True, "timeout": 20,
+            "server": {"address": address, "port": port, "tls": _tls(ckp, "n2")},  # a fleet cert, not this one's
+        })  # fmt: skip
+        source = await Driver.start(ckp, "n1", {
+            "action": "lazy-dump", "name": name, "images": str(src), "timeout": 30, "resume_on_failure": True,
+            "server": {"address": address, "port": port, "tls": server_tls},
+        })  # fmt: skip
+        try:
+            assert (await restorer.line())["waiting"]
+            ok(await source.line())
+            await copy_images(src, dst)
+            restorer.go()
+            answers = [await restorer.line(60)]
+            if "error" not in answers[0]:
+                answers.append(await restorer.line(60))
+            failed = await source.line(60)
+        finally:
+            await restorer.close()
+            await source.close()
+        assert answers[-1].get("error") in ("RuntimeFailure", "DeadlineExceeded"), answers
+        assert failed.get("error") == "RuntimeFailure", failed
+        assert await lxc_state(ckp, "n2", name) != "RUNNING"
+        assert await lxc_state(ckp, "n1", name) == "RUNNING"
+        dump_log = (src / "dump.log").read_text()
+        assert "TLS handshake failed" in dump_log or "certificate" in dump_log.lower(), dump_log[-2000:]
+        _, now = read_counter(ckp, "n1", name)
+        await wait_counter(ckp, "n1", name, above=now + 2)  # the source counts on
     finally:
         await destroy(ckp, name, copies_on=("n2",))
 

@@ -73,3 +73,36 @@ async def test_agents_cannot_use_the_fleet_api_or_speak_for_other_nodes(lab):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Heartbeat(forged, timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_one_time_tls_trusts_exactly_its_two_peers(tmp_path):
+    """A post-copy page server's certificates: the server is named by its address, the client
+    and the server are signed by a CA made for them alone (its key is not kept), and a fleet
+    certificate does not verify against it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from corral.errors import InvalidArgument
+
+    t = pki.one_time_tls("10.1.2.3", datetime.timedelta(hours=2), "pages of op1")
+    ca = x509.load_pem_x509_certificate(t.ca_pem)
+    server = x509.load_pem_x509_certificate(t.server_cert_pem)
+    client = x509.load_pem_x509_certificate(t.client_cert_pem)
+    for leaf in (server, client):
+        leaf.verify_directly_issued_by(ca)
+        assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= datetime.timedelta(hours=2, minutes=6)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("10.1.2.3") in sans.get_values_for_type(x509.IPAddress)
+    assert "PRIVATE KEY" in t.client_key_pem.decode() and "OneTimeTls(...)" == repr(t)
+
+    pki.init_ca(tmp_path)
+    fleet = x509.load_pem_x509_certificate(pki.issue(tmp_path, "agent", "n3").cert.read_bytes())
+    with pytest.raises(ValueError):  # another issuer
+        fleet.verify_directly_issued_by(ca)
+    other = pki.one_time_tls("10.1.2.3", datetime.timedelta(hours=2), "pages of op2")
+    assert other.ca_pem != t.ca_pem and isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    with pytest.raises(InvalidArgument):
+        pki.one_time_tls("node1.example", datetime.timedelta(hours=1), "x")

@@ -145,9 +145,10 @@ class TlsFiles:
 @dataclass(frozen=True)
 class PageServer:
     """Where a post-copy source serves its pages. Each side gives its own `tls` files:
-    the source as the server (it accepts any peer certificate the fleet CA signed,
-    CRIU's server-side name check being against its own address), the destination as
-    the client (it also checks the source's certificate names `address`)."""
+    the source as the server (it accepts any peer certificate its CA signed, CRIU's
+    server-side name check being against its own address: the agent makes a one-time CA
+    per transfer, corral.pki.one_time_tls, so that is one client), the destination as the
+    client (it also checks the source's certificate names `address`)."""
 
     address: str
     port: int

@@ -304,7 +304,8 @@ class MigrationPlan:
         await ctx.phase("lazy-restore", "resuming on the target; its memory follows on demand")
         restore_began = time.monotonic()
         async with ctx.step("lazy-restore"):
-            restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED, lazy_from=server)
+            restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED, lazy_from=server,
+                                         lazy_tls=dump.page_server_tls)  # fmt: skip
         now = time.monotonic()
         await ctx.timing(restore=(now - restore_began) * 1000, downtime=(now - self.down_began) * 1000,
                          criu_restore=restored.restore_ms)  # fmt: skip

@@ -261,7 +261,7 @@ class SendAlong(_message.Message):
     def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
-    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes")
+    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes", "page_server_tls")
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,7 @@ class CheckpointResult(_message.Message):
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     IMAGES_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SERVER_TLS_FIELD_NUMBER: _ClassVar[int]
     wall_ms: float
     frozen_ms: float
     freezing_ms: float
@@ -294,21 +295,34 @@ class CheckpointResult(_message.Message):
     bytes_sent: int
     rootfs_delta_bytes: int
     images_sent_bytes: int
-    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ..., sent_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., rootfs_delta_bytes: _Optional[int] = ..., images_sent_bytes: _Optional[int] = ...) -> None: ...
+    page_server_tls: PageServerTls
+    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ..., sent_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., rootfs_delta_bytes: _Optional[int] = ..., images_sent_bytes: _Optional[int] = ..., page_server_tls: _Optional[_Union[PageServerTls, _Mapping]] = ...) -> None: ...
+
+class PageServerTls(_message.Message):
+    __slots__ = ("ca", "cert", "key")
+    CA_FIELD_NUMBER: _ClassVar[int]
+    CERT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ca: str
+    cert: str
+    key: str
+    def __init__(self, ca: _Optional[str] = ..., cert: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class RestoreRequest(_message.Message):
-    __slots__ = ("op_id", "container", "source", "lazy_address", "lazy_port")
+    __slots__ = ("op_id", "container", "source", "lazy_address", "lazy_port", "lazy_tls")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     LAZY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAZY_PORT_FIELD_NUMBER: _ClassVar[int]
+    LAZY_TLS_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     container: str
     source: RestoreSource
     lazy_address: str
     lazy_port: int
-    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., source: _Optional[_Union[RestoreSource, str]] = ..., lazy_address: _Optional[str] = ..., lazy_port: _Optional[int] = ...) -> None: ...
+    lazy_tls: PageServerTls
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., source: _Optional[_Union[RestoreSource, str]] = ..., lazy_address: _Optional[str] = ..., lazy_port: _Optional[int] = ..., lazy_tls: _Optional[_Union[PageServerTls, _Mapping]] = ...) -> None: ...
 
 class RestoreResult(_message.Message):
     __slots__ = ("container", "wall_ms", "restore_ms", "finished_at")
