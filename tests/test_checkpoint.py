@@ -798,3 +798,29 @@ def _main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(_main())
+
+
+def test_a_failed_restores_empty_cgroups_are_removed_and_nothing_else(tmp_path):
+    """LXC's cgroups for a container whose restore failed: the empty ones go (else the next
+    start lands in lxc.payload.NAME-1), a busy one (here: a file in it, as a cgroup with a
+    process refuses rmdir) and other containers' stay."""
+    from agent.runtime.cgroups import remove_empty_container_cgroups
+
+    memory, unified = tmp_path / "memory", tmp_path / "unified"
+    for d in (memory / "lxc.payload.web" / "init.scope", memory / "lxc.monitor.web", memory / "lxc.payload.web-3",
+              memory / "lxc.payload.webx", memory / "lxc.payload.other", unified / "lxc.payload.web-1"):  # fmt: skip
+        d.mkdir(parents=True)
+    (unified / "lxc.payload.web-1" / "cgroup.procs").write_text("42\n")  # busy
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"30 25 0:26 / {memory} rw,nosuid - cgroup cgroup rw,memory\n"
+        f"31 25 0:27 / {unified} rw,nosuid - cgroup2 cgroup2 rw\n"
+        f"32 25 0:28 / {tmp_path} rw - ext4 /dev/vda rw\n"
+    )
+    removed = remove_empty_container_cgroups("web", mountinfo)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [
+        "memory/lxc.monitor.web", "memory/lxc.payload.web", "memory/lxc.payload.web-3",
+        "memory/lxc.payload.web/init.scope",
+    ]  # fmt: skip
+    assert (memory / "lxc.payload.webx").is_dir() and (memory / "lxc.payload.other").is_dir()
+    assert (unified / "lxc.payload.web-1").is_dir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,3 +50,41 @@ class CgroupLayout:
 
     def limit_settings(self, limits: Limits) -> list[tuple[str, str]]:
         return [(f"{self.config_prefix}.{f}", v) for f, v in self.limit_files(limits)]
+
+
+def remove_empty_container_cgroups(name: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
+    """Remove the empty cgroups LXC made for container `name` (lxc.payload.NAME, lxc.monitor.NAME,
+    with LXC's -N suffix when the name was taken) in every mounted hierarchy; returns them.
+    Why: a restore that fails leaves them behind (LXC made them, CRIU never filled them), and
+    the next start of NAME then lands in lxc.payload.NAME-1. rmdir only ever removes an empty
+    cgroup: one with a process in it, anywhere below, stays."""
+    removed: list[Path] = []
+    pattern = re.compile(rf"^lxc\.(payload|monitor)\.{re.escape(name)}(-\d+)?$")
+    for mount in _cgroup_mounts(mountinfo):
+        try:
+            candidates = [p for p in mount.iterdir() if pattern.match(p.name) and p.is_dir()]
+        except OSError:
+            continue
+        for top in candidates:
+            # Children first: a systemd container's payload has cgroups of its own.
+            for directory in sorted((Path(d) for d, _, _ in os.walk(top)), key=lambda p: len(p.parts), reverse=True):
+                try:
+                    directory.rmdir()
+                    removed.append(directory)
+                except OSError:
+                    pass
+    return removed
+
+
+def _cgroup_mounts(mountinfo: Path) -> list[Path]:
+    mounts = []
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return mounts
+    for line in lines:
+        pre, _, post = line.partition(" - ")
+        fields = pre.split()
+        if len(fields) > 4 and post.split()[:1] in (["cgroup"], ["cgroup2"]):
+            mounts.append(Path(fields[4]))
+    return mounts

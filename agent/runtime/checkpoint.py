@@ -41,6 +41,7 @@ from typing import IO, Sequence
 
 import structlog
 
+from agent.runtime.cgroups import remove_empty_container_cgroups
 from agent.runtime.criu import check_feature
 from agent.runtime.criu_stats import DumpStats, RestoreStats, StatsFormatError, read_dump_stats, read_restore_stats
 from agent.runtime.lxc import DEFAULT_PATH
@@ -807,7 +808,9 @@ class Checkpointer:
             await self._kill_container(name)
             raise
         if rc != 0:
-            raise await self._failed("restore", name, images, "restore.log", child)
+            failure = await self._failed("restore", name, images, "restore.log", child)
+            await self._forget_cgroups(name)
+            raise failure
         monitor, init_pid = await asyncio.to_thread(_restored_monitor, child.proc.pid)
         if (images / PREFROZEN_MARK).exists():
             await self._thaw_restored(name, init_pid)
@@ -865,6 +868,13 @@ class Checkpointer:
         child = await _Child.launch(argv, what=f"lxc-stop {name}", output=Path(os.devnull), env=_env(None))
         with contextlib.suppress(DeadlineExceeded):
             await child.wait(30)
+        await self._forget_cgroups(name)
+
+    @staticmethod
+    async def _forget_cgroups(name: str) -> None:
+        removed = await asyncio.to_thread(remove_empty_container_cgroups, name)
+        if removed:
+            log.info("empty cgroups of a failed restore removed", container=name, cgroups=len(removed))
 
 
 class LazyDump:
