@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -800,11 +801,11 @@ if __name__ == "__main__":
     raise SystemExit(_main())
 
 
-def test_a_failed_restores_empty_cgroups_are_removed_and_nothing_else(tmp_path):
-    """LXC's cgroups for a container whose restore failed: the empty ones go (else the next
-    start lands in lxc.payload.NAME-1), a busy one (here: a file in it, as a cgroup with a
-    process refuses rmdir) and other containers' stay."""
-    from agent.runtime.cgroups import remove_empty_container_cgroups
+def test_leftover_cgroups_are_found_by_name_and_only_empty_ones_removed(tmp_path):
+    """LXC's cgroups of a container: found by name in every hierarchy (with LXC's -N suffix),
+    and of those only the empty ones go (a cgroup with a process in it refuses rmdir: here a
+    file in the directory plays the process), children first."""
+    from agent.runtime.cgroups import cgroup_dirs_of, container_cgroup_dirs, remove_empty
 
     memory, unified = tmp_path / "memory", tmp_path / "unified"
     for d in (memory / "lxc.payload.web" / "init.scope", memory / "lxc.monitor.web", memory / "lxc.payload.web-3",
@@ -817,10 +818,16 @@ def test_a_failed_restores_empty_cgroups_are_removed_and_nothing_else(tmp_path):
         f"31 25 0:27 / {unified} rw,nosuid - cgroup2 cgroup2 rw\n"
         f"32 25 0:28 / {tmp_path} rw - ext4 /dev/vda rw\n"
     )
-    removed = remove_empty_container_cgroups("web", mountinfo)
+    found = container_cgroup_dirs("web", mountinfo)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in found) == [
+        "memory/lxc.monitor.web", "memory/lxc.payload.web", "memory/lxc.payload.web-3", "unified/lxc.payload.web-1",
+    ]  # fmt: skip
+    removed = remove_empty(found)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in removed) == [
         "memory/lxc.monitor.web", "memory/lxc.payload.web", "memory/lxc.payload.web-3",
         "memory/lxc.payload.web/init.scope",
     ]  # fmt: skip
     assert (memory / "lxc.payload.webx").is_dir() and (memory / "lxc.payload.other").is_dir()
     assert (unified / "lxc.payload.web-1").is_dir()
+    # A process's own cgroups, per hierarchy, from /proc/PID/cgroup (this test's process).
+    assert cgroup_dirs_of(0) == [] and all(d.is_dir() for d in cgroup_dirs_of(os.getpid()))

@@ -101,13 +101,15 @@ async def test_mounts_persist_on_a_host_and_stay_there(two_hosts):
 
 async def test_container_on_a_host_is_in_its_cgroup_and_limited(two_hosts):
     paths, net = two_hosts
+    # A name of its own: the cgroup hierarchies are the machine's, shared with every lab.
+    name = f"lnt{os.getpid()}"
     lxc_path = paths.host(1).lxc_path
-    rootfs = lxc_path / "t1" / "rootfs"
+    rootfs = lxc_path / name / "rootfs"
     for d in ("bin", "proc", "sys", "dev", "tmp"):
         (rootfs / d).mkdir(parents=True)
     shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-    (lxc_path / "t1" / "config").write_text(
-        f"lxc.uts.name = t1\n"
+    (lxc_path / name / "config").write_text(
+        f"lxc.uts.name = {name}\n"
         f"lxc.rootfs.path = dir:{rootfs}\n"
         "lxc.net.0.type = veth\nlxc.net.0.link = br0\nlxc.net.0.flags = up\n"
         f"lxc.net.0.ipv4.address = {net.range_start}/24\n"
@@ -116,17 +118,17 @@ async def test_container_on_a_host_is_in_its_cgroup_and_limited(two_hosts):
         "lxc.init.cmd = /bin/busybox sleep 1000\n"
         "lxc.cgroup.memory.limit_in_bytes = 32M\n"
     )  # fmt: skip
-    await run(_on_host(paths, 1, "lxc-start", "-P", lxc_path, "-n", "t1"), timeout=30,
+    await run(_on_host(paths, 1, "lxc-start", "-P", lxc_path, "-n", name), timeout=30,
               env=processes.daemon_env())
-    info = await run(_on_host(paths, 1, "lxc-info", "-P", lxc_path, "-n", "t1", "-p", "-H"), timeout=10)
+    info = await run(_on_host(paths, 1, "lxc-info", "-P", lxc_path, "-n", name, "-p", "-H"), timeout=10)
     init_pid = int(info.stdout.decode().strip())
 
-    assert cgroups.cgroups_of(init_pid)["memory"].endswith("/lxc.payload.t1")
+    assert cgroups.cgroups_of(init_pid)["memory"].endswith(f"/lxc.payload.{name}")
     assert cgroups.memory_limit_of(init_pid) == 32 * 1024 * 1024
     # Its veth is on the host's br0, so the other host reaches it.
     await run(_on_host(paths, 2, BUSYBOX, "ping", "-c1", "-W2", net.range_start), timeout=10)
     # More memory than the limit: the kernel kills it inside the container.
-    hog = await run(_on_host(paths, 1, "lxc-attach", "-P", lxc_path, "-n", "t1", "--",
+    hog = await run(_on_host(paths, 1, "lxc-attach", "-P", lxc_path, "-n", name, "--",
                              "/bin/busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"),
                     timeout=30, check=False)
     assert hog.returncode != 0

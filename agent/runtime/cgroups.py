@@ -52,39 +52,72 @@ class CgroupLayout:
         return [(f"{self.config_prefix}.{f}", v) for f, v in self.limit_files(limits)]
 
 
-def remove_empty_container_cgroups(name: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
-    """Remove the empty cgroups LXC made for container `name` (lxc.payload.NAME, lxc.monitor.NAME,
-    with LXC's -N suffix when the name was taken) in every mounted hierarchy; returns them.
-    Why: a restore that fails leaves them behind (LXC made them, CRIU never filled them), and
-    the next start of NAME then lands in lxc.payload.NAME-1. rmdir only ever removes an empty
-    cgroup: one with a process in it, anywhere below, stays."""
-    removed: list[Path] = []
+def container_cgroup_dirs(name: str, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
+    """The cgroups LXC made for container `name` (lxc.payload.NAME, lxc.monitor.NAME, with LXC's
+    -N suffix when the name was taken) in every mounted hierarchy."""
     pattern = re.compile(rf"^lxc\.(payload|monitor)\.{re.escape(name)}(-\d+)?$")
+    found: list[Path] = []
     for mount in _cgroup_mounts(mountinfo):
         try:
-            candidates = [p for p in mount.iterdir() if pattern.match(p.name) and p.is_dir()]
+            found += [p for p in mount.iterdir() if pattern.match(p.name) and p.is_dir()]
         except OSError:
             continue
-        for top in candidates:
-            # Children first: a systemd container's payload has cgroups of its own.
-            for directory in sorted((Path(d) for d, _, _ in os.walk(top)), key=lambda p: len(p.parts), reverse=True):
-                try:
-                    directory.rmdir()
-                    removed.append(directory)
-                except OSError:
-                    pass
-    return removed
+    return found
 
 
 def _cgroup_mounts(mountinfo: Path) -> list[Path]:
-    mounts = []
+    return [mount for mount, _, _ in _cgroup_mount_entries(mountinfo)]
+
+
+def _cgroup_mount_entries(mountinfo: Path) -> list[tuple[Path, str, set[str]]]:
+    """(mount point, fstype, super options) of every cgroup and cgroup2 mount."""
+    entries = []
     try:
         lines = mountinfo.read_text().splitlines()
     except OSError:
-        return mounts
+        return entries
     for line in lines:
         pre, _, post = line.partition(" - ")
-        fields = pre.split()
-        if len(fields) > 4 and post.split()[:1] in (["cgroup"], ["cgroup2"]):
-            mounts.append(Path(fields[4]))
-    return mounts
+        fields, tail = pre.split(), post.split()
+        if len(fields) > 4 and tail[:1] in (["cgroup"], ["cgroup2"]):
+            options = set(tail[2].split(",")) if len(tail) > 2 else set()
+            entries.append((Path(fields[4]), tail[0], options))
+    return entries
+
+
+def cgroup_dirs_of(pid: int, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
+    """The cgroup directories process `pid` is in, one per mounted hierarchy ([] if it is gone)."""
+    try:
+        memberships = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    by_hierarchy: dict[str, str] = {}
+    for line in memberships:
+        _, controllers, path = line.split(":", 2)
+        by_hierarchy[controllers] = path
+    dirs = []
+    for mount, fstype, options in _cgroup_mount_entries(mountinfo):
+        if fstype == "cgroup2":
+            path = by_hierarchy.get("")
+        else:
+            wanted = {o.removeprefix("name=") if o.startswith("name=") else o for o in options}
+            path = next((p for c, p in by_hierarchy.items() if c and set(c.replace("name=", "").split(",")) <= wanted
+                         and set(c.replace("name=", "").split(",")) & wanted), None)  # fmt: skip
+        if path and path != "/":
+            dirs.append(mount / path.lstrip("/"))
+    return dirs
+
+
+def remove_empty(directories: list[Path]) -> list[Path]:
+    """rmdir each (children first) where it is an empty cgroup; returns those removed."""
+    removed = []
+    for top in directories:
+        if not top.is_dir():
+            continue
+        for directory in sorted((Path(d) for d, _, _ in os.walk(top)), key=lambda p: len(p.parts), reverse=True):
+            try:
+                directory.rmdir()
+                removed.append(directory)
+            except OSError:
+                pass
+    return removed

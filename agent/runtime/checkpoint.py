@@ -41,7 +41,7 @@ from typing import IO, Sequence
 
 import structlog
 
-from agent.runtime.cgroups import remove_empty_container_cgroups
+from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
 from agent.runtime.criu import check_feature
 from agent.runtime.criu_stats import DumpStats, RestoreStats, StatsFormatError, read_dump_stats, read_restore_stats
 from agent.runtime.lxc import DEFAULT_PATH
@@ -553,6 +553,7 @@ class Checkpointer:
         self.network_lock = network_lock
         self.prefreeze = prefreeze
         self._dirty_tracking: tuple[bool, str] | None = None
+        self._cgroups_before_restore: dict[str, set[Path]] = {}
 
     # -- common ---------------------------------------------------------------
 
@@ -795,6 +796,7 @@ class Checkpointer:
 
     async def _launch_restore(self, name: str, images: Path, config: Path | None) -> _Child:
         flags = await asyncio.to_thread(self._restore_rcfile, name, images)
+        self._cgroups_before_restore[name] = set(await asyncio.to_thread(container_cgroup_dirs, name))
         # Output to a file: the restored container's monitor keeps lxc-checkpoint's stderr open.
         return await _Child.launch(self._argv(name, images, "-r", "-d", *flags), what=f"restore of {name}",
                                    output=images / "lxc-restore.out", env=_env(config))  # fmt: skip
@@ -870,9 +872,15 @@ class Checkpointer:
             await child.wait(30)
         await self._forget_cgroups(name)
 
-    @staticmethod
-    async def _forget_cgroups(name: str) -> None:
-        removed = await asyncio.to_thread(remove_empty_container_cgroups, name)
+    async def _forget_cgroups(self, name: str) -> None:
+        """The empty cgroups a failed restore of `name` made (LXC made them, CRIU never filled
+        them): left, the next start of `name` lands in lxc.payload.NAME-1. Only those it made:
+        the same name's on another lab host, sharing the hierarchies, are not ours."""
+        before = self._cgroups_before_restore.pop(name, None)
+        if before is None:
+            return
+        made = set(await asyncio.to_thread(container_cgroup_dirs, name)) - before
+        removed = await asyncio.to_thread(remove_empty, sorted(made))
         if removed:
             log.info("empty cgroups of a failed restore removed", container=name, cgroups=len(removed))
 

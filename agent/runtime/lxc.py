@@ -6,11 +6,13 @@ machine without seeing each other's containers.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from agent.runtime.cgroups import cgroup_dirs_of, remove_empty
 from corral import proc
 from corral.errors import FailedPrecondition, NotFound, RuntimeFailure
 from corral.model import ContainerState
@@ -127,11 +129,21 @@ class LxcRuntime:
         return RuntimeStatus(ContainerState.RUNNING, pid) if pid else await self._lxc_info(name)
 
     async def stop(self, name: str, *, force: bool, timeout: float) -> None:
+        init_pid = (await self.status(name)).init_pid
+        cgroups = await asyncio.to_thread(cgroup_dirs_of, init_pid) if init_pid else []
         args = ["-k"] if force else ["-t", str(int(timeout))]
         done = await self._lxc("lxc-stop", name, *args, timeout=timeout + 30, check=False)
         # Exit 2 means "already stopped" for lxc-stop: that is what we wanted.
         if done.returncode not in (0, 2):
             raise RuntimeFailure(f"lxc-stop {name} failed (exit {done.returncode}): {done.output}")
+        # LXC can leave its cgroups behind (measured: the cgroup2 one of a hybrid host, for a
+        # container frozen when stopped, as a post-copy source is); left, the next start of
+        # `name` here lands in lxc.payload.NAME-1. Exactly the ones its init was in, if empty.
+        for _ in range(5):  # its last tasks may still be exiting for a moment
+            await asyncio.to_thread(remove_empty, cgroups)
+            if not any(c.exists() for c in cgroups):
+                break
+            await asyncio.sleep(0.05)
 
     async def set_cgroup(self, name: str, key: str, value: str) -> None:
         done = await self._lxc("lxc-cgroup", name, key, value, check=False)
