@@ -265,35 +265,24 @@ class Migrations:
         sent = await self.pusher.push(images, target, CHECKPOINT, timeout=timeout)
         return sent if sent is not None else await rsync_push(images, target, CHECKPOINT, timeout=timeout)
 
-    async def _dump_and_send(self, name: str, images: Path, dumping: Awaitable[Any], send: SendAlong | None,
-                             *, follow: bool = False) -> tuple[Any, Sent | None]:  # fmt: skip
+    async def _dump_and_send(self, name: str, images: Path, dumping: Awaitable[Any],
+                             send: SendAlong | None) -> tuple[Any, Sent | None]:  # fmt: skip
         """Await `dumping` (done once the images are written) and, with `send`, send along (see
-        SendAlong). `follow`: the memory images go while CRIU writes them (a full dump, where
-        they are the bulk), the rest once it is done. A failed dump fails the step, its
-        unfinished stream refused by the destination; a failed send fails it too (the dump
-        stands: the controller rolls back from it)."""
+        SendAlong). A failed dump sends nothing; a failed send fails the step (the dump stands:
+        the controller rolls back from it)."""
         if send is None:
             return await dumping, None
         dump = asyncio.ensure_future(dumping)
         rootfs = asyncio.ensure_future(self._rootfs_once_frozen(name, images, dump, send)) if send.rootfs else None
-        following = None
-        if follow:
-            following = asyncio.ensure_future(self.pusher.push(images, send.target, CHECKPOINT, timeout=send.timeout,
-                                                               follow=dump))  # fmt: skip
         try:
             result = await dump
             dumped = time.monotonic()
-            if following is not None:
-                images_sent = await following
-            else:
-                images_sent = await self._push_images(images, send.target, send.timeout)
+            images_sent = await self._push_images(images, send.target, send.timeout)
             rootfs_sent = await rootfs if rootfs is not None else None
         finally:
-            for task in (dump, rootfs, following):
+            for task in (dump, rootfs):
                 if task is not None and not task.done():
                     task.cancel()
-            if following is not None and following.done() and not following.cancelled():
-                following.exception()  # a failed dump's stream: its error is the dump's, raised above
         return result, Sent(images_sent, rootfs_sent, (time.monotonic() - dumped) * 1000)
 
     async def _rootfs_once_frozen(self, name: str, images: Path, dump: asyncio.Future,
@@ -330,8 +319,7 @@ class Migrations:
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
                 dumping = self.checkpointer.dump(name, images, stop=True, parent=parent)
-                # A pre-copy's final dump links its parent (a tree): sent by rsync once done.
-                result, sent = await self._dump_and_send(name, images, dumping, send, follow=parent is None)
+                result, sent = await self._dump_and_send(name, images, dumping, send)
                 log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
                          parent_predump=parent_predump or None,
                          sent_after_ms=round(sent.after_dump_ms, 1) if sent else None)  # fmt: skip

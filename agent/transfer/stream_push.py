@@ -63,34 +63,28 @@ class StreamPusher:
         if not task.cancelled() and task.exception() is not None:
             log.info("transfer connection not opened ahead", error=str(task.exception())[:200])
 
-    async def push(
-        self, src_dir: Path, target: PushTarget, dest: str, *, timeout: float, follow: asyncio.Future | None = None
-    ) -> TransferStats | None:
+    async def push(self, src_dir: Path, target: PushTarget, dest: str, *, timeout: float) -> TransferStats | None:
         """Send the flat directory `src_dir` as staging/`dest` on the destination. None if
-        `src_dir` is not flat (a tree: the caller uses rsync). `follow`: a dump still writing
-        `src_dir`; its memory images are sent as they grow, the rest once it is done (a failed
-        dump raises here, its stream unfinished)."""
+        `src_dir` is not flat (a tree: the caller uses rsync)."""
         dest = file_stream.check_name(dest, "destination")
-        files = None
-        if follow is None:
-            if not src_dir.is_dir():
-                raise NotFound(f"nothing to send: {src_dir} is not a directory")
-            files = await asyncio.to_thread(file_stream.flat_files, src_dir)
-            if files is None:
-                return None
+        if not src_dir.is_dir():
+            raise NotFound(f"nothing to send: {src_dir} is not a directory")
+        files = await asyncio.to_thread(file_stream.flat_files, src_dir)
+        if files is None:
+            return None
         began = time.monotonic()
         plog = log.bind(op=target.user.removeprefix("op-"), address=target.address, dest=dest)
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    sent, answer, status, errors = await self._send(target, src_dir, files, dest, follow)
+                    sent, answer, status, errors = await self._send(target, files, dest)
                 except (OSError, asyncssh.Error):
                     if _key(target) not in self._connections:
                         raise
                     # A kept connection the peer has since closed (idle, or its grant was
                     # replaced): once more on a new one, which also hears why.
                     self._drop(target)
-                    sent, answer, status, errors = await self._send(target, src_dir, files, dest, follow)
+                    sent, answer, status, errors = await self._send(target, files, dest)
         except TimeoutError:
             self._drop(target)
             raise DeadlineExceeded(f"sending {dest} did not finish within {timeout:g} s") from None
@@ -104,8 +98,7 @@ class StreamPusher:
         return TransferStats(bytes_sent=sent.bytes, literal_bytes=sent.bytes, total_size=sent.bytes,
                              files_transferred=sent.files, duration_s=duration)  # fmt: skip
 
-    async def _send(self, target: PushTarget, src_dir: Path, files: list[Path] | None, dest: str,
-                    follow: asyncio.Future | None):  # fmt: skip
+    async def _send(self, target: PushTarget, files: list[Path], dest: str):
         entry = await self._connection(target)
         entry.used_at = time.monotonic()
         async with entry.conn.create_process(file_stream.command_for(dest), encoding=None) as process:
@@ -114,10 +107,7 @@ class StreamPusher:
                 await process.stdin.drain()
 
             try:
-                if files is not None:
-                    sent = await file_stream.write_stream(files, write)
-                else:
-                    sent = await file_stream.follow(src_dir, write, follow, file_stream.PAGES)
+                sent = await file_stream.write_stream(files, write)
                 process.stdin.write_eof()
             except BrokenPipeError:
                 sent = None  # the receiver stopped reading: its stderr says why
