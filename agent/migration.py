@@ -37,7 +37,8 @@ import structlog
 from agent.containers import ContainerManager
 from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PageServerTls, PostCopySource, PostCopyTarget
 from agent.postcopy import memory_usage_of, write_tls_files
-from agent.runtime.checkpoint import DUMP_CONFIG, FROZEN_AT, PREFROZEN_MARK, Checkpointer, DumpResult, PageServer
+from agent.runtime.checkpoint import DUMP_CONFIG, FROZEN_AT, NETLOCKED, PREFROZEN_MARK, Checkpointer, DumpResult
+from agent.runtime.checkpoint import PageServer
 from agent.runtime.checkpoint import RestoreResult
 from agent.runtime.checkpoint import TlsFiles as CriuTls
 from agent.runtime.criu_pagemap import lazy_bytes
@@ -223,6 +224,14 @@ class Migrations:
         side: PostCopyTarget | PostCopySource | None = self._targets.get(op_id) or self._sources.get(op_id)
         if side is None:
             images = self._checkpoint_dir(op_id)
+            if _is_lazy(images) and not (images / KEPT_MARK).exists():
+                # Served by a page server an earlier run of this agent started: moving while it
+                # runs; how it ended, only the destination can tell.
+                while await self.checkpointer.orphaned_dump_running(images):
+                    yield PagesStatus(PagesState.MOVING, detail="served by a page server this agent lost track of")
+                    await asyncio.sleep(interval)
+                yield self._unknown(op_id)
+                return
             if (images / KEPT_MARK).is_file():  # kept before this agent restarted
                 yield PagesStatus(PagesState.FAILED, detail="kept after a failed page transfer", kept_checkpoint=images)
             else:
@@ -438,9 +447,15 @@ class Migrations:
                     self._sources.pop(op_id, None)
                     log.info("post-copy source resumed", op=op_id, container=name)
                     return await self.containers.get(name)
+            images = self._checkpoint_dir(op_id)
+            if await self._orphaned_source(op_id, name):
+                # This agent restarted while serving its pages: still frozen here, whole.
+                await self.checkpointer.stop_orphaned_dump(name, images)
+                await self.checkpointer.resume_frozen(name)
+                log.info("post-copy source resumed after an agent restart", op=op_id, container=name)
+                return await self.containers.get(name)
             if name in self.containers.runtime.running_names():
                 return await self.containers.get(name)
-            images = self._checkpoint_dir(op_id)
             if not (images / KEPT_MARK).is_file():
                 raise FailedPrecondition(f"{name!r} cannot resume here: no complete checkpoint at {images}")
             async with self.containers.lock(name):
@@ -468,7 +483,25 @@ class Migrations:
         images = self._checkpoint_dir(op_id)
         if (images / KEPT_MARK).is_file():  # kept before this agent restarted
             return PagesStatus(PagesState.FAILED, detail="kept after a failed page transfer", kept_checkpoint=images)
+        if await self._orphaned_source(op_id, name):
+            return await self._shielded(self._keep_orphaned_source(op_id, name))
         return self._unknown(op_id)
+
+    async def _orphaned_source(self, op_id: str, name: str) -> bool:
+        """A post-copy source an earlier run of this agent was serving: its lazy dump is on disk,
+        not kept, and the container is still here (frozen, its network locked by us)."""
+        images = self._checkpoint_dir(op_id)
+        if op_id in self._sources or not _is_lazy(images) or (images / KEPT_MARK).exists():
+            return False
+        return (images / NETLOCKED).exists() and name in self.containers.runtime.running_names()
+
+    async def _keep_orphaned_source(self, op_id: str, name: str) -> PagesStatus:
+        if not await self.checkpointer.stop_orphaned_dump(name, self._checkpoint_dir(op_id)):
+            return PagesStatus(PagesState.FAILED, detail=f"{name} could not be frozen to keep it")
+        kept = await self._keep_source(op_id, name)
+        log.warning("post-copy source kept after an agent restart", op=op_id, container=name, kept=str(kept))
+        return PagesStatus(PagesState.FAILED, detail="kept after a failed page transfer (this agent had restarted)",
+                           kept_checkpoint=kept)  # fmt: skip
 
     def _unknown(self, op_id: str) -> PagesStatus:
         return PagesStatus(PagesState.UNKNOWN, detail=f"no post-copy of operation {op_id} on node {self.containers.node!r}")
@@ -493,6 +526,8 @@ class Migrations:
                 if source.state == PagesState.MOVING:
                     log.warning("post-copy source still serving at release; stopping it", op=op_id, container=name)
                     await source.abort()
+            elif await self._orphaned_source(op_id, name):
+                await self.checkpointer.stop_orphaned_dump(name, self._checkpoint_dir(op_id))
             if self.containers.exists(name):
                 await self.containers.release(name)
             for images in (self._checkpoint_dir(op_id), self._predumps(op_id), self.checkpoints_root / f"{op_id}-lazy",

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -246,6 +247,82 @@ async def test_postcopy_target_crash_keeps_the_source_checkpoint(corral, cleanup
     await corral("ct", "create", "pcping3", "-t", "busybox", "--node", "n3", "--start")
     ping = await corral("ct", "exec", "pcping3", "--", "ping", "-c", "1", "-W", "2", shown["ipv4"], check=False)
     assert ping.returncode == 0
+
+
+
+def criu_serving(lab, node: str, op_id: str) -> list[int]:
+    """PIDs of CRIU tools still working on operation `op_id`'s checkpoint on `node`."""
+    images = str(lab.host(node).state_dir / "checkpoints" / op_id).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if argv and Path(argv[0].decode(errors="replace")).name in ("criu", "lxc-checkpoint") and images in argv:
+                    found.append(int(entry.name))
+    return found
+
+
+async def test_postcopy_source_agent_restart_while_pages_move(corral, cleanup, lab, fleet):
+    """The source's agent dies and comes back while it serves pages: CRIU's page server, in a
+    session of its own, serves on; the agent finds it again and the migration finishes."""
+    cleanup.append("pc6")
+    await corral("ct", "create", "pc6", "-t", "busybox", "--node", "n1", "--start")
+    await start_workload(corral, "pc6")
+    pid_before = await read_int(corral, "pc6", "/tmp/workload.pid")
+
+    async with RunningCopies(lab, "pc6") as copies, throttled(lab, "n1", "50mbit"):
+        op = await fleet.migrate("pc6", "n2", live=True, postcopy=True)
+        await wait_mid_transfer(fleet, op.id)
+        await corral_lab.kill_agent(lab.name, "n1")
+        await corral_lab.start_agent(lab.name, "n1")
+        final = await fleet.wait_operation(op.id)
+    assert final.state == "succeeded", final.error
+    assert copies.most <= 1, copies.samples
+    shown = await corral.json("ct", "show", "pc6")
+    assert shown["node"] == "n2" and shown["state"] == "running"
+    assert await read_int(corral, "pc6", "/tmp/workload.pid") == pid_before
+    assert await memory_rss(corral, "pc6") > MEMORY * 0.95
+    assert await lxc_running(lab, "pc6") == ["n2"]
+    assert not (lab.host("n1").lxc_path / "pc6").exists()
+    assert criu_serving(lab, "n1", op.id) == []
+
+
+async def test_postcopy_source_agent_restart_then_target_crash_keeps_the_source(corral, cleanup, lab, fleet):
+    """Both sides lose track: the source's agent restarts while it serves pages, then the
+    target host dies. The restarted agent still knows the frozen source for what it is and
+    keeps it as a checkpoint (not 'memory lost'); the operator runs it from there."""
+    cleanup.append("pc7")
+    await corral("ct", "create", "pc7", "-t", "busybox", "--node", "n1", "--start")
+    await start_workload(corral, "pc7")
+    pid_before = await read_int(corral, "pc7", "/tmp/workload.pid")
+
+    async with RunningCopies(lab, "pc7") as copies:
+        async with throttled(lab, "n1", "50mbit"):
+            op = await fleet.migrate("pc7", "n2", live=True, postcopy=True)
+            await wait_mid_transfer(fleet, op.id)
+            await corral_lab.kill_agent(lab.name, "n1")
+            await corral_lab.start_agent(lab.name, "n1")
+            await corral_lab.crash_host(lab.name, "n2")
+            await corral_lab.start_agent(lab.name, "n2")
+            final = await fleet.wait_operation(op.id)
+        await asyncio.sleep(2)
+    assert final.state == "failed", final
+    assert copies.most <= 1, copies.samples
+    assert await lxc_running(lab, "pc7") == []
+    kept = lab.host("n1").state_dir / "checkpoints" / op.id
+    assert (kept / "corral-kept.json").is_file(), final.error
+    assert f"--from-checkpoint {op.id}" in final.error, final.error
+    assert criu_serving(lab, "n1", op.id) == []
+
+    back = await corral.json("ct", "migrate", "pc7", "--to", "n1", "--from-checkpoint", op.id)
+    assert back["state"] == "succeeded", back["error"]
+    assert await read_int(corral, "pc7", "/tmp/workload.pid") == pid_before
+    assert await memory_rss(corral, "pc7") > MEMORY * 0.95
+    count = await read_int(corral, "pc7", "/tmp/counter")
+    await asyncio.sleep(0.5)
+    assert await read_int(corral, "pc7", "/tmp/counter") > count
+    assert await lxc_running(lab, "pc7") == ["n1"]
 
 
 async def test_precopy_live_migration_where_the_kernel_tracks_dirty_memory(corral, cleanup, fleet):

@@ -272,6 +272,23 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _tools_using(images: Path) -> list[int]:
+    """PIDs of lxc-checkpoint or criu processes given `images` as an argument (their leaders:
+    a CRIU whose lxc-checkpoint is listed is killed with it)."""
+    target = os.fsencode(str(images))
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) in (b"lxc-checkpoint", b"criu") and target in argv:
+            found.append(int(entry.name))
+    return found
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILL a tool, its process group and everything below it. The group alone is not
     enough: a restore that fails late leaves the half-restored container's init (a child of
@@ -616,6 +633,36 @@ class Checkpointer:
         network lock as it does when it fails by itself. Its tasks, released from ptrace, run on."""
         self._thaw_after_failure(freezer, images)
         pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
+        if pid:
+            await _remove_network_lock(pid)
+
+    async def stop_orphaned_dump(self, name: str, images: Path) -> bool:
+        """A dump into `images` that an earlier run of this agent started and lost track of (a
+        post-copy source's page server: its own session outlives the agent): freeze the
+        container first (while serving, CRIU holds the tasks by ptrace in a thawed cgroup),
+        then kill that CRIU. True if the container is here and frozen now."""
+        pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
+        freezer = await asyncio.to_thread(_Freezer.of, pid) if pid else None
+        if freezer is None:
+            return False
+        frozen = await asyncio.to_thread(freezer.freeze)
+        for orphan in await asyncio.to_thread(_tools_using, images):
+            log.warning("stopping a dump an earlier agent left running", container=name, pid=orphan)
+            _kill_tree(orphan)
+        return frozen
+
+    @staticmethod
+    async def orphaned_dump_running(images: Path) -> bool:
+        """Whether an lxc-checkpoint or criu working on `images` still runs (see stop_orphaned_dump)."""
+        return bool(await asyncio.to_thread(_tools_using, images))
+
+    async def resume_frozen(self, name: str) -> None:
+        """Thaw a container kept frozen (with our network lock, or CRIU's) and unlock its network:
+        only once it is known not to run anywhere else."""
+        pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
+        freezer = await asyncio.to_thread(_Freezer.of, pid) if pid else None
+        if freezer is not None:
+            freezer.thaw()
         if pid:
             await _remove_network_lock(pid)
 
