@@ -585,6 +585,43 @@ async def test_post_copy_to_another_host_over_tls(ckp, tmp_path):
         await destroy(ckp, name, copies_on=("n2",))
 
 
+async def _refused_lazy_transfer(ckp, name: str, server_tls: dict, client_tls: dict | None):
+    """A post-copy from n1 to n2 whose destination the page server must refuse. Returns the
+    restorer's answers, the source's last answer and both image directories; checks that
+    neither side runs a copy it should not (the destination none, the source its own)."""
+    await sync_rootfs(ckp, name, "n1", "n2")
+    await copy_container_config(ckp, name, "n1", "n2")
+    src, dst = images_dir(ckp, "n1", name), images_dir(ckp, "n2", name)
+    address, port = ckp.host("n1").address, random.randint(30000, 60000)
+    client = {"address": address, "port": port} | ({"tls": client_tls} if client_tls else {})
+    restorer = await Driver.start(ckp, "n2", {
+        "action": "lazy-restore", "name": name, "images": str(dst), "wait": True, "timeout": 20, "server": client,
+    })  # fmt: skip
+    source = await Driver.start(ckp, "n1", {
+        "action": "lazy-dump", "name": name, "images": str(src), "timeout": 30, "resume_on_failure": True,
+        "server": {"address": address, "port": port, "tls": server_tls},
+    })  # fmt: skip
+    try:
+        assert (await restorer.line())["waiting"]
+        ok(await source.line())
+        await copy_images(src, dst)
+        restorer.go()
+        answers = [await restorer.line(60)]
+        if "error" not in answers[0]:
+            answers.append(await restorer.line(60))
+        failed = await source.line(60)
+    finally:
+        await restorer.close()
+        await source.close()
+    assert answers[-1].get("error") in ("RuntimeFailure", "DeadlineExceeded"), answers
+    assert failed.get("error") == "RuntimeFailure", failed
+    assert await lxc_state(ckp, "n2", name) != "RUNNING"
+    assert await lxc_state(ckp, "n1", name) == "RUNNING"
+    _, now = read_counter(ckp, "n1", name)
+    await wait_counter(ckp, "n1", name, above=now + 2)  # thawed, the source counts on
+    return answers, failed, src, dst
+
+
 async def test_post_copy_source_refuses_a_destination_without_tls(ckp):
     """The page server speaks only TLS: a destination that does not cannot take the pages.
     What is left is what the caller must know: the destination's restored container (it ran
@@ -595,38 +632,9 @@ async def test_post_copy_source_refuses_a_destination_without_tls(ckp):
     try:
         await wait_counter(ckp, "n1", name, above=3)
         ip = (await on_host(ckp, "n1", "lxc-info", "-P", str(ckp.host("n1").lxc_path), "-n", name, "-i", "-H")).strip()
-        await sync_rootfs(ckp, name, "n1", "n2")
-        await copy_container_config(ckp, name, "n1", "n2")
-        src, dst = images_dir(ckp, "n1", name), images_dir(ckp, "n2", name)
-        address, port = ckp.host("n1").address, random.randint(30000, 60000)
-        restorer = await Driver.start(ckp, "n2", {
-            "action": "lazy-restore", "name": name, "images": str(dst), "wait": True, "timeout": 20,
-            "server": {"address": address, "port": port},
-        })  # fmt: skip
-        source = await Driver.start(ckp, "n1", {
-            "action": "lazy-dump", "name": name, "images": str(src), "timeout": 30, "resume_on_failure": True,
-            "server": {"address": address, "port": port, "tls": _tls(ckp, "n1")},
-        })  # fmt: skip
-        try:
-            assert (await restorer.line())["waiting"]
-            ok(await source.line())
-            await copy_images(src, dst)
-            restorer.go()
-            answers = [await restorer.line(60)]
-            if "error" not in answers[0]:
-                answers.append(await restorer.line(60))
-            failed = await source.line(60)
-        finally:
-            await restorer.close()
-            await source.close()
-        assert answers[-1].get("error") in ("RuntimeFailure", "DeadlineExceeded"), answers
-        assert failed.get("error") == "RuntimeFailure", failed
-        assert await lxc_state(ckp, "n2", name) != "RUNNING"
-        assert await lxc_state(ckp, "n1", name) == "RUNNING"
+        answers, failed, src, dst = await _refused_lazy_transfer(ckp, name, _tls(ckp, "n1"), None)
         assert "TLS handshake failed" in (src / "dump.log").read_text()
         assert "page-xfer" in (dst / "lazy-pages.log").read_text()
-        _, now = read_counter(ckp, "n1", name)
-        await wait_counter(ckp, "n1", name, above=now + 2)  # thawed, the source counts on
         # ...and its network lock is gone: it answers at its address again.
         ping = await on_host(ckp, "n1", "busybox", "ping", "-c", "2", "-W", "2", ip, check=False)
         assert " 0% packet loss" in ping, ping
@@ -634,7 +642,6 @@ async def test_post_copy_source_refuses_a_destination_without_tls(ckp):
                                             "source": failed["message"][:300]}  # fmt: skip
     finally:
         await destroy(ckp, name, copies_on=("n2",))
-
 
 
 def _one_time_tls(directory: Path, server_address: str) -> tuple[dict, dict]:
@@ -659,39 +666,10 @@ async def test_post_copy_pages_go_only_to_the_transfers_own_client(ckp, tmp_path
     await counter_container(ckp, name)
     try:
         await wait_counter(ckp, "n1", name, above=3)
-        await sync_rootfs(ckp, name, "n1", "n2")
-        await copy_container_config(ckp, name, "n1", "n2")
-        src, dst = images_dir(ckp, "n1", name), images_dir(ckp, "n2", name)
-        address, port = ckp.host("n1").address, random.randint(30000, 60000)
-        server_tls, _ = _one_time_tls(tmp_path, address)
-        restorer = await Driver.start(ckp, "n2", {
-            "action": "lazy-restore", "name": name, "images": str(dst), "wait": True, "timeout": 20,
-            "server": {"address": address, "port": port, "tls": _tls(ckp, "n2")},  # a fleet cert, not this one's
-        })  # fmt: skip
-        source = await Driver.start(ckp, "n1", {
-            "action": "lazy-dump", "name": name, "images": str(src), "timeout": 30, "resume_on_failure": True,
-            "server": {"address": address, "port": port, "tls": server_tls},
-        })  # fmt: skip
-        try:
-            assert (await restorer.line())["waiting"]
-            ok(await source.line())
-            await copy_images(src, dst)
-            restorer.go()
-            answers = [await restorer.line(60)]
-            if "error" not in answers[0]:
-                answers.append(await restorer.line(60))
-            failed = await source.line(60)
-        finally:
-            await restorer.close()
-            await source.close()
-        assert answers[-1].get("error") in ("RuntimeFailure", "DeadlineExceeded"), answers
-        assert failed.get("error") == "RuntimeFailure", failed
-        assert await lxc_state(ckp, "n2", name) != "RUNNING"
-        assert await lxc_state(ckp, "n1", name) == "RUNNING"
+        server_tls, _ = _one_time_tls(tmp_path, ckp.host("n1").address)
+        _, _, src, _ = await _refused_lazy_transfer(ckp, name, server_tls, _tls(ckp, "n2"))  # a fleet cert
         dump_log = (src / "dump.log").read_text()
         assert "TLS handshake failed" in dump_log or "certificate" in dump_log.lower(), dump_log[-2000:]
-        _, now = read_counter(ckp, "n1", name)
-        await wait_counter(ckp, "n1", name, above=now + 2)  # the source counts on
     finally:
         await destroy(ckp, name, copies_on=("n2",))
 
