@@ -37,10 +37,11 @@ import structlog
 from agent.containers import ContainerManager
 from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PageServerTls, PostCopySource, PostCopyTarget
 from agent.postcopy import memory_usage_of, write_tls_files
-from agent.runtime.checkpoint import DUMP_CONFIG, FROZEN_AT, NETLOCKED, PREFROZEN_MARK, Checkpointer, DumpResult
+from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, DumpResult
 from agent.runtime.checkpoint import PageServer
 from agent.runtime.checkpoint import RestoreResult
 from agent.runtime.checkpoint import TlsFiles as CriuTls
+from agent.runtime.freezer import NETLOCKED, PREFROZEN_MARK, read_frozen_at
 from agent.runtime.criu_pagemap import lazy_bytes
 from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push, split_address
 from agent.transfer.grants import GrantRegistry
@@ -399,7 +400,7 @@ class Migrations:
                         raise FailedPrecondition(f"post-copy of {name!r} refused: its freezer cgroup could not "
                                                  "be frozen by the agent, so a failed page transfer could not "
                                                  "keep the source stopped")  # fmt: skip
-                    info = LazyCheckpoint(ready, server.address, server.port, _read_frozen_at(images),
+                    info = LazyCheckpoint(ready, server.address, server.port, read_frozen_at(images),
                                           await asyncio.to_thread(lazy_bytes, images),
                                           PageServerTls.client_of(one_time))  # fmt: skip
                     # Known before anything is sent: a failed send rolls back through resume_source.
@@ -424,7 +425,7 @@ class Migrations:
             result = await self.checkpointer.dump(name, images, stop=True, resume_on_failure=False,
                                                   timeout=KEEP_TIMEOUT)  # fmt: skip
         mark = {"op": op_id, "container": name, "kept_at": time.time(), "images_bytes": result.images_bytes,
-                "frozen_at": _read_frozen_at(aside)}  # fmt: skip
+                "frozen_at": read_frozen_at(aside)}  # fmt: skip
         await asyncio.to_thread((images / KEPT_MARK).write_text, json.dumps(mark) + "\n")
         return images
 
@@ -548,13 +549,6 @@ def _is_lazy(images: Path) -> bool:
         return "lazy-pages" in (images / DUMP_CONFIG).read_text().split()
     except OSError:
         return False
-
-
-def _read_frozen_at(images: Path) -> float | None:
-    try:
-        return float((images / FROZEN_AT).read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _free_port(host: str) -> int:

@@ -19,7 +19,7 @@ What it takes on these machines (DESIGN.md, measured):
   `criu restore` waiting forever (and deaf to SIGTERM): every wait here has a
   deadline and ends with SIGKILL of the tool's whole process tree.
 - Downtime: a stopping dump freezes the container from a CRIU action script
-  (much faster than CRIU's own freezer loop, see _Freezer.action_script), and
+  (much faster than CRIU's own freezer loop, see Freezer.action_script), and
   the restore thaws what CRIU restores frozen because of it. CRIU's nftables
   network lock (LiveSupport.network_lock) unlocks faster than iptables.
 - LXC passes `lxc.apparmor.profile` to CRIU, which refuses it on kernels
@@ -31,21 +31,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shlex
 import shutil
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Sequence
+from typing import Sequence
 
 import structlog
 
 from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
+from agent.runtime.freezer import (
+    FREEZE_SCRIPT,
+    NETLOCK_RULES,
+    NETLOCK_RULES_TEXT,
+    NETLOCKED,
+    PREFROZEN_MARK,
+    Freezer,
+    read_frozen_at,
+    remove_network_lock,
+    write_executable,
+)
+from agent.runtime.tool_process import ToolProcess, kill_tree, restored_monitor, tools_using
 from agent.runtime.criu import check_feature
 from agent.runtime.criu_stats import DumpStats, RestoreStats, StatsFormatError, read_dump_stats, read_restore_stats
 from agent.runtime.lxc import DEFAULT_PATH
-from corral import proc
 from corral.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, RuntimeFailure
 
 log = structlog.get_logger("corral.agent.checkpoint")
@@ -53,19 +62,10 @@ log = structlog.get_logger("corral.agent.checkpoint")
 DUMP_CONFIG = "corral-criu-dump.conf"
 RESTORE_CONFIG = "corral-criu-restore.conf"
 RESTORE_RCFILE = "corral-lxc-restore.conf"
-# Marks images of a pre-frozen container: CRIU saved its freezer state as FROZEN (it records
-# the state it found) and restores it so, so the restore thaws it (see _Freezer.action_script).
-PREFROZEN_MARK = "corral-prefrozen"
-FREEZE_SCRIPT = "corral-freeze.sh"  # CRIU action script (lxc-checkpoint -A)
-FROZEN_AT = "corral-frozen-at"  # when the freeze began (epoch seconds), written by that script
 APPARMOR_FS = Path("/sys/kernel/security/apparmor")  # what CRIU looks at (criu/lsm.c, kerndat_lsm)
-NETLOCK_RULES = "corral-netlock.nft"  # our own network lock for a post-copy source that is kept (see LazyDump)
-NETLOCKED = "corral-netlocked"  # written by the action script once that lock is in place
-NETLOCK_TABLE = "corral-lock"
 LAZY_SOCKET = "lazy-pages.socket"
 LAZY_LOG = "lazy-pages.log"
 _POLL = 0.005  # seconds between looks at /proc/net/tcp or a socket file: cheap, and 5 ms is noise
-_KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the process to be reaped
 # Lines CRIU logs as errors that do not make a dump fail (no CAP_SYS_RESOURCE here).
 _BENIGN_ERRORS = ("RLIMIT_NOFILE",)
 
@@ -253,119 +253,6 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _descendants(pid: int) -> list[int]:
-    """`pid`'s children, grandchildren...: read before a kill, while they still hang off it."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                children = [int(c) for c in Path(f"/proc/{parent}/task/{tid}/children").read_text().split()]
-            except (OSError, ValueError):
-                continue
-            found += children
-            todo += children
-    return found
-
-
-def _tools_using(images: Path) -> list[int]:
-    """PIDs of lxc-checkpoint or criu processes given `images` as an argument (their leaders:
-    a CRIU whose lxc-checkpoint is listed is killed with it)."""
-    target = os.fsencode(str(images))
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]) in (b"lxc-checkpoint", b"criu") and target in argv:
-            found.append(int(entry.name))
-    return found
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a tool, its process group and everything below it. The group alone is not
-    enough: a restore that fails late leaves the half-restored container's init (a child of
-    LXC's monitor, in its own session) behind, waiting forever; killing it ends its PID namespace."""
-    below = _descendants(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    for child in below:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(child, signal.SIGKILL)
-
-
-class _Child:
-    """One launched tool: its own process group, output to a file, waits with deadlines."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, what: str, output: Path) -> None:
-        self.proc = proc
-        self.what = what
-        self.output = output
-
-    @classmethod
-    async def launch(cls, argv: Sequence[str], *, what: str, output: Path, env: dict[str, str]) -> _Child:
-        out: IO[bytes] = open(output, "ab")
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env, cwd="/",
-                start_new_session=True,  # its own group: killed as one on a deadline, and not with the agent
-            )  # fmt: skip
-        finally:
-            out.close()
-        return cls(proc, what, output)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    async def wait(self, timeout: float) -> int:
-        try:
-            async with asyncio.timeout(timeout):
-                return await self.proc.wait()
-        except TimeoutError:
-            await self.kill()
-            raise DeadlineExceeded(f"{self.what} did not finish within {timeout:g} s (killed)") from None
-        except asyncio.CancelledError:
-            await self.kill()
-            raise
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            _kill_tree(self.proc.pid)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_KILL_GRACE):
-                await self.proc.wait()
-
-
-def _restored_monitor(pgid: int) -> tuple[int, int]:
-    """(monitor pid, init pid) after `lxc-checkpoint -r -d` (launched as group leader `pgid`)
-    exited: LXC's monitor for the restored container is the one process of that group left,
-    and the container's init is its child. (Found by group, not by the "[lxc monitor] ..."
-    title: the monitor renames itself only after reporting success, so that can come late.)"""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) != pgid:  # fields after "(comm)": state, ppid, pgrp, ...
-                continue
-            pid = int(entry.name)
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except (OSError, ValueError, IndexError):
-            continue
-        if children:
-            return pid, int(children[0])
-    return 0, 0
-
-
 def _init_pid(lxc_path: Path, name: str) -> int:
     """The container's init, via the monitor pid LXC (lxc-start -p) or our restore recorded."""
     try:
@@ -394,161 +281,6 @@ def _cgroup2_root(pid: int) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Freezer:
-    """The container's freezer: cgroup v1 `freezer.state` or cgroup v2 `cgroup.freeze`."""
-
-    path: Path  # the cgroup directory
-    v2: bool
-
-    @classmethod
-    def of(cls, pid: int) -> _Freezer | None:
-        try:
-            cgroups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-            mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-        except OSError:
-            return None
-        v1 = next((line.split(":", 2)[2] for line in cgroups if "freezer" in line.split(":", 2)[1].split(",")), None)
-        v2 = next((line.split(":", 2)[2] for line in cgroups if line.startswith("0::")), None)
-        for line in mounts:
-            pre, _, post = line.partition(" - ")
-            fstype, _source, options = (post.split() + ["", "", ""])[:3]
-            mount_point = pre.split()[4]
-            if v1 is not None and fstype == "cgroup" and "freezer" in options.split(","):
-                return cls(Path(mount_point) / v1.lstrip("/"), False)
-            if v1 is None and v2 is not None and fstype == "cgroup2":
-                return cls(Path(mount_point) / v2.lstrip("/"), True)
-        return None
-
-    def _write(self, frozen: bool) -> None:
-        if self.v2:
-            (self.path / "cgroup.freeze").write_text("1" if frozen else "0")
-        else:
-            (self.path / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
-
-    def freeze(self, timeout: float = 2.0) -> bool:
-        """Freeze and wait (at most `timeout`) until it is; True if it is frozen."""
-        with contextlib.suppress(OSError):
-            self._write(True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.frozen():
-                return True
-            time.sleep(0.001)
-        return self.frozen()
-
-    def frozen(self) -> bool:
-        try:
-            if self.v2:
-                return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
-            return (self.path / "freezer.state").read_text().strip() == "FROZEN"
-        except OSError:
-            return False
-
-    def action_script(self, images: Path, lock_after_dump: bool = False) -> str:
-        """A CRIU action script that freezes the container at CRIU's `pre-dump` stage.
-
-        Why: CRIU freezes the cgroup itself but re-reads its state only every 100 ms, and on
-        cgroup v1 the first read after the write is usually FREEZING: measured, that sleep was
-        100 of CRIU's ~180 ms of pause for a small container. Frozen here (polled every ms), CRIU
-        finds it FROZEN and seizes at once. Why `pre-dump` and not before lxc-checkpoint: it
-        runs after LXC's and CRIU's start-up (CRIU's kernel probing takes ~30 ms where /run is
-        not a tmpfs and its cache cannot be kept), which then stays outside the pause.
-        CRIU records the state it found (FROZEN) in the images and restores it so: the marker
-        file tells our restore to thaw it. If the freeze does not happen in 2 s, it thaws and
-        leaves the freezing to CRIU (whose loop has kludges for stubborn v1 cgroups).
-        `lock_after_dump`: at `post-dump` (before CRIU lifts its own network lock, which it does
-        for a dump that leaves its tasks alive) put our own lock, NETLOCK_RULES, in the
-        container's network namespace, and say so in NETLOCKED."""
-        q = shlex.quote
-        state, mark, at = q(str(self._state_file)), q(str(images / PREFROZEN_MARK)), q(str(images / FROZEN_AT))
-        lock = ""
-        if lock_after_dump:
-            rules, locked = q(str(images / NETLOCK_RULES)), q(str(images / NETLOCKED))
-            lock = (
-                'if [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ]; then\n'
-                f'    nsenter -t "$CRTOOLS_INIT_PID" -n nft -f {rules} && : > {locked}\n'
-                "    exit 0\n"
-                "fi\n"
-            )
-        frozen_word = "1" if self.v2 else "FROZEN"
-        thawed_word = "0" if self.v2 else "THAWED"
-        if self.v2:
-            events = q(str(self.path / "cgroup.events"))
-            is_frozen = f"grep -qx 'frozen 1' {events}"
-        else:
-            is_frozen = f'{{ read -r s < {state} && [ "$s" = FROZEN ]; }}'
-        return (
-            "#!/bin/sh\n"
-            "# Written by corral-agent for one checkpoint (agent/runtime/checkpoint.py).\n"
-            f"{lock}"
-            '[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0\n'
-            f"date +%s.%N > {at}\n"
-            f"echo {frozen_word} > {state} || exit 0\n"
-            "n=0\n"
-            f"until {is_frozen}; do\n"
-            f"    n=$((n+1)); if [ $n -ge 2000 ]; then echo {thawed_word} > {state}; exit 0; fi\n"
-            "    sleep 0.001\n"
-            "done\n"
-            f": > {mark}\n"
-        )
-
-    @property
-    def _state_file(self) -> Path:
-        return self.path / ("cgroup.freeze" if self.v2 else "freezer.state")
-
-    def thaw(self) -> None:
-        with contextlib.suppress(OSError):
-            self._write(False)
-
-
-def _write_executable(path: Path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(0o700)
-
-
-def _read_frozen_at(images: Path) -> float | None:
-    try:
-        return float((images / FROZEN_AT).read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-_IPTABLES_UNLOCK = (  # what CRIU's own unlock feeds iptables-restore (criu/net.c)
-    b"*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n",
-    b"*filter\n:CRIU - [0:0]\n-X CRIU\nCOMMIT\n",
-)
-
-
-# Our own lock for a kept post-copy source (LazyDump): no IPv4/IPv6 and no ARP in or out, so the
-# frozen source's kernel neither answers for its address (the destination has the same address and
-# MAC) nor acknowledges data its processes will never see.
-_NETLOCK_RULES = f"""table inet {NETLOCK_TABLE} {{
-    chain input {{ type filter hook input priority -10; policy drop; }}
-    chain output {{ type filter hook output priority -10; policy drop; }}
-}}
-table arp {NETLOCK_TABLE} {{
-    chain input {{ type filter hook input priority 0; policy drop; }}
-    chain output {{ type filter hook output priority 0; policy drop; }}
-}}
-"""
-
-
-async def _remove_network_lock(pid: int) -> None:
-    """Undo CRIU's network lock (and ours, NETLOCK_TABLE) in the network namespace of `pid`,
-    whichever kind it is."""
-    enter = ["nsenter", "-t", str(pid), "-n", "--"]
-    tables = await proc.run([*enter, "nft", "list", "tables"], timeout=10, check=False, env=_env(None))
-    for line in tables.stdout.decode().splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "table" and (parts[2].startswith("CRIU") or parts[2] == NETLOCK_TABLE):
-            await proc.run([*enter, "nft", "delete", "table", parts[1], parts[2]], timeout=10, check=False,
-                           env=_env(None))  # fmt: skip
-    for tool in ("iptables-restore", "ip6tables-restore"):
-        for script in _IPTABLES_UNLOCK:
-            await proc.run([*enter, tool, "-w", "--noflush"], input=script, timeout=10, check=False, env=_env(None))
-
-
 def _check_images_dir(images: Path) -> None:
     if images.exists() and any(images.iterdir()):
         raise FailedPrecondition(f"checkpoint directory {images} is not empty")
@@ -563,7 +295,7 @@ class Checkpointer:
         """`network_lock`: "" for CRIU's default (iptables), or "nftables" (LiveSupport.network_lock;
         measured here it takes ~25 ms off a restore). `prefreeze`: stopping dumps freeze the
         container through a CRIU action script rather than CRIU's slow loop (see
-        _Freezer.action_script; ~100 ms less downtime)."""
+        Freezer.action_script; ~100 ms less downtime)."""
         if network_lock not in ("", "iptables", "nftables"):
             raise InvalidArgument(f"unknown CRIU network lock {network_lock!r}")
         self.lxc_path = lxc_path
@@ -614,27 +346,27 @@ class Checkpointer:
                 f"(criu check --feature mem_dirty_track: {detail}); use stop-and-copy or post-copy"
             )
 
-    async def _prefreeze(self, name: str, images: Path) -> tuple[_Freezer | None, list[str]]:
+    async def _prefreeze(self, name: str, images: Path) -> tuple[Freezer | None, list[str]]:
         """The container's freezer and the lxc-checkpoint flags that freeze it fast (see
-        _Freezer.action_script); (None, []) to leave the freezing to CRIU."""
+        Freezer.action_script); (None, []) to leave the freezing to CRIU."""
         if not self.prefreeze:
             return None, []
         pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
-        freezer = await asyncio.to_thread(_Freezer.of, pid) if pid else None
+        freezer = await asyncio.to_thread(Freezer.of, pid) if pid else None
         if freezer is None:
             log.info("container's freezer not found, CRIU will freeze", container=name)
             return None, []
         script = images / FREEZE_SCRIPT
-        await asyncio.to_thread(_write_executable, script, freezer.action_script(images))
+        await asyncio.to_thread(write_executable, script, freezer.action_script(images))
         return freezer, ["-A", str(script)]
 
-    async def _undo_killed_dump(self, name: str, freezer: _Freezer | None, images: Path) -> None:
+    async def _undo_killed_dump(self, name: str, freezer: Freezer | None, images: Path) -> None:
         """We killed CRIU mid-dump (deadline, cancellation): it could not undo its freeze and
         network lock as it does when it fails by itself. Its tasks, released from ptrace, run on."""
         self._thaw_after_failure(freezer, images)
         pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
         if pid:
-            await _remove_network_lock(pid)
+            await remove_network_lock(pid)
 
     async def stop_orphaned_dump(self, name: str, images: Path) -> bool:
         """A dump into `images` that an earlier run of this agent started and lost track of (a
@@ -642,29 +374,29 @@ class Checkpointer:
         container first (while serving, CRIU holds the tasks by ptrace in a thawed cgroup),
         then kill that CRIU. True if the container is here and frozen now."""
         pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
-        freezer = await asyncio.to_thread(_Freezer.of, pid) if pid else None
+        freezer = await asyncio.to_thread(Freezer.of, pid) if pid else None
         if freezer is None:
             return False
         frozen = await asyncio.to_thread(freezer.freeze)
-        for orphan in await asyncio.to_thread(_tools_using, images):
+        for orphan in await asyncio.to_thread(tools_using, images):
             log.warning("stopping a dump an earlier agent left running", container=name, pid=orphan)
-            _kill_tree(orphan)
+            kill_tree(orphan)
         return frozen
 
     @staticmethod
     async def orphaned_dump_running(images: Path) -> bool:
         """Whether an lxc-checkpoint or criu working on `images` still runs (see stop_orphaned_dump)."""
-        return bool(await asyncio.to_thread(_tools_using, images))
+        return bool(await asyncio.to_thread(tools_using, images))
 
     async def resume_frozen(self, name: str) -> None:
         """Thaw a container kept frozen (with our network lock, or CRIU's) and unlock its network:
         only once it is known not to run anywhere else."""
         pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
-        freezer = await asyncio.to_thread(_Freezer.of, pid) if pid else None
+        freezer = await asyncio.to_thread(Freezer.of, pid) if pid else None
         if freezer is not None:
             freezer.thaw()
         if pid:
-            await _remove_network_lock(pid)
+            await remove_network_lock(pid)
 
     async def unlock_network(self, name: str) -> None:
         """Remove every CRIU network lock in the running container's network namespace: after
@@ -672,15 +404,15 @@ class Checkpointer:
         failed with its lock in place: CRIU saves the netns's nftables ruleset, that lock too)."""
         pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
         if pid:
-            await _remove_network_lock(pid)
+            await remove_network_lock(pid)
 
     @staticmethod
-    def _thaw_after_failure(freezer: _Freezer | None, images: Path) -> None:
+    def _thaw_after_failure(freezer: Freezer | None, images: Path) -> None:
         # A failed dump leaves the cgroup as CRIU found it: frozen, if our script froze it.
         if freezer is not None and (images / PREFROZEN_MARK).exists():
             freezer.thaw()
 
-    async def _failed(self, what: str, name: str, images: Path, criu_log: str, child: _Child) -> RuntimeFailure:
+    async def _failed(self, what: str, name: str, images: Path, criu_log: str, child: ToolProcess) -> RuntimeFailure:
         reason = await asyncio.to_thread(failure_reason, images / criu_log, child.output)
         log.warning(f"{what} failed", container=name, exit=child.returncode, reason=reason, log=str(images / criu_log))
         return RuntimeFailure(f"{what} of {name} failed (lxc-checkpoint exit {child.returncode}): {reason}")
@@ -727,7 +459,7 @@ class Checkpointer:
         freezer, freeze_flags = await self._prefreeze(name, images) if "-s" in flags else (None, [])
         started_at, t0 = time.time(), time.perf_counter()
         try:
-            child = await _Child.launch(self._argv(name, images, *flags, *freeze_flags), what=f"{what} of {name}",
+            child = await ToolProcess.launch(self._argv(name, images, *flags, *freeze_flags), what=f"{what} of {name}",
                                         output=images / "lxc-checkpoint.out", env=_env(config))  # fmt: skip
             rc = await child.wait(timeout)
         except BaseException:
@@ -741,7 +473,7 @@ class Checkpointer:
             raise await self._failed(what, name, images, criu_log, child)
         criu = await self._stats(images, dump=True)
         size = await asyncio.to_thread(_dir_bytes, images)
-        frozen_at = await asyncio.to_thread(_read_frozen_at, images)
+        frozen_at = await asyncio.to_thread(read_frozen_at, images)
         log.info(f"{what} done", container=name, wall_ms=round(wall_ms, 1), criu_paused_ms=criu.paused_ms,
                  images_bytes=size)  # fmt: skip
         return DumpResult(images, wall_ms, started_at, criu, size, finished_at, frozen_at)
@@ -792,11 +524,11 @@ class Checkpointer:
         if keep_source:
             if freezer is None:
                 raise FailedPrecondition(f"cannot keep the post-copy source {name}: its freezer cgroup was not found")
-            await asyncio.to_thread((images / NETLOCK_RULES).write_text, _NETLOCK_RULES)
-            await asyncio.to_thread(_write_executable, images / FREEZE_SCRIPT, freezer.action_script(images, True))
+            await asyncio.to_thread((images / NETLOCK_RULES).write_text, NETLOCK_RULES_TEXT)
+            await asyncio.to_thread(write_executable, images / FREEZE_SCRIPT, freezer.action_script(images, True))
         stop = [] if keep_source else ["-s"]
         started_at = time.time()
-        child = await _Child.launch(self._argv(name, images, *stop, *freeze_flags),
+        child = await ToolProcess.launch(self._argv(name, images, *stop, *freeze_flags),
                                     what=f"post-copy checkpoint of {name}",
                                     output=images / "lxc-checkpoint.out", env=_env(config))  # fmt: skip
         log.info("post-copy checkpoint started", container=name, address=server.address, port=server.port,
@@ -841,15 +573,15 @@ class Checkpointer:
         rcfile.write_text("\n".join(kept) + "\n")
         return [f"--rcfile={rcfile}"]
 
-    async def _launch_restore(self, name: str, images: Path, config: Path | None) -> _Child:
+    async def _launch_restore(self, name: str, images: Path, config: Path | None) -> ToolProcess:
         flags = await asyncio.to_thread(self._restore_rcfile, name, images)
         self._cgroups_before_restore[name] = set(await asyncio.to_thread(container_cgroup_dirs, name))
         # Output to a file: the restored container's monitor keeps lxc-checkpoint's stderr open.
-        return await _Child.launch(self._argv(name, images, "-r", "-d", *flags), what=f"restore of {name}",
+        return await ToolProcess.launch(self._argv(name, images, "-r", "-d", *flags), what=f"restore of {name}",
                                    output=images / "lxc-restore.out", env=_env(config))  # fmt: skip
 
     async def _finish_restore(
-        self, name: str, images: Path, child: _Child, started_at: float, t0: float, timeout: float
+        self, name: str, images: Path, child: ToolProcess, started_at: float, t0: float, timeout: float
     ) -> RestoreResult:
         try:
             rc = await child.wait(timeout)
@@ -860,7 +592,7 @@ class Checkpointer:
             failure = await self._failed("restore", name, images, "restore.log", child)
             await self._forget_cgroups(name)
             raise failure
-        monitor, init_pid = await asyncio.to_thread(_restored_monitor, child.proc.pid)
+        monitor, init_pid = await asyncio.to_thread(restored_monitor, child.proc.pid)
         if (images / PREFROZEN_MARK).exists():
             await self._thaw_restored(name, init_pid)
         wall_ms, finished_at = (time.perf_counter() - t0) * 1000, time.time()
@@ -874,7 +606,7 @@ class Checkpointer:
         return RestoreResult(wall_ms, finished_at, criu, init_pid, started_at)
 
     async def _thaw_restored(self, name: str, init_pid: int) -> None:
-        freezer = await asyncio.to_thread(_Freezer.of, init_pid) if init_pid else None
+        freezer = await asyncio.to_thread(Freezer.of, init_pid) if init_pid else None
         if freezer is None:
             await self._kill_container(name)
             raise RuntimeFailure(f"restored {name} from pre-frozen images but cannot find its freezer to thaw it")
@@ -893,7 +625,7 @@ class Checkpointer:
         argv = ["criu", "lazy-pages", "--page-server", "-D", str(images), "-o", LAZY_LOG]
         for key, value in source.criu_options(server=False):
             argv += [f"--{key}"] + ([value] if value is not None else [])
-        pages = await _Child.launch(argv, what=f"criu lazy-pages for {name}", output=images / "lazy-pages.out",
+        pages = await ToolProcess.launch(argv, what=f"criu lazy-pages for {name}", output=images / "lazy-pages.out",
                                     env=_env(None))  # fmt: skip
         try:
             async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
@@ -914,7 +646,7 @@ class Checkpointer:
     async def _kill_container(self, name: str) -> None:
         """Best effort after a failed or hung restore: nothing of it may keep running."""
         argv = ["lxc-stop", "-P", str(self.lxc_path), "-n", name, "-k"]
-        child = await _Child.launch(argv, what=f"lxc-stop {name}", output=Path(os.devnull), env=_env(None))
+        child = await ToolProcess.launch(argv, what=f"lxc-stop {name}", output=Path(os.devnull), env=_env(None))
         with contextlib.suppress(DeadlineExceeded):
             await child.wait(30)
         await self._forget_cgroups(name)
@@ -935,8 +667,8 @@ class Checkpointer:
 class LazyDump:
     """A post-copy source in flight (see Checkpointer.start_lazy_dump)."""
 
-    def __init__(self, owner: Checkpointer, name: str, images: Path, server: PageServer, child: _Child,
-                 started_at: float, deadline: float, freezer: _Freezer | None,
+    def __init__(self, owner: Checkpointer, name: str, images: Path, server: PageServer, child: ToolProcess,
+                 started_at: float, deadline: float, freezer: Freezer | None,
                  keep_source: bool = False) -> None:  # fmt: skip
         self._owner, self.name, self.images, self.server = owner, name, images, server
         self._child, self.started_at, self._deadline = child, started_at, deadline
@@ -1012,7 +744,7 @@ class LazyDump:
         # calls init_stats again, CRIU 4.1.1 and 4.2.1), so stats-dump holds zeros and a bogus frozen time.
         size = self._ready.images_bytes if self._ready else await asyncio.to_thread(_dir_bytes, self.images)
         wall_ms = (finished_at - self.started_at) * 1000
-        frozen_at = await asyncio.to_thread(_read_frozen_at, self.images)
+        frozen_at = await asyncio.to_thread(read_frozen_at, self.images)
         log.info("post-copy checkpoint done", container=self.name, wall_ms=round(wall_ms, 1))
         return DumpResult(self.images, wall_ms, self.started_at, CriuTimes(), size, finished_at, frozen_at)
 
@@ -1035,13 +767,13 @@ class LazyDump:
         Checkpointer._thaw_after_failure(self._freezer, self.images)
         pid = await asyncio.to_thread(_init_pid, self._owner.lxc_path, self.name)
         if pid:
-            await _remove_network_lock(pid)
+            await remove_network_lock(pid)
 
 
 class LazyRestore:
     """A post-copy destination in flight (see Checkpointer.start_lazy_restore)."""
 
-    def __init__(self, owner: Checkpointer, name: str, images: Path, pages: _Child, restore: _Child,
+    def __init__(self, owner: Checkpointer, name: str, images: Path, pages: ToolProcess, restore: ToolProcess,
                  started_at: float, t0: float, deadline: float) -> None:  # fmt: skip
         self._owner, self.name, self.images = owner, name, images
         self._pages, self._restore = pages, restore
