@@ -48,6 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agent.runtime.tool_process import restored_monitor  # noqa: E402  (after the path is set)
+
 LAB_NODES = ("n1", "n2")
 STOP_AND_COPY, POST_COPY = "stop-and-copy", "post-copy"
 TARGET_RATIO = 1.2  # stop-and-copy downtime vs the floor, same container, same run
@@ -116,22 +118,6 @@ def parse_size(text: str) -> Size:
 # -- inside a lab host: the floor ------------------------------------------------------------
 
 
-def _restored_monitor(pgid: int) -> int:
-    """After `lxc-checkpoint -r -d` (launched as leader of group `pgid`) exits, LXC's monitor of
-    the restored container is the process of that group left with a child (its init)."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and Path(f"/proc/{entry.name}/task/{entry.name}/children").read_text().split():
-                return int(entry.name)
-        except (OSError, ValueError, IndexError):
-            continue
-    return 0
-
-
 def _run_tool(argv: list[str], output: Path, timeout: float) -> tuple[int, float, subprocess.Popen]:
     """Run a tool with its output to a file (a restored container keeps it open), its own
     process group, a deadline. Returns (exit code, wall ms, the process)."""
@@ -187,7 +173,7 @@ def inner_floor(args) -> dict:
             raise RuntimeError(f"lxc-checkpoint -r exited {rc}: {_log_tail(images / 'restore.log')}")
         # Tell the agent where the restored container's monitor is (as its own restore does):
         # it finds the container's init, and its freezer, through monitor.pid.
-        monitor = _restored_monitor(child.pid)
+        monitor, _ = restored_monitor(child.pid)
         if monitor:
             (lxc_path / name / "monitor.pid").write_text(f"{monitor}\n")
         dump, restore = read_dump_stats(images), read_restore_stats(images)
