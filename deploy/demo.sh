@@ -24,6 +24,11 @@ step ct show db1
 step ct exec web1 -- sh -c 'echo "init started $(cut -d" " -f22 /proc/1/stat) ticks after boot; pid of sleep: $(pidof sleep)"'
 step ct migrate web1 --to n3 --live
 step ct exec web1 -- sh -c 'echo "same processes on $(hostname), pid of sleep: $(pidof sleep)"'
+# Post-copy: db1 resumes on n2 at once, its memory follows on demand from n3.
+step ct migrate db1 --to n2 --live --postcopy
+# Cold: stop, copy what changed since the passes made while it ran, start.
+step ct migrate web2 --to n1
+step ops ls
 step ct ls
 cat <<MSG
 
