@@ -37,12 +37,10 @@ import structlog
 from agent.containers import ContainerManager
 from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PageServerTls, PostCopySource, PostCopyTarget
 from agent.postcopy import memory_usage_of, write_tls_files
-from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, DumpResult
-from agent.runtime.checkpoint import PageServer
-from agent.runtime.checkpoint import RestoreResult
+from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, DumpResult, PageServer, RestoreResult
 from agent.runtime.checkpoint import TlsFiles as CriuTls
-from agent.runtime.freezer import NETLOCKED, PREFROZEN_MARK, read_frozen_at
 from agent.runtime.criu_pagemap import lazy_bytes
+from agent.runtime.freezer import NETLOCKED, PREFROZEN_MARK, read_frozen_at
 from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push, split_address
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
