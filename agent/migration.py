@@ -28,7 +28,7 @@ import json
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -82,6 +82,23 @@ class Sent:
     after_dump_ms: float  # from the end of the dump until the last byte was sent
 
 
+@dataclass
+class _Sending:
+    """The images a checkpoint step is sending along, as they go (for WatchSending)."""
+
+    latest: TransferProgress | None = None
+    done: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def update(self, progress: TransferProgress) -> None:
+        self.latest = progress
+        self.changed.set()
+
+    def finish(self) -> None:
+        self.done = True
+        self.changed.set()
+
+
 @dataclass(frozen=True)
 class Grant:
     address: str
@@ -109,6 +126,7 @@ class Migrations:
         self._background: set[asyncio.Task] = set()
         self._sources: dict[str, PostCopySource] = {}
         self._targets: dict[str, PostCopyTarget] = {}
+        self._sending: dict[str, _Sending] = {}
 
     async def close(self) -> None:
         await self.pusher.close()
@@ -267,27 +285,51 @@ class Migrations:
         self.pusher.warm(target)  # for the images, later, while the container is frozen
         return await rsync_push(source, target, dest, progress=progress, timeout=timeout)
 
-    async def _push_images(self, images: Path, target: PushTarget, timeout: float) -> TransferStats:
+    async def _push_images(self, images: Path, target: PushTarget, timeout: float,
+                           progress: Callable[[TransferProgress], None] | None = None) -> TransferStats:  # fmt: skip
         """Checkpoint images: in-process over a connection opened before (flat directory), else
         (a pre-copy dump's `parent` link) by rsync."""
-        sent = await self.pusher.push(images, target, CHECKPOINT, timeout=timeout)
-        return sent if sent is not None else await rsync_push(images, target, CHECKPOINT, timeout=timeout)
+        sent = await self.pusher.push(images, target, CHECKPOINT, timeout=timeout, progress=progress)
+        if sent is None:
+            sent = await rsync_push(images, target, CHECKPOINT, timeout=timeout, progress=progress)
+        return sent
 
-    async def _dump_and_send(self, name: str, images: Path, dumping: Awaitable[Any],
+    async def watch_sending(self, op_id: str, wait: float = 600.0) -> AsyncIterator[TransferProgress]:
+        """The images operation `op_id`'s checkpoint sends along, as they go: waits (at most
+        `wait` s) for that send to begin, ends after its last update."""
+        _op(op_id)
+        deadline = time.monotonic() + wait
+        while op_id not in self._sending:
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.05)
+        sending, last = self._sending[op_id], None
+        while True:
+            sending.changed.clear()
+            if sending.latest is not None and sending.latest is not last:
+                last = sending.latest
+                yield last
+            if sending.done:
+                return
+            await sending.changed.wait()
+
+    async def _dump_and_send(self, op_id: str, name: str, images: Path, dumping: Awaitable[Any],
                              send: SendAlong | None) -> tuple[Any, Sent | None]:  # fmt: skip
         """Await `dumping` (done once the images are written) and, with `send`, send along (see
         SendAlong). A failed dump sends nothing; a failed send fails the step (the dump stands:
         the controller rolls back from it)."""
         if send is None:
             return await dumping, None
+        sending = self._sending[op_id] = _Sending()
         dump = asyncio.ensure_future(dumping)
         rootfs = asyncio.ensure_future(self._rootfs_once_frozen(name, images, dump, send)) if send.rootfs else None
         try:
             result = await dump
             dumped = time.monotonic()
-            images_sent = await self._push_images(images, send.target, send.timeout)
+            images_sent = await self._push_images(images, send.target, send.timeout, sending.update)
             rootfs_sent = await rootfs if rootfs is not None else None
         finally:
+            sending.finish()
             for task in (dump, rootfs):
                 if task is not None and not task.done():
                     task.cancel()
@@ -327,7 +369,7 @@ class Migrations:
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
                 dumping = self.checkpointer.dump(name, images, stop=True, parent=parent)
-                result, sent = await self._dump_and_send(name, images, dumping, send)
+                result, sent = await self._dump_and_send(op_id, name, images, dumping, send)
                 log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
                          parent_predump=parent_predump or None,
                          sent_after_ms=round(sent.after_dump_ms, 1) if sent else None)  # fmt: skip
@@ -408,7 +450,7 @@ class Migrations:
                              images_ms=round(ready.wall_ms, 1), lazy_bytes=info.lazy_bytes)  # fmt: skip
                     return info
 
-                return await self._dump_and_send(name, images, serving(), send)
+                return await self._dump_and_send(op_id, name, images, serving(), send)
 
         return await self._shielded(work())
 
@@ -529,6 +571,7 @@ class Migrations:
                 await self.checkpointer.stop_orphaned_dump(name, self._checkpoint_dir(op_id))
             if self.containers.exists(name):
                 await self.containers.release(name)
+            self._sending.pop(op_id, None)
             for images in (self._checkpoint_dir(op_id), self._predumps(op_id), self.checkpoints_root / f"{op_id}-lazy",
                            self._page_server_tls_dir(op_id)):  # fmt: skip
                 if images.exists():

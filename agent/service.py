@@ -146,6 +146,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             pages_written=c.pages_written or 0,
         ), sent)  # fmt: skip
 
+    async def WatchSending(self, request: apb.WatchSendingRequest, context):
+        async for p in self.migrations.watch_sending(request.op_id):
+            yield apb.TransferUpdate(bytes_done=p.bytes_done, bytes_total=p.bytes_total, rate_bps=p.rate_bps,
+                                     eta_s=p.eta_s if p.eta_s is not None else -1)  # fmt: skip
+
     async def Restore(self, request: apb.RestoreRequest, context):
         if request.source not in (apb.RESTORE_SOURCE_LOCAL, apb.RESTORE_SOURCE_RECEIVED):
             raise InvalidArgument("restore source must be LOCAL or RECEIVED")

@@ -111,6 +111,16 @@ class AgentClient:
         timeout = LIFECYCLE_TIMEOUT + (send.timeout_seconds if send is not None else 0)
         return await self._call(self.stub.Checkpoint, req, timeout)
 
+    async def watch_sending(
+        self, op_id: str, on_update: Callable[[apb.TransferUpdate], None], timeout: float
+    ) -> None:
+        """Follow the images a checkpoint of `op_id` sends along, until that send ends."""
+        try:
+            async for update in self.stub.WatchSending(apb.WatchSendingRequest(op_id=op_id), timeout=timeout):
+                on_update(update)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, self.peer) from None
+
     async def restore(
         self, op_id: str, name: str, source: int, lazy_from: tuple[str, int] | None = None,
         lazy_tls: apb.PageServerTls | None = None,

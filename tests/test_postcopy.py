@@ -325,6 +325,26 @@ async def test_postcopy_source_agent_restart_then_target_crash_keeps_the_source(
     assert await lxc_running(lab, "pc7") == ["n1"]
 
 
+
+async def test_stop_and_copy_reports_the_images_as_they_go(corral, cleanup, lab, fleet):
+    """The images of a stop-and-copy travel inside its checkpoint step (the downtime's critical
+    path): `ops watch` still sees their bytes move, not only the phase."""
+    cleanup.append("pc8")
+    memory = 192 << 20
+    await corral("ct", "create", "pc8", "-t", "busybox", "--node", "n1", "--start")
+    await start_workload(corral, "pc8", memory)
+    op = await fleet.migrate("pc8", "n2", live=True)
+    seen, final = [], None
+    async for final in fleet.watch_operation(op.id):
+        if final.progress.phase == "send-checkpoint":
+            seen.append((final.progress.bytes_done, final.progress.bytes_total))
+    assert final.state == "succeeded", final.error
+    assert seen, "no progress while the images were sent"
+    assert max(total for _, total in seen) > memory * 0.9, seen
+    assert any(0 < done <= total for done, total in seen), seen
+    assert await memory_rss(corral, "pc8") > memory * 0.95
+
+
 async def test_precopy_live_migration_where_the_kernel_tracks_dirty_memory(corral, cleanup, fleet):
     nodes = {n.facts.name: n.facts for n in await fleet.list_nodes()}
     missing = [f"{name}: {facts.live_unavailable.get('pre-copy', 'not offered')}"

@@ -14,12 +14,14 @@ import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import asyncssh
 import structlog
 
 from agent.transfer import file_stream
-from agent.transfer.client import CONNECT_TIMEOUT, CONTROL_PERSIST, PushTarget, TransferStats, split_address
+from agent.transfer.client import CONNECT_TIMEOUT, CONTROL_PERSIST, PushTarget, TransferProgress, TransferStats
+from agent.transfer.client import split_address
 from agent.transfer.keys import parse_public_key
 from agent.transfer.server import ENCRYPTION_ALGS, MAX_PACKET, WINDOW
 from corral.errors import (
@@ -34,6 +36,8 @@ from corral.errors import (
 )
 
 log = structlog.get_logger("corral.agent.transfer")
+
+PROGRESS_INTERVAL = 0.05  # seconds between progress reports of one push
 
 
 @dataclass
@@ -63,7 +67,10 @@ class StreamPusher:
         if not task.cancelled() and task.exception() is not None:
             log.info("transfer connection not opened ahead", error=str(task.exception())[:200])
 
-    async def push(self, src_dir: Path, target: PushTarget, dest: str, *, timeout: float) -> TransferStats | None:
+    async def push(
+        self, src_dir: Path, target: PushTarget, dest: str, *, timeout: float,
+        progress: Callable[[TransferProgress], None] | None = None,
+    ) -> TransferStats | None:  # fmt: skip
         """Send the flat directory `src_dir` as staging/`dest` on the destination. None if
         `src_dir` is not flat (a tree: the caller uses rsync)."""
         dest = file_stream.check_name(dest, "destination")
@@ -72,19 +79,20 @@ class StreamPusher:
         files = await asyncio.to_thread(file_stream.flat_files, src_dir)
         if files is None:
             return None
+        meter = _Meter(sum(await asyncio.to_thread(lambda: [f.stat().st_size for f in files])), progress)
         began = time.monotonic()
         plog = log.bind(op=target.user.removeprefix("op-"), address=target.address, dest=dest)
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    sent, answer, status, errors = await self._send(target, files, dest)
+                    sent, answer, status, errors = await self._send(target, files, dest, meter)
                 except (OSError, asyncssh.Error):
                     if _key(target) not in self._connections:
                         raise
                     # A kept connection the peer has since closed (idle, or its grant was
                     # replaced): once more on a new one, which also hears why.
                     self._drop(target)
-                    sent, answer, status, errors = await self._send(target, files, dest)
+                    sent, answer, status, errors = await self._send(target, files, dest, meter)
         except TimeoutError:
             self._drop(target)
             raise DeadlineExceeded(f"sending {dest} did not finish within {timeout:g} s") from None
@@ -93,18 +101,21 @@ class StreamPusher:
             raise _error_for(e) from None
         if status != 0 or not answer.startswith("OK "):
             raise _refusal(errors, status)
+        meter.finished()
         duration = time.monotonic() - began
         plog.info("files pushed", files=sent.files, bytes=sent.bytes, ms=round(duration * 1000, 1))
         return TransferStats(bytes_sent=sent.bytes, literal_bytes=sent.bytes, total_size=sent.bytes,
                              files_transferred=sent.files, duration_s=duration)  # fmt: skip
 
-    async def _send(self, target: PushTarget, files: list[Path], dest: str):
+    async def _send(self, target: PushTarget, files: list[Path], dest: str, meter: _Meter):
         entry = await self._connection(target)
         entry.used_at = time.monotonic()
+        meter.restart()
         async with entry.conn.create_process(file_stream.command_for(dest), encoding=None) as process:
             async def write(data: bytes) -> None:
                 process.stdin.write(data)
                 await process.stdin.drain()
+                meter.sent(len(data))
 
             try:
                 sent = await file_stream.write_stream(files, write)
@@ -151,6 +162,37 @@ class StreamPusher:
         for entry in self._connections.values():
             entry.conn.close()
         self._connections.clear()
+
+
+class _Meter:
+    """Progress of one push for its caller: at most every PROGRESS_INTERVAL, and once at the end."""
+
+    def __init__(self, total: int, callback: Callable[[TransferProgress], None] | None) -> None:
+        self.total, self._callback = total, callback
+        self.restart()
+
+    def restart(self) -> None:
+        self._done, self._began, self._last = 0, time.monotonic(), 0.0
+
+    def sent(self, n: int) -> None:
+        self._done += n
+        now = time.monotonic()
+        if self._callback is not None and now - self._last >= PROGRESS_INTERVAL:
+            self._last = now
+            self._emit(min(self._done, self.total), now)
+
+    def finished(self) -> None:
+        if self._callback is not None:
+            self._emit(self.total, time.monotonic())
+
+    def _emit(self, done: int, now: float) -> None:
+        elapsed = max(now - self._began, 1e-6)
+        rate = done / elapsed
+        eta = (self.total - done) / rate if rate > 0 else None
+        try:
+            self._callback(TransferProgress(done, self.total, rate, eta))
+        except Exception:  # a progress consumer's bug must not fail the transfer
+            log.exception("transfer progress callback failed")
 
 
 async def _connect(target: PushTarget) -> asyncssh.SSHClientConnection:

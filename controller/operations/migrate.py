@@ -204,8 +204,12 @@ class MigrationPlan:
             what = "freezing and dumping the container, sending " + ("its images" if shared else "it")
             await ctx.phase("checkpoint", what)
             async with ctx.step("checkpoint"):
-                dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP, predumps,
-                                            send=self._send_along(grant, private_key, rootfs=not shared))  # fmt: skip
+                watching = asyncio.ensure_future(self._watch_sending(ctx, src))
+                try:
+                    dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP, predumps,
+                                                send=self._send_along(grant, private_key, rootfs=not shared))  # fmt: skip
+                finally:
+                    watching.cancel()
             # Downtime began at the freeze, inside the dump: count from there, not from the call.
             down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms) / 1000
             await self._sent_along(ctx, dump, shared)
@@ -257,6 +261,19 @@ class MigrationPlan:
     def _send_along(grant: apb.ReceiveGrant, private_key: str, *, rootfs: bool) -> apb.SendAlong:
         return apb.SendAlong(address=grant.address, user=grant.user, host_key=grant.host_key,
                              private_key=private_key, rootfs=rootfs, timeout_seconds=TRANSFER_TIMEOUT)  # fmt: skip
+
+    async def _watch_sending(self, ctx: OpContext, src: AgentClient) -> None:
+        """The images' progress while the checkpoint step sends them (for `ops watch`); a report,
+        never a reason to fail the step."""
+
+        def progress(u: apb.TransferUpdate) -> None:
+            ctx.progress(phase="send-checkpoint", bytes_done=u.bytes_done, bytes_total=u.bytes_total,
+                         rate_bps=u.rate_bps, eta_s=u.eta_s)  # fmt: skip
+
+        try:
+            await src.watch_sending(ctx.op.id, progress, TRANSFER_TIMEOUT)
+        except CorralError as exc:
+            ctx.log.info("no progress for the images sent with the checkpoint", error=exc.message)
 
     async def _sent_along(self, ctx: OpContext, dump: apb.CheckpointResult, shared: bool) -> None:
         """What a checkpoint sent along (the rootfs delta during the dump, the images after it)."""

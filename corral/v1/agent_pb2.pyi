@@ -244,6 +244,12 @@ class CheckpointRequest(_message.Message):
     send: SendAlong
     def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., mode: _Optional[_Union[CheckpointMode, str]] = ..., iteration: _Optional[int] = ..., send: _Optional[_Union[SendAlong, _Mapping]] = ...) -> None: ...
 
+class WatchSendingRequest(_message.Message):
+    __slots__ = ("op_id",)
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    def __init__(self, op_id: _Optional[str] = ...) -> None: ...
+
 class SendAlong(_message.Message):
     __slots__ = ("address", "user", "host_key", "private_key", "rootfs", "timeout_seconds")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]

@@ -101,6 +101,11 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.CheckpointResult.FromString,
                 _registered_method=True)
+        self.WatchSending = channel.unary_stream(
+                '/corral.v1.AgentService/WatchSending',
+                request_serializer=corral_dot_v1_dot_agent__pb2.WatchSendingRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.TransferUpdate.FromString,
+                _registered_method=True)
         self.Restore = channel.unary_unary(
                 '/corral.v1.AgentService/Restore',
                 request_serializer=corral_dot_v1_dot_agent__pb2.RestoreRequest.SerializeToString,
@@ -223,6 +228,14 @@ class AgentServiceServicer:
 
     def Checkpoint(self, request, context):
         """Checkpoint with CRIU: a trial (pre-flight, keeps running) or the real one (stops).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchSending(self, request, context):
+        """The images a checkpoint of the operation sends along (CheckpointRequest.send), as they go:
+        waits for that send to begin, ends after its last update.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -353,6 +366,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.CheckpointRequest.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.CheckpointResult.SerializeToString,
+            ),
+            'WatchSending': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSending,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.WatchSendingRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.TransferUpdate.SerializeToString,
             ),
             'Restore': grpc.unary_unary_rpc_method_handler(
                     servicer.Restore,
@@ -746,6 +764,33 @@ class AgentService:
             '/corral.v1.AgentService/Checkpoint',
             corral_dot_v1_dot_agent__pb2.CheckpointRequest.SerializeToString,
             corral_dot_v1_dot_agent__pb2.CheckpointResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSending(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.v1.AgentService/WatchSending',
+            corral_dot_v1_dot_agent__pb2.WatchSendingRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.TransferUpdate.FromString,
             options,
             channel_credentials,
             insecure,
