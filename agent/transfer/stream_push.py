@@ -37,7 +37,7 @@ from corral.errors import (
 
 log = structlog.get_logger("corral.agent.transfer")
 
-PROGRESS_INTERVAL = 0.05  # seconds between progress reports of one push
+PROGRESS_INTERVAL = 0.1  # seconds between progress reports of one push (as rsync pushes)
 
 
 @dataclass
