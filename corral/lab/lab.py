@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
 from corral import pki
 from corral.errors import FailedPrecondition, RuntimeFailure
 from corral.lab import configs, containers, hostns, mounts, network, processes, readiness
@@ -278,6 +279,9 @@ async def lab_down(name: str = "demo", base_dir: Path | None = None) -> None:
             await containers.kill_all(paths.host(i).lxc_path)
         await _stop_marked(marker, monitors=True)
         await kill_host_processes(namespaces, pins)
+        # Killed containers leave their (now empty) cgroups in the machine's hierarchies.
+        for i in sorted(indices):
+            await asyncio.to_thread(_remove_container_cgroups, paths.host(i).lxc_path)
 
         # 3. Mounts under the lab directory: inside each host, then here (which unpins the hosts).
         for pin in pins:
@@ -357,3 +361,12 @@ async def lab_status(name: str = "demo", base_dir: Path | None = None) -> LabInf
     running = {pid: processes.is_running(pid, marker) for pid in pids if pid}
     links = {h.veth: await network.link_is_up(h.veth) for h in state.hosts if h.veth}
     return build_info(state, running, links)
+
+
+def _remove_container_cgroups(lxc_path: Path) -> None:
+    """The empty LXC cgroups of this host's containers (a busy one, another lab's, stays)."""
+    if not lxc_path.is_dir():
+        return
+    for entry in lxc_path.iterdir():
+        if entry.is_dir():
+            remove_empty(container_cgroup_dirs(entry.name))
