@@ -41,6 +41,14 @@ async def start_workload(corral, name: str, memory: int = MEMORY) -> None:
             await asyncio.sleep(0.3)
 
 
+async def running_workload(corral, cleanup, name: str, node: str = "n1") -> int:
+    """A busybox container on `node` whose init runs the counter and holds MEMORY; its workload's PID."""
+    cleanup.append(name)
+    await corral("ct", "create", name, "-t", "busybox", "--node", node, "--start")
+    await start_workload(corral, name)
+    return await read_int(corral, name, "/tmp/workload.pid")
+
+
 async def read_int(corral, name: str, path: str) -> int:
     """The number in `path` (0 if there is none). The counter's `echo > file` empties the file
     before it writes it: an empty read is read again."""
@@ -167,10 +175,7 @@ async def test_postcopy_live_migration_keeps_processes_pid_address_and_memory(co
 
 
 async def test_postcopy_survives_a_network_cut_while_pages_move(corral, cleanup, lab, fleet):
-    cleanup.append("pc2")
-    await corral("ct", "create", "pc2", "-t", "busybox", "--node", "n1", "--start")
-    await start_workload(corral, "pc2")
-    pid_before = await read_int(corral, "pc2", "/tmp/workload.pid")
+    pid_before = await running_workload(corral, cleanup, "pc2")
 
     async with RunningCopies(lab, "pc2") as copies, throttled(lab, "n1", "50mbit"):
         op = await fleet.migrate("pc2", "n2", live=True, postcopy=True)
@@ -198,10 +203,7 @@ async def test_postcopy_survives_a_network_cut_while_pages_move(corral, cleanup,
 
 
 async def test_postcopy_target_crash_keeps_the_source_checkpoint(corral, cleanup, lab, fleet):
-    cleanup.append("pc3")
-    await corral("ct", "create", "pc3", "-t", "busybox", "--node", "n1", "--start")
-    await start_workload(corral, "pc3")
-    pid_before = await read_int(corral, "pc3", "/tmp/workload.pid")
+    pid_before = await running_workload(corral, cleanup, "pc3")
     memory_pid = await read_int(corral, "pc3", "/tmp/memory.pid")
 
     async with RunningCopies(lab, "pc3") as copies:
@@ -266,10 +268,7 @@ def criu_serving(lab, node: str, op_id: str) -> list[int]:
 async def test_postcopy_source_agent_restart_while_pages_move(corral, cleanup, lab, fleet):
     """The source's agent dies and comes back while it serves pages: CRIU's page server, in a
     session of its own, serves on; the agent finds it again and the migration finishes."""
-    cleanup.append("pc6")
-    await corral("ct", "create", "pc6", "-t", "busybox", "--node", "n1", "--start")
-    await start_workload(corral, "pc6")
-    pid_before = await read_int(corral, "pc6", "/tmp/workload.pid")
+    pid_before = await running_workload(corral, cleanup, "pc6")
 
     async with RunningCopies(lab, "pc6") as copies, throttled(lab, "n1", "50mbit"):
         op = await fleet.migrate("pc6", "n2", live=True, postcopy=True)
@@ -292,10 +291,7 @@ async def test_postcopy_source_agent_restart_then_target_crash_keeps_the_source(
     """Both sides lose track: the source's agent restarts while it serves pages, then the
     target host dies. The restarted agent still knows the frozen source for what it is and
     keeps it as a checkpoint (not 'memory lost'); the operator runs it from there."""
-    cleanup.append("pc7")
-    await corral("ct", "create", "pc7", "-t", "busybox", "--node", "n1", "--start")
-    await start_workload(corral, "pc7")
-    pid_before = await read_int(corral, "pc7", "/tmp/workload.pid")
+    pid_before = await running_workload(corral, cleanup, "pc7")
 
     async with RunningCopies(lab, "pc7") as copies:
         async with throttled(lab, "n1", "50mbit"):
@@ -395,10 +391,7 @@ def test_postcopy_verdicts():
 
 
 async def test_controller_restart_while_pages_move_finishes_the_migration(corral, cleanup, lab, fleet):
-    cleanup.append("pc4")
-    await corral("ct", "create", "pc4", "-t", "busybox", "--node", "n1", "--start")
-    await start_workload(corral, "pc4")
-    pid_before = await read_int(corral, "pc4", "/tmp/workload.pid")
+    pid_before = await running_workload(corral, cleanup, "pc4")
 
     async with RunningCopies(lab, "pc4") as copies, throttled(lab, "n1", "50mbit"):
         op = await fleet.migrate("pc4", "n2", live=True, postcopy=True)

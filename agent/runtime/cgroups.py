@@ -1,4 +1,5 @@
-"""Which cgroup keys carry each limit, for cgroup v1 and v2 hosts."""
+"""Container cgroups: which keys carry each limit (cgroup v1 and v2 hosts), and which
+directories LXC made for a container, to remove the ones it leaves behind empty."""
 
 from __future__ import annotations
 
