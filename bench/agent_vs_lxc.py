@@ -101,7 +101,7 @@ def summarize(samples: dict[str, list[float]]) -> dict:
 
 
 async def outer(args) -> int:
-    from corral import lab as corral_lab
+    import lab as corral_lab
 
     info = await corral_lab.lab_status(args.lab)
     started = False

@@ -248,7 +248,7 @@ class Bench:
         return {"awk_vmrss_kib": rss_kib}
 
     async def floor(self, name: str, node: str) -> dict:
-        from corral import lab as corral_lab
+        import lab as corral_lab
 
         host = self.info.host(node)
         argv = corral_lab.host_command(self.info.name, node, [
@@ -416,7 +416,7 @@ def print_report(summaries: list[dict], checks: list[dict], postcopy_note: str) 
 async def outer(args) -> int:
     from controller.cli.settings import CliSettings
     from controller.client import ControllerClient
-    from corral import lab as corral_lab
+    import lab as corral_lab
 
     info = await corral_lab.lab_status(args.lab)
     started = False

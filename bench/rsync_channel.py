@@ -193,7 +193,7 @@ async def wait_for(path: Path, proc: asyncio.subprocess.Process, what: str, time
 
 
 async def wait_listening(lab: str, node: str, address: str, port: int, timeout: float = 30) -> None:
-    from corral import lab as corral_lab
+    import lab as corral_lab
     from corral import proc
 
     probe = corral_lab.host_command(lab, node, [
@@ -221,7 +221,7 @@ async def stop(proc: asyncio.subprocess.Process | None) -> None:
 
 async def outer(args) -> int:
     from agent.transfer.keys import new_operation_keypair
-    from corral import lab as corral_lab
+    import lab as corral_lab
 
     from corral import proc
 
@@ -329,7 +329,7 @@ async def outer(args) -> int:
 
 
 async def corral_lab_run(lab: str, node: str, argv: list[str]) -> None:
-    from corral import lab as corral_lab
+    import lab as corral_lab
     from corral import proc
 
     await proc.run(corral_lab.host_command(lab, node, argv), timeout=30)

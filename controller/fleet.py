@@ -20,7 +20,7 @@ from controller.health.registry import NodeRegistry
 from controller.network.ipam import AddressPool
 from controller.operations.engine import Engine
 from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_STORAGES, choose_strategy
-from controller.operations.model import Operation, OpState
+from controller.model import Operation, OpState
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
 from controller.store.base import Store
 from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from corral import lab as corral_lab
+import lab as corral_lab
 
 LAB_NAME = os.environ.get("CORRAL_TEST_LAB", "tst")
 LAB_NODES = 3

@@ -4,7 +4,7 @@ import asyncio
 import os
 import time
 
-from corral import lab as corral_lab
+import lab as corral_lab
 
 
 async def _wait_node_back(corral, node, since: float, timeout=20.0):

@@ -43,7 +43,7 @@ TIMINGS: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 async def ckp():
-    from corral import lab
+    import lab
 
     await lab.lab_down(LAB)  # leftovers of an interrupted run
     info = await lab.lab_up(name=LAB, nodes=2)
@@ -89,7 +89,7 @@ def _criu_processes() -> list[int]:
 
 
 def _env() -> dict[str, str]:
-    from corral.lab.processes import daemon_env
+    from lab.processes import daemon_env
 
     return daemon_env()
 
@@ -97,7 +97,7 @@ def _env() -> dict[str, str]:
 async def on_host(info, node: str, *argv: str, timeout: float = 60, check: bool = True, output: bool = True) -> str:
     """Run argv on a lab host. `output=False`: stdout and stderr to /dev/null, for commands
     that leave a process behind holding them."""
-    from corral import lab
+    import lab
 
     sink = asyncio.subprocess.PIPE if output else asyncio.subprocess.DEVNULL
     proc = await asyncio.create_subprocess_exec(
@@ -131,7 +131,7 @@ class Driver:
 
     @classmethod
     async def start(cls, info, node: str, request: dict) -> Driver:
-        from corral import lab
+        import lab
 
         request = {**request, "lxc_path": str(info.host(node).lxc_path)}
         argv = lab.host_command(info.name, node, [sys.executable, str(Path(__file__).resolve()), json.dumps(request)])

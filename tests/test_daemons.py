@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from corral import lab as corral_lab
+import lab as corral_lab
 
 
 @pytest.mark.parametrize("daemon", ["agent.main", "controller.main"])

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.lab import cgroups, hostns, network, processes
-from corral.lab.layout import (
+from lab import cgroups, hostns, network, processes
+from lab.layout import (
     Addressing,
     LabPaths,
     bridge_name,
@@ -25,7 +25,7 @@ from corral.lab.layout import (
     namespace_name,
     veth_name,
 )
-from corral.lab.lab import free_subnet_octet, lab_down
+from lab.lab import free_subnet_octet, lab_down
 from corral.proc import run
 
 LAB = "lnt"  # its own name: never meets the session lab or a demo lab
@@ -137,7 +137,7 @@ async def test_container_on_a_host_is_in_its_cgroup_and_limited(two_hosts):
 
 def test_lab_names_are_checked():
     from corral.errors import InvalidArgument
-    from corral.lab.layout import validate_lab_name
+    from lab.layout import validate_lab_name
 
     for bad in ("", "toolong7", "Ab", "a-b", "1ab", "a/b"):
         with pytest.raises(InvalidArgument):

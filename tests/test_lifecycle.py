@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from corral.lab.cgroups import memory_limit_of
+from lab.cgroups import memory_limit_of
 
 
 async def test_lifecycle_across_two_hosts(corral, cleanup):

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from conftest import running_copies
-from corral import lab as corral_lab
+import lab as corral_lab
 
 COUNTER = """#!/bin/sh
 # A workload started by init (so CRIU can dump it): counts ten times a second.

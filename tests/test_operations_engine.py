@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from controller.operations.engine import Engine, OpContext
-from controller.operations.model import OpState, StepState
+from controller.model import OpState, StepState
 from controller.store.sqlite import SqliteStore
 from corral.errors import CorralError, RuntimeFailure
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from corral import lab as corral_lab
+import lab as corral_lab
 from conftest import running_copies as lxc_running
 
 MEMORY = 64_000_000
@@ -473,7 +473,7 @@ async def test_memory_precopy_stops_when_the_dirty_set_stops_shrinking():
     import structlog
 
     from controller.operations.migrate import MigrationPlan
-    from controller.operations.model import Operation
+    from controller.model import Operation
     from corral.v1 import agent_pb2 as apb
 
     class Source:

@@ -24,7 +24,7 @@ from agent.storage.dir import DirStorage
 from agent.storage.image import ImageStorage
 from agent.storage.ownership import MarkerFile, Ownership, check_attach, volume_lock
 from corral import errors
-from corral import lab as corral_lab
+import lab as corral_lab
 from corral.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -33,7 +33,7 @@ from corral.errors import (
     PermissionDenied,
     RuntimeFailure,
 )
-from corral.lab.processes import daemon_env
+from lab.processes import daemon_env
 from corral.proc import run
 
 LAB = "stg"

@@ -12,7 +12,7 @@ ownership holds an flock on the image file, so hosts racing for a volume are
 serialised wherever they run.
 
 Mounts are made in the agent's own mount namespace: on a real host that is the
-host's; in the lab each host has one pinned namespace (corral/lab/hostns.py),
+host's; in the lab each host has one pinned namespace (lab/hostns.py),
 so a volume mounted there stays mounted across agent restarts and is seen by
 that host only. Loop devices are global to the kernel: each is set up with
 autoclear (and direct I/O, so the host keeps no second, possibly stale, copy of

@@ -6,7 +6,10 @@ import sys
 
 import click
 
+from controller.cli.context import run
+
 from controller.cli import output
+from controller.cli.operations import operation_dict, watch_with_progress
 from corral.model import Limits
 from corral.units import format_cpus, format_size, parse_cpus, parse_size
 
@@ -61,7 +64,6 @@ def ct() -> None:
 @click.pass_obj
 def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_shares, pids, disk) -> None:
     """Create a container on a node that fits it."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -83,7 +85,6 @@ def _simple(verb: str, help_text: str):
     @click.argument("name")
     @click.pass_obj
     def command(obj, name: str) -> None:
-        from controller.cli.main import run
 
         @run
         async def go():
@@ -113,7 +114,6 @@ _simple("show", "Show one container.")
 @click.pass_obj
 def ct_stop(obj, name, force, timeout) -> None:
     """Stop a container."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -133,7 +133,6 @@ def ct_stop(obj, name, force, timeout) -> None:
 @click.pass_obj
 def ct_destroy(obj, name, force) -> None:
     """Destroy a container and its root filesystem."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -152,7 +151,6 @@ def ct_destroy(obj, name, force) -> None:
 @click.pass_obj
 def ct_ls(obj, node) -> None:
     """List containers and where they run."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -178,7 +176,6 @@ def ct_exec(obj, name, command, env, timeout, interactive) -> None:
 
     Exits with the command's exit code.
     """
-    from controller.cli.main import run
     from corral.errors import InvalidArgument
 
     @run
@@ -213,7 +210,6 @@ def ct_exec(obj, name, command, env, timeout, interactive) -> None:
 @click.pass_obj
 def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk) -> None:
     """Change a container's limits (applied live if it runs)."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -236,8 +232,6 @@ def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk) -> None:
 @click.pass_obj
 def ct_migrate(obj, name, target, live, postcopy, fallback, from_checkpoint, detach) -> None:
     """Move a container to another node, cold (stop, move, start) or --live."""
-    from controller.cli.main import run
-    from controller.cli.operations import operation_dict, watch_with_progress
 
     @run
     async def go():

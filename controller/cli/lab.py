@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from controller.cli.context import run
+
 from controller.cli import output
 
 
@@ -18,9 +20,8 @@ def lab() -> None:
 @click.pass_obj
 def lab_up(obj, nodes: int, name: str) -> None:
     """Bring up NODES lab hosts, each with its own agent, and a controller."""
-    from controller.cli.main import run
     from controller.cli.settings import USER_CONFIG
-    from corral import lab as corral_lab
+    import lab as corral_lab
 
     @run
     async def go():
@@ -42,8 +43,7 @@ def lab_up(obj, nodes: int, name: str) -> None:
 @click.pass_obj
 def lab_status(obj, name: str) -> None:
     """Show the lab's hosts and whether their processes run."""
-    from controller.cli.main import run
-    from corral import lab as corral_lab
+    import lab as corral_lab
     from corral.errors import NotFound
 
     @run
@@ -67,8 +67,7 @@ def lab_status(obj, name: str) -> None:
 @click.option("--name", default="demo", show_default=True)
 def lab_down(name: str) -> None:
     """Remove every namespace, bridge, container and process of the lab."""
-    from controller.cli.main import run
-    from corral import lab as corral_lab
+    import lab as corral_lab
 
     @run
     async def go():

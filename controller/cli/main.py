@@ -6,51 +6,12 @@ corral.errors); `ct exec` exits with the command's own code.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import sys
 from pathlib import Path
-from typing import Any, Awaitable, Callable
 
 import click
 
-from corral.errors import CorralError
-
-OUTPUT_FORMATS = ("table", "json")
-
-
-class Ctx:
-    def __init__(self, config: Path | None, fmt: str) -> None:
-        self.config_path = config
-        self.format = fmt
-
-    @property
-    def json(self) -> bool:
-        return self.format == "json"
-
-    def client(self):
-        from controller.cli.settings import CliSettings
-        from controller.client import ControllerClient
-
-        settings = CliSettings.load(self.config_path)
-        return ControllerClient(settings.controller, settings.tls, settings.timeout)
-
-
-def run(coro_fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """Run an async command; turn our errors into one line and an exit code."""
-
-    @functools.wraps(coro_fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return asyncio.run(coro_fn(*args, **kwargs))
-        except CorralError as exc:
-            click.echo(f"corral: error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("corral: interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
+from controller.cli import containers, lab, nodes, operations, pki
+from controller.cli.context import OUTPUT_FORMATS, Ctx
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,9 +22,6 @@ def cli(ctx: click.Context, config: Path | None, fmt: str) -> None:
     """Corral: a fleet of LXC containers across hosts."""
     ctx.obj = Ctx(config, fmt)
 
-
-# Subcommand groups live in their own modules; importing them registers them.
-from controller.cli import containers, lab, nodes, operations, pki  # noqa: E402,F401
 
 cli.add_command(nodes.node)
 cli.add_command(containers.ct)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from controller.cli.context import run
+
 from controller.cli import output
 from corral.units import format_size
 
@@ -17,7 +19,6 @@ def node() -> None:
 @click.pass_obj
 def node_ls(obj) -> None:
     """List the nodes and their state."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -36,7 +37,6 @@ def node_ls(obj) -> None:
 @click.pass_obj
 def node_show(obj, name: str) -> None:
     """Show one node's facts."""
-    from controller.cli.main import run
 
     @run
     async def go():

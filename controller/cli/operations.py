@@ -8,6 +8,8 @@ import time
 
 import click
 
+from controller.cli.context import run
+
 from controller.cli import output
 from corral.errors import Cancelled, CorralError
 from corral.units import format_size
@@ -126,7 +128,6 @@ def ops() -> None:
 @click.pass_obj
 def ops_ls(obj, container, active) -> None:
     """List operations."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -151,7 +152,6 @@ def ops_ls(obj, container, active) -> None:
 @click.pass_obj
 def ops_show(obj, op_id) -> None:
     """Show one operation with its steps and timings."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -167,7 +167,6 @@ def ops_show(obj, op_id) -> None:
 @click.pass_obj
 def ops_watch(obj, op_id) -> None:
     """Follow an operation with a progress bar until it ends (exit 0 if it succeeded)."""
-    from controller.cli.main import run
 
     @run
     async def go():
@@ -182,7 +181,6 @@ def ops_watch(obj, op_id) -> None:
 @click.pass_obj
 def ops_cancel(obj, op_id) -> None:
     """Ask an operation to stop where it is safe; it rolls back."""
-    from controller.cli.main import run
 
     @run
     async def go():

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from controller.cli.context import run
+
 
 @click.group()
 def pki() -> None:
@@ -17,7 +19,6 @@ def pki() -> None:
 @click.option("--cn", default="Corral fleet CA", show_default=True, help="the CA's common name")
 def pki_init(pki_dir: Path, cn: str) -> None:
     """Create the fleet CA in DIR (ca.crt, ca.key)."""
-    from controller.cli.main import run
     from corral import pki as corral_pki
 
     @run
@@ -35,7 +36,6 @@ def pki_init(pki_dir: Path, cn: str) -> None:
 @click.option("--host", "hosts", multiple=True, help="extra DNS name or IP address for the certificate (repeatable)")
 def pki_issue(pki_dir: Path, role: str, name: str, hosts: tuple[str, ...]) -> None:
     """Issue a certificate signed by the fleet CA in DIR."""
-    from controller.cli.main import run
     from corral import pki as corral_pki
 
     @run

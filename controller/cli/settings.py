@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.cli.context import environ
 from corral.config import TlsFiles, load_document, parse_address
 from corral.errors import ConfigError
 
@@ -32,7 +32,7 @@ class CliSettings:
 
 
 def _default_path() -> Path:
-    env = os.environ.get("CORRAL_CONFIG")
+    env = environ().get("CORRAL_CONFIG")
     if env:
         return Path(env)
     for candidate in (USER_CONFIG, SYSTEM_CONFIG):

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 
 import structlog
 
-from controller.operations.model import Operation, OpState, Progress, Step, StepState
+from controller.model import Operation, OpState, Progress, Step, StepState
 from controller.store.base import Store
 from corral.errors import Cancelled, CorralError, FailedPrecondition, NotFound
 

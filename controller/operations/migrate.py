@@ -42,7 +42,7 @@ from controller.agents import AgentClient, AgentPool
 from controller.health.registry import NodeRegistry
 from controller.operations import postcopy
 from controller.operations.engine import OpContext
-from controller.operations.model import Operation
+from controller.model import Operation
 from controller.operations.postcopy import SideReport
 from controller.store.base import Store
 from corral.errors import CorralError, FailedPrecondition, NotFound, RuntimeFailure, Unavailable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from controller.operations.model import Operation
+from controller.model import Operation
 from corral.model import Container, NodeFacts
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from controller.operations.model import Operation
+from controller.model import Operation
 from corral.errors import AlreadyExists
 from corral.model import Container, ContainerState, Limits, NetworkAttachment, NodeFacts
 

@@ -108,7 +108,7 @@ def node_from_pb(msg: pb.Node) -> Node:
 
 
 def operation_to_pb(op) -> pb.Operation:
-    """controller.operations.model.Operation -> protobuf (values of params/result JSON-encoded)."""
+    """controller.model.Operation -> protobuf (values of params/result JSON-encoded)."""
     import json
 
     return pb.Operation(

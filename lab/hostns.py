@@ -27,11 +27,11 @@ from pathlib import Path
 import structlog
 
 from corral.errors import RuntimeFailure
-from corral.lab.cgroups import parse_mountinfo
-from corral.lab.processes import daemon_env
+from lab.cgroups import parse_mountinfo
+from lab.processes import daemon_env
 from corral.proc import run
 
-log = structlog.get_logger("corral.lab.hostns")
+log = structlog.get_logger("lab.hostns")
 
 _TIMEOUT = 20.0
 
@@ -68,7 +68,7 @@ async def create(namespace: str, pin: Path) -> None:
     await run(
         ["nsenter", f"--net=/run/netns/{namespace}", "--",
          "unshare", f"--mount={pin}", "--propagation", "slave", "--",
-         sys.executable, "-m", "corral.lab.hostenter", "--init"],
+         sys.executable, "-m", "lab.hostenter", "--init"],
         timeout=_TIMEOUT, env=daemon_env(), what=f"creating the mount namespace of {namespace}",
     )  # fmt: skip
     if not is_pinned(pin):

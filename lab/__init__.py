@@ -11,8 +11,8 @@ Public API (all async unless noted):
     set_host_link(name, node, up, base_dir=None)          partition / heal a host
     host_command(name, node, argv, base_dir=None) -> list[str]  (sync) run argv on that host
 
-Exports are loaded lazily: `python -m corral.lab.hostenter` and
-`python -m corral.lab.spawn` import this package first and must stay quick.
+Exports are loaded lazily: `python -m lab.hostenter` and
+`python -m lab.spawn` import this package first and must stay quick.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from corral.lab.hosts import (
+    from lab.hosts import (
         crash_host,
         host_command,
         kill_agent,
@@ -29,26 +29,26 @@ if TYPE_CHECKING:
         start_agent,
         stop_agent,
     )
-    from corral.lab.controller import kill_controller, start_controller
-    from corral.lab.lab import lab_cli_config, lab_down, lab_status, lab_up
-    from corral.lab.state import HostInfo, LabInfo
+    from lab.controller import kill_controller, start_controller
+    from lab.lab import lab_cli_config, lab_down, lab_status, lab_up
+    from lab.state import HostInfo, LabInfo
 
 _EXPORTS = {
-    "lab_up": "corral.lab.lab",
-    "lab_down": "corral.lab.lab",
-    "lab_status": "corral.lab.lab",
-    "lab_cli_config": "corral.lab.lab",
-    "start_agent": "corral.lab.hosts",
-    "stop_agent": "corral.lab.hosts",
-    "kill_agent": "corral.lab.hosts",
-    "restart_agent": "corral.lab.hosts",
-    "crash_host": "corral.lab.hosts",
-    "set_host_link": "corral.lab.hosts",
-    "host_command": "corral.lab.hosts",
-    "kill_controller": "corral.lab.controller",
-    "start_controller": "corral.lab.controller",
-    "LabInfo": "corral.lab.state",
-    "HostInfo": "corral.lab.state",
+    "lab_up": "lab.lab",
+    "lab_down": "lab.lab",
+    "lab_status": "lab.lab",
+    "lab_cli_config": "lab.lab",
+    "start_agent": "lab.hosts",
+    "stop_agent": "lab.hosts",
+    "kill_agent": "lab.hosts",
+    "restart_agent": "lab.hosts",
+    "crash_host": "lab.hosts",
+    "set_host_link": "lab.hosts",
+    "host_command": "lab.hosts",
+    "kill_controller": "lab.controller",
+    "start_controller": "lab.controller",
+    "LabInfo": "lab.state",
+    "HostInfo": "lab.state",
 }
 
 __all__ = [
@@ -73,7 +73,7 @@ __all__ = [
 def __getattr__(attr: str) -> Any:
     module = _EXPORTS.get(attr)
     if module is None:
-        raise AttributeError(f"module 'corral.lab' has no attribute {attr!r}")
+        raise AttributeError(f"module 'lab' has no attribute {attr!r}")
     import importlib
 
     value = getattr(importlib.import_module(module), attr)

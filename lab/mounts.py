@@ -6,10 +6,10 @@ from pathlib import Path
 
 import structlog
 
-from corral.lab.cgroups import parse_mountinfo
+from lab.cgroups import parse_mountinfo
 from corral.proc import run
 
-log = structlog.get_logger("corral.lab.mounts")
+log = structlog.get_logger("lab.mounts")
 
 
 def mounts_under(path: Path, mountinfo_file: Path = Path("/proc/self/mountinfo")) -> list[Path]:

@@ -8,11 +8,11 @@ from pathlib import Path
 import structlog
 
 from corral.errors import FailedPrecondition, NotFound
-from corral.lab import processes
-from corral.lab.layout import LabPaths, resolve_base_dir
-from corral.lab.state import LabState, state_lock
+from lab import processes
+from lab.layout import LabPaths, resolve_base_dir
+from lab.state import LabState, state_lock
 
-log = structlog.get_logger("corral.lab")
+log = structlog.get_logger("lab")
 
 
 async def spawn_controller(paths: LabPaths) -> int:

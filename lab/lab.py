@@ -21,10 +21,10 @@ import structlog
 from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
 from corral import pki
 from corral.errors import FailedPrecondition, RuntimeFailure
-from corral.lab import configs, containers, hostns, mounts, network, processes, readiness
-from corral.lab.hosts import enter_prefix, kill_host_processes, spawn_agent
-from corral.lab.controller import spawn_controller
-from corral.lab.layout import (
+from lab import configs, containers, hostns, mounts, network, processes, readiness
+from lab.hosts import enter_prefix, kill_host_processes, spawn_agent
+from lab.controller import spawn_controller
+from lab.layout import (
     HOST_BRIDGE,
     TEMPLATE_CACHE,
     Addressing,
@@ -40,9 +40,9 @@ from corral.lab.layout import (
     validate_nodes,
     veth_name,
 )
-from corral.lab.state import HostState, LabInfo, LabState, build_info, state_lock
+from lab.state import HostState, LabInfo, LabState, build_info, state_lock
 
-log = structlog.get_logger("corral.lab")
+log = structlog.get_logger("lab")
 
 _PREFIXLEN = 24
 

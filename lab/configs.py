@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from corral.lab.layout import HOST_BRIDGE, TEMPLATE_CACHE, Addressing, LabPaths
+from lab.layout import HOST_BRIDGE, TEMPLATE_CACHE, Addressing, LabPaths
 
 HEARTBEAT_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 1.0

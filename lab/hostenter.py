@@ -1,12 +1,12 @@
 """Make a process a lab host process: give it the host's /sys and cgroups.
 
 Two ways in:
-- `python -m corral.lab.hostenter --init`, run once per host by the lab as
+- `python -m lab.hostenter --init`, run once per host by the lab as
   the first process of the host's new mount namespace (see hostns.py, which
   pins that namespace; every host process then joins it with nsenter). It
   replaces /sys by a sysfs of the host's network namespace (LXC looks there
   for the host's `br0`) and mounts the cgroup hierarchies again, then exits.
-- `ip netns exec NS python -m corral.lab.hostenter -- CMD...`: `ip netns exec`
+- `ip netns exec NS python -m lab.hostenter -- CMD...`: `ip netns exec`
   gives CMD a fresh private mount namespace with /sys already remounted; this
   mounts the cgroup hierarchies in it and execs CMD. Works without a pinned
   namespace, but whatever CMD mounts is then seen by CMD's process tree only.
@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from corral.lab.cgroups import (
+from lab.cgroups import (
     CgroupMount,
     alias_links,
     cgroup_mounts_from_proc_cgroup,
@@ -59,7 +59,7 @@ class HostEnterError(Exception):
 def host_argv(namespace: str, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
     """`argv` as a process of the lab host `namespace`, in a fresh private mount
     namespace of its own (the way in when the host has no pinned one)."""
-    return ["ip", "netns", "exec", namespace, sys.executable, "-m", "corral.lab.hostenter", "--",
+    return ["ip", "netns", "exec", namespace, sys.executable, "-m", "lab.hostenter", "--",
             *map(str, argv)]
 
 
@@ -136,19 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        print("usage: python -m corral.lab.hostenter (--init | -- COMMAND [ARG...])", file=sys.stderr)
+        print("usage: python -m lab.hostenter (--init | -- COMMAND [ARG...])", file=sys.stderr)
         return 2
     try:
         mount_cgroups()
     except (HostEnterError, OSError) as e:
-        print(f"corral.lab.hostenter: cannot set up cgroups: {e}", file=sys.stderr)
+        print(f"lab.hostenter: cannot set up cgroups: {e}", file=sys.stderr)
         return 1
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execvp(args[0], args)
     except OSError as e:
-        print(f"corral.lab.hostenter: cannot run {args[0]}: {e}", file=sys.stderr)
+        print(f"lab.hostenter: cannot run {args[0]}: {e}", file=sys.stderr)
         return 127
     return 127  # not reached
 
@@ -157,7 +157,7 @@ def _init() -> int:
     try:
         init_host_namespace()
     except (HostEnterError, OSError) as e:
-        print(f"corral.lab.hostenter: cannot set up the host's mount namespace: {e}", file=sys.stderr)
+        print(f"lab.hostenter: cannot set up the host's mount namespace: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,4 @@
-"""Launcher for detached daemons: `python -m corral.lab.spawn LOG CWD -- CMD...`.
+"""Launcher for detached daemons: `python -m lab.spawn LOG CWD -- CMD...`.
 
 Starts CMD in a new session, stdin from /dev/null, stdout and stderr appended
 to LOG, prints its PID and exits at once, so the daemon is re-parented away
@@ -18,7 +18,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "--":
-        print("usage: python -m corral.lab.spawn LOG CWD -- COMMAND [ARG...]", file=sys.stderr)
+        print("usage: python -m lab.spawn LOG CWD -- COMMAND [ARG...]", file=sys.stderr)
         return 2
     log_path, cwd, cmd = argv[0], argv[1], argv[3:]
     with open(log_path, "ab", buffering=0) as log:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import structlog
 
-from corral.lab.layout import TEMPLATE_CACHE, Addressing, LabPaths
+from lab.layout import TEMPLATE_CACHE, Addressing, LabPaths
 
-log = structlog.get_logger("corral.lab.state")
+log = structlog.get_logger("lab.state")
 
 # One lock per (event loop, lab dir): lab.json is read-modify-written by
 # concurrent calls, such as restarting two agents at once.

@@ -19,9 +19,9 @@ import structlog
 
 from corral.errors import RuntimeFailure
 from corral.proc import run
-from corral.lab.layout import PROJECT_ROOT
+from lab.layout import PROJECT_ROOT
 
-log = structlog.get_logger("corral.lab.processes")
+log = structlog.get_logger("lab.processes")
 
 STOP_TIMEOUT = 5.0
 _POLL = 0.05
@@ -36,7 +36,7 @@ async def spawn_detached(
 ) -> int:
     """Start `argv` as a daemon (own session, stdin /dev/null, output appended to
     `log_file`) that outlives this process; returns its PID."""
-    launcher = [sys.executable, "-m", "corral.lab.spawn", str(log_file), str(cwd), "--", *map(str, argv)]
+    launcher = [sys.executable, "-m", "lab.spawn", str(log_file), str(cwd), "--", *map(str, argv)]
     result = await run(launcher, timeout=15.0, env=daemon_env() if env is None else dict(env),
                        what=f"starting {argv[0]}")
     try:

@@ -11,12 +11,12 @@ from pathlib import Path
 import structlog
 
 from corral.errors import FailedPrecondition, NotFound
-from corral.lab import containers, hostns, network, processes
-from corral.lab.hostenter import host_argv
-from corral.lab.layout import LabPaths, namespace_name, node_index, resolve_base_dir
-from corral.lab.state import HostState, LabState, state_lock
+from lab import containers, hostns, network, processes
+from lab.hostenter import host_argv
+from lab.layout import LabPaths, namespace_name, node_index, resolve_base_dir
+from lab.state import HostState, LabState, state_lock
 
-log = structlog.get_logger("corral.lab")
+log = structlog.get_logger("lab")
 
 
 def host_command(name: str, node: str, argv: list[str], base_dir: Path | None = None) -> list[str]:

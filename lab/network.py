@@ -21,7 +21,7 @@ import structlog
 from corral.errors import FailedPrecondition
 from corral.proc import run
 
-log = structlog.get_logger("corral.lab.network")
+log = structlog.get_logger("lab.network")
 
 _IP_TIMEOUT = 10.0
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import structlog
 
-from corral.lab import processes
+from lab import processes
 from corral.proc import run
 
-log = structlog.get_logger("corral.lab.containers")
+log = structlog.get_logger("lab.containers")
 
 _LXC_TIMEOUT = 20.0
 

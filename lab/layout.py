@@ -29,9 +29,9 @@ MAX_NODES = 89  # host addresses are .11-.99; containers use .100-.250
 _LAB_NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
 _SUBNET_PREFIX = "10.213"
 
-# The repository root (holds the corral/, agent/, controller/ packages); daemons
+# The repository root (holds the corral/, agent/, controller/, lab/ packages); daemons
 # get it on PYTHONPATH so `python -m agent.main` works from any directory.
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def validate_lab_name(name: str) -> str:

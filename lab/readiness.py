@@ -18,7 +18,7 @@ import structlog
 from corral.errors import CorralError, RuntimeFailure
 from corral.proc import run
 
-log = structlog.get_logger("corral.lab.readiness")
+log = structlog.get_logger("lab.readiness")
 
 READY_TIMEOUT = 30.0
 _ATTEMPT_TIMEOUT = 10.0

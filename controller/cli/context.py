@@ -1,0 +1,75 @@
+"""What every `corral` command shares: the invocation's settings (`Ctx`) and `run`, which
+runs a command's coroutine and turns our errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Coroutine, Mapping
+
+import click
+
+from corral.errors import CorralError
+
+OUTPUT_FORMATS = ("table", "json")
+
+
+class Ctx:
+    def __init__(self, config: Path | None, fmt: str) -> None:
+        self.config_path = config
+        self.format = fmt
+
+    @property
+    def json(self) -> bool:
+        return self.format == "json"
+
+    def client(self):
+        from controller.cli.settings import CliSettings
+        from controller.client import ControllerClient
+
+        settings = CliSettings.load(self.config_path)
+        return ControllerClient(settings.controller, settings.tls, settings.timeout)
+
+
+def environ() -> Mapping[str, str]:
+    """The invocation's environment. Read it here, never from os.environ directly: a warm
+    helper running commands for several invocations gives each its own."""
+    return _environ()
+
+
+def _process_environ() -> Mapping[str, str]:
+    return os.environ
+
+
+def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+# Replaced by a warm helper that runs commands on its own event loop (see `set_runtime`).
+_environ: Callable[[], Mapping[str, str]] = _process_environ
+_runner: Callable[[Coroutine[Any, Any, Any]], Any] = _run_coroutine
+
+
+def set_runtime(runner: Callable[[Coroutine[Any, Any, Any]], Any], env: Callable[[], Mapping[str, str]]) -> None:
+    global _runner, _environ
+    _runner, _environ = runner, env
+
+
+def run(coro_fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Run an async command; turn our errors into one line and an exit code."""
+
+    @functools.wraps(coro_fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return _runner(coro_fn(*args, **kwargs))
+        except CorralError as exc:
+            click.echo(f"corral: error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("corral: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
