@@ -31,7 +31,8 @@ demo: setup
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: setup
+bench: venv
+	CORRAL_SETUP_ROLES="agent lab tests bench" bash deploy/setup-host.sh
 	$(PY) bench/agent_vs_lxc.py
 
 lab-down:

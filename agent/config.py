@@ -18,7 +18,8 @@ class AgentConfig:
     lxc_path: Path
     state_dir: Path
     storage_dir: Path
-    shared_dir: Path | None
+    shared_dir: Path | None  # shared storage for the `image` driver (ext4 images, loop-mounted)
+    shared_volume_group: str | None  # shared LVM volume group for the `lvm` driver (needs device-mapper)
     template_cache: Path
     bridge: str
     tls: TlsFiles
@@ -31,13 +32,14 @@ class AgentConfig:
         doc = load_document(path)
         doc.check_keys({
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
-            "shared_dir", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
+            "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
         heartbeat = doc.get("heartbeat_interval", float, 1.0)
         if not 0.05 <= heartbeat <= 60:
             raise doc.error("heartbeat_interval", "must be between 0.05 and 60 seconds")
         shared = doc.get("shared_dir", str, None)
+        volume_group = doc.get("shared_volume_group", str, None, parse=_volume_group)
         return cls(
             node=doc.get("node", str, parse=lambda v: validate_name(v, "node name")),
             listen=listen,
@@ -47,6 +49,7 @@ class AgentConfig:
             state_dir=Path(doc.get("state_dir", str, "/var/lib/corral/agent")),
             storage_dir=Path(doc.get("storage_dir", str, "/var/lib/corral/storage")),
             shared_dir=Path(shared) if shared else None,
+            shared_volume_group=volume_group or None,
             template_cache=Path(doc.get("template_cache", str, "/var/cache/corral/templates")),
             bridge=doc.get("bridge", str, "br0"),
             tls=TlsFiles.from_section(doc.section("tls")),
@@ -54,6 +57,14 @@ class AgentConfig:
             log_level=doc.get("log_level", str, "info"),
             transfer_port=doc.get("transfer_port", int, 7702, parse=_port),
         )
+
+
+def _volume_group(value: str) -> str:
+    # LVM's own rule for VG names, minus what would confuse a path.
+    if not value or len(value) > 127 or value.startswith("-") or value in (".", "..") or \
+            not all(c.isalnum() or c in "._+-" for c in value):  # fmt: skip
+        raise ValueError(f"{value!r} is not a volume group name (letters, digits, . _ + -; at most 127)")
+    return value
 
 
 def _port(value: int) -> int:

@@ -22,10 +22,12 @@ from agent.migration import Migrations
 from agent.runtime.checkpoint import Checkpointer
 from agent.storage.base import StorageDriver
 from agent.storage.dir import DirStorage
+from agent.storage import lvm
 from agent.storage.image import ImageStorage
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
 from corral import log as corral_log
+from corral import programs
 from corral.api.server import make_server
 from corral.api.tls import server_credentials
 from corral.errors import CorralError, Unavailable
@@ -38,8 +40,18 @@ async def serve(config: AgentConfig) -> None:
     for d in (config.lxc_path, config.state_dir, config.storage_dir, config.template_cache):
         d.mkdir(parents=True, exist_ok=True)
     storages: dict[str, StorageDriver] = {"dir": DirStorage(config.storage_dir)}
+    unavailable: dict[str, str] = {}
     if config.shared_dir is not None:
         storages["image"] = ImageStorage(config.shared_dir, config.state_dir / "mounts", config.node)
+    else:
+        unavailable[programs.STORAGE_IMAGE] = "no shared_dir in the agent's configuration"
+    if config.shared_volume_group is None:
+        unavailable[programs.STORAGE_LVM] = "no shared_volume_group in the agent's configuration"
+    elif (why := await lvm.unavailable_reason()) is not None:
+        unavailable[programs.STORAGE_LVM] = f"volume group {config.shared_volume_group}: {why}"
+        log.warning("shared LVM storage unavailable", volume_group=config.shared_volume_group, reason=why)
+    else:
+        storages["lvm"] = lvm.LvmStorage(config.shared_volume_group, config.state_dir / "mounts", config.node)
     containers = ContainerManager(
         node=config.node,
         runtime=LxcRuntime(config.lxc_path),
@@ -49,7 +61,7 @@ async def serve(config: AgentConfig) -> None:
         template_cache=config.template_cache,
         cgroups=CgroupLayout.detect(),
     )
-    facts = HostFacts(config.node, config.advertise, config.storage_dir, tuple(storages))
+    facts = HostFacts(config.node, config.advertise, config.storage_dir, tuple(storages), unavailable)
     live = await facts.probe()
     if await asyncio.to_thread(bridge_mac_pinned, config.bridge) is False:
         log.warning("the containers' bridge has no MAC address of its own: containers migrated in can change "

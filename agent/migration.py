@@ -435,11 +435,11 @@ class Migrations:
                     ready = await lazy.images_ready()
                     if not lazy.keeps_source_frozen:
                         # Then a failed transfer would let CRIU thaw the source while the destination runs it.
+                        why = lazy.why_source_not_kept()  # read before the images are cleaned up
                         await lazy.abort()
                         await lazy.resume_source()
-                        raise FailedPrecondition(f"post-copy of {name!r} refused: its freezer cgroup could not "
-                                                 "be frozen by the agent, so a failed page transfer could not "
-                                                 "keep the source stopped")  # fmt: skip
+                        raise FailedPrecondition(f"post-copy of {name!r} refused, the source could not be kept "
+                                                 f"stopped if the page transfer failed: {why}")
                     info = LazyCheckpoint(ready, server.address, server.port, read_frozen_at(images),
                                           await asyncio.to_thread(lazy_bytes, images),
                                           PageServerTls.client_of(one_time))  # fmt: skip

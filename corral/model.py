@@ -96,6 +96,7 @@ class NodeFacts:
     storage_drivers: tuple[str, ...] = ()
     live_strategies: tuple[str, ...] = ()
     live_unavailable: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # capability -> why not (corral/programs.py)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from corral.errors import DeadlineExceeded, RuntimeFailure
+from corral.programs import check_argv
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ async def run(
     cwd: str | None = None,
     what: str | None = None,
 ) -> Completed:
-    """Run a command to completion; kill it (and its group) when the deadline passes."""
+    """Run a command to completion; kill it (and its group) when the deadline passes.
+    A failure names the command and ends with its stderr (or stdout)."""
+    check_argv(argv)
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Prepare a Debian 12 host for Corral (what `make setup` runs, as root).
 #
-#   - the runtime packages (LXC, busybox-static for the busybox template,
-#     rsync, iproute2, bridge-utils, iptables, debootstrap, ...), installed
-#     without recommends; `apt-get update` only when something must be
-#     installed and the package lists are missing or older than
-#     CORRAL_APT_MAX_AGE_HOURS (6);
+#   - the Debian packages of every program Corral runs, as declared in
+#     corral/programs.py for the roles in CORRAL_SETUP_ROLES (default
+#     "agent lab tests"; `make bench` adds "bench"), installed without
+#     recommends; `apt-get update` only when something must be installed and
+#     the package lists are missing or older than CORRAL_APT_MAX_AGE_HOURS (6);
 #   - a Python that can make the project's venv;
 #   - a CRIU that passes `criu check` (deploy/install-criu.sh);
 #   - fs.pipe-max-size >= 4194304, now and after reboots: CRIU's lazy-pages
 #     page server needs to grow its pipe beyond the default 1 MiB limit
 #     without CAP_SYS_RESOURCE (shared/DESIGN.md, "Post-copy");
 #   - the loopback interface up (CRIU's start-up probe connects to 127.0.0.1).
+#
+#   - a self-check at the end: every declared program of those roles is found.
 #
 # Idempotent, needs no input; a second run with everything present takes
 # well under 5 s.
@@ -20,22 +22,20 @@ umask 022
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly SCRIPT_DIR
+readonly PROGRAMS_PY="$SCRIPT_DIR/../corral/programs.py"
+read -r -a ROLES <<<"${CORRAL_SETUP_ROLES:-agent lab tests}"
+readonly ROLES
 readonly APT_MAX_AGE_HOURS=${CORRAL_APT_MAX_AGE_HOURS:-6}
 readonly PIPE_MAX_SIZE_MIN=4194304
 readonly SYSCTL_FILE=/etc/sysctl.d/60-corral.conf
 
-# Installed with --no-install-recommends. Of lxc's recommends only apparmor
-# matters to `lxc-start`: /etc/lxc/default.conf asks for
-# `lxc.apparmor.profile = generated`, which needs apparmor_parser on a kernel
-# with AppArmor enabled (Debian's own kernels). The busybox template comes
-# with liblxc-common (a dependency), so lxc-templates is not needed; lxcfs,
-# uidmap and libpam-cgfs serve unprivileged containers only; wget/gnupg are
-# for the `download` template.
-readonly PACKAGES=(
-    lxc apparmor busybox-static
-    rsync iproute2 bridge-utils iptables
-    debootstrap openssh-client xz-utils ca-certificates
-)
+# Packages that bring no program of ours but that what we run needs: lxc-start
+# loads the profile that /etc/lxc/default.conf asks for (`lxc.apparmor.profile =
+# generated`) with apparmor_parser, on kernels with AppArmor (Debian's own);
+# install-criu.sh fetches and unpacks CRIU's source over HTTPS. The programs'
+# own packages come from corral/programs.py. Of lxc's recommends, lxcfs, uidmap
+# and libpam-cgfs serve unprivileged containers only.
+readonly SUPPORT_PACKAGES=(apparmor xz-utils ca-certificates)
 
 export DEBIAN_FRONTEND=noninteractive
 readonly APT_GET=(apt-get -o DPkg::Lock::Timeout=300 -o Dpkg::Use-Pty=0
@@ -109,6 +109,7 @@ ensure_python_venv() {
             || die "$py ($("$py" --version 2>&1)) cannot make a venv or is older than 3.11"
     fi
     log "python: $py ($("$py" --version 2>&1)), venv OK"
+    PYTHON=$py
 }
 
 ensure_pipe_max_size() {
@@ -146,8 +147,12 @@ main() {
     TMP_LIST=$(mktemp)
     trap 'rm -f -- "$TMP_LIST"' EXIT
 
-    install_packages "${PACKAGES[@]}"
     ensure_python_venv
+    local packages=()
+    mapfile -t packages < <("$PYTHON" "$PROGRAMS_PY" packages "${ROLES[@]}") \
+        || die "corral/programs.py packages ${ROLES[*]} failed"
+    ((${#packages[@]})) || die "corral/programs.py listed no packages for roles: ${ROLES[*]}"
+    install_packages "${packages[@]}" "${SUPPORT_PACKAGES[@]}"
     ensure_loopback_up
     bash "$SCRIPT_DIR/install-criu.sh" || die "deploy/install-criu.sh failed"
     ensure_pipe_max_size
@@ -165,6 +170,12 @@ main() {
     else
         criu_version="not on PATH"; criu_check="-"
     fi
+    # Every program the code runs, found (corral/programs.py; DESIGN.md rule 7).
+    local absent
+    if ! absent=$("$PYTHON" "$PROGRAMS_PY" check "${ROLES[@]}" 2>&1); then
+        die "programs still missing after the install:"$'\n'"$absent"
+    fi
+    log "declared programs found for roles: ${ROLES[*]}"
     log "summary:"
     printf '  %-16s %s\n' \
         "LXC" "$lxc_version" \

@@ -31,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from corral.programs import check_argv
 from lab.cgroups import (
     CgroupMount,
     alias_links,
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sys.stdout.flush()
     sys.stderr.flush()
+    check_argv(args)
     try:
         os.execvp(args[0], args)
     except OSError as e:

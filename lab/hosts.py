@@ -39,12 +39,14 @@ def enter_prefix(name: str, paths: LabPaths, index: int) -> list[str]:
     return host_argv(namespace, [])
 
 
-async def spawn_agent(name: str, paths: LabPaths, host: HostState) -> int:
+async def spawn_agent(name: str, paths: LabPaths, host: HostState, search_path: str | None = None) -> int:
+    """`search_path`: the agent's PATH instead of ours (a host where some programs are missing)."""
     if host.namespace is None:
         raise FailedPrecondition(f"lab host {host.node} has no network namespace")
     hp = paths.host(host.index)
     argv = [*enter_prefix(name, paths, host.index), sys.executable, "-m", "agent.main", "--config", hp.config]
-    return await processes.spawn_detached(argv, log_file=hp.log_file, cwd=hp.dir)
+    env = {**processes.daemon_env(), "PATH": search_path} if search_path else None
+    return await processes.spawn_detached(argv, log_file=hp.log_file, cwd=hp.dir, env=env)
 
 
 async def kill_host_processes(namespaces: set[str], pins: list[Path]) -> None:
@@ -59,14 +61,15 @@ async def kill_host_processes(namespaces: set[str], pins: list[Path]) -> None:
         await asyncio.gather(*(processes.kill_any(pid) for pid in pids))
 
 
-async def start_agent(name: str, node: str, base_dir: Path | None = None) -> int:
-    """Start the agent of `node` (it must not be running); returns its PID."""
+async def start_agent(name: str, node: str, base_dir: Path | None = None, *, search_path: str | None = None) -> int:
+    """Start the agent of `node` (it must not be running); returns its PID. `search_path`:
+    its PATH, to play a host where some programs are not installed."""
     base, paths = _paths(name, base_dir)
     async with state_lock(base):
         state, host = _load_host(name, paths, node)
         if processes.is_running(host.agent_pid, str(base)):
             raise FailedPrecondition(f"agent {node} of lab {name} is already running (pid {host.agent_pid})")
-        host.agent_pid = await spawn_agent(name, paths, host)
+        host.agent_pid = await spawn_agent(name, paths, host, search_path)
         state.save(paths.state_file)
     log.info("agent started", lab=name, node=node, pid=host.agent_pid)
     return host.agent_pid

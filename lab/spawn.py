@@ -15,12 +15,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from corral.programs import check_argv
+
 
 def main(argv: list[str]) -> int:
     if len(argv) < 4 or argv[2] != "--":
         print("usage: python -m lab.spawn LOG CWD -- COMMAND [ARG...]", file=sys.stderr)
         return 2
     log_path, cwd, cmd = argv[0], argv[1], argv[3:]
+    check_argv(cmd)
     with open(log_path, "ab", buffering=0) as log:
         try:
             proc = subprocess.Popen(

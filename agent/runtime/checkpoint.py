@@ -47,6 +47,7 @@ from agent.runtime.freezer import (
     NETLOCKED,
     PREFROZEN_MARK,
     Freezer,
+    network_lock_error,
     read_frozen_at,
     remove_network_lock,
     write_executable,
@@ -678,6 +679,16 @@ class LazyDump:
 
     def _left(self) -> float:
         return max(0.0, self._deadline - time.perf_counter())
+
+    def why_source_not_kept(self) -> str:
+        """'' when keeps_source_frozen, else what went wrong, said as it was seen."""
+        if self._freezer is None:
+            return "the container's freezer cgroup was not found"
+        if not (self.images / PREFROZEN_MARK).exists():
+            return "the agent's freeze script did not freeze it before CRIU's dump (CRIU froze it itself)"
+        if self.keep_source and not (self.images / NETLOCKED).exists():
+            return f"its network lock failed: {network_lock_error(self.images)}"
+        return ""
 
     @property
     def keeps_source_frozen(self) -> bool:

@@ -26,6 +26,7 @@ FREEZE_SCRIPT = "corral-freeze.sh"  # CRIU action script (lxc-checkpoint -A)
 FROZEN_AT = "corral-frozen-at"  # when the freeze began (epoch seconds), written by that script
 NETLOCK_RULES = "corral-netlock.nft"  # our own network lock for a post-copy source that is kept (see LazyDump)
 NETLOCKED = "corral-netlocked"  # written by the action script once that lock is in place
+NETLOCK_ERROR = "corral-netlock.err"  # what nft said when that lock failed
 NETLOCK_TABLE = "corral-lock"
 # The network tools run with a plain PATH, whatever the agent was started with.
 _TOOL_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -102,9 +103,10 @@ class Freezer:
         lock = ""
         if lock_after_dump:
             rules, locked = q(str(images / NETLOCK_RULES)), q(str(images / NETLOCKED))
+            err = q(str(images / NETLOCK_ERROR))
             lock = (
                 'if [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ]; then\n'
-                f'    nsenter -t "$CRTOOLS_INIT_PID" -n nft -f {rules} && : > {locked}\n'
+                f'    nsenter -t "$CRTOOLS_INIT_PID" -n nft -f {rules} 2> {err} && : > {locked}\n'
                 "    exit 0\n"
                 "fi\n"
             )
@@ -142,6 +144,16 @@ class Freezer:
 def write_executable(path: Path, text: str) -> None:
     path.write_text(text)
     path.chmod(0o700)
+
+
+def network_lock_error(images: Path) -> str:
+    """Why the action script's network lock failed: the command and what it printed."""
+    try:
+        said = (images / NETLOCK_ERROR).read_text(errors="replace").strip()
+    except OSError:
+        said = ""
+    command = f"nsenter -t PID -n nft -f {images / NETLOCK_RULES}"
+    return f"`{command}` failed: {said[-1000:]}" if said else f"`{command}` did not run or printed nothing"
 
 
 def read_frozen_at(images: Path) -> float | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Sequence
 
 from corral.errors import DeadlineExceeded
+from corral.programs import check_argv
 
 KILL_GRACE = 5.0  # after SIGKILL, how long to wait for the process to be reaped
 
@@ -79,6 +80,7 @@ class ToolProcess:
 
     @classmethod
     async def launch(cls, argv: Sequence[str], *, what: str, output: Path, env: dict[str, str]) -> ToolProcess:
+        check_argv(argv)
         out: IO[bytes] = open(output, "ab")
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from agent.storage.blockfs import (
 )
 from agent.storage.ownership import Ownership, check_attach, check_destroy
 from corral.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, RuntimeFailure
+from corral import programs
 from corral.proc import Completed, run
 
 log = structlog.get_logger("agent.storage.lvm")
@@ -58,8 +58,9 @@ _ATTACHED_TAG = "corral_attached"
 
 async def unavailable_reason() -> str | None:
     """Why LVM volumes cannot be used on this host, or None if they can."""
-    if shutil.which("lvm") is None:
-        return "the lvm tools are not installed (Debian package lvm2)"
+    missing = programs.why_unavailable(programs.STORAGE_LVM)
+    if missing:
+        return missing
     try:
         misc = Path("/proc/misc").read_text()
     except OSError:

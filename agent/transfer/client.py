@@ -51,6 +51,7 @@ from corral.errors import (
     Unauthenticated,
     Unavailable,
 )
+from corral.programs import check_argv
 
 log = structlog.get_logger("corral.agent.transfer")
 
@@ -279,6 +280,7 @@ def rsync_argv(
 
 
 async def _run(argv: list[str], timeout: float, parser: _ProgressParser) -> tuple[int, list[str], str]:
+    check_argv(argv)
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
     if "HOME" in os.environ:
         env["HOME"] = os.environ["HOME"]  # no RSYNC_* variables: they change what is sent

@@ -45,6 +45,7 @@ from agent.transfer.keys import load_or_create_host_key, public_key_line
 from agent.transfer.rsync_command import CommandRefused, parse_rsync_server_command, resolve_destination
 from corral import proc as host_proc
 from corral.errors import FailedPrecondition, RuntimeFailure
+from corral.programs import check_argv
 
 log = structlog.get_logger("corral.agent.transfer")
 
@@ -398,6 +399,7 @@ class TransferServer:
         self, process: asyncssh.SSHServerProcess, state: _ConnectionState, grant: ReceiveGrant,
         argv: list[str], slog,
     ) -> int:  # fmt: skip
+        check_argv(argv)
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=grant.staging, env=_RSYNC_ENV, start_new_session=True,

@@ -65,7 +65,7 @@ def container_from_pb(msg: pb.Container) -> Container:
     )
 
 
-_COLLECTIONS = ("storage_drivers", "live_strategies", "live_unavailable")
+_COLLECTIONS = ("storage_drivers", "live_strategies", "live_unavailable", "unavailable")
 _FACT_FIELDS = [f for f in NodeFacts.__dataclass_fields__ if f not in _COLLECTIONS]
 
 
@@ -75,6 +75,7 @@ def facts_to_pb(facts: NodeFacts) -> pb.NodeFacts:
         storage_drivers=list(facts.storage_drivers),
         live_strategies=list(facts.live_strategies),
         live_unavailable=dict(facts.live_unavailable),
+        unavailable=dict(facts.unavailable),
     )
 
 
@@ -84,6 +85,7 @@ def facts_from_pb(msg: pb.NodeFacts) -> NodeFacts:
         storage_drivers=tuple(msg.storage_drivers),
         live_strategies=tuple(msg.live_strategies),
         live_unavailable=dict(msg.live_unavailable),
+        unavailable=dict(msg.unavailable),
     )
 
 
