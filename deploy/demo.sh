@@ -1,16 +1,23 @@
 #!/bin/bash
 # The demo: a 3-host lab on this machine, a few containers placed across it,
-# a command run in one, and the fleet listed. The lab stays up afterwards.
+# a command run in one, live, post-copy and cold migrations, and the fleet
+# listed. The lab stays up afterwards. Any failed step stops the demo with a
+# non-zero exit (CI runs it end to end: .ci/run). CORRAL_DEMO_LAB names the lab
+# (default demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LAB=${CORRAL_DEMO_LAB:-demo}
 CORRAL="$PWD/.venv/bin/corral"
 # Make `corral` callable from anywhere for the rest of the session.
 ln -sf "$CORRAL" /usr/local/bin/corral
 
-step() { printf '\n\033[1m$ corral %s\033[0m\n' "$*"; "$CORRAL" "$@"; }
+step() {
+    printf '\n\033[1m$ corral %s\033[0m\n' "$*"
+    "$CORRAL" "$@" || { printf 'demo: step failed (exit %s): corral %s\n' "$?" "$*" >&2; exit 1; }
+}
 
-"$CORRAL" lab down --name demo >/dev/null 2>&1 || true
-step lab up --nodes 3
+"$CORRAL" lab down --name "$LAB" >/dev/null 2>&1 || true
+step lab up --nodes 3 --name "$LAB"
 step node ls
 step ct create web1 --template busybox --memory 128M --cpus 0.5 --start
 step ct create web2 --template busybox --memory 128M --start
@@ -32,8 +39,8 @@ step ops ls
 step ct ls
 cat <<MSG
 
-The lab is up: 3 hosts (network namespaces corral-demo-n1..n3), each with its
+The lab is up: 3 hosts (network namespaces corral-$LAB-n1..n3), each with its
 own corral-agent, and a controller. \`corral\` talks to it with no extra step,
 e.g. \`corral ct ls\`, \`corral ct exec web1 -- ps\`, \`corral node show n1\`.
-Take it down with: corral lab down --name demo
+Take it down with: corral lab down --name $LAB
 MSG
