@@ -116,3 +116,14 @@ def test_placement_honours_named_node_and_its_capacity():
         place(PlacementRequest("c", Limits(), node="n9"), nodes)
     with pytest.raises(NoCapacity, match="needs 4 CPUs, has 2"):
         place(PlacementRequest("c", Limits(cpu_millis=4000), node="n1"), nodes)
+
+
+def test_shared_volume_group_selects_lvm_and_bad_names_are_refused(tmp_path):
+    for name in ("ca", "cert", "key"):
+        (tmp_path / name).write_text("")
+    base = "node: n1\nlisten: 127.0.0.1:7701\ncontroller: 127.0.0.1:7700\ntls: {ca: ca, cert: cert, key: key}\n"
+    assert AgentConfig.load(_write(tmp_path, base + "shared_volume_group: corral-san\n")).shared_volume_group == "corral-san"
+    assert AgentConfig.load(_write(tmp_path, base)).shared_volume_group is None
+    for bad in ("../etc", "vg/x", "-vg", ".."):
+        with pytest.raises(ConfigError, match=r"daemon.yaml:5: shared_volume_group"):
+            AgentConfig.load(_write(tmp_path, base + f"shared_volume_group: '{bad}'\n"))
