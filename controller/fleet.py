@@ -23,6 +23,7 @@ from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_
 from controller.model import Operation, OpState
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
 from controller.store.base import Store
+from controller.vocabulary import STORAGE_NAMES, TEMPLATES, storage_driver
 from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container, ContainerState, Limits, Node, NodeState, validate_limits
 from corral.names import validate_name
@@ -30,8 +31,7 @@ from corral.v1 import agent_pb2 as apb
 
 log = structlog.get_logger("corral.controller.fleet")
 
-TEMPLATES = ("busybox", "debian")
-STORAGES = ("dir", "image", "lvm")
+STORAGES = STORAGE_NAMES  # local|shared, or a driver: dir|image|lvm (see controller/vocabulary.py)
 # States the controller sets itself while it acts; heartbeats must not overwrite them.
 _TRANSITIONAL = {ContainerState.CREATING, ContainerState.DESTROYING}
 
@@ -113,8 +113,7 @@ class Fleet:
         validate_name(name)
         if template not in TEMPLATES:
             raise InvalidArgument(f"unknown template {template!r} (available: {', '.join(TEMPLATES)})")
-        storage = storage or "dir"
-        if storage not in STORAGES:
+        if storage_driver(storage) is None:
             raise InvalidArgument(f"unknown storage {storage!r} (available: {', '.join(STORAGES)})")
         if node:
             validate_name(node, "node name")
@@ -124,8 +123,12 @@ class Fleet:
             async with self._placement_lock:
                 if await self.store.get_container(name) is not None:
                     raise AlreadyExists(f"container {name!r} already exists")
+                nodes = await self.list_nodes()
+                # The concrete driver: `shared` is the one the candidate nodes offer.
+                storage = storage_driver(storage, [n.facts.storage_drivers for n in nodes
+                                                   if n.state == NodeState.READY and (not node or n.name == node)])
                 request = PlacementRequest(name, limits, node, storage)
-                placement = place(request, await self.list_nodes(), self.policy)
+                placement = place(request, nodes, self.policy)
                 used = [c.network.ipv4 for c in await self.store.list_containers()]
                 network = self.addresses.allocate(used)
                 record = Container(
