@@ -101,7 +101,10 @@ async def serve(config: AgentConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from corral.version import VersionAction
+
     parser = argparse.ArgumentParser(prog="corral-agent", description=__doc__)
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", type=Path, default=Path("/etc/corral/agent.yaml"))
     args = parser.parse_args(argv)
     corral_log.configure(json_output=True)

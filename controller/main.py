@@ -69,7 +69,10 @@ async def serve(config: ControllerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from corral.version import VersionAction
+
     parser = argparse.ArgumentParser(prog="corral-controller", description=__doc__)
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", type=Path, default=Path("/etc/corral/controller.yaml"))
     args = parser.parse_args(argv)
     corral_log.configure(json_output=True)
