@@ -24,7 +24,7 @@ step ct create web2 --template busybox --memory 128M --start
 step ct create db1 --template busybox --memory 256M --node n3 --start
 step ct ls
 step ct exec web1 -- sh -c 'echo "hello from $(hostname) at $(ip -4 -o addr show eth0 | cut -d" " -f7)"'
-web2_ip=$("$CORRAL" -o json ct show web2 | python3 -c 'import json,sys; print(json.load(sys.stdin)["ipv4"])')
+web2_ip=$("$CORRAL" ct show web2 -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["network"]["ipv4_cidr"].split("/")[0])')
 step ct exec web1 -- ping -c 1 -W 2 "$web2_ip"
 step ct show db1
 # Live migration: web1 keeps its processes, memory and address while it moves.

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import time
+from datetime import datetime
 
 import lab as corral_lab
 
@@ -12,7 +13,8 @@ async def _wait_node_back(corral, node, since: float, timeout=20.0):
     async with asyncio.timeout(timeout):
         while True:
             shown = await corral.json("node", "show", node)
-            if shown["state"] == "ready" and shown["last_heartbeat"] > since:
+            beat = shown["last_heartbeat"]  # RFC 3339
+            if shown["state"] == "ready" and beat and datetime.fromisoformat(beat).timestamp() > since:
                 return
             await asyncio.sleep(0.3)
 

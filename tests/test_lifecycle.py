@@ -24,7 +24,7 @@ async def test_lifecycle_across_two_hosts(corral, cleanup):
     assert code.returncode == 42
 
     # The two containers reach each other across hosts on their fleet addresses.
-    b_ip = listed["life-b"]["ipv4"]
+    b_ip = listed["life-b"]["network"]["ipv4_cidr"].split("/")[0]
     ping = await corral("ct", "exec", "life-a", "--", "ping", "-c", "1", "-W", "2", b_ip, check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
@@ -67,7 +67,7 @@ async def test_node_listing_shows_host_facts(corral):
     assert {n["name"] for n in nodes} >= {"n1", "n2", "n3"}
     for node in nodes:
         assert node["state"] == "ready"
-        assert node["cpus"] >= 1 and node["memory_bytes"] > 0 and node["lxc_version"]
+        assert node["facts"]["cpus"] >= 1 and node["facts"]["memory_bytes"] > 0 and node["facts"]["lxc_version"]
     n1 = await corral.json("node", "show", "n1")
-    assert n1["address"].startswith(n1["address"].split(":")[0])
-    assert "dir" in n1["storage_drivers"]
+    assert n1["facts"]["address"].startswith(n1["facts"]["address"].split(":")[0])
+    assert "dir" in n1["facts"]["storage_drivers"]

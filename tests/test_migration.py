@@ -47,7 +47,7 @@ async def test_cold_migration_moves_the_files_and_removes_the_source_copy(corral
 
     shown = await corral.json("ct", "show", "cold1")
     assert shown["node"] == "n2" and shown["state"] == "running"
-    assert shown["ipv4"] == created["ipv4"]
+    assert shown["network"]["ipv4_cidr"] == created["network"]["ipv4_cidr"]
     assert (await corral("ct", "exec", "cold1", "--", "cat", "/root/data")).stdout == "precious\n"
     check = await corral("ct", "exec", "cold1", "--", "md5sum", "-c", "/root/blob.md5")
     assert "OK" in check.stdout
@@ -70,7 +70,7 @@ async def test_live_migration_keeps_processes_pid_and_address(corral, cleanup, l
     assert op["timings_ms"]["downtime"] > 0 and op["timings_ms"]["criu_frozen"] > 0
 
     shown = await corral.json("ct", "show", "live1")
-    assert shown["node"] == "n3" and shown["state"] == "running" and shown["ipv4"] == created["ipv4"]
+    assert shown["node"] == "n3" and shown["state"] == "running" and shown["network"]["ipv4_cidr"] == created["network"]["ipv4_cidr"]
     count_after = await read_int(corral, "live1", "/tmp/counter")
     assert count_after >= count_before  # continued, not restarted from zero
     assert await read_int(corral, "live1", "/tmp/workload.pid") == pid_before
@@ -80,7 +80,7 @@ async def test_live_migration_keeps_processes_pid_and_address(corral, cleanup, l
     # Reachable at its old address from another host's container.
     cleanup.append("pinger")
     await corral("ct", "create", "pinger", "-t", "busybox", "--node", "n2", "--start")
-    ping = await corral("ct", "exec", "pinger", "--", "ping", "-c", "1", "-W", "2", created["ipv4"], check=False)
+    ping = await corral("ct", "exec", "pinger", "--", "ping", "-c", "1", "-W", "2", created["network"]["ipv4_cidr"].split("/")[0], check=False)
     assert ping.returncode == 0
 
 
@@ -105,7 +105,7 @@ async def test_cancel_during_rootfs_precopy_leaves_the_source_untouched(corral, 
     await corral("ct", "exec", "cancelme", "--", "sh", "-c", "dd if=/dev/urandom of=/root/big bs=1M count=300 2>/dev/null")
     op_id = (await corral("ct", "migrate", "cancelme", "--to", "n2", "--detach")).stdout.strip()
     async with asyncio.timeout(30):
-        while (await corral.json("ops", "show", op_id))["phase"].split(" ")[0] not in ("precopy-rootfs",):
+        while (await corral.json("ops", "show", op_id))["progress"]["phase"].split(" ")[0] not in ("precopy-rootfs",):
             await asyncio.sleep(0.05)
     await corral("ops", "cancel", op_id)
     final = await corral("ops", "watch", op_id, check=False)
@@ -121,7 +121,7 @@ async def test_destination_agent_killed_during_transfer_source_keeps_running(cor
     await corral("ct", "exec", "victim", "--", "sh", "-c", "dd if=/dev/urandom of=/root/big bs=1M count=300 2>/dev/null")
     op_id = (await corral("ct", "migrate", "victim", "--to", "n2", "--detach")).stdout.strip()
     async with asyncio.timeout(30):
-        while (await corral.json("ops", "show", op_id))["phase"].split(" ")[0] != "precopy-rootfs":
+        while (await corral.json("ops", "show", op_id))["progress"]["phase"].split(" ")[0] != "precopy-rootfs":
             await asyncio.sleep(0.05)
     await corral_lab.kill_agent(lab.name, "n2")
     try:

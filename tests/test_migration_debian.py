@@ -48,7 +48,7 @@ async def fetch(corral, client: str, url: str) -> str | None:
 async def test_debian_http_service_answers_at_the_same_address_after_a_live_migration(corral, cleanup, lab):
     cleanup += ["debweb", "webclient"]
     created = await corral.json("ct", "create", "debweb", "-t", "debian", "--node", "n1", "--memory", "256M", "--start")
-    ip = created["ipv4"]
+    ip = created["network"]["ipv4_cidr"].split("/")[0]
 
     async def booted():
         r = await corral("ct", "exec", "debweb", "--", "systemctl", "is-system-running", check=False)
@@ -78,7 +78,7 @@ async def test_debian_http_service_answers_at_the_same_address_after_a_live_migr
     moved_at = time.monotonic()
 
     shown = await corral.json("ct", "show", "debweb")
-    assert shown["node"] == "n2" and shown["state"] == "running" and shown["ipv4"] == ip
+    assert shown["node"] == "n2" and shown["state"] == "running" and shown["network"]["ipv4_cidr"].split("/")[0] == ip
     # Same content, same address, asked from a container on a third host.
     assert await wait_for(lambda: fetch(corral, "webclient", f"http://{ip}/"), 15, "answer after the move") == token
     answered_after_s = time.monotonic() - moved_at

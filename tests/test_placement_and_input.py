@@ -12,7 +12,7 @@ async def test_placement_honours_node_flag(corral, cleanup):
     one = await corral.json("ct", "create", "place-1", "-t", "busybox", "--node", "n1")
     three = await corral.json("ct", "create", "place-3", "-t", "busybox", "--node", "n3")
     assert (one["node"], three["node"]) == ("n1", "n3")
-    assert one["ipv4"] != three["ipv4"]
+    assert one["network"]["ipv4_cidr"] != three["network"]["ipv4_cidr"]
 
 
 async def test_scheduler_spreads_by_free_memory(corral, cleanup):

@@ -155,7 +155,7 @@ async def test_postcopy_live_migration_keeps_processes_pid_address_and_memory(co
     assert copies.most <= 1
 
     shown = await corral.json("ct", "show", "pc1")
-    assert shown["node"] == "n2" and shown["state"] == "running" and shown["ipv4"] == created["ipv4"]
+    assert shown["node"] == "n2" and shown["state"] == "running" and shown["network"]["ipv4_cidr"] == created["network"]["ipv4_cidr"]
     count_after = await read_int(corral, "pc1", "/tmp/counter")
     assert count_after >= count_before  # continued, not restarted from zero
     assert await read_int(corral, "pc1", "/tmp/workload.pid") == pid_before
@@ -168,7 +168,7 @@ async def test_postcopy_live_migration_keeps_processes_pid_address_and_memory(co
     assert not (lab.host("n1").state_dir / "checkpoints" / op["id"]).exists()
     cleanup.append("pcping")
     await corral("ct", "create", "pcping", "-t", "busybox", "--node", "n3", "--start")
-    ping = await corral("ct", "exec", "pcping", "--", "ping", "-c", "1", "-W", "2", created["ipv4"], check=False)
+    ping = await corral("ct", "exec", "pcping", "--", "ping", "-c", "1", "-W", "2", created["network"]["ipv4_cidr"].split("/")[0], check=False)
     assert ping.returncode == 0
     print(f"\npost-copy {MEMORY >> 20} MB: downtime {t['downtime']:.0f} ms, all pages {t['pages_done']:.0f} ms, "
           f"timings {json.dumps(t)}")
@@ -247,7 +247,7 @@ async def test_postcopy_target_crash_keeps_the_source_checkpoint(corral, cleanup
     # Its network came back with it (the failed dump's lock is gone).
     cleanup.append("pcping3")
     await corral("ct", "create", "pcping3", "-t", "busybox", "--node", "n3", "--start")
-    ping = await corral("ct", "exec", "pcping3", "--", "ping", "-c", "1", "-W", "2", shown["ipv4"], check=False)
+    ping = await corral("ct", "exec", "pcping3", "--", "ping", "-c", "1", "-W", "2", shown["network"]["ipv4_cidr"].split("/")[0], check=False)
     assert ping.returncode == 0
 
 
@@ -450,7 +450,7 @@ async def test_postcopy_failing_before_the_target_runs_rolls_back_to_the_source(
     assert not (lab.host("n2").lxc_path / "pc5").exists()
     cleanup.append("pcping5")
     await corral("ct", "create", "pcping5", "-t", "busybox", "--node", "n3", "--start")
-    ping = await corral("ct", "exec", "pcping5", "--", "ping", "-c", "1", "-W", "2", created["ipv4"], check=False)
+    ping = await corral("ct", "exec", "pcping5", "--", "ping", "-c", "1", "-W", "2", created["network"]["ipv4_cidr"].split("/")[0], check=False)
     assert ping.returncode == 0  # its network lock is gone
 
 

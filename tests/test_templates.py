@@ -10,7 +10,7 @@ async def test_debian_container_boots_systemd_and_keeps_its_address(corral, clea
     init = await corral("ct", "exec", "deb", "--", "cat", "/proc/1/comm")
     assert init.stdout.strip() == "systemd"
     addr = await corral("ct", "exec", "deb", "--", "ip", "-4", "-o", "addr", "show", "eth0")
-    assert f"inet {created['ipv4']}/" in addr.stdout
+    assert f"inet {created['network']['ipv4_cidr']}" in addr.stdout
     stopped = await corral.json("ct", "stop", "deb", "--timeout", "30")
     assert stopped["state"] == "stopped"
 

@@ -6,15 +6,17 @@ import sys
 
 import click
 
-from controller.cli.context import run
-
 from controller.cli import output
-from controller.cli.operations import operation_dict, watch_with_progress
-from corral.model import Limits
-from corral.units import format_cpus, format_size, parse_cpus, parse_size
+from controller.cli.command import group
+from controller.cli.completion import complete_containers, complete_nodes, complete_operations
+from controller.cli.context import run
+from controller.vocabulary import DEFAULT_STORAGE, STORAGE_NAMES, TEMPLATES
 
 
-def _limits(memory, cpus, cpu_shares, pids, disk) -> Limits:
+def _limits(memory, cpus, cpu_shares, pids, disk):
+    from corral.model import Limits
+    from corral.units import parse_cpus, parse_size
+
     return Limits(
         memory_bytes=parse_size(memory, "memory size") if memory is not None else 0,
         cpu_millis=parse_cpus(cpus) if cpus is not None else 0,
@@ -26,19 +28,21 @@ def _limits(memory, cpus, cpu_shares, pids, disk) -> Limits:
 
 def limit_options(fn):
     for option in reversed([
-        click.option("--memory", help="memory limit, e.g. 256M, 1G"),
-        click.option("--cpus", help="CPU quota, e.g. 1, 0.5, 250m"),
-        click.option("--cpu-shares", type=click.IntRange(2, 262144), help="relative CPU weight"),
-        click.option("--pids", type=click.IntRange(1, 4194304), help="maximum number of processes"),
-        click.option("--disk", help="root filesystem size, e.g. 1G"),
+        click.option("--memory", help="memory limit, e.g. 256M, 1G  [default: no limit]"),
+        click.option("--cpus", help="CPU quota, e.g. 1, 0.5, 250m  [default: no limit]"),
+        click.option("--cpu-shares", type=click.IntRange(2, 262144), help="relative CPU weight  [default: the runtime's]"),
+        click.option("--pids", type=click.IntRange(1, 4194304), help="maximum number of processes  [default: no limit]"),
+        click.option("--disk", help="root filesystem size, e.g. 1G  [default: no limit]"),
     ]):  # fmt: skip
         fn = option(fn)
     return fn
 
 
 def _show(obj, ct) -> None:
-    if obj.json:
-        output.print_json(output.container_dict(ct))
+    from corral.units import format_cpus, format_size
+
+    if obj.machine:
+        output.emit(obj, ct)
         return
     output.print_fields([
         ("name", ct.name), ("state", ct.state.value), ("node", ct.node), ("template", ct.template),
@@ -49,29 +53,48 @@ def _show(obj, ct) -> None:
     ] + ([("note", ct.message)] if ct.message else []))  # fmt: skip
 
 
-@click.group()
+@group(examples=["corral ct ls", "corral ct create web1 -t busybox --memory 256M --start",
+                  "corral ct exec web1 -- ps", "corral ct migrate web1 --to n2 --live"])
 def ct() -> None:
     """Containers of the fleet."""
 
 
-@ct.command("create")
+@ct.command("create", examples=[
+    "corral ct create web1 -t busybox --start",
+    "corral ct create db1 -t debian --node n2 --memory 1G --cpus 2 --disk 4G",
+    "corral ct create vol1 -t busybox --storage shared   # migrations hand the volume over, no copy",
+    "corral -o json ct create web2 -t busybox | jq -r .network.ipv4_cidr",
+])
 @click.argument("name")
-@click.option("--template", "-t", required=True, help="busybox or debian")
-@click.option("--node", "-n", default="", help="place on this node (default: the scheduler chooses)")
-@click.option("--storage", default="", help="storage driver for the root filesystem (default: dir)")
+@click.option("--template", "-t", type=click.Choice(TEMPLATES), required=True, help="what to build the root filesystem from")
+@click.option("--node", "-n", default="", show_default=False, shell_complete=complete_nodes,
+              help="place on this node  [default: the scheduler chooses]")
+@click.option("--storage", type=click.Choice(STORAGE_NAMES), default=DEFAULT_STORAGE,
+              help="root filesystem: local (a directory on the host, copied by rsync when migrated) or shared "
+                   "(a volume on the fleet's shared storage, handed over without a copy); or a driver: "
+                   "dir, image, lvm")  # fmt: skip
 @click.option("--start", is_flag=True, help="start it once created")
 @limit_options
 @click.pass_obj
 def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_shares, pids, disk) -> None:
-    """Create a container on a node that fits it."""
+    """Create a container on a node that fits it.
+
+    The first debian container on a host builds its template first (minutes); on a terminal a
+    spinner shows the time it has waited.
+    """
+    from controller.cli.progress import waiting
 
     @run
     async def go():
         limits = _limits(memory, cpus, cpu_shares, pids, disk)
         async with obj.client() as fleet:
-            created = await fleet.create_container(name, template, node=node, limits=limits, storage=storage, start=start)
-        if obj.json:
-            output.print_json(output.container_dict(created))
+            what = f"the controller to place and create {name} ({template}{', then start it' if start else ''})"
+            hint = "the first debian container on a host builds its template: minutes" if template == "debian" else ""
+            with waiting(obj, what, hint=hint):
+                created = await fleet.create_container(name, template, node=node, limits=limits, storage=storage,
+                                                       start=start)  # fmt: skip
+        if obj.machine:
+            output.emit(obj, created)
         else:
             click.echo(f"created {created.name} on {created.node} ({created.network.ipv4}), {created.state.value}")
             if created.message:
@@ -81,8 +104,8 @@ def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_share
 
 
 def _simple(verb: str, help_text: str):
-    @ct.command(verb, help=help_text)
-    @click.argument("name")
+    @ct.command(verb, help=help_text, examples=[f"corral ct {verb} web1", f"corral ct {verb} web1 -o json"])
+    @click.argument("name", shell_complete=complete_containers)
     @click.pass_obj
     def command(obj, name: str) -> None:
 
@@ -93,7 +116,7 @@ def _simple(verb: str, help_text: str):
                     result = await fleet.start_container(name)
                 else:
                     result = await fleet.get_container(name)
-            if obj.json or verb == "show":
+            if obj.machine or verb == "show":
                 _show(obj, result)
             else:
                 click.echo(f"{result.name} {result.state.value} on {result.node}")
@@ -107,10 +130,11 @@ _simple("start", "Start a container.")
 _simple("show", "Show one container.")
 
 
-@ct.command("stop")
-@click.argument("name")
+@ct.command("stop", examples=["corral ct stop web1", "corral ct stop web1 --timeout 30", "corral ct stop web1 --force"])
+@click.argument("name", shell_complete=complete_containers)
 @click.option("--force", "-f", is_flag=True, help="kill at once instead of a clean shutdown")
-@click.option("--timeout", type=click.IntRange(0, 3600), default=0, help="seconds to wait for a clean shutdown")
+@click.option("--timeout", type=click.IntRange(0, 3600), default=0,
+              help="seconds to wait for a clean shutdown before killing; 0 = the agent's default")
 @click.pass_obj
 def ct_stop(obj, name, force, timeout) -> None:
     """Stop a container."""
@@ -119,7 +143,7 @@ def ct_stop(obj, name, force, timeout) -> None:
     async def go():
         async with obj.client() as fleet:
             result = await fleet.stop_container(name, force=force, timeout=timeout)
-        if obj.json:
+        if obj.machine:
             _show(obj, result)
         else:
             click.echo(f"{result.name} {result.state.value} on {result.node}")
@@ -127,8 +151,8 @@ def ct_stop(obj, name, force, timeout) -> None:
     go()
 
 
-@ct.command("destroy")
-@click.argument("name")
+@ct.command("destroy", examples=["corral ct destroy web1", "corral ct destroy web1 --force   # stop it first"])
+@click.argument("name", shell_complete=complete_containers)
 @click.option("--force", "-f", is_flag=True, help="stop it first if it runs")
 @click.pass_obj
 def ct_destroy(obj, name, force) -> None:
@@ -138,16 +162,18 @@ def ct_destroy(obj, name, force) -> None:
     async def go():
         async with obj.client() as fleet:
             await fleet.destroy_container(name, force=force)
-        if obj.json:
-            output.print_json({"name": name, "state": "destroyed"})
+        if obj.machine:
+            output.emit(obj, {"name": name, "state": "destroyed"})
         else:
             click.echo(f"destroyed {name}")
 
     go()
 
 
-@ct.command("ls")
-@click.option("--node", "-n", default="", help="only the containers on this node")
+@ct.command("ls", examples=["corral ct ls", "corral ct ls --node n1", "corral ct ls -o json | jq -r '.[].name'",
+                            "corral ct ls --no-headers | awk '{print $1, $3}'"])
+@click.option("--node", "-n", default="", show_default=False, shell_complete=complete_nodes,
+              help="only the containers on this node  [default: all]")
 @click.pass_obj
 def ct_ls(obj, node) -> None:
     """List containers and where they run."""
@@ -156,26 +182,34 @@ def ct_ls(obj, node) -> None:
     async def go():
         async with obj.client() as fleet:
             containers = await fleet.list_containers(node)
-        if obj.json:
-            output.print_json([output.container_dict(c) for c in containers])
+        if obj.machine:
+            output.emit(obj, containers)
         else:
-            output.containers_table(containers)
+            output.containers_table(containers, no_headers=obj.no_headers)
 
     go()
 
 
-@ct.command("exec", context_settings={"ignore_unknown_options": True})
-@click.argument("name")
+@ct.command("exec", context_settings={"ignore_unknown_options": True}, examples=[
+    "corral ct exec web1 -- ps",
+    "corral ct exec web1 -e LANG=C -- sh -c 'echo $LANG'",
+    "echo hello | corral ct exec web1 -i -- cat",
+    "corral ct exec web1 --timeout 10 -- sleep 60   # killed after 10 s",
+])
+@click.argument("name", shell_complete=complete_containers)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--env", "-e", multiple=True, help="KEY=VALUE for the command's environment")
-@click.option("--timeout", type=click.IntRange(0, 86400), default=0, help="kill the command after this many seconds")
+@click.option("--env", "-e", multiple=True, help="KEY=VALUE for the command's environment (repeatable)")
+@click.option("--timeout", type=click.IntRange(0, 86400), default=0,
+              help="kill the command after this many seconds; 0 = the agent's limit, 300 s")
 @click.option("--interactive", "-i", is_flag=True, help="pass standard input to the command")
-@click.pass_obj
-def ct_exec(obj, name, command, env, timeout, interactive) -> None:
+@click.pass_context
+def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
     """Run a command in a running container: corral ct exec NAME -- CMD ARGS...
 
-    Exits with the command's exit code.
+    Exits with the command's exit code. Put the command after `--`, so that its own options
+    are not read as corral's.
     """
+    obj = ctx.obj
     from corral.errors import InvalidArgument
 
     @run
@@ -189,8 +223,8 @@ def ct_exec(obj, name, command, env, timeout, interactive) -> None:
         stdin = sys.stdin.buffer.read() if interactive else b""
         async with obj.client() as fleet:
             result = await fleet.exec(name, list(command), env=variables, stdin=stdin, timeout=timeout)
-        if obj.json:
-            output.print_json({
+        if obj.machine:
+            output.emit(obj, {
                 "name": name, "exit_code": result.exit_code,
                 "stdout": result.stdout.decode(errors="replace"), "stderr": result.stderr.decode(errors="replace"),
             })  # fmt: skip
@@ -201,11 +235,11 @@ def ct_exec(obj, name, command, env, timeout, interactive) -> None:
             sys.stderr.flush()
         return result.exit_code
 
-    sys.exit(go())
+    ctx.exit(go())
 
 
-@ct.command("set")
-@click.argument("name")
+@ct.command("set", examples=["corral ct set web1 --memory 512M", "corral ct set web1 --cpus 0.5 --pids 200"])
+@click.argument("name", shell_complete=complete_containers)
 @limit_options
 @click.pass_obj
 def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk) -> None:
@@ -220,18 +254,30 @@ def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk) -> None:
     go()
 
 
-@ct.command("migrate")
-@click.argument("name")
-@click.option("--to", "target", required=True, help="the node to move it to")
+@ct.command("migrate", examples=[
+    "corral ct migrate web1 --to n2            # cold: stop, move, start",
+    "corral ct migrate web1 --to n2 --live     # processes, memory and address kept",
+    "corral ct migrate web1 --to n2 --live --fallback cold",
+    "corral ct migrate web1 --to n2 --live --postcopy",
+    "corral ct migrate web1 --to n2 --detach   # prints the operation id; follow with `corral ops watch ID`",
+])
+@click.argument("name", shell_complete=complete_containers)
+@click.option("--to", "target", required=True, shell_complete=complete_nodes, help="the node to move it to")
 @click.option("--live", is_flag=True, help="keep processes, memory, PIDs and address (CRIU)")
 @click.option("--postcopy", is_flag=True, help="live: resume on the target at once, pull memory on demand")
 @click.option("--fallback", type=click.Choice(["cold"]), help="live: migrate cold if CRIU's pre-flight fails")
-@click.option("--from-checkpoint", "from_checkpoint", metavar="OP",
+@click.option("--from-checkpoint", "from_checkpoint", metavar="OP", shell_complete=complete_operations,
               help="after post-copy OP failed: back to its source, from the checkpoint kept there")
 @click.option("--detach", "-d", is_flag=True, help="print the operation id and return at once")
-@click.pass_obj
-def ct_migrate(obj, name, target, live, postcopy, fallback, from_checkpoint, detach) -> None:
-    """Move a container to another node, cold (stop, move, start) or --live."""
+@click.pass_context
+def ct_migrate(ctx, name, target, live, postcopy, fallback, from_checkpoint, detach) -> None:
+    """Move a container to another node, cold (stop, move, start) or --live.
+
+    Exits 0 when the migration succeeded, 1 when it failed (rolled back), 9 when cancelled.
+    """
+    from controller.cli.operations import watch_with_progress
+
+    obj = ctx.obj
 
     @run
     async def go():
@@ -242,14 +288,14 @@ def ct_migrate(obj, name, target, live, postcopy, fallback, from_checkpoint, det
             op = await fleet.migrate(name, target, live=live or bool(from_checkpoint), postcopy=postcopy,
                                      fallback_cold=fallback == "cold", from_checkpoint=from_checkpoint or "")  # fmt: skip
             if detach:
-                output.print_json(operation_dict(op)) if obj.json else click.echo(op.id)
+                output.emit(obj, op) if obj.machine else click.echo(op.id)
                 return 0
-            if not obj.json:
+            if not obj.machine:
                 mode = "from its kept checkpoint" if from_checkpoint else "live" if live else "cold"
                 click.echo(f"operation {op.id}: migrating {name} to {target} ({mode})", err=True)
-            return await watch_with_progress(fleet, op.id, obj.json)
+            return await watch_with_progress(fleet, op.id, obj)
 
-    sys.exit(go())
+    ctx.exit(go())
 
 
 POSTCOPY_WARNING = (

@@ -14,24 +14,40 @@ import click
 
 from corral.errors import CorralError
 
-OUTPUT_FORMATS = ("table", "json")
+OUTPUT_FORMATS = ("table", "json", "yaml")
 
 
 class Ctx:
-    def __init__(self, config: Path | None, fmt: str) -> None:
+    """One invocation's settings. The global options (-o, --no-headers, --context, --config)
+    may be written after any subcommand too; each such occurrence sets its attribute here."""
+
+    def __init__(
+        self, config: Path | None = None, fmt: str | None = None, context: str | None = None, no_headers: bool = False
+    ) -> None:
         self.config_path = config
-        self.format = fmt
+        self.format = fmt or "table"
+        self.context = context
+        self.no_headers = no_headers
 
     @property
     def json(self) -> bool:
         return self.format == "json"
 
-    def client(self):
+    @property
+    def machine(self) -> bool:
+        """Output for programs (the API objects as JSON or YAML), nothing else on stdout."""
+        return self.format != "table"
+
+    def settings(self):
         from controller.cli.settings import CliSettings
+
+        return CliSettings.load(self.config_path, self.context)
+
+    def client(self, timeout: float | None = None):
         from controller.client import ControllerClient
 
-        settings = CliSettings.load(self.config_path)
-        return ControllerClient(settings.controller, settings.tls, settings.timeout)
+        settings = self.settings()
+        return ControllerClient(settings.controller, settings.tls, settings.timeout if timeout is None else timeout)
 
 
 def environ() -> Mapping[str, str]:

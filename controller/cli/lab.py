@@ -2,44 +2,85 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
+from controller.cli import output
+from controller.cli.command import group
 from controller.cli.context import run
 
-from controller.cli import output
+
+def context_name(lab_name: str) -> str:
+    return f"lab-{lab_name}"
 
 
-@click.group()
+@group(examples=["corral lab up", "corral lab up --nodes 2 --name mine", "corral lab status", "corral lab down"])
 def lab() -> None:
     """A local lab of several hosts on this machine, for trying Corral and for its tests."""
 
 
-@lab.command("up")
-@click.option("--nodes", type=click.IntRange(1, 20), default=3, show_default=True)
-@click.option("--name", default="demo", show_default=True, help="lab name (a-z, 0-9, at most 6 characters)")
+@lab.command("up", examples=["corral lab up", "corral lab up --nodes 2 --name mine   # adds context lab-mine"])
+@click.option("--nodes", type=click.IntRange(1, 20), default=3, help="how many lab hosts")
+@click.option("--name", default="demo", help="lab name (a-z, 0-9, at most 6 characters)")
 @click.pass_obj
 def lab_up(obj, nodes: int, name: str) -> None:
-    """Bring up NODES lab hosts, each with its own agent, and a controller."""
-    from controller.cli.settings import USER_CONFIG
+    """Bring up NODES lab hosts, each with its own agent, and a controller.
+
+    Adds the context lab-NAME to the CLI config and makes it current; the other contexts stay,
+    and `corral lab down` returns to the one current before.
+    """
     import lab as corral_lab
 
     @run
     async def go():
-        info = await corral_lab.lab_up(name=name, nodes=nodes, write_cli_config=USER_CONFIG)
-        if obj.json:
-            output.print_json(_info_dict(info))
+        info = await corral_lab.lab_up(name=name, nodes=nodes)
+        path, previous = add_lab_context(obj, name, info.cli_config)
+        if obj.machine:
+            output.emit(obj, _info_dict(info))
             return
         click.echo(f"lab {info.name!r} is up: {len(info.hosts)} hosts, controller at {info.controller_address}")
         for host in info.hosts:
             click.echo(f"  {host.node}: {host.address} (namespace {host.namespace}, agent pid {host.agent_pid})")
-        click.echo(f"`corral` now talks to this lab (config {USER_CONFIG}); try `corral node ls`.")
+        was = f"; it was {previous}" if previous else ""
+        click.echo(f"`corral` now talks to this lab: context {context_name(name)} is current in {path}{was}; "
+                   "try `corral node ls`.")  # fmt: skip
         click.echo(f"Take it down with `corral lab down --name {info.name}`.")
 
     go()
 
 
-@lab.command("status")
-@click.option("--name", default="demo", show_default=True)
+def add_lab_context(obj, name: str, lab_cli_config: Path) -> tuple[Path, str | None]:
+    """Add (or refresh) context lab-NAME from the lab's own CLI config and make it current.
+    Returns the config file and the context current before."""
+    from controller.cli.contexts import ContextsFile, editing
+
+    lab_file = ContextsFile.load(Path(lab_cli_config))
+    entry = dict(lab_file.contexts[lab_file.pick(lab_file.current)])
+    base = Path(lab_cli_config).parent
+    entry["tls"] = {k: str(base / v) for k, v in entry["tls"].items()}  # absolute, wherever the config is
+    entry.pop("previous-context", None)
+    with editing(obj.config_path) as config:
+        previous = config.current if config.current != context_name(name) else None
+        config.add(context_name(name), entry)
+    return config.path, previous
+
+
+def remove_lab_context(obj, name: str) -> tuple[bool, str | None]:
+    """Remove context lab-NAME; if it was current, the one remembered before it is current
+    again. Returns whether it was there, and the context now current."""
+    from controller.cli.contexts import ContextsFile, default_path, editing
+
+    path = default_path(obj.config_path)
+    if path is None or context_name(name) not in ContextsFile.load(path, missing_ok=True).contexts:
+        return False, None
+    with editing(path) as config:
+        config.remove(context_name(name))
+    return True, config.current
+
+
+@lab.command("status", examples=["corral lab status", "corral lab status --name mine -o json"])
+@click.option("--name", default="demo", help="lab name")
 @click.pass_obj
 def lab_status(obj, name: str) -> None:
     """Show the lab's hosts and whether their processes run."""
@@ -51,28 +92,37 @@ def lab_status(obj, name: str) -> None:
         info = await corral_lab.lab_status(name=name)
         if info is None:
             raise NotFound(f"lab {name!r} is not up")
-        if obj.json:
-            output.print_json(_info_dict(info))
+        if obj.machine:
+            output.emit(obj, _info_dict(info))
             return
         click.echo(f"lab {info.name!r}: controller {info.controller_address} (pid {info.controller_pid})")
         output.print_table(
             ["NODE", "ADDRESS", "NAMESPACE", "AGENT PID", "LXC PATH"],
             [[h.node, h.address, h.namespace, h.agent_pid, h.lxc_path] for h in info.hosts],
+            no_headers=obj.no_headers,
         )
 
     go()
 
 
-@lab.command("down")
-@click.option("--name", default="demo", show_default=True)
-def lab_down(name: str) -> None:
-    """Remove every namespace, bridge, container and process of the lab."""
+@lab.command("down", examples=["corral lab down", "corral lab down --name mine"])
+@click.option("--name", default="demo", help="lab name")
+@click.pass_obj
+def lab_down(obj, name: str) -> None:
+    """Remove every namespace, bridge, container and process of the lab, and its context
+    (the context current before `lab up` is current again)."""
     import lab as corral_lab
 
     @run
     async def go():
         await corral_lab.lab_down(name=name)
+        removed, current = remove_lab_context(obj, name)
+        if obj.machine:
+            output.emit(obj, {"name": name, "state": "down", "current_context": current})
+            return
         click.echo(f"lab {name!r} is down")
+        if removed:
+            click.echo(f"context {context_name(name)} removed; current context: {current or 'none'}")
 
     go()
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import click
 
+from controller.cli import output
+from controller.cli.command import group
+from controller.cli.completion import complete_nodes
 from controller.cli.context import run
 
-from controller.cli import output
-from corral.units import format_size
 
-
-@click.group()
+@group(examples=["corral node ls", "corral node show n1", "corral node show n1 -o yaml"])
 def node() -> None:
     """Hosts of the fleet."""
 
 
-@node.command("ls")
+@node.command("ls", examples=["corral node ls", "corral node ls -o json", "corral node ls --no-headers | awk '{print $1}'"])
 @click.pass_obj
 def node_ls(obj) -> None:
     """List the nodes and their state."""
@@ -24,36 +24,44 @@ def node_ls(obj) -> None:
     async def go():
         async with obj.client() as fleet:
             nodes = await fleet.list_nodes()
-        if obj.json:
-            output.print_json([output.node_dict(n) for n in nodes])
+        if obj.machine:
+            output.emit(obj, nodes)
         else:
-            output.nodes_table(nodes)
+            output.nodes_table(nodes, no_headers=obj.no_headers)
 
     go()
 
 
-@node.command("show")
-@click.argument("name")
+@node.command("show", examples=["corral node show n1", "corral node show n1 -o json"])
+@click.argument("name", shell_complete=complete_nodes)
 @click.pass_obj
 def node_show(obj, name: str) -> None:
-    """Show one node's facts."""
+    """Show one node's facts, with the live-migration strategies it supports (and why not the others)."""
 
     @run
     async def go():
         async with obj.client() as fleet:
             n = await fleet.get_node(name)
-        if obj.json:
-            output.print_json(output.node_dict(n))
-            return
-        f = n.facts
-        output.print_fields([
-            ("name", f.name), ("state", n.state.value), ("address", f.address), ("cpus", f.cpus),
-            ("memory", f"{format_size(f.memory_bytes)} ({format_size(f.memory_available_bytes)} available)"),
-            ("allocated memory", format_size(n.allocated.memory_bytes)),
-            ("disk", f"{format_size(f.disk_bytes)} ({format_size(f.disk_free_bytes)} free)"),
-            ("containers", n.container_count), ("kernel", f.kernel), ("lxc", f.lxc_version),
-            ("criu", f"{f.criu_version} ok" if f.criu_ok else f"unusable: {f.criu_detail}"),
-            ("storage", ", ".join(f.storage_drivers)), ("agent", f.agent_version),
-        ])  # fmt: skip
+        if obj.machine:
+            output.emit(obj, n)
+        else:
+            print_node(n)
 
     go()
+
+
+def print_node(n) -> None:
+    from corral.units import format_size
+
+    f = n.facts
+    output.print_fields([
+        ("name", f.name), ("state", n.state.value), ("address", f.address), ("cpus", f.cpus),
+        ("memory", f"{format_size(f.memory_bytes)} ({format_size(f.memory_available_bytes)} available)"),
+        ("allocated memory", format_size(n.allocated.memory_bytes)),
+        ("disk", f"{format_size(f.disk_bytes)} ({format_size(f.disk_free_bytes)} free)"),
+        ("containers", n.container_count), ("kernel", f.kernel), ("lxc", f.lxc_version),
+        ("criu", f"{f.criu_version} ok" if f.criu_ok else f"unusable: {f.criu_detail}"),
+        ("storage", ", ".join(f.storage_drivers)), ("agent", f.agent_version),
+        ("live migration", ", ".join(f.live_strategies) or "none"),
+    ] + [(f"  no {strategy}", reason) for strategy, reason in sorted(f.live_unavailable.items())]
+      + [(f"no {capability}", reason) for capability, reason in sorted(getattr(f, "unavailable", {}).items())])  # fmt: skip

@@ -8,42 +8,14 @@ import time
 
 import click
 
-from controller.cli.context import run
-
 from controller.cli import output
+from controller.cli.command import group
+from controller.cli.completion import complete_containers, complete_operations
+from controller.cli.context import run
 from corral.errors import Cancelled, CorralError
-from corral.units import format_size
 
 # Exit codes of a watched operation that did not succeed.
 _FAILED_EXIT = {"failed": CorralError.exit_code, "cancelled": Cancelled.exit_code}
-
-
-def operation_dict(op) -> dict:
-    return {
-        "id": op.id,
-        "kind": op.kind,
-        "container": op.container,
-        "state": op.state,
-        "name": op.id,
-        "params": {k: json.loads(v) for k, v in op.params.items()},
-        "phase": op.progress.phase,
-        "progress": {
-            "bytes_done": op.progress.bytes_done, "bytes_total": op.progress.bytes_total,
-            "rate_bps": op.progress.rate_bps, "eta_s": op.progress.eta_s, "message": op.progress.message,
-        },  # fmt: skip
-        "steps": [
-            {"name": s.name, "state": s.state, "started_at": s.started_at, "finished_at": s.finished_at,
-             "duration_ms": round((s.finished_at - s.started_at) * 1000, 1) if s.finished_at else None,
-             "detail": s.detail}  # fmt: skip
-            for s in op.steps
-        ],
-        "timings_ms": dict(op.timings_ms),
-        "result": {k: json.loads(v) for k, v in op.result.items()},
-        "error": op.error,
-        "cancel_requested": op.cancel_requested,
-        "created_at": op.created_at,
-        "updated_at": op.updated_at,
-    }
 
 
 def print_operation(op) -> None:
@@ -87,8 +59,10 @@ def print_timings(op) -> None:
             click.echo(f"  {labels.get(key, key):<20} {t[key]:>9.1f} ms")
 
 
-async def watch_with_progress(fleet, op_id: str, as_json: bool) -> int:
-    """Follow an operation to its end; a progress bar on a terminal, phase lines otherwise."""
+async def watch_with_progress(fleet, op_id: str, obj) -> int:
+    """Follow an operation to its end; a progress bar on a terminal, phase lines otherwise;
+    the final operation as the API object with -o json|yaml."""
+    as_json = obj.machine
     last = None
     if as_json or not sys.stderr.isatty():
         phase = None
@@ -111,19 +85,20 @@ async def watch_with_progress(fleet, op_id: str, as_json: bool) -> int:
                            total=p.bytes_total or None)  # fmt: skip
     assert last is not None
     if as_json:
-        output.print_json(operation_dict(last))
+        output.emit(obj, last)
     else:
         print_operation(last)
     return _FAILED_EXIT.get(last.state, 0)
 
 
-@click.group()
+@group(examples=["corral ops ls --active", "corral ops watch OP", "corral ops cancel OP"])
 def ops() -> None:
     """Long actions (migrations...): list, show, watch, cancel."""
 
 
-@ops.command("ls")
-@click.option("--container", "-c", default="", help="only this container's operations")
+@ops.command("ls", examples=["corral ops ls", "corral ops ls --container web1", "corral ops ls --active -o json"])
+@click.option("--container", "-c", default="", show_default=False, shell_complete=complete_containers,
+              help="only this container's operations  [default: all]")
 @click.option("--active", is_flag=True, help="only those not finished")
 @click.pass_obj
 def ops_ls(obj, container, active) -> None:
@@ -133,22 +108,25 @@ def ops_ls(obj, container, active) -> None:
     async def go():
         async with obj.client() as fleet:
             operations = await fleet.list_operations(container, active)
-        if obj.json:
-            output.print_json([operation_dict(op) for op in operations])
+        if obj.machine:
+            output.emit(obj, operations)
             return
+        from corral.units import format_size
+
         output.print_table(
             ["ID", "KIND", "CONTAINER", "STATE", "PHASE", "PROGRESS", "DOWNTIME"],
             [[op.id, op.kind, op.container, op.state, op.progress.phase,
               f"{format_size(op.progress.bytes_done)}/{format_size(op.progress.bytes_total)}" if op.progress.bytes_total else "-",
               f"{op.timings_ms['downtime']:.0f} ms" if "downtime" in op.timings_ms else "-"]
              for op in operations],
+            no_headers=obj.no_headers,
         )  # fmt: skip
 
     go()
 
 
-@ops.command("show")
-@click.argument("op_id")
+@ops.command("show", examples=["corral ops show OP", "corral ops show OP -o json | jq .timings_ms"])
+@click.argument("op_id", shell_complete=complete_operations)
 @click.pass_obj
 def ops_show(obj, op_id) -> None:
     """Show one operation with its steps and timings."""
@@ -157,27 +135,31 @@ def ops_show(obj, op_id) -> None:
     async def go():
         async with obj.client() as fleet:
             op = await fleet.get_operation(op_id)
-        output.print_json(operation_dict(op)) if obj.json else print_operation(op)
+        output.emit(obj, op) if obj.machine else print_operation(op)
 
     go()
 
 
-@ops.command("watch")
-@click.argument("op_id")
-@click.pass_obj
-def ops_watch(obj, op_id) -> None:
-    """Follow an operation with a progress bar until it ends (exit 0 if it succeeded)."""
+@ops.command("watch", examples=["corral ops watch OP", "corral ops watch OP -o json   # only the final operation"])
+@click.argument("op_id", shell_complete=complete_operations)
+@click.pass_context
+def ops_watch(ctx, op_id) -> None:
+    """Follow an operation with a progress bar until it ends.
+
+    Exits 0 if it succeeded, 1 if it failed, 9 if it was cancelled.
+    """
+    obj = ctx.obj
 
     @run
     async def go():
         async with obj.client() as fleet:
-            return await watch_with_progress(fleet, op_id, obj.json)
+            return await watch_with_progress(fleet, op_id, obj)
 
-    sys.exit(go())
+    ctx.exit(go())
 
 
-@ops.command("cancel")
-@click.argument("op_id")
+@ops.command("cancel", examples=["corral ops cancel OP"])
+@click.argument("op_id", shell_complete=complete_operations)
 @click.pass_obj
 def ops_cancel(obj, op_id) -> None:
     """Ask an operation to stop where it is safe; it rolls back."""
@@ -186,6 +168,6 @@ def ops_cancel(obj, op_id) -> None:
     async def go():
         async with obj.client() as fleet:
             op = await fleet.cancel_operation(op_id)
-        output.print_json(operation_dict(op)) if obj.json else click.echo(f"cancel requested for {op.id} ({op.progress.phase})")
+        output.emit(obj, op) if obj.machine else click.echo(f"cancel requested for {op.id} ({op.progress.phase})")
 
     go()

@@ -1,85 +1,162 @@
-"""How the CLI prints: aligned tables for people, JSON for programs."""
+"""How the CLI prints: aligned tables for people; for programs, the API objects as JSON or YAML.
+
+Machine output has one path: `api_dict` of the API message (`MessageToDict` with the
+proto's own field names), so every field the API carries appears, including fields added
+later. On top of the protobuf JSON mapping, in this one place:
+- times (the double epoch-second fields: created_at, updated_at, last_heartbeat,
+  started_at, finished_at) are RFC 3339 strings in UTC, null when unset;
+- enum values are their short lowercase names (`running`, `ready`), as the tables show;
+- 64-bit integers are JSON numbers, not strings;
+- an operation's `params` and `result` values, JSON-encoded in the API, are decoded;
+- a node also carries `name` (its `facts.name`): every listed object has a `name`.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from typing import Any, Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from corral.model import Container, Node
-from corral.units import format_cpus, format_size
+import click
 
+if TYPE_CHECKING:
+    from corral.model import Container, Node
 
-def container_dict(ct: Container) -> dict[str, Any]:
-    return {
-        "name": ct.name,
-        "state": ct.state.value,
-        "node": ct.node,
-        "template": ct.template,
-        "ipv4": ct.network.ipv4,
-        "mac": ct.network.mac,
-        "storage": ct.storage,
-        "init_pid": ct.init_pid,
-        "limits": {
-            "memory_bytes": ct.limits.memory_bytes,
-            "cpu_millis": ct.limits.cpu_millis,
-            "cpu_shares": ct.limits.cpu_shares,
-            "pids_max": ct.limits.pids_max,
-            "disk_bytes": ct.limits.disk_bytes,
-        },
-        "created_at": ct.created_at,
-        "message": ct.message,
-    }
+TIME_FIELDS = frozenset({"created_at", "updated_at", "last_heartbeat", "started_at", "finished_at"})
+# Map fields whose values are JSON documents in the API.
+_JSON_VALUED = frozenset({"corral.v1.Operation.params", "corral.v1.Operation.result"})
 
 
-def node_dict(node: Node) -> dict[str, Any]:
-    f = node.facts
-    return {
-        "name": f.name,
-        "state": node.state.value,
-        "address": f.address,
-        "cpus": f.cpus,
-        "memory_bytes": f.memory_bytes,
-        "memory_available_bytes": f.memory_available_bytes,
-        "disk_bytes": f.disk_bytes,
-        "disk_free_bytes": f.disk_free_bytes,
-        "allocated": {"memory_bytes": node.allocated.memory_bytes, "cpu_millis": node.allocated.cpu_millis},
-        "containers": node.container_count,
-        "kernel": f.kernel,
-        "lxc_version": f.lxc_version,
-        "criu_version": f.criu_version,
-        "criu_ok": f.criu_ok,
-        "criu_detail": f.criu_detail,
-        "storage_drivers": list(f.storage_drivers),
-        "last_heartbeat": node.last_heartbeat,
-    }
+def rfc3339(epoch: float) -> str | None:
+    if not epoch:
+        return None
+    moment = datetime.fromtimestamp(epoch, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_message(value: Any):
+    """The API message for a domain object (messages pass through)."""
+    from corral.model import Container, Node
+
+    if isinstance(value, Container):
+        from corral.api.convert import container_to_pb
+
+        return container_to_pb(value)
+    if isinstance(value, Node):
+        from corral.api.convert import node_to_pb
+
+        return node_to_pb(value)
+    return value
+
+
+def api_dict(value: Any) -> Any:
+    """The API object of `value` (a message, a Container or Node, or a list of them) as
+    plain data; dicts and other plain values pass through unchanged."""
+    if isinstance(value, (list, tuple)):
+        return [api_dict(v) for v in value]
+    msg = to_message(value)
+    if not hasattr(msg, "DESCRIPTOR"):
+        return value
+    from google.protobuf.json_format import MessageToDict
+
+    data = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data = _message(msg.DESCRIPTOR, data)
+    if msg.DESCRIPTOR.full_name == "corral.v1.Node":
+        data = {"name": msg.facts.name, **data}
+    return data
+
+
+def _message(descriptor, data: dict) -> dict:
+    out = {}
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key)
+        out[key] = value if field is None else _field(field, value)
+    return out
+
+
+def _field(field, value: Any) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        value_field = field.message_type.fields_by_name["value"]
+        if field.full_name in _JSON_VALUED:
+            return {k: _json_value(v) for k, v in value.items()}
+        return {k: _scalar(value_field, v) for k, v in value.items()}
+    if field.is_repeated:
+        return [_scalar(field, v) for v in value]
+    return _scalar(field, value)
+
+
+def _scalar(field, value: Any) -> Any:
+    if field.type == field.TYPE_MESSAGE:
+        return _message(field.message_type, value)
+    if field.type == field.TYPE_ENUM:
+        return _enum_name(field.enum_type, value)
+    if field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64) and isinstance(value, str):
+        return int(value)
+    if field.type == field.TYPE_DOUBLE and field.name in TIME_FIELDS:
+        return rfc3339(float(value))
+    return value
+
+
+def _enum_name(enum_type, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    names = [v.name for v in enum_type.values]
+    prefix = next((n[: -len("UNSPECIFIED")] for n in names if n.endswith("_UNSPECIFIED")), "")
+    return value.removeprefix(prefix).lower()
+
+
+def _json_value(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def emit(obj, value: Any) -> None:
+    """Print `value` as the API object in the invocation's machine format (json or yaml)."""
+    data = api_dict(value)
+    if obj.format == "yaml":
+        import yaml
+
+        click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True), nl=False)
+    else:
+        import json
+
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    import json
+
+    click.echo(json.dumps(data, indent=2))
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, no_headers: bool = False) -> None:
+    """Aligned columns; with `no_headers` neither the header nor its rule (for awk and cut)."""
     from rich.console import Console
     from rich.table import Table, box
+    from rich.text import Text
 
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, show_header=not no_headers)
     for h in headers:
         table.add_column(h, no_wrap=True)
     for row in rows:
-        table.add_row(*[str(c) for c in row])
-    Console(width=200).print(table)
+        table.add_row(*[Text(str(c)) for c in row])
+    Console(width=200, file=sys.stdout).print(table)
 
 
 def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
-        print(f"{key + ':':<{width + 1}} {value}")
+        click.echo(f"{key + ':':<{width + 1}} {value}")
 
 
-def nodes_table(nodes: Sequence[Node]) -> None:
+def nodes_table(nodes: Sequence[Node], *, no_headers: bool = False) -> None:
+    from corral.units import format_size
+
     now = time.time()
     print_table(
         ["NAME", "STATE", "ADDRESS", "CPUS", "MEMORY", "ALLOCATED", "CONTAINERS", "CRIU", "LAST SEEN"],
@@ -97,10 +174,13 @@ def nodes_table(nodes: Sequence[Node]) -> None:
             ]
             for n in nodes
         ],
+        no_headers=no_headers,
     )
 
 
-def containers_table(containers: Sequence[Container]) -> None:
+def containers_table(containers: Sequence[Container], *, no_headers: bool = False) -> None:
+    from corral.units import format_cpus, format_size
+
     print_table(
         ["NAME", "STATE", "NODE", "TEMPLATE", "IPV4", "MEMORY", "CPUS"],
         [
@@ -115,4 +195,5 @@ def containers_table(containers: Sequence[Container]) -> None:
             ]
             for c in containers
         ],
+        no_headers=no_headers,
     )

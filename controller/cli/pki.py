@@ -6,17 +6,18 @@ from pathlib import Path
 
 import click
 
+from controller.cli.command import group
 from controller.cli.context import run
 
 
-@click.group()
+@group(examples=["corral pki init --dir pki", "corral pki issue --dir pki --role user --name alice"])
 def pki() -> None:
     """Certificates for mutual TLS between every part of the fleet."""
 
 
-@pki.command("init")
+@pki.command("init", examples=["corral pki init --dir /etc/corral/pki"])
 @click.option("--dir", "pki_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
-@click.option("--cn", default="Corral fleet CA", show_default=True, help="the CA's common name")
+@click.option("--cn", default="Corral fleet CA", help="the CA's common name")
 def pki_init(pki_dir: Path, cn: str) -> None:
     """Create the fleet CA in DIR (ca.crt, ca.key)."""
     from corral import pki as corral_pki
@@ -29,7 +30,11 @@ def pki_init(pki_dir: Path, cn: str) -> None:
     go()
 
 
-@pki.command("issue")
+@pki.command("issue", examples=[
+    "corral pki issue --dir pki --role controller --name controller --host 10.0.0.1",
+    "corral pki issue --dir pki --role agent --name n1 --host 10.0.0.5",
+    "corral pki issue --dir pki --role user --name alice",
+])
 @click.option("--dir", "pki_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
 @click.option("--role", type=click.Choice(["controller", "agent", "user"]), required=True)
 @click.option("--name", required=True, help="node name for agents, user name for users, 'controller' for the controller")

@@ -1,16 +1,16 @@
-"""Where the CLI finds the controller and its certificate."""
+"""Where the CLI finds the controller and its certificate: the chosen context of the CLI
+config (see controller/cli/contexts.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.cli.context import environ
-from corral.config import TlsFiles, load_document, parse_address
+from controller.cli.contexts import SYSTEM_CONFIG, ContextsFile, default_path, user_config
+from corral.config import TlsFiles, parse_address
 from corral.errors import ConfigError
 
-USER_CONFIG = Path.home() / ".config" / "corral" / "config.yaml"
-SYSTEM_CONFIG = Path("/etc/corral/cli.yaml")
+USER_CONFIG = Path.home() / ".config" / "corral" / "config.yaml"  # for messages; see contexts.user_config()
 
 
 @dataclass(frozen=True)
@@ -18,27 +18,27 @@ class CliSettings:
     controller: str
     tls: TlsFiles
     timeout: float
+    context: str = ""
 
     @classmethod
-    def load(cls, explicit: Path | None) -> "CliSettings":
-        path = explicit or _default_path()
-        doc = load_document(path)
-        doc.check_keys({"controller", "tls", "timeout"})
+    def load(cls, explicit: Path | None, context: str | None = None) -> "CliSettings":
+        """The settings of `context` (default: $CORRAL_CONTEXT, else the file's current one)
+        in the config file `explicit` (default: $CORRAL_CONFIG, the user's, the system's)."""
+        path = default_path(explicit)
+        if path is None:
+            raise ConfigError(
+                f"no CLI configuration: pass --config, set CORRAL_CONFIG, or create {user_config()} "
+                "(`corral lab up` adds a context for the local lab)"
+            )
+        config = ContextsFile.load(path)
+        name = config.pick(context)
+        section = config.section(name)
         return cls(
-            controller=doc.get("controller", str, parse=parse_address),
-            tls=TlsFiles.from_section(doc.section("tls")),
-            timeout=doc.get("timeout", float, 900.0),
+            controller=section.get("controller", str, parse=parse_address),
+            tls=TlsFiles.from_section(section.section("tls")),
+            timeout=section.get("timeout", float, 900.0),
+            context=name,
         )
 
 
-def _default_path() -> Path:
-    env = environ().get("CORRAL_CONFIG")
-    if env:
-        return Path(env)
-    for candidate in (USER_CONFIG, SYSTEM_CONFIG):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        f"no CLI configuration: pass --config, set CORRAL_CONFIG, or create {USER_CONFIG} "
-        "(`corral lab up` writes one for the local lab)"
-    )
+__all__ = ["CliSettings", "SYSTEM_CONFIG", "USER_CONFIG"]
