@@ -110,6 +110,7 @@ PROGRAMS: tuple[Program, ...] = (
     _p("unshare", "util-linux", LAB, roles=(LAB, TESTS)),
     _p("cat", "coreutils", LAB, roles=(LAB,)),
     _p("tc", "iproute2", TESTS, roles=(TESTS,)),
+    _p("ls", "coreutils", TESTS, roles=(TESTS,)),
     _p("python3", PYTHON_SOURCE, LAB, roles=(LAB, TESTS, BENCH)),  # the project's own interpreter (its venv)
     # Benchmarks: rsync over OpenSSH's sshd, next to the agent's own endpoint.
     _p("sshd", "openssh-server", BENCH, roles=(BENCH,)),

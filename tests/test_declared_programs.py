@@ -17,10 +17,13 @@ from corral.programs import UndeclaredProgram
 ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("agent", "controller", "corral", "lab", "bench", "tests")
 
-# Calls that run their first argument (a program name, or an argv list).
+# Calls that run a program, and which positional argument names it when it is a string
+# (an argv list among the arguments is always read): which("criu"), _lxc("lxc-info", name),
+# on_host(info, node, "sh", "-c", ...).
 SPAWNERS = {
-    "run", "create_subprocess_exec", "launch", "Popen", "check_output", "check_call", "execvp", "execv",
-    "_lxc", "_lvm", "host_command", "on_host", "which", "_binary", "host_argv", "_run_tool", "spawn", "find",
+    "run": 0, "create_subprocess_exec": 0, "launch": 0, "Popen": 0, "check_output": 0, "check_call": 0,
+    "execvp": 0, "execv": 0, "_lxc": 0, "_lvm": 0, "which": 0, "_binary": 0, "_run_tool": 0, "spawn": 0,
+    "find": 0, "host_command": 2, "host_argv": 1, "on_host": 2, "_on_host": 2,
 }  # fmt: skip
 PROGRAM_LIKE = re.compile(r"^(/[\w./+-]+|[a-z][a-z0-9._+-]*)$")
 
@@ -63,9 +66,9 @@ class ProgramScan(ast.NodeVisitor):
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
         if name in SPAWNERS and node.args:
-            first = _const(node.args[0])
-            if first:
-                self.found.add(first)
+            at = SPAWNERS[name]
+            if at < len(node.args) and (program := _const(node.args[at])) is not None:
+                self.found.add(program)
             for sub in ast.walk(node):
                 if isinstance(sub, ast.List):
                     self._argv(sub)
