@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -51,14 +52,21 @@ async def run(
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
-        raise DeadlineExceeded(f"{what or argv[0]} did not finish within {timeout:g} s") from None
+        raise DeadlineExceeded(f"{_named(argv, what)} did not finish within {timeout:g} s") from None
     except asyncio.CancelledError:
         _kill_group(proc.pid)
         raise
     done = Completed(tuple(argv), proc.returncode or 0, stdout, stderr)
     if check and done.returncode != 0:
-        raise RuntimeFailure(f"{what or argv[0]} failed (exit {done.returncode}): {done.output[-2000:]}")
+        raise RuntimeFailure(f"{_named(argv, what)} failed (exit {done.returncode}): {done.output[-2000:]}")
     return done
+
+
+def _named(argv: Sequence[str], what: str | None) -> str:
+    """The command as it was run (shortened), after what it was for."""
+    command = shlex.join(map(str, argv))
+    command = command if len(command) <= 240 else command[:237] + "..."
+    return f"{what}: `{command}`" if what else f"`{command}`"
 
 
 def _kill_group(pid: int) -> None:
