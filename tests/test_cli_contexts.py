@@ -233,3 +233,13 @@ def test_config_write_is_atomic(home, monkeypatch):
             config.use("staging")
     assert path.read_text() == before
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_context_names_complete(home):
+    from click.shell_completion import ShellComplete
+
+    two_contexts(home)
+    comp = ShellComplete(cli, {}, "corral", "_CORRAL_COMPLETE")
+    assert [c.value for c in comp.get_completions(["context", "use"], "")] == ["prod", "staging"]
+    assert [c.value for c in comp.get_completions(["--context"], "st")] == ["staging"]
+    assert [c.value for c in comp.get_completions(["ct", "ls", "--context"], "p")] == ["prod"]

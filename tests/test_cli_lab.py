@@ -71,6 +71,18 @@ async def test_local_storage_is_the_dir_driver(corral, cleanup, lab):
     assert (await corral.json("ct", "show", "loc1"))["node"] == "n2"
 
 
+async def test_api_callers_get_the_same_storage_names(fleet, cleanup):
+    from corral.errors import InvalidArgument
+
+    cleanup.append("api1")
+    created = await fleet.create_container("api1", "busybox", node="n1", storage="local")
+    assert created.storage == "dir"
+    with pytest.raises(InvalidArgument, match="unknown storage 'nfs'.*local, shared"):
+        await fleet.create_container("api2", "busybox", storage="nfs")
+    with pytest.raises(InvalidArgument, match="unknown template 'gentoo'"):
+        await fleet.create_container("api2", "gentoo")
+
+
 async def _cli(*args: str, env: dict[str, str]):
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "controller.cli.main", *args, env=env,

@@ -324,3 +324,33 @@ def test_help_is_quick():
             "print('HEAVY', heavy)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+class ExecFleet(FakeFleet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    async def exec(self, name, argv, *, env=None, stdin=b"", timeout=0):
+        from types import SimpleNamespace
+
+        self.calls.append((name, list(argv), dict(env or {}), timeout))
+        return SimpleNamespace(exit_code=3, stdout=b"out", stderr=b"")
+
+
+@pytest.mark.parametrize("args,argv,env,timeout,fmt", [
+    (["ct", "exec", "web1", "--", "ps", "-o", "pid"], ["ps", "-o", "pid"], {}, 0, "table"),
+    (["ct", "exec", "web1", "ps", "-o", "pid"], ["ps", "-o", "pid"], {}, 0, "table"),
+    (["ct", "exec", "-e", "A=1", "web1", "--timeout", "5", "sh", "-c", "x --timeout 9"], ["sh", "-c", "x --timeout 9"],
+     {"A": "1"}, 5, "table"),
+    (["ct", "exec", "web1", "-o", "json", "--", "true"], ["true"], {}, 0, "json"),
+    (["ct", "exec", "web1", "-o", "json", "ls", "-o"], ["ls", "-o"], {}, 0, "json"),
+])  # fmt: skip
+def test_exec_hands_the_command_its_own_options(monkeypatch, args, argv, env, timeout, fmt):
+    fake = ExecFleet()
+    monkeypatch.setattr(Ctx, "client", lambda self, timeout=None: fake)
+    code, out = corral(*args)
+    assert fake.calls == [("web1", argv, env, timeout)]
+    assert code == 3
+    if fmt == "json":
+        assert json.loads(out)["exit_code"] == 3

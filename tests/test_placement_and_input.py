@@ -66,7 +66,7 @@ async def test_unknown_node_template_and_container(corral):
     node = await corral("ct", "create", "nowhere", "-t", "busybox", "--node", "n9", check=False)
     assert node.returncode == 3 and "node 'n9' is not registered" in node.stderr
     template = await corral("ct", "create", "nowhere", "-t", "gentoo", check=False)
-    assert template.returncode == 2 and "unknown template 'gentoo'" in template.stderr
+    assert template.returncode == 2 and "'gentoo' is not one of 'busybox', 'debian'" in template.stderr
     missing = await corral("ct", "start", "never-made", check=False)
     assert missing.returncode == 3 and "does not exist" in missing.stderr
     unknown_node = await corral("node", "show", "n9", check=False)

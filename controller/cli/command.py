@@ -91,6 +91,38 @@ class CorralCommand(_Examples, click.Command):
         super().format_epilog(ctx, formatter)
 
 
+class PassThroughCommand(CorralCommand):
+    """A command whose last argument is another program's command line (`ct exec NAME CMD...`):
+    from the program's first word on, everything is the program's, as if `--` preceded it, so
+    `corral ct exec web1 ps -o pid` hands `-o pid` to ps, not to corral."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._separated(ctx, args))
+
+    def _separated(self, ctx: click.Context, args: list[str]) -> list[str]:
+        params = self.get_params(ctx)
+        takes_value = {opt for p in params if isinstance(p, click.Option) and not p.is_flag and not p.count
+                       for opt in (*p.opts, *p.secondary_opts)}  # fmt: skip
+        leading = 0  # the arguments before the program's (NAME)
+        for p in params:
+            if isinstance(p, click.Argument):
+                if p.nargs == -1:
+                    break
+                leading += 1
+        seen, i = 0, 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                return args
+            if arg.startswith("-") and arg != "-":
+                i += 2 if arg in takes_value else 1
+                continue
+            if seen == leading:
+                return [*args[:i], "--", *args[i:]]
+            seen, i = seen + 1, i + 1
+        return args
+
+
 class CorralGroup(_Examples, click.Group):
     """A group whose commands and subgroups are Corral's; with no subcommand it prints its
     help and exits 0."""

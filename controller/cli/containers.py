@@ -7,7 +7,7 @@ import sys
 import click
 
 from controller.cli import output
-from controller.cli.command import group
+from controller.cli.command import PassThroughCommand, group
 from controller.cli.completion import complete_containers, complete_nodes, complete_operations
 from controller.cli.context import run
 from controller.vocabulary import DEFAULT_STORAGE, STORAGE_NAMES, TEMPLATES
@@ -190,8 +190,9 @@ def ct_ls(obj, node) -> None:
     go()
 
 
-@ct.command("exec", context_settings={"ignore_unknown_options": True}, examples=[
+@ct.command("exec", cls=PassThroughCommand, context_settings={"ignore_unknown_options": True}, examples=[
     "corral ct exec web1 -- ps",
+    "corral ct exec web1 ps -o pid,comm         # -o is ps's: it comes after the command's first word",
     "corral ct exec web1 -e LANG=C -- sh -c 'echo $LANG'",
     "echo hello | corral ct exec web1 -i -- cat",
     "corral ct exec web1 --timeout 10 -- sleep 60   # killed after 10 s",
@@ -206,8 +207,8 @@ def ct_ls(obj, node) -> None:
 def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
     """Run a command in a running container: corral ct exec NAME -- CMD ARGS...
 
-    Exits with the command's exit code. Put the command after `--`, so that its own options
-    are not read as corral's.
+    Exits with the command's exit code. corral's options go before the command: from the
+    command's first word on, everything is the command's (`--` before it is optional).
     """
     obj = ctx.obj
     from corral.errors import InvalidArgument

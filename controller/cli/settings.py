@@ -6,11 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.cli.contexts import SYSTEM_CONFIG, ContextsFile, default_path, user_config
+from controller.cli.contexts import ContextsFile, default_path, user_config
 from corral.config import TlsFiles, parse_address
 from corral.errors import ConfigError
-
-USER_CONFIG = Path.home() / ".config" / "corral" / "config.yaml"  # for messages; see contexts.user_config()
 
 
 @dataclass(frozen=True)
@@ -40,5 +38,3 @@ class CliSettings:
             context=name,
         )
 
-
-__all__ = ["CliSettings", "SYSTEM_CONFIG", "USER_CONFIG"]
