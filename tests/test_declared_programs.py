@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent.host_facts import missing_programs
+from controller.scheduler.placement import PlacementPolicy, PlacementRequest, why_not
 from corral import proc, programs
+from corral.model import Limits, Node, NodeFacts, NodeState
 from corral.programs import UndeclaredProgram
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,3 +159,11 @@ def test_a_host_without_nft_reports_post_copy_unavailable(tmp_path):
     assert missing[programs.POST_COPY] == "nft not found (Debian package nftables)"
     assert programs.LIVE_MIGRATION not in missing and programs.CONTAINERS not in missing
     assert missing_programs(os.pathsep.join([str(tmp_path), programs.SEARCH_PATH])).get(programs.POST_COPY) is None
+
+
+def test_placement_says_why_a_nodes_storage_is_missing():
+    facts = NodeFacts(name="n1", address="10.0.0.1:7701", cpus=2, memory_bytes=1 << 30, disk_free_bytes=1 << 30,
+                      storage_drivers=("dir",), unavailable={"storage-image": "losetup not found (Debian package mount)"})  # fmt: skip
+    node = Node(facts=facts, state=NodeState.READY, last_heartbeat=0.0)
+    why = why_not(node, PlacementRequest("web1", Limits(), "", "image"), PlacementPolicy())
+    assert why == "no 'image' storage (losetup not found (Debian package mount))"

@@ -44,7 +44,8 @@ def why_not(node: Node, request: PlacementRequest, policy: PlacementPolicy) -> s
     if node.state != NodeState.READY:
         return f"node is {node.state.value}"
     if request.storage and facts.storage_drivers and request.storage not in facts.storage_drivers:
-        return f"no {request.storage!r} storage"
+        why = facts.unavailable.get(f"storage-{request.storage}")  # the agent's reason (corral/programs.py)
+        return f"no {request.storage!r} storage" + (f" ({why})" if why else "")
     memory_free = int(facts.memory_bytes * policy.memory_overcommit) - node.allocated.memory_bytes
     if want.memory_bytes > memory_free:
         return f"needs {format_size(want.memory_bytes)} memory, {format_size(max(memory_free, 0))} unallocated"
