@@ -291,6 +291,7 @@ def test_create_prints_no_spinner_when_not_a_terminal(fleet):
 
 
 def test_waiting_spinner_on_a_terminal(monkeypatch):
+    import asyncio
     import io
 
     from controller.cli import progress
@@ -299,18 +300,20 @@ def test_waiting_spinner_on_a_terminal(monkeypatch):
         def isatty(self):
             return True
 
+    async def wait(obj, seconds):
+        async with progress.waiting(obj, "the controller to create d1", hint="building the debian template"):
+            await asyncio.sleep(seconds)
+
     err = Tty()
     monkeypatch.setattr(sys, "stderr", err)
-    monkeypatch.setattr(progress, "HINT_AFTER", 0.0)
-    with progress.waiting(Ctx(), "the controller to create d1", hint="building the debian template"):
-        time.sleep(0.3)
+    monkeypatch.setattr(progress, "HINT_AFTER", 0.1)
+    asyncio.run(wait(Ctx(), 0.4))
     shown = err.getvalue()
     assert "waiting for the controller to create d1" in shown and "building the debian template" in shown
-    assert "0:00:0" in shown  # the elapsed time
+    assert "0:00:00" in shown  # the elapsed time
     err = Tty()
     monkeypatch.setattr(sys, "stderr", err)
-    with progress.waiting(Ctx(fmt="json"), "x"):
-        pass
+    asyncio.run(wait(Ctx(fmt="json"), 0))
     assert err.getvalue() == ""
 
 

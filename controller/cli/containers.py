@@ -88,9 +88,9 @@ def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_share
     async def go():
         limits = _limits(memory, cpus, cpu_shares, pids, disk)
         async with obj.client() as fleet:
-            what = f"the controller to place and create {name} ({template}{', then start it' if start else ''})"
-            hint = "the first debian container on a host builds its template: minutes" if template == "debian" else ""
-            with waiting(obj, what, hint=hint):
+            what = f"the controller to create {name} ({template})"
+            hint = "a host's first debian container builds the template: minutes" if template == "debian" else ""
+            async with waiting(obj, what, hint=hint):
                 created = await fleet.create_container(name, template, node=node, limits=limits, storage=storage,
                                                        start=start)  # fmt: skip
         if obj.machine:

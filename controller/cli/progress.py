@@ -1,37 +1,53 @@
 """A spinner for a long wait with nothing to measure (a `ct create` that builds its template):
-on a terminal, what the command waits for and for how long, on stderr; nothing otherwise."""
+on a terminal, how long the command has waited and for what, on stderr; nothing otherwise."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 import time
-from typing import Iterator
+from typing import AsyncIterator
 
 # A hint joins the line once the wait has lasted this long.
 HINT_AFTER = 5.0
+_FRAME = 0.1
 
 
-@contextlib.contextmanager
-def waiting(obj, what: str, *, hint: str = "") -> Iterator[None]:
-    """While the block runs: `⠋ waiting for WHAT  0:00:12` on stderr, when stderr is a
-    terminal and the output is for people; cleared at the end."""
+@contextlib.asynccontextmanager
+async def waiting(obj, what: str, *, hint: str = "") -> AsyncIterator[None]:
+    """While the block runs: `⠋ 0:00:12 waiting for WHAT` on stderr, when stderr is a terminal
+    and the output is for people; cleared at the end. Redrawn by a task of the command's own
+    event loop (no thread of rich's: the command's streams are the ones written)."""
     if obj.machine or not sys.stderr.isatty():
         yield
         return
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from datetime import timedelta
 
-    class _Hinted(TextColumn):
-        def render(self, task):
-            text = f"waiting for {what}"
-            if hint and time.monotonic() - started >= HINT_AFTER:
-                text += f" ({hint})"
-            self.text_format = text
-            return super().render(task)
+    from rich.progress import Progress, SpinnerColumn, TextColumn
 
     started = time.monotonic()
-    columns = (SpinnerColumn(), _Hinted(""), TimeElapsedColumn())
-    with Progress(*columns, console=Console(file=sys.stderr), transient=True) as spinner:
-        spinner.add_task(what, total=None)
-        yield
+
+    def text() -> str:
+        # One column, the time first: a narrow terminal crops the end of the line, never the time.
+        waited = time.monotonic() - started
+        late = hint and waited >= HINT_AFTER
+        return f"{timedelta(seconds=int(waited))} waiting for {what}" + (f" ({hint})" if late else "")
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}", markup=False))
+    with Progress(*columns, console=Console(file=sys.stderr), transient=True, auto_refresh=False) as spinner:
+        task = spinner.add_task(text(), total=None)
+
+        async def redraw() -> None:
+            while True:
+                spinner.update(task, description=text(), refresh=True)
+                await asyncio.sleep(_FRAME)
+
+        drawing = asyncio.get_running_loop().create_task(redraw())
+        try:
+            yield
+        finally:
+            drawing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drawing
