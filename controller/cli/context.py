@@ -44,10 +44,8 @@ class Ctx:
         return CliSettings.load(self.config_path, self.context)
 
     def client(self, timeout: float | None = None):
-        from controller.client import ControllerClient
-
         settings = self.settings()
-        return ControllerClient(settings.controller, settings.tls, settings.timeout if timeout is None else timeout)
+        return _client_factory(settings, settings.timeout if timeout is None else timeout)
 
 
 def environ() -> Mapping[str, str]:
@@ -64,14 +62,27 @@ def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
 
-# Replaced by a warm helper that runs commands on its own event loop (see `set_runtime`).
+def _new_client(settings, timeout: float):
+    from controller.client import ControllerClient
+
+    return ControllerClient(settings.controller, settings.tls, timeout)
+
+
+# Replaced by the warm helper (controller/cli/warm.py), which runs commands on its own event
+# loop, gives each invocation its environment and lends clients its open channels.
 _environ: Callable[[], Mapping[str, str]] = _process_environ
 _runner: Callable[[Coroutine[Any, Any, Any]], Any] = _run_coroutine
+_client_factory: Callable[[Any, float], Any] = _new_client
 
 
-def set_runtime(runner: Callable[[Coroutine[Any, Any, Any]], Any], env: Callable[[], Mapping[str, str]]) -> None:
-    global _runner, _environ
+def set_runtime(
+    runner: Callable[[Coroutine[Any, Any, Any]], Any],
+    env: Callable[[], Mapping[str, str]],
+    client_factory: Callable[[Any, float], Any] | None = None,
+) -> None:
+    global _runner, _environ, _client_factory
     _runner, _environ = runner, env
+    _client_factory = client_factory or _new_client
 
 
 def run(coro_fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:

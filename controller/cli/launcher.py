@@ -1,0 +1,259 @@
+"""The `corral` entry point: hands the command to the user's warm helper, or runs it here.
+
+A fresh Python process that imports grpcio pays ~200 ms before it sends a byte
+(interpreter, imports, TLS); this module imports only the standard library and
+passes the invocation (argv, cwd, environment, umask and its stdin/stdout/stderr
+file descriptors) over a unix socket to a per-user helper (controller.cli.warm)
+that has the CLI imported and its gRPC channels open, like OpenSSH's
+ControlMaster. The helper runs the command with this process's own descriptors
+and sends back the exit code; Ctrl-C here interrupts the command there.
+
+No helper answering: one is started in the background (detached) and this
+invocation runs in-process. `CORRAL_NO_HELPER=1` always runs in-process.
+The socket lives in a directory of the user's own, mode 0700 (CORRAL_RUNTIME_DIR,
+else $XDG_RUNTIME_DIR/corral, else /tmp/corral-UID), which is checked before use.
+A helper whose code differs from this one's (the build id: the package files'
+sizes and mtimes) answers "stale", exits, and is replaced.
+"""
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+PACKAGES = ("corral", "controller", "lab", "agent")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROTOCOL = 1
+
+# The helper's replies: a single byte, then for DONE a 4-byte exit code.
+RUNNING = b"R"  # the helper is running the command
+LOCAL = b"L"  # run it here (a command that works on local files or a process-wide setting)
+STALE = b"S"  # the helper runs other code: it is going away, start a new one
+DONE = b"X"
+# The launcher's messages after the request.
+INTERRUPT = b"I"
+
+HEADER = struct.Struct("!I")
+EXIT = struct.Struct("!i")
+
+
+class HelperUnusable(Exception):
+    """The runtime directory cannot be trusted; the reason is the message."""
+
+
+def runtime_dir(env=os.environ) -> str:
+    explicit = env.get("CORRAL_RUNTIME_DIR")
+    if explicit:
+        return explicit
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "corral")
+    return f"/tmp/corral-{os.getuid()}"
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create `path` 0700 if missing; refuse one that is not ours alone (a symlink, another
+    owner, group or world access): someone else could then answer in the helper's place."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise HelperUnusable(f"cannot create {path}: {exc.strerror}") from None
+    st = os.lstat(path)
+    if not _is_dir(st.st_mode):
+        raise HelperUnusable(f"{path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise HelperUnusable(f"{path} is owned by uid {st.st_uid}, not {os.getuid()}")
+    if st.st_mode & 0o077:
+        raise HelperUnusable(f"{path} has mode {st.st_mode & 0o777:04o}; it must be 0700")
+
+
+def _is_dir(mode: int) -> bool:
+    return (mode & 0o170000) == 0o040000
+
+
+def install_key() -> str:
+    """Which installation this is (several venvs or checkouts get a helper each)."""
+    return format(_crc(f"{sys.executable}\0{ROOT}"), "08x")
+
+
+def build_id() -> str:
+    """Changes whenever the installed code does: count, sizes and mtimes of the packages'
+    .py files (about a hundred stat calls) and of the interpreter and its site-packages."""
+    count, sizes, mtimes = 0, 0, 0
+    todo = [os.path.join(ROOT, p) for p in PACKAGES]
+    while todo:
+        try:
+            entries = os.scandir(todo.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.name.endswith(".py"):
+                    st = entry.stat()
+                    count += 1
+                    sizes += st.st_size
+                    mtimes += st.st_mtime_ns
+                elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+    extra = []
+    for path in (sys.executable, os.path.dirname(os.path.dirname(json.__file__)), _site_packages()):
+        try:
+            extra.append(os.stat(path).st_mtime_ns)
+        except (OSError, TypeError):
+            extra.append(0)
+    tag = os.environ.get("CORRAL_BUILD_TAG", "")  # set by packagers (or tests) to force a new helper
+    return f"{PROTOCOL}.{count}.{sizes}.{mtimes}.{'.'.join(map(str, extra))}{'.' + tag if tag else ''}"
+
+
+def _site_packages() -> str | None:
+    return next((p for p in sys.path if p.endswith("site-packages")), None)
+
+
+def _crc(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode())
+
+
+def socket_path(directory: str) -> str:
+    return os.path.join(directory, f"helper-{install_key()}.sock")
+
+
+def helper_disabled(env=os.environ) -> bool:
+    return env.get("CORRAL_NO_HELPER", "") not in ("", "0")
+
+
+def run_in_process() -> None:
+    from controller.cli.main import main as cli_main
+
+    cli_main()
+
+
+def main() -> None:
+    if helper_disabled():
+        return run_in_process()
+    try:
+        directory = runtime_dir()
+        ensure_private_dir(directory)
+    except HelperUnusable as exc:
+        sys.stderr.write(f"corral: warning: not using the helper: {exc}\n")
+        return run_in_process()
+    code = _via_helper(directory)
+    if code is None:
+        return run_in_process()
+    sys.exit(code)
+
+
+def _via_helper(directory: str) -> int | None:
+    """The command's exit code from the helper, or None to run it here."""
+    path = socket_path(directory)
+    build = build_id()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        start_helper(directory, path)
+        return None
+    with sock:
+        try:
+            _send_request(sock, build)
+            reply = _recv_exactly(sock, 1)
+        except OSError:
+            return None  # the helper went away before it took the command: nothing ran
+        if reply == RUNNING:
+            return _wait_done(sock)
+        if reply == STALE:
+            start_helper(directory, path)
+        return None  # LOCAL, STALE or a closed connection: nothing ran there
+
+
+def _send_request(sock: socket.socket, build: str) -> None:
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        term = None
+        for fd in (1, 2, 0):  # as rich and shutil look for a terminal's size
+            try:
+                term = list(os.get_terminal_size(fd))
+                break
+            except OSError:
+                continue
+        request = {
+            "build": build, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
+            "umask": umask, "term": term, "pid": os.getpid(),
+        }  # fmt: skip
+    except OSError as exc:  # e.g. the working directory was removed: let the in-process path report it
+        raise OSError(f"cannot describe this invocation: {exc}") from None
+    body = json.dumps(request).encode("utf-8", "surrogateescape")
+    data = HEADER.pack(len(body)) + body
+    sent = socket.send_fds(sock, [data], [0, 1, 2])
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def _wait_done(sock: socket.socket) -> int:
+    """Relay Ctrl-C to the helper (the command handles it there) until its exit code arrives."""
+
+    def interrupt(signum, frame):
+        try:
+            sock.send(INTERRUPT)
+        except OSError:
+            pass
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        reply = _recv_exactly(sock, 1 + EXIT.size)
+    except OSError:
+        reply = b""
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if len(reply) != 1 + EXIT.size or reply[:1] != DONE:
+        sys.stderr.write("corral: error: the corral helper ended while running the command; "
+                         "run it again with CORRAL_NO_HELPER=1 to see what happens\n")  # fmt: skip
+        return 1
+    return EXIT.unpack(reply[1:])[0]
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def start_helper(directory: str, path: str) -> None:
+    """Start a helper detached from this process: its own session, no terminal, stdio to
+    its log file. Double fork, so nothing is left for this process to reap."""
+    log = os.path.join(directory, f"helper-{install_key()}.log")
+    argv = [sys.executable, "-m", "controller.cli.warm", "--socket", path]
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        os.chdir("/")
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.closerange(3, 65536)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execv(sys.executable, argv)
+    finally:
+        os._exit(127)
+
+
+if __name__ == "__main__":
+    main()
