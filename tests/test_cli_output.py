@@ -357,3 +357,19 @@ def test_exec_hands_the_command_its_own_options(monkeypatch, args, argv, env, ti
     assert code == 3
     if fmt == "json":
         assert json.loads(out)["exit_code"] == 3
+
+
+def test_interrupted_watch_says_the_operation_continues(monkeypatch):
+    import asyncio
+    import signal
+
+    class Watching(FakeFleet):
+        async def watch_operation(self, op_id):
+            yield OPERATION
+            signal.raise_signal(signal.SIGINT)  # ^C: asyncio.run cancels the command's task
+            await asyncio.sleep(10)
+
+    monkeypatch.setattr(Ctx, "client", lambda self, timeout=None: Watching())
+    result = CliRunner().invoke(cli, ["ops", "watch", "op-1"], prog_name="corral")
+    assert result.exit_code == 130
+    assert "operation op-1 continues: `corral ops watch op-1`" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -62,7 +63,22 @@ def print_timings(op) -> None:
 async def watch_with_progress(fleet, op_id: str, obj) -> int:
     """Follow an operation to its end; a progress bar on a terminal, phase lines otherwise;
     the final operation as the API object with -o json|yaml."""
-    as_json = obj.machine
+    try:
+        last = await _follow(fleet, op_id, obj.machine)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # Nomad's wording: stopping the watch does not stop the operation.
+        click.echo(f"operation {op_id} continues: `corral ops watch {op_id}` to follow it, "
+                   f"`corral ops cancel {op_id}` to stop it", err=True)  # fmt: skip
+        raise
+    if obj.machine:
+        output.emit(obj, last)
+    else:
+        print_operation(last)
+    return _FAILED_EXIT.get(last.state, 0)
+
+
+async def _follow(fleet, op_id: str, as_json: bool):
+    """The operation at its end; progress on stderr meanwhile (none with `as_json`)."""
     last = None
     if as_json or not sys.stderr.isatty():
         phase = None
@@ -84,11 +100,7 @@ async def watch_with_progress(fleet, op_id: str, obj) -> int:
                 bar.update(task, description=p.phase or op.state, completed=p.bytes_done,
                            total=p.bytes_total or None)  # fmt: skip
     assert last is not None
-    if as_json:
-        output.emit(obj, last)
-    else:
-        print_operation(last)
-    return _FAILED_EXIT.get(last.state, 0)
+    return last
 
 
 @group(examples=["corral ops ls --active", "corral ops watch OP", "corral ops cancel OP"])
