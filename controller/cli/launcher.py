@@ -16,12 +16,12 @@ A helper whose code differs from this one's (the build id: the package files'
 sizes and mtimes) answers "stale", exits, and is replaced.
 """
 
-import json
 import os
-import signal
-import socket
-import struct
 import sys
+
+# The C modules, not socket/signal/struct/json: their Python wrappers cost ~8 ms of a ~30 ms start.
+import _signal
+import _socket
 
 PACKAGES = ("corral", "controller", "lab", "agent")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,8 +35,8 @@ DONE = b"X"
 # The launcher's messages after the request.
 INTERRUPT = b"I"
 
-HEADER = struct.Struct("!I")
-EXIT = struct.Struct("!i")
+HEADER_SIZE = 4  # the request's length, big-endian, then the request
+EXIT_SIZE = 4  # the exit code after DONE, big-endian, signed
 
 
 class HelperUnusable(Exception):
@@ -76,8 +76,10 @@ def _is_dir(mode: int) -> bool:
 
 
 def install_key() -> str:
-    """Which installation this is (several venvs or checkouts get a helper each)."""
-    return format(_crc(f"{sys.executable}\0{ROOT}"), "08x")
+    """Which installation this is (several venvs or checkouts get a helper each): the
+    identity of the code's directory and of the interpreter's own path (a venv's symlink)."""
+    root, exe = os.stat(ROOT), os.lstat(sys.executable)
+    return f"{root.st_ino:x}{exe.st_ino:x}"
 
 
 def build_id() -> str:
@@ -100,7 +102,7 @@ def build_id() -> str:
                 elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
                     todo.append(entry.path)
     extra = []
-    for path in (sys.executable, os.path.dirname(os.path.dirname(json.__file__)), _site_packages()):
+    for path in (sys.executable, os.path.dirname(os.__file__), _site_packages()):
         try:
             extra.append(os.stat(path).st_mtime_ns)
         except (OSError, TypeError):
@@ -111,12 +113,6 @@ def build_id() -> str:
 
 def _site_packages() -> str | None:
     return next((p for p in sys.path if p.endswith("site-packages")), None)
-
-
-def _crc(text: str) -> int:
-    import zlib
-
-    return zlib.crc32(text.encode())
 
 
 def socket_path(directory: str) -> str:
@@ -145,21 +141,22 @@ def main() -> None:
     code = _via_helper(directory)
     if code is None:
         return run_in_process()
-    sys.exit(code)
+    sys.stderr.flush()
+    os._exit(code)  # nothing of ours to tear down
 
 
 def _via_helper(directory: str) -> int | None:
     """The command's exit code from the helper, or None to run it here."""
     path = socket_path(directory)
     build = build_id()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError:
         sock.close()
         start_helper(directory, path)
         return None
-    with sock:
+    try:
         try:
             _send_request(sock, build)
             reply = _recv_exactly(sock, 1)
@@ -170,33 +167,55 @@ def _via_helper(directory: str) -> int | None:
         if reply == STALE:
             start_helper(directory, path)
         return None  # LOCAL, STALE or a closed connection: nothing ran there
+    finally:
+        sock.close()
 
 
-def _send_request(sock: socket.socket, build: str) -> None:
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        term = None
-        for fd in (1, 2, 0):  # as rich and shutil look for a terminal's size
-            try:
-                term = list(os.get_terminal_size(fd))
-                break
-            except OSError:
-                continue
-        request = {
-            "build": build, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
-            "umask": umask, "term": term, "pid": os.getpid(),
-        }  # fmt: skip
-    except OSError as exc:  # e.g. the working directory was removed: let the in-process path report it
-        raise OSError(f"cannot describe this invocation: {exc}") from None
-    body = json.dumps(request).encode("utf-8", "surrogateescape")
-    data = HEADER.pack(len(body)) + body
-    sent = socket.send_fds(sock, [data], [0, 1, 2])
+def encode_request(build: str, argv: list[bytes], cwd: bytes, env: dict[bytes, bytes], umask: int,
+                   term: tuple[int, int] | None, pid: int) -> bytes:  # fmt: skip
+    """NUL-separated fields (no argument or variable can hold a NUL), length first."""
+    fields = [build.encode(), cwd, str(umask).encode(), (f"{term[0]},{term[1]}" if term else "").encode(),
+              str(pid).encode(), str(len(argv)).encode(), *argv, *(k + b"=" + v for k, v in env.items())]  # fmt: skip
+    body = b"\0".join(fields)
+    return len(body).to_bytes(HEADER_SIZE, "big") + body
+
+
+def decode_request(body: bytes) -> dict:
+    fields = body.split(b"\0")
+    build, cwd, umask, term, pid, argc = fields[:6]
+    argc = int(argc)
+    argv = fields[6 : 6 + argc]
+    env = {}
+    for item in fields[6 + argc :]:
+        key, _, value = item.partition(b"=")
+        env[os.fsdecode(key)] = os.fsdecode(value)
+    cols_lines = term.decode().split(",") if term else None
+    return {
+        "build": build.decode(), "cwd": os.fsdecode(cwd), "umask": int(umask),
+        "term": [int(n) for n in cols_lines] if cols_lines else None, "pid": int(pid),
+        "argv": [os.fsdecode(a) for a in argv], "env": env,
+    }  # fmt: skip
+
+
+def _send_request(sock, build: str) -> None:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    term = None
+    for fd in (1, 2, 0):  # as rich and shutil look for a terminal's size
+        try:
+            term = tuple(os.get_terminal_size(fd))
+            break
+        except OSError:
+            continue
+    argv = [os.fsencode(a) for a in sys.argv[1:]]
+    data = encode_request(build, argv, os.fsencode(os.getcwd()), dict(os.environb), umask, term, os.getpid())
+    fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in (0, 1, 2))  # struct int[3]
+    sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
     if sent < len(data):
         sock.sendall(data[sent:])
 
 
-def _wait_done(sock: socket.socket) -> int:
+def _wait_done(sock) -> int:
     """Relay Ctrl-C to the helper (the command handles it there) until its exit code arrives."""
 
     def interrupt(signum, frame):
@@ -205,21 +224,21 @@ def _wait_done(sock: socket.socket) -> int:
         except OSError:
             pass
 
-    previous = signal.signal(signal.SIGINT, interrupt)
+    previous = _signal.signal(_signal.SIGINT, interrupt)
     try:
-        reply = _recv_exactly(sock, 1 + EXIT.size)
+        reply = _recv_exactly(sock, 1 + EXIT_SIZE)
     except OSError:
         reply = b""
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if len(reply) != 1 + EXIT.size or reply[:1] != DONE:
+        _signal.signal(_signal.SIGINT, previous)
+    if len(reply) != 1 + EXIT_SIZE or reply[:1] != DONE:
         sys.stderr.write("corral: error: the corral helper ended while running the command; "
                          "run it again with CORRAL_NO_HELPER=1 to see what happens\n")  # fmt: skip
         return 1
-    return EXIT.unpack(reply[1:])[0]
+    return int.from_bytes(reply[1:], "big", signed=True)
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def _recv_exactly(sock, size: int) -> bytes:
     data = b""
     while len(data) < size:
         chunk = sock.recv(size - len(data))
@@ -249,7 +268,7 @@ def start_helper(directory: str, path: str) -> None:
         os.dup2(out, 1)
         os.dup2(out, 2)
         os.closerange(3, 65536)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
         os.execv(sys.executable, argv)
     finally:
         os._exit(127)

@@ -32,7 +32,6 @@ import contextvars
 import ctypes
 import fcntl
 import io
-import json
 import os
 import signal
 import socket
@@ -441,24 +440,24 @@ class Helper:
         if uid != os.getuid():
             raise ValueError(f"peer pid {pid} runs as uid {uid}, not {os.getuid()}")
         data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
-        if not data:
+        if not data or len(fds) != 3:
             for fd in fds:
                 os.close(fd)
-            return None
-        if len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
+            if not data:
+                return None
             raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
-        while len(data) < launcher.HEADER.size:
-            data += conn.recv(1 << 16)
-        (size,) = launcher.HEADER.unpack(data[: launcher.HEADER.size])
-        body = data[launcher.HEADER.size :]
-        while len(body) < size:
-            chunk = conn.recv(size - len(body))
-            if not chunk:
-                raise ValueError("request cut short")
-            body += chunk
-        return Invocation(conn, json.loads(body), fds)
+        try:
+            while len(data) < launcher.HEADER_SIZE:
+                data += _recv_some(conn)
+            size = int.from_bytes(data[: launcher.HEADER_SIZE], "big")
+            body = data[launcher.HEADER_SIZE :]
+            while len(body) < size:
+                body += _recv_some(conn)
+            return Invocation(conn, launcher.decode_request(body), fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
 
     def _verdict(self, inv: Invocation) -> bytes:
         if inv.build != self.build:
@@ -498,7 +497,7 @@ class Helper:
                 _log(f"ran for pid {inv.pid}: {' '.join(inv.argv)} -> exit {code} ({ms:.1f} ms)")
             if not inv.client_gone:
                 try:
-                    inv.conn.sendall(launcher.DONE + launcher.EXIT.pack(code))
+                    inv.conn.sendall(launcher.DONE + code.to_bytes(launcher.EXIT_SIZE, "big", signed=True))
                 except OSError:
                     pass
             self.loop.call_soon_threadsafe(self._ended, inv)
@@ -630,6 +629,13 @@ class Helper:
             channel = secure_channel(settings.controller, tls, server_name="controller")
             self.channels[key] = channel
         return _BorrowedClient(settings.controller, timeout, channel)
+
+
+def _recv_some(conn: socket.socket) -> bytes:
+    chunk = conn.recv(1 << 16)
+    if not chunk:
+        raise ValueError("request cut short")
+    return chunk
 
 
 class _Raise:
