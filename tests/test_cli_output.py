@@ -373,3 +373,39 @@ def test_interrupted_watch_says_the_operation_continues(monkeypatch):
     result = CliRunner().invoke(cli, ["ops", "watch", "op-1"], prog_name="corral")
     assert result.exit_code == 130
     assert "operation op-1 continues: `corral ops watch op-1`" in result.output
+
+
+def test_watch_progress_bar_on_a_terminal(monkeypatch):
+    """The bar is drawn by the command's own event loop (no rich thread), then the operation."""
+    import io
+    import threading
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+        def write(self, s):
+            assert threading.current_thread() is threading.main_thread(), "written from another thread"
+            return super().write(s)
+
+    class Watching(FakeFleet):
+        async def watch_operation(self, op_id):
+            import asyncio
+
+            for done in (0, 5, 10):
+                op = pb.Operation()
+                op.CopyFrom(OPERATION)
+                op.progress.phase, op.progress.bytes_done = "transfer", done
+                yield op
+                await asyncio.sleep(0.15)
+
+    import asyncio
+
+    from controller.cli.operations import watch_with_progress
+
+    err, out = Tty(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert asyncio.run(watch_with_progress(Watching(), "op-1", Ctx())) == 0
+    assert "transfer" in err.getvalue() and "10 bytes" in err.getvalue()
+    assert "state:     succeeded" in out.getvalue()

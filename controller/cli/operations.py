@@ -91,14 +91,20 @@ async def _follow(fleet, op_id: str, as_json: bool):
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                    TimeRemainingColumn, TransferSpeedColumn)  # fmt: skip
 
-        with Progress(TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), TimeRemainingColumn(), transient=False) as bar:  # fmt: skip
+        from rich.console import Console
+
+        from controller.cli.progress import redrawn
+
+        with Progress(TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=Console(file=sys.stderr), transient=False,
+                      auto_refresh=False) as bar:  # fmt: skip
             task = bar.add_task("starting", total=None)
-            async for op in fleet.watch_operation(op_id):
-                last = op
-                p = op.progress
-                bar.update(task, description=p.phase or op.state, completed=p.bytes_done,
-                           total=p.bytes_total or None)  # fmt: skip
+            async with redrawn(bar):
+                async for op in fleet.watch_operation(op_id):
+                    last = op
+                    p = op.progress
+                    bar.update(task, description=p.phase or op.state, completed=p.bytes_done,
+                               total=p.bytes_total or None)  # fmt: skip
     assert last is not None
     return last
 

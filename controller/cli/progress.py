@@ -17,8 +17,7 @@ _FRAME = 0.1
 @contextlib.asynccontextmanager
 async def waiting(obj, what: str, *, hint: str = "") -> AsyncIterator[None]:
     """While the block runs: `⠋ 0:00:12 waiting for WHAT` on stderr, when stderr is a terminal
-    and the output is for people; cleared at the end. Redrawn by a task of the command's own
-    event loop (no thread of rich's: the command's streams are the ones written)."""
+    and the output is for people; cleared at the end."""
     if obj.machine or not sys.stderr.isatty():
         yield
         return
@@ -38,16 +37,26 @@ async def waiting(obj, what: str, *, hint: str = "") -> AsyncIterator[None]:
     columns = (SpinnerColumn(), TextColumn("{task.description}", markup=False))
     with Progress(*columns, console=Console(file=sys.stderr), transient=True, auto_refresh=False) as spinner:
         task = spinner.add_task(text(), total=None)
-
-        async def redraw() -> None:
-            while True:
-                spinner.update(task, description=text(), refresh=True)
-                await asyncio.sleep(_FRAME)
-
-        drawing = asyncio.get_running_loop().create_task(redraw())
-        try:
+        async with redrawn(spinner, lambda: spinner.update(task, description=text())):
             yield
-        finally:
-            drawing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drawing
+
+
+@contextlib.asynccontextmanager
+async def redrawn(progress, before=lambda: None) -> AsyncIterator[None]:
+    """Redraw a rich Progress made with `auto_refresh=False` every frame, from a task of the
+    command's event loop: rich's own refresh thread would not write to the streams of a
+    command run by the warm helper (a thread does not inherit the invocation's context)."""
+
+    async def redraw() -> None:
+        while True:
+            before()
+            progress.refresh()
+            await asyncio.sleep(_FRAME)
+
+    drawing = asyncio.get_running_loop().create_task(redraw())
+    try:
+        yield
+    finally:
+        drawing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drawing
