@@ -1,7 +1,7 @@
 """The local lab: several Corral hosts on one machine, as network namespaces.
 
 Public API (all async unless noted):
-    lab_up(name="demo", nodes=3, base_dir=None, write_cli_config=None, *, wait_ready=True) -> LabInfo
+    lab_up(name="demo", nodes=3, base_dir=None, *, wait_ready=True) -> LabInfo
     lab_down(name="demo", base_dir=None) -> None          idempotent, works without lab.json
     lab_status(name="demo", base_dir=None) -> LabInfo | None
     lab_cli_config(name, base_dir=None) -> Path           (sync)

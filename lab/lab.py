@@ -59,7 +59,6 @@ async def lab_up(
     name: str = "demo",
     nodes: int = 3,
     base_dir: Path | None = None,
-    write_cli_config: Path | None = None,
     *,
     wait_ready: bool = True,
     ready_timeout: float = readiness.READY_TIMEOUT,
@@ -79,7 +78,7 @@ async def lab_up(
     log.info("lab up", lab=name, nodes=nodes, base_dir=str(base))
     try:
         async with state_lock(base):
-            await _create(state, paths, write_cli_config)
+            await _create(state, paths)
         if wait_ready:
             await _wait_ready(state, paths, ready_timeout)
     except BaseException as e:
@@ -112,7 +111,7 @@ async def _ensure_absent(name: str, paths: LabPaths) -> None:
             f"processes of lab {name} are running (pids {', '.join(map(str, procs))}); {hint}")
 
 
-async def _create(state: LabState, paths: LabPaths, write_cli_config: Path | None) -> None:
+async def _create(state: LabState, paths: LabPaths) -> None:
     name = state.name
     for d in (paths.base_dir, paths.pki_dir, paths.controller_dir, paths.shared_dir, TEMPLATE_CACHE):
         d.mkdir(parents=True, exist_ok=True)
@@ -150,9 +149,7 @@ async def _create(state: LabState, paths: LabPaths, write_cli_config: Path | Non
     for h in state.hosts:
         configs.write_yaml(paths.host(h.index).config, configs.agent_config(paths, net, h.index))
     cli = configs.cli_config(paths, net)
-    configs.write_yaml(paths.cli_config, cli)
-    if write_cli_config is not None:
-        configs.write_yaml(Path(write_cli_config).expanduser(), cli)
+    configs.write_yaml(paths.cli_config, cli)  # the CLI adds it as a context of the user's config
 
     state.controller_pid = await spawn_controller(paths)
     state.save(paths.state_file)
