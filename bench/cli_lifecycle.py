@@ -10,6 +10,7 @@ interleaved repetitions, the five lifecycle steps (create, start, exec
     controller  the controller's gRPC API, from this process, warm mTLS channel
     corral      the `corral` command, spawn to reap (what a user waits for)
     corral-nohelper   the same with CORRAL_NO_HELPER=1 (always in-process)
+    corral-alt  another installation's `corral` (--alt-corral PATH, e.g. a wheel installed in a venv)
     incus       `incus` (privileged container) where it is installed and --incus-image exists
 
 and prints min/median/max per step, then a breakdown of each step's median:
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 OPS = ("create", "start", "exec_true", "stop_force", "destroy")
-ALL_SYSTEMS = ("raw", "agent", "controller", "corral", "corral-nohelper", "incus")
+ALL_SYSTEMS = ("raw", "agent", "controller", "corral", "corral-nohelper", "corral-alt", "incus")
 BASE = "cbench-base"  # the raw twin's source container
 # The raw and agent-API containers use one fixed address (one runs at a time), outside the
 # controller's range (.100-.250), so they never clash with containers the controller placed.
@@ -194,7 +195,8 @@ class Outer:
         self.args = args
         self.info = info
         self.node = info.hosts[0].node
-        self.corral = str(Path(sys.executable).with_name("corral"))
+        self.corral = args.corral_bin or str(Path(sys.executable).with_name("corral"))
+        self.alt_corral = args.alt_corral
         self.env = dict(os.environ, CORRAL_CONFIG=str(info.cli_config))
         self.env.pop("CORRAL_NO_HELPER", None)
         self.env_nohelper = dict(self.env, CORRAL_NO_HELPER="1")
@@ -208,7 +210,7 @@ class Outer:
         self.client = ControllerClient(self.settings.controller, self.settings.tls, timeout=120)
         await self.client.list_nodes()
 
-    def cli_argv(self, op: str, name: str) -> list[str]:
+    def cli_argv(self, op: str, name: str, binary: str | None = None) -> list[str]:
         tail = {
             "create": ["ct", "create", name, "--template", "busybox", "--node", self.node],
             "start": ["ct", "start", name],
@@ -217,7 +219,7 @@ class Outer:
             "destroy": ["ct", "destroy", name],
             "cleanup": ["ct", "destroy", "--force", name],
         }[op]
-        return [self.corral, *tail]
+        return [binary or self.corral, *tail]
 
     def incus_argv(self, op: str, name: str) -> list[str]:
         return {
@@ -255,7 +257,8 @@ class Outer:
         if system == "incus":
             return await asyncio.to_thread(timed_run, self.incus_argv(op, name), self.env)
         env = self.env_nohelper if system == "corral-nohelper" else self.env
-        return await asyncio.to_thread(timed_run, self.cli_argv(op, name), env)
+        binary = self.alt_corral if system == "corral-alt" else None
+        return await asyncio.to_thread(timed_run, self.cli_argv(op, name, binary), env)
 
     def incus_ready(self) -> bool:
         if not self.incus:
@@ -350,6 +353,15 @@ def breakdown(samples: dict, fixed: dict, channel: dict) -> dict:
               f"{f(row['cli_helper'], 11)} {f(corral, 8)} {f(incus, 7)}")  # fmt: skip
     print("  agent = agent API - raw; contr. = controller API - agent API; CLI = command wall time - controller API;")
     print("  rest = click, config, exit (grpc shutdown) and what the table does not name.")
+    print("\ntargets (medians): corral faster than Incus; stretch: within 50 ms of raw lxc-*")
+    for op in OPS:
+        row = rows[op]
+        corral, incus, raw = row["corral"], row["incus"], row["raw_tool"]
+        if corral is None:
+            continue
+        vs_incus = "-" if incus is None else f"{corral - incus:+.1f} ms vs Incus ({'faster' if corral < incus else 'SLOWER'})"
+        vs_raw = "-" if raw is None else f"{corral - raw:+.1f} ms vs raw ({'within 50' if corral - raw <= 50 else 'over 50'})"
+        print(f"  {op:<11} corral {corral:6.1f}  {vs_incus:<34} {vs_raw}")
     return {"fixed_ms": {"interpreter": interp, "cli_imports": imports, "launcher_import": launcher, "tls_first_call": tls},
             "per_op_ms": rows}  # fmt: skip
 
@@ -370,6 +382,8 @@ async def outer(args) -> int:
     for s in systems:
         if s not in ALL_SYSTEMS:
             raise SystemExit(f"unknown system {s!r} (known: {', '.join(ALL_SYSTEMS)})")
+    if "corral-alt" in systems and not args.alt_corral:
+        systems.remove("corral-alt")
     if "incus" in systems and not bench.incus_ready():
         print(f"incus or its image {args.incus_image!r} is not here: leaving it out", file=sys.stderr)
         systems.remove("incus")
@@ -431,6 +445,8 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="leave the lab up if this run brought it up")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {', '.join(ALL_SYSTEMS)}")
     p.add_argument("--incus-image", default="bench-busybox", help="Incus image alias to create from")
+    p.add_argument("--corral-bin", help="the `corral` to time (default: the one beside this Python)")
+    p.add_argument("--alt-corral", help="another `corral` to time beside it, as system corral-alt")
     p.add_argument("--settle", type=float, default=0.2, help="seconds to wait after each start (default 0.2)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     for opt in ("--agent", "--node", "--pki", "--lxc-path", "--raw-path", "--subnet-gateway"):
