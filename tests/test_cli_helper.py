@@ -234,6 +234,21 @@ def test_a_stale_helper_is_replaced(runtime):
     assert len(served(runtime)) == 2
 
 
+def test_another_home_gets_a_helper_of_its_own(runtime, tmp_path):
+    """HOME (like proxies and gRPC settings) is read once per process: a helper started from a
+    shell with another HOME must not stand in the way of, nor serve, invocations with this one."""
+    other = env_for(runtime, HOME=str(tmp_path))
+    first = warm(runtime, other)
+    assert launch(runtime, "--version", env=other).returncode == 0
+    assert launch(runtime, "--version").returncode == 0  # starts its own helper, runs in-process
+    deadline = time.monotonic() + 20
+    while len(helper_pids(runtime)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first in helper_pids(runtime) and len(helper_pids(runtime)) == 2
+    assert launch(runtime, "--version").returncode == 0
+    assert len(served(runtime)) == 2  # one in each helper
+
+
 @pytest.mark.parametrize("problem", ["mode", "owner", "symlink"])
 def test_an_untrustworthy_runtime_dir_is_refused(tmp_path, problem):
     d = tmp_path / "run"

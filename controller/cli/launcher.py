@@ -35,6 +35,12 @@ DONE = b"X"
 # The launcher's messages after the request.
 INTERRUPT = b"I"
 
+# Read once per process (by grpc's C core, Python itself or at import time): invocations that
+# differ in these get helpers of their own (the socket's name carries a hash of them).
+PROCESS_ENV = ("HOME", "PYTHONPATH", "PYTHONHOME", "PYTHONIOENCODING", "PYTHONUTF8", "SSL_CERT_FILE", "SSL_CERT_DIR",
+               "http_proxy", "https_proxy", "no_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")  # fmt: skip
+PROCESS_ENV_PREFIXES = ("GRPC_", "CORRAL_HELPER")
+
 HEADER_SIZE = 4  # the request's length, big-endian, then the request
 EXIT_SIZE = 4  # the exit code after DONE, big-endian, signed
 
@@ -115,8 +121,26 @@ def _site_packages() -> str | None:
     return next((p for p in sys.path if p.endswith("site-packages")), None)
 
 
-def socket_path(directory: str) -> str:
-    return os.path.join(directory, f"helper-{install_key()}.sock")
+def is_process_wide(key: str) -> bool:
+    return key in PROCESS_ENV or key.startswith(PROCESS_ENV_PREFIXES)
+
+
+def process_env(env) -> dict:
+    return {k: v for k, v in env.items() if is_process_wide(k)}
+
+
+def _fnv1a(data: bytes) -> int:
+    h = 0x811C9DC5
+    for byte in data:
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def socket_path(directory: str, env=os.environ) -> str:
+    """One helper per installation and per value of the process-wide variables."""
+    wide = "\0".join(f"{k}={v}" for k, v in sorted(process_env(env).items()))
+    key = f"{install_key()}-{_fnv1a(wide.encode('utf-8', 'surrogateescape')):08x}"
+    return os.path.join(directory, f"helper-{key}.sock")
 
 
 def helper_disabled(env=os.environ) -> bool:
@@ -251,7 +275,7 @@ def _recv_exactly(sock, size: int) -> bytes:
 def start_helper(directory: str, path: str) -> None:
     """Start a helper detached from this process: its own session, no terminal, stdio to
     its log file. Double fork, so nothing is left for this process to reap."""
-    log = os.path.join(directory, f"helper-{install_key()}.log")
+    log = path[: -len(".sock")] + ".log"
     argv = [sys.executable, "-m", "controller.cli.warm", "--socket", path]
     pid = os.fork()
     if pid:

@@ -16,11 +16,13 @@ with the process-wide things a command reads made per-invocation:
   KeyboardInterrupt in the command (cancelling its coroutine first), as a
   signal would in-process.
 
-Invocations it does not run (the launcher runs them in-process instead): those
-of another build (the helper then exits and a new one is started), those whose
-environment differs in what is read once per process (HOME, proxies, gRPC and
-Python settings), and the commands that work on local files or processes
-(`lab`, `pki`). It exits after CORRAL_HELPER_IDLE seconds (default 600) without work.
+Invocations whose environment differs in what a process reads once (HOME,
+proxies, gRPC and Python settings: launcher.PROCESS_ENV) go to helpers of their
+own (the socket's name carries a hash of those values). Invocations it does not
+run (the launcher runs them in-process instead): those of another build (the
+helper then exits and a new one is started), and the commands that work on
+local files or processes (`lab`, `pki`). It exits after CORRAL_HELPER_IDLE
+seconds (default 600) without work.
 """
 
 from __future__ import annotations
@@ -50,11 +52,6 @@ IDLE_SECONDS = 600.0
 # Commands run by the launcher itself: they work on local files and processes (relative
 # paths, subprocesses inheriting the environment), where the helper would differ.
 LOCAL_COMMANDS = frozenset({"lab", "pki"})
-# Read once per process (by grpc's C core, Python or at import time): a different value
-# means the helper would not behave as a fresh process; such invocations run in-process.
-PROCESS_ENV = ("HOME", "PYTHONPATH", "PYTHONHOME", "PYTHONIOENCODING", "PYTHONUTF8", "SSL_CERT_FILE", "SSL_CERT_DIR",
-               "http_proxy", "https_proxy", "no_proxy", "grpc_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")  # fmt: skip
-PROCESS_ENV_PREFIXES = ("GRPC_", "CORRAL_HELPER")
 CLONE_FS = 0x00000200
 
 _SO_PEERCRED = struct.Struct("3i")
@@ -325,7 +322,7 @@ class Helper:
         self.last_active = time.monotonic()
         self.stopping = False
         self.channels: dict[tuple, Any] = {}
-        self.process_env = {k: v for k, v in os.environ.items() if _process_wide(k)}
+        self.process_env = launcher.process_env(os.environ)
         self.verbose = bool(os.environ.get("CORRAL_HELPER_VERBOSE"))
         self._libc = ctypes.CDLL(None, use_errno=True)
 
@@ -464,7 +461,7 @@ class Helper:
             return launcher.STALE
         if self.stopping:
             return launcher.LOCAL
-        if {k: v for k, v in inv.env.items() if _process_wide(k)} != self.process_env:
+        if launcher.process_env(inv.env) != self.process_env:  # (its socket's name says they agree)
             return launcher.LOCAL
         if _top_command(inv.argv[1:]) in LOCAL_COMMANDS:
             return launcher.LOCAL
@@ -688,10 +685,6 @@ _log_lock = threading.Lock()
 def _log(message: str) -> None:
     with _log_lock:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=_log_stream, flush=True)
-
-
-def _process_wide(key: str) -> bool:
-    return key in PROCESS_ENV or key.startswith(PROCESS_ENV_PREFIXES)
 
 
 def _top_command(args: list[str]) -> str | None:
