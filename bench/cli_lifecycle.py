@@ -23,6 +23,13 @@ and a new channel's TLS set-up and first call.
 
 Writes JSON to bench/results/. For repeated single commands, `hyperfine`
 (Debian package) is a handy cross-check but is not needed.
+
+What the helper leaves of a command's cost is mostly a fresh interpreter
+(`corral --version` through the helper takes about as long as `python -c pass`).
+Two things of the machine weigh on that: an editable install (`pip install -e`)
+adds a .pth finder that imports pathlib at every start (~15 ms here; compare
+--alt-corral with a wheel installed in a venv), and PYTHONDONTWRITEBYTECODE=1
+makes Python compile the launcher (and, in-process, the whole CLI) at every run.
 """
 
 from __future__ import annotations
@@ -270,9 +277,10 @@ class Outer:
 
     def fixed_costs(self, reps: int) -> dict[str, list[float]]:
         py = sys.executable
-        out: dict[str, list[float]] = {"interpreter": [], "interpreter+imports": [], "launcher": []}
+        out: dict[str, list[float]] = {"interpreter": [], "interpreter -S": [], "interpreter+imports": [], "launcher": []}
         for _ in range(reps):
             out["interpreter"].append(timed_run([py, "-c", "pass"], self.env)["ms"])
+            out["interpreter -S"].append(timed_run([py, "-S", "-c", "pass"], self.env)["ms"])
             out["interpreter+imports"].append(timed_run([py, "-c", "import controller.cli.main"], self.env)["ms"])
             launcher = timed_run([py, "-c", "import controller.cli.launcher"], self.env)
             if launcher["ok"]:  # the light entry point, where this version has one
@@ -320,7 +328,8 @@ def breakdown(samples: dict, fixed: dict, channel: dict) -> dict:
     tls = statistics.median(channel["new_channel_first_call"]) - statistics.median(channel["warm_call"])
     rows = {}
     print("\nbreakdown of the medians (ms): each layer's own share of the step")
-    print(f"  fresh process: interpreter {interp:.1f}, CLI imports {imports:.1f} "
+    nosite = statistics.median(fixed["interpreter -S"])
+    print(f"  fresh process: interpreter {interp:.1f} (without site and its .pth files: {nosite:.1f}), CLI imports {imports:.1f} "
           f"(launcher module alone {launcher if launcher is None else round(launcher, 1)}), new channel TLS + first call {tls:.1f}")  # fmt: skip
     header = f"{'op':<11} {'raw tool':>9} {'agent':>7} {'contr.':>7} {'CLI in-proc':>12} {'= interp':>9} " \
              f"{'+imports':>9} {'+TLS':>6} {'+rest':>7} {'CLI helper':>11} {'corral':>8} {'incus':>7}"  # fmt: skip
@@ -362,7 +371,8 @@ def breakdown(samples: dict, fixed: dict, channel: dict) -> dict:
         vs_incus = "-" if incus is None else f"{corral - incus:+.1f} ms vs Incus ({'faster' if corral < incus else 'SLOWER'})"
         vs_raw = "-" if raw is None else f"{corral - raw:+.1f} ms vs raw ({'within 50' if corral - raw <= 50 else 'over 50'})"
         print(f"  {op:<11} corral {corral:6.1f}  {vs_incus:<34} {vs_raw}")
-    return {"fixed_ms": {"interpreter": interp, "cli_imports": imports, "launcher_import": launcher, "tls_first_call": tls},
+    return {"fixed_ms": {"interpreter": interp, "interpreter_nosite": nosite, "cli_imports": imports,
+                         "launcher_import": launcher, "tls_first_call": tls},
             "per_op_ms": rows}  # fmt: skip
 
 

@@ -152,6 +152,26 @@ def test_launcher_imports_only_the_standard_library():
     assert not heavy & set(modules), heavy & set(modules)
 
 
+def test_threads_a_command_starts_write_to_its_streams():
+    import threading
+
+    from controller.cli import warm
+
+    warm.inherit_invocation_in_threads()
+    seen = []
+    token = warm._current.set("an invocation")
+    try:
+        thread = threading.Thread(target=lambda: seen.append(warm._current.get()))
+        thread.start()
+        thread.join()
+    finally:
+        warm._current.reset(token)
+    outside = threading.Thread(target=lambda: seen.append(warm._current.get()))
+    outside.start()
+    outside.join()
+    assert seen == ["an invocation", None]
+
+
 def test_first_call_starts_a_helper_and_the_second_uses_it(runtime):
     first = launch(runtime, "--help")
     assert first.returncode == 0 and "Usage: corral" in first.stdout
@@ -242,7 +262,7 @@ def test_another_home_gets_a_helper_of_its_own(runtime, tmp_path):
     assert launch(runtime, "--version", env=other).returncode == 0
     assert launch(runtime, "--version").returncode == 0  # starts its own helper, runs in-process
     deadline = time.monotonic() + 20
-    while len(helper_pids(runtime)) < 2 and time.monotonic() < deadline:
+    while (len(helper_pids(runtime)) < 2 or len(list(runtime.glob("helper-*.sock"))) < 2) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert first in helper_pids(runtime) and len(helper_pids(runtime)) == 2
     assert launch(runtime, "--version").returncode == 0

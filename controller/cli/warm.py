@@ -338,6 +338,7 @@ class Helper:
         os.environ = _EnvironProxy(os.environ)
         sys.argv = _ArgvProxy(list(sys.argv))
         context.set_runtime(self.run_coroutine, lambda: os.environ, self.client)
+        inherit_invocation_in_threads()
 
     def listen(self) -> None:
         try:
@@ -463,7 +464,7 @@ class Helper:
             return launcher.LOCAL
         if launcher.process_env(inv.env) != self.process_env:  # (its socket's name says they agree)
             return launcher.LOCAL
-        if _top_command(inv.argv[1:]) in LOCAL_COMMANDS:
+        if LOCAL_COMMANDS & set(inv.argv) and _top_command(inv.argv[1:]) in LOCAL_COMMANDS:
             return launcher.LOCAL
         return launcher.RUNNING
 
@@ -638,6 +639,24 @@ def _recv_some(conn: socket.socket) -> bytes:
 class _Raise:
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
+
+
+def inherit_invocation_in_threads() -> None:
+    """A thread a command starts (rich's refresh thread, a worker pool's) writes to that
+    command's streams: it runs in a copy of the starting thread's context, as asyncio.to_thread
+    does (a new thread otherwise starts with an empty one, i.e. the helper's own streams)."""
+    start = threading.Thread.start
+    if getattr(start, "_corral_inherits", False):
+        return
+
+    def start_in_context(self, *args, **kwargs):
+        if _current.get() is not None:
+            context, run = contextvars.copy_context(), self.run
+            self.run = lambda: context.run(run)
+        return start(self, *args, **kwargs)
+
+    start_in_context._corral_inherits = True
+    threading.Thread.start = start_in_context
 
 
 def _borrowed_client_class():
