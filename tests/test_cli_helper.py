@@ -152,6 +152,21 @@ def test_launcher_imports_only_the_standard_library():
     assert not heavy & set(modules), heavy & set(modules)
 
 
+@pytest.mark.parametrize("args,local", [
+    (["ct", "exec", "-i", "web1", "--", "cat"], True),
+    (["--config", "c.yaml", "ct", "exec", "--interactive", "web1", "cat"], True),
+    (["ct", "exec", "web1", "--", "cat", "-i"], False),  # the command's own -i
+    (["lab", "up"], True),
+    (["-o", "json", "pki", "init", "--dir", "d"], True),
+    (["--context", "lab", "ct", "ls"], False),
+    (["ct", "ls"], False),
+])  # fmt: skip
+def test_which_commands_the_launcher_runs_itself(args, local):
+    from controller.cli import warm
+
+    assert warm._runs_locally(args) is local
+
+
 def test_threads_a_command_starts_write_to_its_streams():
     import threading
 
@@ -353,4 +368,4 @@ async def test_ct_exec_through_the_helper_passes_the_exit_code(lab, corral, clea
     assert (alone.returncode, alone.stdout, alone.stderr) == (42, "out\n", "err\n")
     stdin = await asyncio.to_thread(launch, runtime, "ct", "exec", "-i", name, "--", "cat", env=env, input="hello\n")
     assert stdin.returncode == 0 and stdin.stdout == "hello\n"
-    assert len(served(runtime)) == 2
+    assert len(served(runtime)) == 1  # `-i` reads stdin in its coroutine: in-process, not on the shared loop

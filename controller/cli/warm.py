@@ -52,6 +52,7 @@ IDLE_SECONDS = 600.0
 # Commands run by the launcher itself: they work on local files and processes (relative
 # paths, subprocesses inheriting the environment), where the helper would differ.
 LOCAL_COMMANDS = frozenset({"lab", "pki"})
+STDIN_HINTS = frozenset({"exec"})  # argv words worth a closer look for a command that reads stdin
 CLONE_FS = 0x00000200
 
 _SO_PEERCRED = struct.Struct("3i")
@@ -464,7 +465,7 @@ class Helper:
             return launcher.LOCAL
         if launcher.process_env(inv.env) != self.process_env:  # (its socket's name says they agree)
             return launcher.LOCAL
-        if LOCAL_COMMANDS & set(inv.argv) and _top_command(inv.argv[1:]) in LOCAL_COMMANDS:
+        if (LOCAL_COMMANDS | STDIN_HINTS) & set(inv.argv) and _runs_locally(inv.argv[1:]):
             return launcher.LOCAL
         return launcher.RUNNING
 
@@ -706,16 +707,38 @@ def _log(message: str) -> None:
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=_log_stream, flush=True)
 
 
-def _top_command(args: list[str]) -> str | None:
-    """The top-level command an argv names, as click parses it (global options may come first)."""
+def _runs_locally(args: list[str]) -> bool:
+    """A `lab` or `pki` command, or one told to read its standard input (`ct exec -i`): that read
+    happens in the command's coroutine, which here runs on the shared loop and would hold up
+    every other invocation until the input ends. Parsed as click parses it."""
     from controller.cli.main import cli
 
+    path, params = _resolve(cli, args)
+    return bool(path and path[0] in LOCAL_COMMANDS) or bool(params.get("interactive"))
+
+
+def _resolve(group, args: list[str]) -> tuple[list[str], dict]:
+    """The command path an argv names and the leaf command's parameters (no callbacks run)."""
+    import click
+
+    path: list[str] = []
+    parent = None
+    command, name = group, "corral"
     try:
-        with cli.make_context("corral", list(args), resilient_parsing=True) as ctx:
-            protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
-            return protected[0] if protected else None
+        while True:
+            ctx = command.make_context(name, list(args), parent=parent, resilient_parsing=True)
+            if not isinstance(command, click.Group):
+                return path, ctx.params
+            rest = (ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args) + ctx.args
+            if not rest:
+                return path, ctx.params
+            name, command, args = command.resolve_command(ctx, rest)
+            if command is None:
+                return path, {}
+            path.append(name)
+            parent = ctx
     except Exception:
-        return None
+        return path, {}
 
 
 def _invoke() -> int:
