@@ -30,7 +30,7 @@ LAUNCHER = [sys.executable, "-m", "controller.cli.launcher"]
 
 class FakeController(controller_pb2_grpc.ControllerServiceServicer):
     """GetContainer answers with the name asked for; names starting with `slow` take 0.6 s,
-    `hang` ten seconds (to be interrupted)."""
+    `hang` ten seconds (to be interrupted), `big` come with a 300 kB note."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -46,7 +46,9 @@ class FakeController(controller_pb2_grpc.ControllerServiceServicer):
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        return container_to_pb(Container(name=request.name, node="n1", template="busybox", state=ContainerState.STOPPED))
+        message = "x" * 300_000 if request.name.startswith("big") else ""
+        return container_to_pb(Container(name=request.name, node="n1", template="busybox", state=ContainerState.STOPPED,
+                                         message=message))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +252,26 @@ async def test_concurrent_invocations_each_get_their_own_output(runtime, control
         assert shown == [name], done.stdout
     assert took < 0.6 * len(names), f"not concurrent: {took:.2f} s"
     assert len(served(runtime)) == len(names)
+
+
+async def test_a_client_that_does_not_read_holds_up_only_its_own_command(runtime, controller):
+    """A pager that is not read from: the command's output waits, the others run."""
+    await asyncio.to_thread(warm, runtime)
+    stuck = await asyncio.create_subprocess_exec(
+        *LAUNCHER, "--config", str(controller.config), "ct", "show", "big1", env=env_for(runtime),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while controller.calls == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # its output has filled the pipe by now
+    other = await asyncio.wait_for(asyncio.to_thread(launch, runtime, "--config", str(controller.config), "ct", "show",
+                                                     "web3"), 10)  # fmt: skip
+    assert other.returncode == 0 and "web3" in other.stdout
+    out, err = await asyncio.wait_for(stuck.communicate(), 10)
+    assert stuck.returncode == 0, err
+    assert out.decode().count("x") >= 300_000
+    assert len(served(runtime)) == 2
 
 
 def test_a_stale_helper_is_replaced(runtime):

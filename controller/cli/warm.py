@@ -35,6 +35,7 @@ import ctypes
 import fcntl
 import io
 import os
+import queue
 import signal
 import socket
 import struct
@@ -85,11 +86,12 @@ class Invocation:
             self.env.setdefault("COLUMNS", str(term[0]))
             self.env.setdefault("LINES", str(term[1]))
 
-    def open_streams(self) -> None:
+    def open_streams(self, loop_thread: threading.Thread) -> None:
         unbuffered = bool(self.env.get("PYTHONUNBUFFERED"))
+        self.pump = _Pump(loop_thread)
         self.stdin = _text_stream(self.fds[0], "r", "strict", unbuffered=False)
-        self.stdout = _text_stream(self.fds[1], "w", "strict", unbuffered)
-        self.stderr = _text_stream(self.fds[2], "w", "backslashreplace", unbuffered, line=True)
+        self.stdout = _text_stream(self.fds[1], "w", "strict", unbuffered, pump=self.pump)
+        self.stderr = _text_stream(self.fds[2], "w", "backslashreplace", unbuffered, line=True, pump=self.pump)
 
     def close_streams(self) -> None:
         for stream in (self.stdout, self.stderr):
@@ -98,6 +100,8 @@ class Invocation:
                     stream.flush()
                 except (OSError, ValueError):
                     pass
+        if getattr(self, "pump", None) is not None:
+            self.pump.stop()
         for stream in (self.stdin, self.stdout, self.stderr):
             if stream is not None:
                 try:
@@ -112,15 +116,102 @@ class Invocation:
                     pass
 
 
-def _text_stream(fd: int, mode: str, errors: str, unbuffered: bool, line: bool = False) -> io.TextIOWrapper:
-    """As Python makes sys.stdin/stdout/stderr for a fresh process (UTF-8)."""
+def _text_stream(fd: int, mode: str, errors: str, unbuffered: bool, line: bool = False,
+                 pump: "_Pump | None" = None) -> io.TextIOWrapper:  # fmt: skip
+    """As Python makes sys.stdin/stdout/stderr for a fresh process (UTF-8); output goes
+    through the invocation's pump (see _Pump)."""
     isatty = os.isatty(fd)
-    if mode == "w" and unbuffered:
-        binary = io.FileIO(fd, "w", closefd=True)
+    if mode == "w":
+        raw = _PumpedWriter(fd, pump, isatty)
+        binary = raw if unbuffered else io.BufferedWriter(raw)
     else:
-        binary = open(fd, mode + "b", closefd=True)
+        binary = open(fd, "rb", closefd=True)
     return io.TextIOWrapper(binary, encoding="utf-8", errors=errors, line_buffering=line or (mode == "w" and isatty),
                             write_through=mode == "w" and unbuffered)  # fmt: skip
+
+
+class _Pump:
+    """Writes a command makes from the shared loop's thread (its coroutine) are handed to a
+    thread of the invocation's own, in order: a client that does not read (a pager, a terminal
+    stopped with ^S) then blocks that command only, never the loop the others run on. Writes from
+    the command's own thread wait for what is queued, then write directly (order is kept)."""
+
+    def __init__(self, loop_thread: threading.Thread) -> None:
+        self.loop_thread = loop_thread
+        self.queue: "queue.Queue[tuple[int, bytes] | None]" = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.error: OSError | None = None
+
+    def on_loop(self) -> bool:
+        return threading.current_thread() is self.loop_thread
+
+    def put(self, fd: int, data: bytes) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="corral-output", daemon=True)
+            self.thread.start()
+        self.queue.put((fd, data))
+
+    def drain(self) -> None:
+        if self.thread is not None:
+            self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    try:
+                        _write_all(*item)
+                    except OSError as exc:
+                        self.error = exc
+            finally:
+                self.queue.task_done()
+
+
+class _PumpedWriter(io.RawIOBase):
+    def __init__(self, fd: int, pump: _Pump, isatty: bool) -> None:
+        self.fd = fd
+        self.pump = pump
+        self._isatty = isatty
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def isatty(self) -> bool:
+        return self._isatty
+
+    def write(self, b) -> int:
+        data = bytes(b)
+        if self.pump.on_loop():
+            self.pump.put(self.fd, data)
+        else:
+            self.pump.drain()
+            _write_all(self.fd, data)
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            os.close(self.fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 _current: contextvars.ContextVar[Invocation | None] = contextvars.ContextVar("corral_invocation", default=None)
@@ -317,6 +408,7 @@ class Helper:
         self.build = build
         self.idle = idle
         self.loop = asyncio.new_event_loop()
+        self.loop_thread = threading.current_thread()  # serve() runs the loop in this thread
         self.listener: socket.socket | None = None
         self.active: set[Invocation] = set()
         self.connections = 0  # accepted and not yet answered to the end
@@ -477,7 +569,7 @@ class Helper:
         try:
             inv.conn.sendall(launcher.RUNNING)
             self._own_fs(inv)
-            inv.open_streams()
+            inv.open_streams(self.loop_thread)
             token = _current.set(inv)
             try:
                 code = _invoke()
