@@ -169,6 +169,20 @@ def test_which_commands_the_launcher_runs_itself(args, local):
     assert warm._runs_locally(args) is local
 
 
+async def test_the_borrowed_client_has_what_a_client_has(tls_dir):
+    """The helper's client on a shared channel sets the attributes ControllerClient.__init__ sets
+    (a new one there must be given here too)."""
+    from controller.cli import warm
+    from controller.client import ControllerClient
+
+    tls = TlsFiles(tls_dir / "ca.crt", tls_dir / "user-admin.crt", tls_dir / "user-admin.key")
+    async with ControllerClient("127.0.0.1:1", tls, 5.0) as normal:
+        borrowed = warm._borrowed_client_class()("127.0.0.1:1", 5.0, normal.channel, normal.stub)
+        assert set(vars(borrowed)) == set(vars(normal))
+        await borrowed.__aexit__(None, None, None)
+        assert normal.channel.get_state() is not grpc.ChannelConnectivity.SHUTDOWN  # left open
+
+
 def test_threads_a_command_starts_write_to_its_streams():
     import threading
 

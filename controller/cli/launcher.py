@@ -204,23 +204,6 @@ def encode_request(build: str, argv: list[bytes], cwd: bytes, env: dict[bytes, b
     return len(body).to_bytes(HEADER_SIZE, "big") + body
 
 
-def decode_request(body: bytes) -> dict:
-    fields = body.split(b"\0")
-    build, cwd, umask, term, pid, argc = fields[:6]
-    argc = int(argc)
-    argv = fields[6 : 6 + argc]
-    env = {}
-    for item in fields[6 + argc :]:
-        key, _, value = item.partition(b"=")
-        env[os.fsdecode(key)] = os.fsdecode(value)
-    cols_lines = term.decode().split(",") if term else None
-    return {
-        "build": build.decode(), "cwd": os.fsdecode(cwd), "umask": int(umask),
-        "term": [int(n) for n in cols_lines] if cols_lines else None, "pid": int(pid),
-        "argv": [os.fsdecode(a) for a in argv], "env": env,
-    }  # fmt: skip
-
-
 def _send_request(sock, build: str) -> None:
     umask = os.umask(0o022)
     os.umask(umask)

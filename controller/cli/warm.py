@@ -544,7 +544,7 @@ class Helper:
             body = data[launcher.HEADER_SIZE :]
             while len(body) < size:
                 body += _recv_some(conn)
-            return Invocation(conn, launcher.decode_request(body), fds)
+            return Invocation(conn, decode_request(body), fds)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -709,8 +709,10 @@ class Helper:
 
         from corral.api.tls import secure_channel
 
+        from corral.v1 import controller_pb2_grpc
+
         key = (settings.controller, files)
-        channel = self.channels.get(key)
+        channel, stub = self.channels.get(key, (None, None))
         if channel is not None and channel.get_state() in (grpc.ChannelConnectivity.TRANSIENT_FAILURE,
                                                            grpc.ChannelConnectivity.SHUTDOWN):  # fmt: skip
             # A fresh process would dial again at once, not wait out the channel's back-off.
@@ -718,8 +720,27 @@ class Helper:
             channel = None
         if channel is None:
             channel = secure_channel(settings.controller, tls, server_name="controller")
-            self.channels[key] = channel
-        return _BorrowedClient(settings.controller, timeout, channel)
+            stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            self.channels[key] = (channel, stub)
+        return _BorrowedClient(settings.controller, timeout, channel, stub)
+
+
+def decode_request(body: bytes) -> dict:
+    """What launcher.encode_request wrote."""
+    fields = body.split(b"\0")
+    build, cwd, umask, term, pid, argc = fields[:6]
+    argc = int(argc)
+    argv = fields[6 : 6 + argc]
+    env = {}
+    for item in fields[6 + argc :]:
+        key, _, value = item.partition(b"=")
+        env[os.fsdecode(key)] = os.fsdecode(value)
+    cols_lines = term.decode().split(",") if term else None
+    return {
+        "build": build.decode(), "cwd": os.fsdecode(cwd), "umask": int(umask),
+        "term": [int(n) for n in cols_lines] if cols_lines else None, "pid": int(pid),
+        "argv": [os.fsdecode(a) for a in argv], "env": env,
+    }  # fmt: skip
 
 
 def _recv_some(conn: socket.socket) -> bytes:
@@ -754,16 +775,15 @@ def inherit_invocation_in_threads() -> None:
 
 def _borrowed_client_class():
     from controller.client import ControllerClient
-    from corral.v1 import controller_pb2_grpc
 
     class BorrowedClient(ControllerClient):
         """A ControllerClient on the helper's channel: closing it leaves the channel open."""
 
-        def __init__(self, address: str, timeout: float, channel) -> None:
+        def __init__(self, address: str, timeout: float, channel, stub) -> None:
             self.address = address
             self.timeout = timeout
             self.channel = channel
-            self.stub = controller_pb2_grpc.ControllerServiceStub(channel)
+            self.stub = stub  # made once per channel
 
         async def __aexit__(self, *exc) -> None:
             pass
