@@ -186,18 +186,18 @@ async def test_the_borrowed_client_has_what_a_client_has(tls_dir):
 def test_threads_a_command_starts_write_to_its_streams():
     import threading
 
-    from controller.cli import warm
+    from controller.cli import invocation
 
-    warm.inherit_invocation_in_threads()
+    invocation.inherit_invocation_in_threads()
     seen = []
-    token = warm._current.set("an invocation")
+    token = invocation._current.set("an invocation")
     try:
-        thread = threading.Thread(target=lambda: seen.append(warm._current.get()))
+        thread = threading.Thread(target=lambda: seen.append(invocation._current.get()))
         thread.start()
         thread.join()
     finally:
-        warm._current.reset(token)
-    outside = threading.Thread(target=lambda: seen.append(warm._current.get()))
+        invocation._current.reset(token)
+    outside = threading.Thread(target=lambda: seen.append(invocation._current.get()))
     outside.start()
     outside.join()
     assert seen == ["an invocation", None]
