@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import time
@@ -30,6 +31,7 @@ from corral.names import validate_name
 
 log = structlog.get_logger("corral.agent.containers")
 
+_TOMBSTONE = ".destroying"  # beside the records: a destroy whose volume is still being removed
 DEFAULT_STOP_TIMEOUT = 30
 DEFAULT_EXEC_TIMEOUT = 300
 MAX_EXEC_TIMEOUT = 24 * 3600
@@ -55,6 +57,7 @@ class ContainerManager:
         self.template_cache = template_cache
         self.cgroups = cgroups
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._removing: set[asyncio.Task] = set()  # volumes of destroyed containers being removed
 
     # -- queries ---------------------------------------------------------
 
@@ -180,17 +183,50 @@ class ContainerManager:
             return self._container(record, ContainerState.STOPPED, 0)
 
     async def destroy(self, name: str, *, force: bool) -> None:
-        async with self._locks[name]:
+        """A local volume is removed after the reply (its rmtree is most of a destroy): the
+        container is gone once its config and record are, a tombstone written first finishes the
+        removal after a crash (`reconcile`), and the container's lock is held until the volume is
+        gone, so a create of the same name waits for it. A shared volume is released at once."""
+        lock = self._locks[name]
+        await lock.acquire()
+        handed_over = False
+        try:
             record = self._record(name)
             status = await self.runtime.status(name)
             if status.state != ContainerState.STOPPED:
                 if not force:
                     raise FailedPrecondition(f"container {name!r} is {status.state.value}; stop it first or use --force")
                 await self.runtime.stop(name, force=True, timeout=10)
-            await self.storages[record.storage].destroy_volume(name)
+            driver = self.storages[record.storage]
+            if driver.shared:
+                await driver.destroy_volume(name)
+            else:
+                await asyncio.to_thread(_write_durably, self._tombstone(name), record.storage)
             await asyncio.to_thread(shutil.rmtree, self.runtime.container_dir(name), True)
             await asyncio.to_thread(self.records.delete, name)
+            if not driver.shared:
+                task = asyncio.get_running_loop().create_task(self._remove_volume(name, driver, lock))
+                self._removing.add(task)
+                task.add_done_callback(self._removing.discard)
+                handed_over = True
             log.info("container destroyed", container=name)
+        finally:
+            if not handed_over:
+                lock.release()
+
+    def _tombstone(self, name: str) -> Path:
+        return self.records.dir / f"{name}{_TOMBSTONE}"
+
+    async def _remove_volume(self, name: str, driver: StorageDriver, lock: asyncio.Lock | None = None) -> None:
+        """The last step of a destroy: the volume, then its tombstone."""
+        try:
+            await driver.destroy_volume(name)
+            await asyncio.to_thread(self._tombstone(name).unlink, True)
+        except Exception as exc:  # the tombstone stays: the next agent start tries again
+            log.error("removing a destroyed container's volume failed", container=name, error=str(exc))
+        finally:
+            if lock is not None:
+                lock.release()
 
     async def exec(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
@@ -299,7 +335,16 @@ class ContainerManager:
             await driver.attach(name, generation)
 
     async def reconcile(self) -> list[Container]:
-        """On agent start: take stock of what runs; LXC containers we never made are left alone."""
+        """On agent start: finish the destroys a crash interrupted, take stock of what runs;
+        LXC containers we never made are left alone."""
+        for tombstone in sorted(self.records.dir.glob(f"*{_TOMBSTONE}")):
+            name = tombstone.name[: -len(_TOMBSTONE)]
+            driver = self.storages.get(tombstone.read_text().strip())
+            log.warning("finishing the destroy of a container", container=name)
+            await asyncio.to_thread(shutil.rmtree, self.runtime.container_dir(name), True)
+            await asyncio.to_thread(self.records.delete, name)
+            if driver is not None:
+                await self._remove_volume(name, driver)
         known = {r.name for r in self.records.all()}
         for stray in set(self.runtime.names()) - known:
             log.warning("LXC container without a corral record left alone", container=stray)
@@ -314,6 +359,15 @@ class ContainerManager:
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
