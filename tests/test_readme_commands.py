@@ -66,6 +66,7 @@ async def test_every_readme_command_runs_against_a_lab(lab, corral, tmp_path):
     config.write_text(yaml.safe_dump({"current-context": f"lab-{lab.name}", "contexts": context}))
     env = {k: v for k, v in os.environ.items() if k not in ("CORRAL_CONFIG", "CORRAL_CONTEXT")}
     env["HOME"] = str(tmp_path)
+    env["CORRAL_HELPER_IDLE"] = "5"  # the warm helper these commands start (one per HOME) ends soon after
     ran = []
     try:
         for command in table_commands(text) + quick_start_commands(text):
