@@ -199,7 +199,10 @@ class LabPaths:
 
     # Everything the lab itself puts in base_dir; lab_down removes only these,
     # so a mistaken base_dir never loses anything else.
-    OWNED_ENTRIES = ("lab.json", "lab.json.tmp", "pki", "controller", "shared", "hosts", "hostns", "cli.yaml")
+    # What lab down removes: what lab up makes, the debian template build's log, and the lock
+    # file the CLI leaves beside cli.yaml when a context of it is changed.
+    OWNED_ENTRIES = ("lab.json", "lab.json.tmp", "pki", "controller", "shared", "hosts", "hostns", "cli.yaml",
+                     ".cli.yaml.lock", "template-debian.log")
 
     def host(self, index: int) -> HostPaths:
         node = node_name(index)
