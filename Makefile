@@ -35,6 +35,7 @@ test: setup
 bench: venv
 	CORRAL_SETUP_ROLES="agent lab tests bench" bash deploy/setup-host.sh
 	$(PY) bench/agent_vs_lxc.py
+	$(PY) bench/cli_lifecycle.py
 
 lab-down:
 	$(VENV)/bin/corral lab down --name demo
