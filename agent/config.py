@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.config import TlsFiles, load_document, parse_address
+from corral.log import parse_level
 from corral.names import validate_name
 
 
@@ -54,7 +55,7 @@ class AgentConfig:
             bridge=doc.get("bridge", str, "br0"),
             tls=TlsFiles.from_section(doc.section("tls")),
             heartbeat_interval=heartbeat,
-            log_level=doc.get("log_level", str, "info"),
+            log_level=doc.get("log_level", str, "info", parse=parse_level),
             transfer_port=doc.get("transfer_port", int, 7702, parse=_port),
         )
 

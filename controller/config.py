@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from controller.network.ipam import AddressPool
 from controller.scheduler.placement import PlacementPolicy
 from corral.config import TlsFiles, load_document, parse_address
+from corral.log import parse_level
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class ControllerConfig:
             )
         except Exception as exc:  # ConfigError without a line: give it one
             raise net.error(None, str(exc)) from None
-        timeout = doc.get("heartbeat_timeout", float, 5.0)
+        _check_addresses(net, addresses)
+        timeout = doc.get("heartbeat_timeout", float, 5.0, parse=_finite)
         interval = doc.get("heartbeat_interval", float, 1.0)
         if not 0 < interval < timeout:
             raise doc.error("heartbeat_timeout", "must be longer than heartbeat_interval")
@@ -57,8 +60,9 @@ class ControllerConfig:
         if placement is not None:
             placement.check_keys({"cpu_overcommit", "memory_overcommit"})
             policy = PlacementPolicy(
-                cpu_overcommit=placement.get("cpu_overcommit", float, policy.cpu_overcommit),
-                memory_overcommit=placement.get("memory_overcommit", float, policy.memory_overcommit),
+                cpu_overcommit=placement.get("cpu_overcommit", float, policy.cpu_overcommit, parse=_overcommit),
+                memory_overcommit=placement.get("memory_overcommit", float, policy.memory_overcommit,
+                                                parse=_overcommit),  # fmt: skip
             )
         return cls(
             listen=tuple(listen),
@@ -68,5 +72,34 @@ class ControllerConfig:
             heartbeat_interval=interval,
             addresses=addresses,
             placement=policy,
-            log_level=doc.get("log_level", str, "info"),
+            log_level=doc.get("log_level", str, "info", parse=parse_level),
         )
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+def _overcommit(value: float) -> float:
+    # .inf/.nan would crash placement later; 0 or less would refuse every request.
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a finite number above 0 (a multiple of the node's capacity), got {value}")
+    return value
+
+
+def _check_addresses(net, pool: AddressPool) -> None:
+    """What AddressPool.parse lets through: a gateway off the subnet, and (from a /30 down) a
+    range that takes in the network or broadcast address, which no container can use."""
+    subnet = pool.subnet
+    special = {subnet.network_address, subnet.broadcast_address} if subnet.prefixlen < 31 else set()
+    if pool.gateway is not None:
+        if pool.gateway not in subnet:
+            raise net.error("gateway", f"{pool.gateway} is not inside the subnet {subnet}")
+        if pool.gateway in special:
+            raise net.error("gateway", f"{pool.gateway} is the network or broadcast address of {subnet}")
+    for key, address in (("range_start", pool.first), ("range_end", pool.last)):
+        if address in special:
+            raise net.error(key, f"{address} is the network or broadcast address of {subnet}: "
+                                 "containers cannot use it")  # fmt: skip

@@ -7,6 +7,16 @@ import sys
 
 import structlog
 
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_level(value: str) -> str:
+    """A config file's log_level: one of LEVELS (any case), else ValueError (FILE:LINE there)."""
+    level = value.strip().lower() if isinstance(value, str) else ""
+    if level not in LEVELS:
+        raise ValueError(f"unknown log level {value!r} (one of: {', '.join(LEVELS)})")
+    return level
+
 
 def configure(json_output: bool, level: str = "info", stream=None) -> None:
     stream = stream or sys.stderr
@@ -20,7 +30,7 @@ def configure(json_output: bool, level: str = "info", stream=None) -> None:
     renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, parse_level(level).upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
