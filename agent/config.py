@@ -41,10 +41,16 @@ class AgentConfig:
             raise doc.error("heartbeat_interval", "must be between 0.05 and 60 seconds")
         shared = doc.get("shared_dir", str, None)
         volume_group = doc.get("shared_volume_group", str, None, parse=_volume_group)
+        advertise = doc.get("advertise", str, listen, parse=parse_address)
+        if is_wildcard(advertise):
+            # Other hosts dial it (the controller, and sources for migrations' transfers).
+            raise doc.error("advertise" if "advertise" in doc.values else "listen",
+                            f"{advertise} is a wildcard address: set `advertise` to the HOST:PORT other "
+                            "hosts reach this agent on")  # fmt: skip
         return cls(
             node=doc.get("node", str, parse=lambda v: validate_name(v, "node name")),
             listen=listen,
-            advertise=doc.get("advertise", str, listen, parse=parse_address),
+            advertise=advertise,
             controller=doc.get("controller", str, parse=parse_address),
             lxc_path=Path(doc.get("lxc_path", str, "/var/lib/corral/lxc")),
             state_dir=Path(doc.get("state_dir", str, "/var/lib/corral/agent")),
@@ -66,6 +72,16 @@ def _volume_group(value: str) -> str:
             not all(c.isalnum() or c in "._+-" for c in value):  # fmt: skip
         raise ValueError(f"{value!r} is not a volume group name (letters, digits, . _ + -; at most 127)")
     return value
+
+
+def host_of(address: str) -> str:
+    """'host:port' or '[v6]:port' -> the host, without brackets."""
+    host = address.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def is_wildcard(address: str) -> bool:
+    return host_of(address) in ("", "0.0.0.0", "::", "*")
 
 
 def _port(value: int) -> int:

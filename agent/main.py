@@ -10,7 +10,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, host_of, is_wildcard
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts, bridge_mac_pinned
 from agent.membership import Membership
@@ -71,7 +71,10 @@ async def serve(config: AgentConfig) -> None:
 
     grants = GrantRegistry(config.state_dir / "staging")
     listen_host = config.listen.rpartition(":")[0]
-    transfer = TransferServer(listen_host, config.transfer_port, config.state_dir / "ssh_host_ed25519_key", grants)
+    # Listening on a wildcard: sources dial the advertised host instead.
+    advertise_host = host_of(config.advertise) if is_wildcard(config.listen) else None
+    transfer = TransferServer(listen_host, config.transfer_port, config.state_dir / "ssh_host_ed25519_key", grants,
+                              advertise_host=advertise_host)  # fmt: skip
     await transfer.start()
     migrations = Migrations(containers, transfer, grants, Checkpointer(config.lxc_path, network_lock=live.network_lock),
                             config.state_dir)  # fmt: skip

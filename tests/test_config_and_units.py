@@ -110,3 +110,18 @@ def test_cpu_fractions_are_exact():
     for bad in ("1.", ".", "1.0001", "1\n2"):
         with pytest.raises(InvalidArgument):
             parse_cpus(bad)
+
+
+def test_a_wildcard_listen_needs_advertise_and_the_error_names_that_key(tmp_path):
+    for name in ("ca.crt", "c.crt", "c.key"):
+        (tmp_path / name).write_text("x")
+    agent = tmp_path / "agent.yaml"
+    base = "node: n1\ncontroller: 127.0.0.1:7700\ntls: {ca: ca.crt, cert: c.crt, key: c.key}\n"
+    agent.write_text(base + "listen: 0.0.0.0:7701\n")
+    with pytest.raises(ConfigError, match=r"agent.yaml:4: listen: 0.0.0.0:7701 is a wildcard address: set `advertise`"):
+        AgentConfig.load(agent)
+    agent.write_text(base + "listen: 0.0.0.0:7701\nadvertise: '[::]:7701'\n")
+    with pytest.raises(ConfigError, match=r"agent.yaml:5: advertise: .*set `advertise`"):
+        AgentConfig.load(agent)
+    agent.write_text(base + "listen: 0.0.0.0:7701\nadvertise: 10.0.0.2:7701\n")
+    assert AgentConfig.load(agent).advertise == "10.0.0.2:7701"

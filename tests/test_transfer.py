@@ -576,7 +576,7 @@ def test_host_key_created_once_with_mode_0600(tmp_path):
 
 def test_endpoint_address_needs_a_reachable_host(tmp_path):
     grants = GrantRegistry(tmp_path / "staging")
-    with pytest.raises(FailedPrecondition, match="advertise_host"):
+    with pytest.raises(FailedPrecondition, match="set `advertise` in the agent's configuration"):
         TransferServer("0.0.0.0", 7722, tmp_path / "key", grants).address
     advertised = TransferServer("0.0.0.0", 7722, tmp_path / "key", grants, advertise_host="10.0.0.2")
     assert advertised.address == "10.0.0.2:7722"

@@ -305,8 +305,8 @@ class TransferServer:
         host = self.advertise_host or self.listen_host
         if host in ("", "0.0.0.0", "::"):
             raise FailedPrecondition(
-                f"the transfer endpoint listens on the wildcard {host or '*'!r}: configure the address "
-                "other hosts reach it on (advertise_host)"
+                f"the transfer endpoint listens on the wildcard {host or '*'!r}: set `advertise` in the "
+                "agent's configuration to the address other hosts reach it on"
             )
         host = f"[{host}]" if ":" in host else host
         return f"{host}:{self.port}"
