@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import structlog
 
-from agent.records import ContainerRecord, RecordStore
+from agent.records import ContainerRecord, RecordStore, write_durably
 from agent.runtime.cgroups import CgroupLayout
 from agent.runtime.lxc import ExecResult, LxcRuntime
 from agent.runtime.lxc_config import LxcConfig
@@ -357,18 +357,12 @@ class ContainerManager:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    # Durable too: after a power loss an empty LXC config would leave a container that cannot start.
+    write_durably(path, text, path.with_suffix(".tmp"))
 
 
 def _write_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_durably(path, text)
 
 
 def _replace_dir(source: Path, target: Path) -> None:

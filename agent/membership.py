@@ -41,6 +41,7 @@ class Membership:
         channel = secure_channel(self.controller, self.tls, server_name="controller")
         stub = controller_pb2_grpc.ControllerServiceStub(channel)
         try:
+            last_failure, logged_at = "", 0.0
             while True:
                 try:
                     await self._register(stub)
@@ -48,6 +49,15 @@ class Membership:
                 except CorralError as exc:
                     self.registered.clear()
                     log.warning("controller unreachable, retrying", controller=self.controller, error=exc.message)
+                    await asyncio.sleep(RETRY_DELAY)
+                except Exception as exc:
+                    # A bug or a bad file on this host must not end the heartbeats, and with them
+                    # the agent (its TaskGroup): report it and go on. The traceback once a minute.
+                    self.registered.clear()
+                    failure, now = f"{type(exc).__name__}: {exc}", asyncio.get_running_loop().time()
+                    if failure != last_failure or now - logged_at >= 60:
+                        log.exception("heartbeat failed unexpectedly, retrying", controller=self.controller)
+                        last_failure, logged_at = failure, now
                     await asyncio.sleep(RETRY_DELAY)
         finally:
             await channel.close()

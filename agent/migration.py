@@ -37,6 +37,7 @@ import structlog
 from agent.containers import ContainerManager
 from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PageServerTls, PostCopySource, PostCopyTarget
 from agent.postcopy import memory_usage_of, write_tls_files
+from agent.records import write_durably
 from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, DumpResult, PageServer, RestoreResult
 from agent.runtime.checkpoint import TlsFiles as CriuTls
 from agent.runtime.criu_pagemap import lazy_bytes
@@ -466,7 +467,8 @@ class Migrations:
                                                   timeout=KEEP_TIMEOUT)  # fmt: skip
         mark = {"op": op_id, "container": name, "kept_at": time.time(), "images_bytes": result.images_bytes,
                 "frozen_at": read_frozen_at(aside)}  # fmt: skip
-        await asyncio.to_thread((images / KEPT_MARK).write_text, json.dumps(mark) + "\n")
+        # Durable: it decides whether this checkpoint may ever be resumed (--from-checkpoint).
+        await asyncio.to_thread(write_durably, images / KEPT_MARK, json.dumps(mark) + "\n")
         return images
 
     async def resume_source(self, op_id: str, name: str) -> Container:
