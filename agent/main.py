@@ -24,6 +24,7 @@ from agent.storage.base import StorageDriver
 from agent.storage.dir import DirStorage
 from agent.storage import lvm
 from agent.storage.image import ImageStorage
+from agent.transfer import client as transfer_client
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
 from corral import log as corral_log
@@ -70,6 +71,7 @@ async def serve(config: AgentConfig) -> None:
     await containers.reconcile()
 
     grants = GrantRegistry(config.state_dir / "staging")
+    transfer_client.use_session_root(config.state_dir / "push")  # not /tmp: keys and mux sockets stay ours
     listen_host = config.listen.rpartition(":")[0]
     # Listening on a wildcard: sources dial the advertised host instead.
     advertise_host = host_of(config.advertise) if is_wildcard(config.listen) else None

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,11 @@ from agent.membership import Membership
 from agent.records import ContainerRecord, RecordStore
 from agent.runtime.lxc import LxcRuntime
 from agent.storage.dir import DirStorage
+from agent.transfer import client as transfer_client
+from agent.transfer.client import PushTarget
+from agent.transfer.keys import new_operation_keypair
 from corral.config import TlsFiles
-from corral.errors import RuntimeFailure
+from corral.errors import PermissionDenied, RuntimeFailure
 from corral.model import ContainerState, Limits, NetworkAttachment
 
 
@@ -108,3 +113,65 @@ async def test_heartbeat_loop_survives_unexpected_errors(tmp_path, monkeypatch):
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+# -- M7: the push sessions' directory ------------------------------------------------------
+
+
+def _push_target() -> PushTarget:
+    private, public = new_operation_keypair()
+    _, host_key = new_operation_keypair()
+    return PushTarget("127.0.0.1:7702", "op-abc", host_key, private)
+
+
+def _untrusted_roots(tmp_path: Path):
+    open_dir = tmp_path / "world-writable"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o1777)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)  # nobody's
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    plain = tmp_path / "file"
+    plain.write_text("")
+    return {"world-writable": open_dir, "foreign": foreign, "symlink": link, "file": plain}, mine
+
+
+def test_push_sessions_never_use_a_directory_someone_else_could_control(tmp_path, monkeypatch):
+    roots, behind_link = _untrusted_roots(tmp_path)
+    for why, root in roots.items():
+        monkeypatch.setattr(transfer_client, "SESSION_ROOT", root)
+        with pytest.raises(PermissionDenied, match="refusing to keep the transfer's keys there"):
+            with transfer_client.session_files(_push_target()):
+                pass
+        assert root.is_file() or not any(root.iterdir()), why  # nothing written into it
+    assert not any(behind_link.iterdir())
+
+
+@pytest.fixture
+def short_dir():
+    """pytest's tmp_path is too long for a ControlPath (a unix socket's path)."""
+    path = Path(tempfile.mkdtemp(prefix="crl-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_push_sessions_are_private_and_under_the_agents_state_dir(short_dir, monkeypatch):
+    monkeypatch.setattr(transfer_client, "SESSION_ROOT", transfer_client.SESSION_ROOT)  # restored afterwards
+    state = short_dir / "state"
+    state.mkdir()
+    transfer_client.use_session_root(state / "push")
+    assert stat.S_IMODE(os.lstat(state / "push").st_mode) == 0o700
+    with transfer_client.session_files(_push_target()) as (key, known_hosts, control):
+        assert key.parent.parent == state / "push" and control == key.parent / "cm"
+        assert stat.S_IMODE(os.lstat(key.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.lstat(key).st_mode) == 0o600
+    # A ControlPath too long for a unix socket: pushes go on without a shared connection.
+    deep = state / ("d" * 100)
+    deep.mkdir()
+    transfer_client.use_session_root(deep / "push")
+    with transfer_client.session_files(_push_target()) as (key, known_hosts, control):
+        assert control is None and key.is_file()

@@ -30,6 +30,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from collections import deque
@@ -62,7 +63,11 @@ IO_TIMEOUT = 60  # seconds without data before rsync gives up (--timeout)
 # key exchange and authentication, ~80 ms here, are paid once, not during the
 # downtime of a live migration. The master connection lingers this long when idle.
 CONTROL_PERSIST = 60
+# Where sessions live: the agent points this into its own state directory at start
+# (use_session_root); the default in /tmp serves tools and tests. Either way it is used
+# only if it is a private directory of ours (_private_dir).
 SESSION_ROOT = Path(tempfile.gettempdir()) / "corral-push-sessions"
+_SUN_PATH_MAX = 107  # a unix socket path's limit; ssh binds the ControlPath plus a 17-byte suffix first
 PROGRESS_INTERVAL = 0.1  # at most this often to the progress callback
 _USER = re.compile(r"^[a-z0-9][a-z0-9-]{0,70}$")
 _SUBDIR_COMPONENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
@@ -209,7 +214,7 @@ def credential_files(target: PushTarget) -> Iterator[tuple[Path, Path]]:
 
 
 @contextlib.contextmanager
-def session_files(target: PushTarget) -> Iterator[tuple[Path, Path, Path]]:
+def session_files(target: PushTarget) -> Iterator[tuple[Path, Path, Path | None]]:
     """(key file, known_hosts file, control socket path) shared by the pushes of one
     operation to one destination, in a private directory that outlives the push by
     CONTROL_PERSIST (with the master connection); stale ones are swept here."""
@@ -217,24 +222,53 @@ def session_files(target: PushTarget) -> Iterator[tuple[Path, Path, Path]]:
     known = known_hosts_line(host, port, target.host_key)
     if "PRIVATE KEY-----" not in (target.private_key or ""):
         raise InvalidArgument("the operation's private key must be an OpenSSH PEM private key")
-    SESSION_ROOT.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(SESSION_ROOT, 0o700)
-    _sweep_sessions()
+    root = _private_dir(SESSION_ROOT)
+    _sweep_sessions(root)
     digest = hashlib.sha256("\0".join([target.user, target.address, target.host_key, target.private_key]).encode())
-    session = SESSION_ROOT / digest.hexdigest()[:20]
-    session.mkdir(mode=0o700, exist_ok=True)
+    session = _private_dir(root / digest.hexdigest()[:20])
     key_file, known_hosts = session / "id", session / "known_hosts"
     if not key_file.exists():
         _write_private(known_hosts, known)
         _write_private(key_file, target.private_key.rstrip("\n") + "\n")
     os.utime(session)
-    yield key_file, known_hosts, session / "cm"
+    control = session / "cm"
+    # Too long a path for a socket: no shared connection (each push logs in), rather than no push.
+    yield key_file, known_hosts, control if len(os.fsencode(control)) + 17 <= _SUN_PATH_MAX else None
     os.utime(session)
 
 
-def _sweep_sessions() -> None:
+def use_session_root(path: Path) -> None:
+    """Keep push sessions under `path` (the agent's state directory), made private here."""
+    global SESSION_ROOT
+    SESSION_ROOT = Path(path)
+    _private_dir(SESSION_ROOT)
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` as a directory only we can enter: made here with mode 0700, or, if it is there
+    already, used only when it is a real directory (not a symlink) owned by us that no one
+    else may read, write or enter. Anything else is refused, not repaired: whoever made it
+    could have put their own known_hosts or ControlMaster socket inside."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise FailedPrecondition(f"cannot make the private directory {path} for the transfer's keys: {e.strerror}") from None
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        what = ("a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory" if not stat.S_ISDIR(st.st_mode)
+                else f"owned by uid {st.st_uid}" if st.st_uid != os.geteuid()
+                else f"open to others (mode {stat.S_IMODE(st.st_mode):04o})")  # fmt: skip
+        log.error("refusing an untrusted directory for the transfer's keys", path=str(path), reason=what)
+        raise PermissionDenied(f"{path} is {what}: refusing to keep the transfer's keys there (someone "
+                               "else may control it); remove it or fix its owner and mode (0700)")  # fmt: skip
+    return path
+
+
+def _sweep_sessions(root: Path) -> None:
     now = time.time()
-    for session in SESSION_ROOT.iterdir():
+    for session in root.iterdir():
         with contextlib.suppress(OSError):
             if now - session.stat().st_mtime > 4 * CONTROL_PERSIST:
                 shutil.rmtree(session)
