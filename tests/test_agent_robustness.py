@@ -5,10 +5,12 @@ damaged record files, unexpected errors in its heartbeat, strangers on its SSH p
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,12 +22,14 @@ from agent.containers import ContainerManager
 from agent.membership import Membership
 from agent.records import ContainerRecord, RecordStore
 from agent.runtime.lxc import LxcRuntime
+from agent.storage import ownership
 from agent.storage.dir import DirStorage
+from agent.storage.ownership import volume_lock
 from agent.transfer import client as transfer_client
 from agent.transfer.client import PushTarget
 from agent.transfer.keys import new_operation_keypair
 from corral.config import TlsFiles
-from corral.errors import PermissionDenied, RuntimeFailure
+from corral.errors import DeadlineExceeded, PermissionDenied, RuntimeFailure
 from corral.model import ContainerState, Limits, NetworkAttachment
 
 
@@ -175,3 +179,94 @@ def test_push_sessions_are_private_and_under_the_agents_state_dir(short_dir, mon
     transfer_client.use_session_root(deep / "push")
     with transfer_client.session_files(_push_target()) as (key, known_hosts, control):
         assert control is None and key.is_file()
+
+
+# -- M12: shared-storage locks off the event loop ------------------------------------------
+
+_HOLDER = """
+import fcntl, os, select, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+select.select([sys.stdin], [], [], 5)  # until the test closes our stdin (or 5 s: a frozen test loop)
+"""
+
+
+class _Ticker:
+    """Counts how often the event loop gets to run something else, and its longest stall."""
+
+    def __init__(self) -> None:
+        self.ticks, self.longest = 0, 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            self.ticks, self.longest, last = self.ticks + 1, max(self.longest, now - last), now
+
+
+async def _hold_lock(path: Path) -> asyncio.subprocess.Process:
+    holder = await asyncio.create_subprocess_exec(sys.executable, "-c", _HOLDER, str(path),
+                                                  stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)  # fmt: skip
+    assert await asyncio.wait_for(holder.stdout.readline(), 10) == b"locked\n"
+    return holder
+
+
+async def _release(holder: asyncio.subprocess.Process) -> None:
+    holder.stdin.close()
+    await asyncio.wait_for(holder.wait(), 10)
+
+
+async def test_waiting_for_a_volume_lock_held_elsewhere_leaves_the_loop_free(tmp_path):
+    path = tmp_path / "v.img"
+    path.write_bytes(b"")
+    holder = await _hold_lock(path)
+    ticker = _Ticker()
+    ticking = asyncio.ensure_future(ticker.run())
+    try:
+        entered = asyncio.Event()
+
+        async def waiter():
+            async with volume_lock(path, timeout=10):
+                entered.set()
+
+        task = asyncio.ensure_future(waiter())
+        await asyncio.sleep(0.5)
+        assert not entered.is_set()  # still excluded by the other process
+        await _release(holder)
+        await asyncio.wait_for(task, 5)
+        assert entered.is_set()
+    finally:
+        ticking.cancel()
+        if holder.returncode is None:
+            holder.kill()
+    assert ticker.ticks >= 20 and ticker.longest < 0.3
+
+
+async def test_a_volume_lock_stuck_in_the_kernel_never_freezes_the_agent(tmp_path, monkeypatch):
+    """A hung NFS server makes flock (or open, fstat) block: here a flock made to block
+    while another process holds the lock. The loop goes on, the request gives up in time,
+    and the lock is not left held once the stuck call returns."""
+    path = tmp_path / "v.img"
+    path.write_bytes(b"")
+    real_flock = fcntl.flock
+    monkeypatch.setattr(ownership.fcntl, "flock", lambda fd, op: real_flock(fd, op & ~fcntl.LOCK_NB))
+    monkeypatch.setattr(ownership, "STUCK_GRACE", 0.5, raising=False)
+    holder = await _hold_lock(path)
+    ticker = _Ticker()
+    ticking = asyncio.ensure_future(ticker.run())
+    try:
+        with pytest.raises(DeadlineExceeded, match="did not answer"):
+            async with volume_lock(path, timeout=0.2):
+                pass
+        assert ticker.ticks >= 30 and ticker.longest < 0.3
+        await _release(holder)  # the stuck flock returns now, in its thread, and lets go
+        monkeypatch.setattr(ownership.fcntl, "flock", real_flock)
+        async with volume_lock(path, timeout=5):
+            pass
+    finally:
+        ticking.cancel()
+        if holder.returncode is None:
+            holder.kill()

@@ -87,10 +87,10 @@ class ImageStorage:
         await asyncio.to_thread(self.images_dir.mkdir, parents=True, exist_ok=True)
         # Creating the file exclusively is what claims the name among all hosts.
         async with volume_lock(image, create=True) as fd, contextlib.AsyncExitStack() as undo:
-            undo.callback(_unlink, image)
+            undo.push_async_callback(asyncio.to_thread, _unlink, image)  # shared storage: off the loop
             await asyncio.to_thread(os.ftruncate, fd, size)  # sparse: takes no space yet
             await asyncio.to_thread(marker.write, Ownership.now(self.node, 0, attached=True))
-            undo.callback(marker.remove)
+            undo.push_async_callback(asyncio.to_thread, marker.remove)
             await make_ext4(image, prezeroed=True)
             await self._mount(image, rootfs)
             undo.push_async_callback(self._unmount, image, rootfs)
@@ -141,7 +141,7 @@ class ImageStorage:
                 raise FailedPrecondition(f"volume {container} is still in use on this host (a loop device "
                                          "backing it is held open); it cannot be mounted again")
             await asyncio.to_thread(marker.write, claimed)
-            undo.callback(_restore_marker, marker, current)
+            undo.push_async_callback(asyncio.to_thread, _restore_marker, marker, current)
             if current is not None and current.attached:
                 # Its last holder never released it (a crash, a failover): check before use.
                 bound.warning("volume was not released cleanly, checking it", previous=current.node)

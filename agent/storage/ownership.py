@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
@@ -128,7 +129,38 @@ async def volume_lock(path: Path, *, timeout: float = LOCK_TIMEOUT, create: bool
     long as the volume does, on the storage every host shares; on NFS flock is
     carried as a byte-range lock, seen by every client). Yields the open descriptor.
     `create`: make the file, AlreadyExists if it exists (a new volume).
-    Raises NotFound if the file does not exist or is removed while we wait."""
+    Raises NotFound if the file does not exist or is removed while we wait.
+
+    Every call on the shared storage (open, flock, fstat, close) runs in a worker thread:
+    a hung NFS server then holds up this request only, never the agent's event loop (its
+    gRPC, its heartbeats). A request that gives up (deadline, cancel) leaves a stuck call
+    behind in its thread; that thread closes the descriptor itself once the call returns,
+    so no lock is ever left held, nor a reused descriptor number unlocked by mistake."""
+    abandon = threading.Event()
+    acquiring = asyncio.ensure_future(asyncio.to_thread(_acquire, path, create, timeout, abandon))
+    try:
+        # The thread keeps its own deadline; this one is for a call stuck in the kernel.
+        async with asyncio.timeout(timeout + STUCK_GRACE):
+            fd = await asyncio.shield(acquiring)
+    except BaseException as exc:
+        abandon.set()
+        acquiring.add_done_callback(_close_acquired)  # should it get the lock after all, let go
+        if isinstance(exc, TimeoutError):
+            raise DeadlineExceeded(f"volume {path}: the shared storage did not answer within "
+                                   f"{timeout + STUCK_GRACE:g} s") from None  # fmt: skip
+        raise
+    try:
+        yield fd
+    finally:
+        await asyncio.shield(asyncio.to_thread(os.close, fd))  # also releases the lock
+
+
+STUCK_GRACE = 10.0  # beyond the lock's own timeout, for an open/flock/fstat stuck on the storage
+_POLL = 0.02  # between non-blocking flock attempts: a blocking flock would pin a thread forever
+
+
+def _acquire(path: Path, create: bool, timeout: float, abandon: threading.Event) -> int:
+    """volume_lock's work, in a worker thread: open, flock (polled), check the file is still there."""
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
     try:
         fd = os.open(path, flags, 0o600)
@@ -139,6 +171,8 @@ async def volume_lock(path: Path, *, timeout: float = LOCK_TIMEOUT, create: bool
     try:
         deadline = time.monotonic() + timeout
         while True:
+            if abandon.is_set():
+                raise DeadlineExceeded(f"volume {path}: the request gave up waiting for its lock")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
@@ -146,9 +180,19 @@ async def volume_lock(path: Path, *, timeout: float = LOCK_TIMEOUT, create: bool
                 if time.monotonic() > deadline:
                     raise DeadlineExceeded(f"volume {path} stayed locked by another host or request "
                                            f"for {timeout:g} s") from None
-                await asyncio.sleep(0.02)  # polled: a blocking flock would pin a thread forever
+                time.sleep(_POLL)
         if os.fstat(fd).st_nlink == 0:
             raise NotFound(f"volume {path} was removed")  # destroyed while we waited
-        yield fd
-    finally:
-        os.close(fd)  # also releases the lock
+        if abandon.is_set():  # the caller is gone: nobody would ever unlock it
+            raise DeadlineExceeded(f"volume {path}: the request gave up waiting for its lock")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _close_acquired(acquiring: asyncio.Future) -> None:
+    """An abandoned acquisition that got its descriptor after all: close it (in a thread: the
+    close of a file on NFS can hang too)."""
+    if not acquiring.cancelled() and acquiring.exception() is None:
+        threading.Thread(target=os.close, args=(acquiring.result(),), daemon=True).start()
