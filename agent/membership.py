@@ -38,7 +38,7 @@ class Membership:
         self.registered = asyncio.Event()
 
     async def run(self) -> None:
-        channel = secure_channel(self.controller, self.tls, server_name="controller")
+        channel = secure_channel(self.controller, self.tls, server_name="controller", role="controller")
         stub = controller_pb2_grpc.ControllerServiceStub(channel)
         try:
             last_failure, logged_at = "", 0.0

@@ -1,4 +1,9 @@
-"""The agent's gRPC servicer: protobuf in, domain calls, protobuf out. Nothing else."""
+"""The agent's gRPC servicer: protobuf in, domain calls, protobuf out. Nothing else.
+
+`AGENT_POLICY` is its access table: only the controller drives an agent, and every
+container name and operation id a request carries is validated at the edge, before
+any method here runs (corral.api.server).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,45 @@ from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, 
 from agent.postcopy import PagesState, PagesStatus, PageServerTls
 from agent.transfer.client import PushTarget, TransferProgress
 from corral.api.convert import container_from_pb, container_to_pb, facts_to_pb, limits_from_pb, network_from_pb
+from corral.api.server import ServicePolicy, container, operation, reads, writes
 from corral.errors import InvalidArgument
 from corral.model import validate_limits
 from corral.v1 import agent_pb2 as apb
 from corral.v1 import agent_pb2_grpc
 
-# Only the controller drives an agent.
-AGENT_POLICY = lambda method: ("controller",)  # noqa: E731
+_CONTROLLER = ("controller",)  # only the controller drives an agent
+
+AGENT_POLICY = ServicePolicy(
+    apb.DESCRIPTOR.services_by_name["AgentService"],
+    {
+        "GetNodeFacts": reads(_CONTROLLER),
+        "CreateContainer": writes(_CONTROLLER, container()),
+        "StartContainer": writes(_CONTROLLER, container()),
+        "StopContainer": writes(_CONTROLLER, container()),
+        "DestroyContainer": writes(_CONTROLLER, container()),
+        "GetContainer": reads(_CONTROLLER, container()),
+        "ListContainers": reads(_CONTROLLER),
+        "Exec": writes(_CONTROLLER, container()),
+        "SetLimits": writes(_CONTROLLER, container()),
+        "PrepareReceive": writes(_CONTROLLER, container("container"), operation()),
+        "FinishReceive": writes(_CONTROLLER, operation()),
+        "SendFiles": writes(_CONTROLLER, container("container"), operation()),
+        "Checkpoint": writes(_CONTROLLER, container("container"), operation()),
+        "WatchSending": reads(_CONTROLLER, operation()),
+        "Restore": writes(_CONTROLLER, container("container"), operation()),
+        "AdoptContainer": writes(_CONTROLLER, container("container.name"), operation()),
+        "ReleaseContainer": writes(_CONTROLLER, container(), operation()),
+        "DetachVolume": writes(_CONTROLLER, container(), operation()),
+        "AttachVolume": writes(_CONTROLLER, container(), operation()),
+        "WaitPages": reads(_CONTROLLER, container("container"), operation()),
+        "ResumeSource": writes(_CONTROLLER, container("container"), operation()),
+        "KeepSource": writes(_CONTROLLER, container("container"), operation()),
+    },
+    # One caller (the controller): a few connections suffice, and the cap keeps strangers
+    # from using up the descriptors the agent needs for LXC, CRIU and loop devices.
+    max_concurrent_rpcs=256,
+    max_connections=128,
+)
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):

@@ -29,8 +29,8 @@ class AgentClient:
     def __init__(self, node: str, address: str, tls: TlsFiles) -> None:
         self.node = node
         self.address = address
-        # The agent's certificate names the node; verify that, not the address.
-        self.channel = secure_channel(address, tls, server_name=node)
+        # The server must prove it is the agent of this node (role and name), whatever the address.
+        self.channel = secure_channel(address, tls, server_name=node, role="agent")
         self.stub = agent_pb2_grpc.AgentServiceStub(self.channel)
         self.peer = f"agent on node {node!r} ({address})"
 

@@ -25,7 +25,7 @@ class ControllerClient:
     def __init__(self, address: str, tls: TlsFiles, timeout: float = 900.0) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = secure_channel(address, tls, server_name="controller")
+        self.channel = secure_channel(address, tls, server_name="controller", role="controller")
         self.stub = controller_pb2_grpc.ControllerServiceStub(self.channel)
 
     async def __aenter__(self) -> "ControllerClient":

@@ -1,4 +1,9 @@
-"""The controller's gRPC servicer: protobuf in, fleet calls, protobuf out."""
+"""The controller's gRPC servicer: protobuf in, fleet calls, protobuf out.
+
+`CONTROLLER_POLICY` is its access table: agents may only register and heartbeat, and
+only for themselves (`_require_self`); users (people, services) have the rest, each
+method listed; names and ids in requests are validated at the edge (corral.api.server).
+"""
 
 from __future__ import annotations
 
@@ -13,18 +18,41 @@ from corral.api.convert import (
     node_to_pb,
     operation_to_pb,
 )
-from corral.api.server import current_identity
+from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
 from corral.errors import PermissionDenied
 from corral.v1 import agent_pb2 as apb
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
 
-_AGENT_METHODS = {"RegisterNode", "Heartbeat"}
+_AGENT, _USER = ("agent",), ("user",)
 
-
-def controller_policy(method: str) -> tuple[str, ...]:
-    """Agents may only report themselves; users (people, services) use the rest."""
-    return ("agent",) if method in _AGENT_METHODS else ("user",)
+CONTROLLER_POLICY = ServicePolicy(
+    cpb.DESCRIPTOR.services_by_name["ControllerService"],
+    {
+        "RegisterNode": writes(_AGENT, node("facts.name")),
+        # Observations only (desired state is untouched), once a second per node: not logged.
+        "Heartbeat": reads(_AGENT, node("facts.name")),
+        "ListNodes": reads(_USER),
+        "GetNode": reads(_USER, node()),
+        "CreateContainer": writes(_USER, container(), node("node", optional=True)),
+        "StartContainer": writes(_USER, container()),
+        "StopContainer": writes(_USER, container()),
+        "DestroyContainer": writes(_USER, container()),
+        "GetContainer": reads(_USER, container()),
+        "ListContainers": reads(_USER, node("node", optional=True)),
+        "ExecContainer": writes(_USER, container()),
+        "SetContainerLimits": writes(_USER, container()),
+        "MigrateContainer": writes(_USER, container(), node("target_node"), operation("from_checkpoint", optional=True)),
+        "ListOperations": reads(_USER, container("container", optional=True)),
+        "GetOperation": reads(_USER, operation("id")),
+        "WatchOperation": reads(_USER, operation("id")),
+        "CancelOperation": writes(_USER, operation("id")),
+    },
+    # Every agent holds a connection (heartbeats), users and services one each.
+    max_concurrent_rpcs=2000,
+    max_connections=4000,
+)
+controller_policy = CONTROLLER_POLICY  # the name controller.main imports
 
 
 def _require_self(node: str) -> None:

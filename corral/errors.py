@@ -61,6 +61,14 @@ class NoCapacity(CorralError):
     exit_code = 6
 
 
+class LimitExceeded(CorralError):
+    """A limit of the gRPC transport was hit: a message over the size limit, or a server at its
+    limit of concurrent calls. Not NoCapacity: no placement was tried."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    exit_code = 1
+
+
 class Unavailable(CorralError):
     """A node, agent or the controller could not be reached."""
 
@@ -111,6 +119,10 @@ def to_grpc_code(error: CorralError) -> grpc.StatusCode:
     return error.grpc_code
 
 
-def from_grpc_code(code: grpc.StatusCode, message: str) -> CorralError:
-    """Turn a gRPC status received from a peer back into our own error."""
+def from_grpc_code(code: grpc.StatusCode, message: str, kind: str = "") -> CorralError:
+    """Turn a gRPC status received from a peer back into our own error. `kind`: the class name
+    a Corral peer sent with it (empty when gRPC itself failed the call)."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and kind != NoCapacity.__name__:
+        # gRPC's own limits (message size, concurrent calls) travel as RESOURCE_EXHAUSTED too.
+        return LimitExceeded(message)
     return _BY_CODE.get(code, CorralError)(message)

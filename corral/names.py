@@ -11,7 +11,8 @@ import re
 from corral.errors import InvalidArgument
 
 MAX_NAME_LENGTH = 63
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+# Matched with fullmatch: '$' would also match before a trailing newline ("web\n").
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 
 
 def validate_name(name: str, what: str = "container name") -> str:
@@ -23,9 +24,14 @@ def validate_name(name: str, what: str = "container name") -> str:
         raise InvalidArgument(f"{what} {name!r} contains a path separator or '..'")
     if not name.isascii():
         raise InvalidArgument(f"{what} {name!r} contains non-ASCII characters")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"{what} {name!r} is invalid: use lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
     return name
+
+
+def validate_op_id(op_id: str) -> str:
+    """An operation id names directories on the hosts (checkpoints, staging): the same rules as a name."""
+    return validate_name(op_id, "operation id")

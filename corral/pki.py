@@ -5,6 +5,12 @@ subject: CN is the name (a node name, "controller", a user name) and OU is
 the role ("controller", "agent" or "user"); the gRPC auth interceptor reads
 both back with `identity_from_pem`.
 
+Servers (the controller, agents) also carry the SAN `server_name(role, name)`, under a
+domain no certificate name or host may use: a client checks that name, so the TLS
+handshake itself proves the server's role and name. User certificates carry no SAN
+and only the clientAuth usage, so TLS refuses one as a server's; a user may not take
+the name `controller` or a name another role holds in the same PKI directory.
+
 Files in the PKI directory: `ca.crt`, `ca.key`, and `{role}-{name}.crt/.key`
 per leaf. Keys are EC P-256, PKCS#8 PEM, mode 0600.
 """
@@ -38,6 +44,10 @@ _CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
 
+# Role-qualified server names live under this domain; no certificate name or host may.
+SERVER_NAME_DOMAIN = "corral.internal"
+CONTROLLER_NAME = "controller"
+
 
 @dataclass(frozen=True)
 class CertPaths:
@@ -64,7 +74,20 @@ def validate_name(name: str) -> str:
             f"invalid certificate name {name!r}: use 1-63 characters of a-z, 0-9, '.' and '-', "
             "starting with a letter or digit, without '..'"
         )
+    if _reserved(name):
+        raise InvalidArgument(f"invalid certificate name {name!r}: names under {SERVER_NAME_DOMAIN} are reserved")
     return name
+
+
+def server_name(role: str, name: str) -> str:
+    """The name a client verifies on a server's certificate: only a certificate issued for this
+    role and this name carries it (so a user certificate named `controller` cannot serve)."""
+    return f"{name}.{validate_role(role)}.{SERVER_NAME_DOMAIN}"
+
+
+def _reserved(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    return host == SERVER_NAME_DOMAIN or host.endswith("." + SERVER_NAME_DOMAIN)
 
 
 def init_ca(pki_dir: Path, common_name: str = "Corral fleet CA") -> Path:
@@ -88,6 +111,7 @@ def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> Cer
     pki_dir = Path(pki_dir)
     validate_role(role)
     validate_name(name)
+    _check_name_free(pki_dir, role, name, hosts)
     ca_cert, ca_key = _load_ca(pki_dir)
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -97,7 +121,12 @@ def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> Cer
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
         ]
     )
-    cert = _build_leaf(ca_cert, ca_key, key, subject, _sans(role, name, hosts), _LEAF_VALIDITY)
+    if role == "user":  # a client only: no name a server could be checked by, no serverAuth
+        sans, usages = [], [ExtendedKeyUsageOID.CLIENT_AUTH]
+    else:  # agents and the controller are both servers and clients of each other
+        sans = [x509.DNSName(server_name(role, name)), *_sans(role, name, hosts)]
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = _build_leaf(ca_cert, ca_key, key, subject, sans, _LEAF_VALIDITY, usages)
     paths = CertPaths(
         cert=pki_dir / f"{role}-{name}.crt",
         key=pki_dir / f"{role}-{name}.key",
@@ -106,6 +135,18 @@ def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> Cer
     _write_private(paths.key, _key_pem(key))
     _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
     return paths
+
+
+def _check_name_free(pki_dir: Path, role: str, name: str, hosts: Sequence[str]) -> None:
+    """One name, one role: a user named like a node or the controller could be mistaken for it
+    (in logs, in `_require_self`, by a client that checked names only)."""
+    if role == "user" and hosts:
+        raise InvalidArgument("a user certificate names no hosts: users only call, they never serve")
+    if name == CONTROLLER_NAME and role != "controller":
+        raise InvalidArgument(f"the name {CONTROLLER_NAME!r} is the controller's; choose another {role} name")
+    for other in ROLES:
+        if other != role and (pki_dir / f"{other}-{name}.crt").exists():
+            raise AlreadyExists(f"the name {name!r} is already a {other}'s in {pki_dir}; choose another {role} name")
 
 
 @dataclass(frozen=True)
@@ -187,13 +228,17 @@ def _build_ca(key: ec.EllipticCurvePrivateKey, common_name: str, validity: datet
     )
 
 
+_BOTH_USAGES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
+
+
 def _build_leaf(
     ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, key: ec.EllipticCurvePrivateKey,
     subject: x509.Name, sans: list[x509.GeneralName], validity: datetime.timedelta,
+    usages: Sequence[x509.ObjectIdentifier] = _BOTH_USAGES,
 ) -> x509.Certificate:  # fmt: skip
     now = datetime.datetime.now(datetime.timezone.utc)
     not_after = min(now + validity, ca_cert.not_valid_after_utc)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
@@ -210,16 +255,13 @@ def _build_leaf(
             ),
             critical=True,
         )
-        # Agents and the controller are both servers and clients of each other.
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
     )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
 
 
 def _sans(role: str, name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -233,6 +275,8 @@ def _sans(role: str, name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
         except ValueError:
             if not host or "/" in host or any(c.isspace() for c in host):
                 raise InvalidArgument(f"invalid host name for a certificate: {host!r}") from None
+            if _reserved(host):
+                raise InvalidArgument(f"invalid host name {host!r}: names under {SERVER_NAME_DOMAIN} are reserved")
             sans.append(x509.DNSName(host))
     return sans
 

@@ -25,11 +25,22 @@ from corral.units import parse_cpus, parse_size
         ("café", "non-ASCII"),
         ("-lead", "invalid"),
         ("UPPER", "invalid"),
+        ("web\n", "invalid"),  # '$' used to match before the newline, which then split LXC config lines
+        ("web\r", "invalid"),
     ],
 )
 def test_bad_container_names_are_refused(name, why):
     with pytest.raises(InvalidArgument, match=why):
         validate_name(name)
+
+
+def test_operation_ids_follow_the_name_rules():
+    from corral.names import validate_op_id
+
+    assert validate_op_id("mig-20261201000000-abc123") == "mig-20261201000000-abc123"
+    for bad in ("../x", "op\n", "", "Op1"):
+        with pytest.raises(InvalidArgument, match="operation id"):
+            validate_op_id(bad)
 
 
 def test_good_names_pass():

@@ -37,7 +37,7 @@ async def test_certificate_from_another_ca_is_refused(lab, tmp_path):
 
 async def test_client_without_certificate_is_refused(lab):
     creds = grpc.ssl_channel_credentials(root_certificates=(lab.pki_dir / "ca.crt").read_bytes())
-    options = [("grpc.ssl_target_name_override", "controller")]
+    options = [("grpc.ssl_target_name_override", pki.server_name("controller", "controller"))]
     async with grpc.aio.secure_channel(lab.controller_address, creds, options=options) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _list_containers(ch)
@@ -73,6 +73,41 @@ async def test_agents_cannot_use_the_fleet_api_or_speak_for_other_nodes(lab):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Heartbeat(forged, timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_user_certificate_cannot_pose_as_a_server(lab, tmp_path):
+    """The lab's certificates: a user's is for calling only (clientAuth, no SAN); the servers'
+    carry their role-qualified name, which clients check. So the lab's own user certificate
+    cannot serve as the controller (review M5)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from corral.api.server import make_server
+    from corral.api.tls import server_credentials
+    from controller.service import CONTROLLER_POLICY
+
+    def load(role, name):
+        return x509.load_pem_x509_certificate((lab.pki_dir / f"{role}-{name}.crt").read_bytes())
+
+    user = load("user", "admin")
+    assert list(user.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(x509.ExtensionNotFound):
+        user.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    for role, name in [("controller", "controller"), *[("agent", h.node) for h in lab.hosts]]:
+        sans = load(role, name).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert pki.server_name(role, name) in sans.get_values_for_type(x509.DNSName)
+
+    server = make_server(CONTROLLER_POLICY)
+    controller_pb2_grpc.add_ControllerServiceServicer_to_server(controller_pb2_grpc.ControllerServiceServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(_tls(lab.pki_dir, "user", "admin")))
+    await server.start()
+    try:
+        async with secure_channel(f"127.0.0.1:{port}", _tls(lab.pki_dir, "user", "admin"), "controller") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _list_containers(ch)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(None)
 
 
 def test_one_time_tls_trusts_exactly_its_two_peers(tmp_path):

@@ -22,10 +22,13 @@ async def call(rpc: Callable[..., Awaitable[Any]], request: Any, *, timeout: flo
 def rpc_error(exc: grpc.aio.AioRpcError, peer: str) -> CorralError:
     code, details = exc.code(), exc.details() or ""
     metadata = exc.trailing_metadata() or ()
-    if any(key == ERROR_MARK for key, _ in metadata):
-        return from_grpc_code(code, details)  # the peer's own error, passed on as it said it
+    kind = next((value for key, value in metadata if key == ERROR_MARK), None)
+    if kind is not None:
+        return from_grpc_code(code, details, str(kind))  # the peer's own error, passed on as it said it
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"cannot reach {peer}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{peer} did not answer in time")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a message too large, or the server's call limit
+        return from_grpc_code(code, f"the call to {peer} hit a gRPC limit: {details}")
     return from_grpc_code(code, details)
