@@ -26,8 +26,11 @@ from agent.storage import ownership
 from agent.storage.dir import DirStorage
 from agent.storage.ownership import volume_lock
 from agent.transfer import client as transfer_client
-from agent.transfer.client import PushTarget
+from agent.transfer import server as transfer_server
+from agent.transfer.client import PushTarget, rsync_push
+from agent.transfer.grants import GrantRegistry
 from agent.transfer.keys import new_operation_keypair
+from agent.transfer.server import TransferServer
 from corral.config import TlsFiles
 from corral.errors import DeadlineExceeded, PermissionDenied, RuntimeFailure
 from corral.model import ContainerState, Limits, NetworkAttachment
@@ -270,3 +273,72 @@ async def test_a_volume_lock_stuck_in_the_kernel_never_freezes_the_agent(tmp_pat
         ticking.cancel()
         if holder.returncode is None:
             holder.kill()
+
+
+# -- M10: strangers on the SSH transfer port ------------------------------------------------
+
+
+async def _flood(port: int, source: str, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """Raw TCP connections that never log in (they do not even send a banner)."""
+    return [await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)) for _ in range(count)]
+
+
+async def _closed_by_server(reader: asyncio.StreamReader, wait: float) -> bool:
+    try:
+        async with asyncio.timeout(wait):
+            while await reader.read(4096):
+                pass
+        return True
+    except TimeoutError:  # (an OSError too: first)
+        return False
+    except OSError:  # reset
+        return True
+
+
+async def _push_through(server: TransferServer, grants: GrantRegistry, src: Path) -> None:
+    private, public = new_operation_keypair()
+    grant = grants.authorize(f"op{os.urandom(4).hex()}", public, 60)
+    target = PushTarget(server.address, grant.user, server.host_key, private)
+    await rsync_push(src, target, "rootfs", timeout=60)
+    assert (grant.staging / "rootfs" / "f").read_text() == "payload"
+
+
+async def test_transfer_endpoint_caps_unauthenticated_connections_and_still_serves_grants(short_dir, monkeypatch):
+    monkeypatch.setattr(transfer_server, "LOGIN_TIMEOUT", 2.0)
+    grants = GrantRegistry(short_dir / "staging")
+    server = TransferServer("127.0.0.1", 0, short_dir / "hostkey", grants)
+    await server.start()
+    src = short_dir / "src"
+    src.mkdir()
+    (src / "f").write_text("payload")
+    flood = []
+    try:
+        # One address opening many: held to its own share, and a grant from elsewhere gets through.
+        flood += await _flood(server.port, "127.0.0.2", 40)
+        closed = await asyncio.gather(*(_closed_by_server(r, 1.0) for r, _ in flood))
+        assert sum(not c for c in closed) == transfer_server.MAX_PREAUTH_PER_PEER
+        assert server.connection_count == transfer_server.MAX_PREAUTH_PER_PEER
+        await _push_through(server, grants, src)
+        # Many addresses: the total waiting to log in is capped too.
+        for i in range(3, 3 + 2 * transfer_server.MAX_PREAUTH // transfer_server.MAX_PREAUTH_PER_PEER):
+            flood += await _flood(server.port, f"127.0.0.{i}", transfer_server.MAX_PREAUTH_PER_PEER)
+        await asyncio.sleep(0.3)
+        assert server.connection_count <= transfer_server.MAX_PREAUTH + 1  # + the push's shared connection
+        # The login timeout ends them all; the endpoint serves a grant as before.
+        assert all(await asyncio.gather(*(_closed_by_server(r, 5.0) for r, _ in flood)))
+        assert server.connection_count <= 1
+        await _push_through(server, grants, src)
+    finally:
+        for _, writer in flood:
+            writer.close()
+        await server.close()
+
+
+def test_refused_logins_are_logged_at_most_once_per_interval(monkeypatch):
+    logged = _Log()
+    monkeypatch.setattr(transfer_server, "log", logged)
+    quiet = transfer_server._QuietWarnings(interval=60)
+    for i in range(1000):
+        quiet.warning("transfer login refused", user=f"op-{i}")
+    quiet.warning("transfer connection refused", peer="x")
+    assert [event for _, event, _ in logged.events] == ["transfer login refused", "transfer connection refused"]

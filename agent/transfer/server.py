@@ -55,7 +55,14 @@ ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com", "a
 # packets per byte. Measured on one 512 MiB image: ~280 -> ~360-500 MB/s, asyncssh to asyncssh.
 MAX_PACKET = 256 * 1024
 WINDOW = 16 * 1024 * 1024
-LOGIN_TIMEOUT = 20.0
+# Who may hold the port, and how long, before proving a grant: an unauthenticated peer
+# must not be able to take all of the agent's file descriptors (sshd's MaxStartups idea).
+# Our own client logs in within ~0.1 s and shares one connection per operation.
+LOGIN_TIMEOUT = 8.0
+MAX_CONNECTIONS = 64  # all connections at once
+MAX_PREAUTH = 24  # of which not yet authenticated
+MAX_PREAUTH_PER_PEER = 6  # ... from one address: a single flooder leaves room for the others
+REFUSAL_LOG_INTERVAL = 10.0  # refused logins and connections: one warning per this many seconds
 KEEPALIVE_INTERVAL = 15.0
 KEEPALIVE_COUNT_MAX = 4
 SESSION_QUEUE_TIMEOUT = 30.0  # a grant's sessions run one at a time; a new one waits this long
@@ -116,9 +123,30 @@ class _ProcessGroup:
 class _ConnectionState:
     conn: asyncssh.SSHServerConnection
     peer: str
+    host: str = "?"  # the peer's address without its port
     user: str | None = None
     key: bytes | None = None  # public_data of the key that authenticated
     sessions: int = 0  # receivers running on this connection
+    authenticated: bool = False
+
+
+class _QuietWarnings:
+    """One warning per `interval` for a kind of event a stranger can cause at will (refused
+    logins, refused connections), with how many were left out since the last one."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, event: str, **fields) -> None:
+        now = time.monotonic()
+        if now - self._last.get(event, -self.interval) < self.interval:
+            self._skipped[event] = self._skipped.get(event, 0) + 1
+            return
+        self._last[event] = now
+        skipped = self._skipped.pop(event, 0)
+        log.warning(event, **fields, **({"similar_since_last": skipped} if skipped else {}))
 
 
 class _TaskHandle:
@@ -154,12 +182,20 @@ class _ConnectionHandler(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
-        self._state = _ConnectionState(conn, f"{peer[0]}:{peer[1]}" if peer else "?")
-        self._server._register_connection(self._state)
+        self._state = _ConnectionState(conn, f"{peer[0]}:{peer[1]}" if peer else "?", peer[0] if peer else "?")
+        if not self._server._register_connection(self._state):
+            # Before the key exchange: a refused peer costs no crypto. After this returns
+            # asyncssh sends its banner, so the abort comes just after.
+            asyncio.get_running_loop().call_soon(conn.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state is not None:
             self._server._unregister_connection(self._state)
+
+    def auth_completed(self) -> None:
+        assert self._state is not None
+        with self._server._lock:
+            self._state.authenticated = True
 
     def begin_auth(self, username: str) -> bool:
         return True  # always authenticate; unknown users simply have no acceptable key
@@ -190,7 +226,7 @@ class _ConnectionHandler(asyncssh.SSHServer):
 
     def _refused(self, username: str, reason: str) -> None:
         assert self._state is not None
-        log.warning("transfer login refused", user=username[:80], peer=self._state.peer, reason=reason)
+        self._server._quiet.warning("transfer login refused", user=username[:80], peer=self._state.peer, reason=reason)
 
     # Forwarding of any kind: refused (the defaults refuse too; these log why).
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
@@ -240,6 +276,7 @@ class TransferServer:
         self._sessions: set[_Session] = set()
         self._handlers: set[asyncio.Task] = set()  # session handlers, awaited by close()
         self._user_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._quiet = _QuietWarnings(REFUSAL_LOG_INTERVAL)
         grants.add_listener(self._on_grant_change)
 
     async def start(self) -> None:
@@ -313,9 +350,26 @@ class TransferServer:
 
     # -- connection and grant bookkeeping ------------------------------------------
 
-    def _register_connection(self, state: _ConnectionState) -> None:
+    def _register_connection(self, state: _ConnectionState) -> bool:
+        """Take `state` in, or False if the limits say no (the caller closes it)."""
         with self._lock:
-            self._connections.add(state)
+            waiting = [s for s in self._connections if not s.authenticated]
+            if len(self._connections) >= MAX_CONNECTIONS:
+                why = f"{MAX_CONNECTIONS} connections already open"
+            elif len(waiting) >= MAX_PREAUTH:
+                why = f"{MAX_PREAUTH} connections already waiting to log in"
+            elif sum(s.host == state.host for s in waiting) >= MAX_PREAUTH_PER_PEER:
+                why = f"{MAX_PREAUTH_PER_PEER} connections from {state.host} already waiting to log in"
+            else:
+                self._connections.add(state)
+                return True
+        self._quiet.warning("transfer connection refused", peer=state.peer, reason=why)
+        return False
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
 
     def _unregister_connection(self, state: _ConnectionState) -> None:
         with self._lock:
