@@ -42,7 +42,9 @@ CONTROLLER_POLICY = ServicePolicy(
         "ListContainers": reads(_USER, node("node", optional=True)),
         "ExecContainer": writes(_USER, container()),
         "SetContainerLimits": writes(_USER, container()),
-        "MigrateContainer": writes(_USER, container(), node("target_node"), operation("from_checkpoint", optional=True)),
+        # An empty target is left to the fleet, whose error says which option names it.
+        "MigrateContainer": writes(_USER, container(), node("target_node", optional=True),
+                                   operation("from_checkpoint", optional=True)),
         "ListOperations": reads(_USER, container("container", optional=True)),
         "GetOperation": reads(_USER, operation("id")),
         "WatchOperation": reads(_USER, operation("id")),
