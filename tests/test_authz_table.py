@@ -452,3 +452,24 @@ def test_resource_exhausted_is_no_capacity_only_when_placement_says_so():
     assert isinstance(from_grpc_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max"), LimitExceeded)
     assert isinstance(from_grpc_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "x", "LimitExceeded"), LimitExceeded)
     assert isinstance(from_grpc_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "no node fits", "NoCapacity"), NoCapacity)
+
+
+async def test_connections_over_the_cap_are_refused(fleet):
+    """Each channel here has a connection of its own (a local subchannel pool); the second finds
+    the server at its cap, the first keeps working."""
+    from corral.api.tls import channel_credentials
+
+    def channel(i: int) -> grpc.aio.Channel:
+        options = [("grpc.ssl_target_name_override", pki.server_name("agent", "n1")),
+                   ("grpc.use_local_subchannel_pool", 1), ("corral.test.channel", i)]  # fmt: skip
+        return grpc.aio.secure_channel(srv.address, channel_credentials(fleet.tls["controller"]), options=options)
+
+    async with _agent_server(fleet, policy=dataclasses.replace(AGENT_POLICY, max_connections=1)) as srv:
+        async with channel(1) as first, channel(2) as second:
+            codes = []
+            for ch in (first, second, first):
+                try:
+                    await agent_pb2_grpc.AgentServiceStub(ch).GetNodeFacts(agent_pb2.GetNodeFactsRequest(), timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+    assert codes == [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED]

@@ -33,6 +33,7 @@ log = structlog.get_logger("corral.api")
 current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("current_identity", default=None)
 
 _WHAT = {"container": "container name", "node": "node name", "operation": "operation id"}
+_LOG_KEY = {"container": "container", "node": "node", "operation": "op"}  # as the rest of the logs bind them
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class _Guard:
             if value == "" and field.optional:
                 continue
             validate_name(value, _WHAT[field.kind])
-            named.setdefault(field.kind, value)
+            named.setdefault(_LOG_KEY[field.kind], value)
         if self.rule.mutates:
             log.info("call", method=self.method, role=identity.role, caller=identity.name, peer=context.peer(), **named)
 
