@@ -358,7 +358,7 @@ async def test_changes_are_logged_with_their_caller(fleet, monkeypatch):
                                  (stub.StopContainer, agent_pb2.AgentStopContainerRequest(name="web", force=True))]:  # fmt: skip
                 with pytest.raises(grpc.aio.AioRpcError):
                     await rpc(request, timeout=5)  # UNIMPLEMENTED: past the guard
-    calls = [kw for event, kw in recorder.events if event == "call"]
+    calls = [kw for event, kw in recorder.events if event == "mutating call"]
     assert len(calls) == 1, recorder.events  # the read is not logged
     assert calls[0]["method"] == "StopContainer" and calls[0]["role"] == "controller"
     assert calls[0]["caller"] == "controller" and calls[0]["container"] == "web" and calls[0]["peer"]

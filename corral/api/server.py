@@ -163,7 +163,7 @@ class _Guard:
             validate_name(value, _WHAT[field.kind])
             named.setdefault(_LOG_KEY[field.kind], value)
         if self.rule.mutates:
-            log.info("call", method=self.method, role=identity.role, caller=identity.name, peer=context.peer(), **named)
+            log.info("mutating call", method=self.method, role=identity.role, caller=identity.name, peer=context.peer(), **named)
 
     async def checked_stream(self, requests: AsyncIterator[Any], identity: Identity, context) -> AsyncIterator[Any]:
         first = True
