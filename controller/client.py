@@ -92,6 +92,10 @@ class ControllerClient:
         req = cpb.SetContainerLimitsRequest(name=name, limits=limits_to_pb(limits))
         return container_from_pb(await self._call(self.stub.SetContainerLimits, req))
 
+    async def resolve_container(self, name: str, node: str, *, dry_run: bool) -> cpb.ResolveContainerResponse:
+        req = cpb.ResolveContainerRequest(name=name, node=node, dry_run=dry_run)
+        return await self._call(self.stub.ResolveContainer, req, 120)
+
     # -- migrations and operations (operations are returned as protobuf messages) --------
 
     async def migrate(

@@ -1,39 +1,55 @@
 """The fleet's containers: what the controller does for each API request.
 
-Records live in the store; the agents do the work on their hosts. Every
-action on one container holds that container's lock in the controller, so
-requests for the same container never interleave.
+Records live in the store; the agents do the work on their hosts. Every path
+that changes a container holds its lock (controller.locks) for as long as it
+acts: a request finding it held gets a Conflict. Create, destroy and migrate
+are operations (controller.operations); start, stop and limits are short calls.
+Desired state changes only here and in operations, each a compare-and-set;
+what hosts report is written beside it (`observe`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import structlog
 
 from controller.agents import AgentClient, AgentPool
 from controller.health.registry import NodeRegistry
+from controller.locks import ContainerLocks
+from controller.model import Operation, OpState
 from controller.network.ipam import AddressPool
 from controller.operations.engine import Engine
 from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_STORAGES, choose_strategy
-from controller.model import Operation, OpState
+from controller.operations.params import CreateParams, DestroyParams, MigrateParams
+from controller.operations.steps import OpKind
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
 from controller.store.base import Store
 from controller.vocabulary import STORAGE_NAMES, TEMPLATES, storage_driver
-from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound
-from corral.model import Container, ContainerState, Limits, Node, NodeState, validate_limits
+from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from corral.model import Container, ContainerState, DesiredState, Limits, Node, NodeState, validate_limits
 from corral.names import validate_name
 from corral.v1 import agent_pb2 as apb
 
 log = structlog.get_logger("corral.controller.fleet")
 
 STORAGES = STORAGE_NAMES  # local|shared, or a driver: dir|image|lvm (see controller/vocabulary.py)
-# States the controller sets itself while it acts; heartbeats must not overwrite them.
-_TRANSITIONAL = {ContainerState.CREATING, ContainerState.DESTROYING}
+# What an operation in progress shows as the container's state.
+_PHASE_OF = {OpKind.CREATE: ContainerState.CREATING, OpKind.DESTROY: ContainerState.DESTROYING}
+SETTLE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What `ct resolve` does: keep the copy on `keep`, stop and remove those on `remove`."""
+
+    name: str
+    keep: str
+    remove: tuple[str, ...]
+    reason: str
 
 
 class Fleet:
@@ -43,17 +59,20 @@ class Fleet:
         nodes: NodeRegistry,
         agents: AgentPool,
         addresses: AddressPool,
+        engine: Engine,
         policy: PlacementPolicy = PlacementPolicy(),
     ) -> None:
         self.store = store
         self.nodes = nodes
         self.agents = agents
         self.addresses = addresses
+        self.engine = engine
+        self.locks: ContainerLocks = engine.locks
         self.policy = policy
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.engine: Engine | None = None  # set once the operations engine exists
         # Placement and address choice read then write: one at a time.
         self._placement_lock = asyncio.Lock()
+        self._settling: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
 
     # -- nodes -------------------------------------------------------------
 
@@ -77,11 +96,6 @@ class Fleet:
 
     # -- containers ----------------------------------------------------------
 
-    def _not_busy(self, name: str) -> None:
-        op = self.engine.active_for(name) if self.engine else None
-        if op is not None:
-            raise FailedPrecondition(f"container {name!r} is busy with operation {op.id} ({op.kind}, {op.state.value})")
-
     async def _record(self, name: str) -> Container:
         validate_name(name)
         record = await self.store.get_container(name)
@@ -89,17 +103,36 @@ class Fleet:
             raise NotFound(f"container {name!r} does not exist")
         return record
 
+    @staticmethod
+    def _refuse_in_doubt(record: Container, action: str) -> None:
+        if record.in_doubt:
+            where = ", ".join(record.doubt_nodes) or record.node
+            raise FailedPrecondition(
+                f"container {record.name!r} is in doubt ({record.in_doubt}): it may run on {where}. "
+                f"It cannot {action} until that is settled: automatically when those nodes report, or "
+                f"`corral ct resolve {record.name} --on NODE`"
+            )
+
     def _observed(self, ct: Container) -> Container:
+        op = self.engine.active_for(ct.name)
+        if op is not None and op.kind in _PHASE_OF:
+            return replace(ct, state=_PHASE_OF[OpKind(op.kind)])
+        if ct.state == ContainerState.CREATING:
+            return ct
         node = self.nodes.get(ct.node)
-        if ct.state not in _TRANSITIONAL and (node is None or node.state != NodeState.READY):
+        if node is None or node.state != NodeState.READY:
             return replace(ct, state=ContainerState.UNKNOWN, message=f"node {ct.node} is unreachable")
         return ct
 
     async def get(self, name: str) -> Container:
         record = self._observed(await self._record(name))
-        if record.state in _TRANSITIONAL or record.state == ContainerState.UNKNOWN:
+        if record.in_doubt or record.state in (ContainerState.CREATING, ContainerState.DESTROYING,
+                                               ContainerState.UNKNOWN):  # fmt: skip
             return record
-        live = await self._agent_for(record.node).get(name)
+        try:
+            live = await self._agent_for(record.node).get(name)
+        except NotFound:
+            return replace(record, state=ContainerState.UNKNOWN, message=f"node {record.node} has no such container")
         return replace(record, state=live.state, init_pid=live.init_pid)
 
     async def list(self, node: str = "") -> list[Container]:
@@ -118,66 +151,64 @@ class Fleet:
         if node:
             validate_name(node, "node name")
         validate_limits(limits)
-        bound = log.bind(container=name)
-        async with self._locks[name]:
-            async with self._placement_lock:
-                if await self.store.get_container(name) is not None:
-                    raise AlreadyExists(f"container {name!r} already exists")
-                nodes = await self.list_nodes()
-                # The concrete driver: `shared` is the one the candidate nodes offer.
-                storage = storage_driver(storage, [n.facts.storage_drivers for n in nodes
-                                                   if n.state == NodeState.READY and (not node or n.name == node)])
-                request = PlacementRequest(name, limits, node, storage)
-                placement = place(request, nodes, self.policy)
-                used = [c.network.ipv4 for c in await self.store.list_containers()]
-                network = self.addresses.allocate(used)
-                record = Container(
-                    name=name, node=placement.node, template=template, state=ContainerState.CREATING,
-                    limits=limits, network=network, storage=storage, created_at=time.time(),
-                )  # fmt: skip
-                await self.store.insert_container(record)
-            bound.info("placing container", node=placement.node, reason=placement.reason, ip=network.ipv4)
-            try:
-                agent = self._agent_for(placement.node)
-                created = await agent.create(name, template, limits, network, storage)
-            except CorralError:
-                await self.store.delete_container(name)
-                raise
-            record = replace(record, state=created.state, message=created.message)
-            await self.store.update_container(record)
-            if start:
-                started = await agent.start(name)
-                record = replace(record, state=started.state, init_pid=started.init_pid)
-                await self.store.update_container(record)
-            bound.info("container created", node=placement.node)
-            return record
+        async with self._placement_lock:
+            if await self.store.get_container(name) is not None:
+                raise AlreadyExists(f"container {name!r} already exists")
+            nodes = await self.list_nodes()
+            # The concrete driver: `shared` is the one the candidate nodes offer.
+            storage = storage_driver(storage, [n.facts.storage_drivers for n in nodes
+                                               if n.state == NodeState.READY and (not node or n.name == node)])
+            placement = place(PlacementRequest(name, limits, node, storage), nodes, self.policy)
+            network = self.addresses.allocate(await self._addresses_in_use())
+            record = Container(
+                name=name, node=placement.node, template=template, state=ContainerState.CREATING,
+                limits=limits, network=network, storage=storage, created_at=time.time(),
+                desired_state=DesiredState.RUNNING if start else DesiredState.STOPPED,
+            )  # fmt: skip
+            params = CreateParams(placement.node, template, storage, start, limits.__dict__.copy())
+            # The record (its address, its share of the node) and the operation commit together.
+            op = await self.engine.submit(OpKind.CREATE, name, params.to_dict(),
+                                          with_change=lambda tx: tx.insert_container(record))  # fmt: skip
+        log.info("placing container", op=op.id, container=name, node=placement.node, reason=placement.reason,
+                 ip=network.ipv4)  # fmt: skip
+        await self.engine.outcome(op.id)
+        return await self._record(name)
+
+    async def _addresses_in_use(self) -> list[str]:
+        used = [c.network.ipv4 for c in await self.store.list_containers()]
+        # Containers hosts report that the fleet has no record of keep theirs (a rebuilt controller).
+        return used + [net.ipv4 for _, _, net in await self.store.list_unmanaged()]
 
     async def start(self, name: str) -> Container:
-        async with self._locks[name]:
-            self._not_busy(name)
+        validate_name(name)
+        with self.locks.hold(name, "a start"):
             record = await self._record(name)
+            self._refuse_in_doubt(record, "start")
+            record = await self._want(record, DesiredState.RUNNING)
             observed = await self._agent_for(record.node).start(name)
             return await self._save_observed(record, observed)
 
     async def stop(self, name: str, force: bool, timeout: int) -> Container:
         if timeout < 0 or timeout > 3600:
             raise InvalidArgument("stop timeout must be between 0 and 3600 seconds")
-        async with self._locks[name]:
-            self._not_busy(name)
+        validate_name(name)
+        with self.locks.hold(name, "a stop"):
             record = await self._record(name)
+            record = await self._want(record, DesiredState.STOPPED)
             observed = await self._agent_for(record.node).stop(name, force, timeout)
             return await self._save_observed(record, observed)
 
+    async def _want(self, record: Container, desired: DesiredState) -> Container:
+        if record.desired_state == desired:
+            return record
+        return await self.store.update_container(replace(record, desired_state=desired))
+
     async def destroy(self, name: str, force: bool) -> None:
-        async with self._locks[name]:
-            self._not_busy(name)
-            record = await self._record(name)
-            try:
-                await self._agent_for(record.node).destroy(name, force)
-            except NotFound:
-                log.warning("container already gone from its node", container=name, node=record.node)
-            await self.store.delete_container(name)
-            log.info("container destroyed", container=name, node=record.node)
+        record = await self._record(name)
+        self._refuse_in_doubt(record, "be destroyed")
+        op = await self.engine.submit(OpKind.DESTROY, name, DestroyParams(record.node, force).to_dict())
+        await self.engine.outcome(op.id)
+        log.info("container destroyed", op=op.id, container=name, node=record.node)
 
     async def exec(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
@@ -191,8 +222,8 @@ class Fleet:
         validate_limits(limits)
         if limits == Limits():
             raise InvalidArgument("no limit given to change")
-        async with self._locks[name]:
-            self._not_busy(name)
+        validate_name(name)
+        with self.locks.hold(name, "a change of limits"):
             record = await self._record(name)
             # Only growth needs room on the node: check the increase like a placement.
             growth = Limits(
@@ -203,13 +234,13 @@ class Fleet:
                 node = [n for n in await self.list_nodes() if n.name == record.node]
                 place(PlacementRequest(name, growth, record.node, record.storage), node, self.policy)
             observed = await self._agent_for(record.node).set_limits(name, limits)
-            return await self._save_observed(replace(record, limits=observed.limits), observed)
+            record = await self.store.update_container(replace(record, limits=observed.limits))
+            return await self._save_observed(record, observed)
 
     async def migrate(
         self, name: str, target: str, *, live: bool, postcopy: bool, fallback_cold: bool, from_checkpoint: str = ""
     ) -> Operation:
         """Validate a migration request and hand it to the operations engine."""
-        assert self.engine is not None
         validate_name(name)
         if not target:
             raise InvalidArgument("no target node given (--to NODE)")
@@ -223,6 +254,7 @@ class Fleet:
                 raise InvalidArgument("--from-checkpoint restores a kept checkpoint: no --postcopy or --fallback")
             validate_name(from_checkpoint, "operation id")
         record = await self._record(name)
+        self._refuse_in_doubt(record, "migrate")
         if record.node == target:
             raise InvalidArgument(f"container {name!r} is already on node {target!r}")
         nodes = {n.name: n for n in await self.list_nodes()}
@@ -249,50 +281,144 @@ class Fleet:
                     for s, why in sorted(nodes[n].facts.live_unavailable.items()) if not postcopy or s == "post-copy"
                 )  # fmt: skip
                 raise FailedPrecondition(f"{exc.message}{' (' + reasons + ')' if reasons else ''}") from None
-        params = {"source": record.node, "target": target, "live": live, "postcopy": postcopy,
-                  "fallback_cold": fallback_cold, "strategy": strategy}  # fmt: skip
-        return await self.engine.submit("migrate", name, params)
+        params = MigrateParams(record.node, target, live=live, postcopy=postcopy, fallback_cold=fallback_cold,
+                               strategy=strategy)  # fmt: skip
+        return await self.engine.submit(OpKind.MIGRATE, name, params.to_dict())
 
     async def _migrate_from_checkpoint(self, record: Container, target: str, nodes: dict[str, Node],
                                        kept_op: str) -> Operation:  # fmt: skip
         """Back to where a failed post-copy kept the container's checkpoint (see MigrationPlan)."""
-        assert self.engine is not None
         op = await self.engine.get(kept_op)
-        if op.kind != "migrate" or op.container != record.name or op.params.get("strategy") != POST_COPY:
+        kept = MigrateParams.of(op.params)
+        if op.kind != OpKind.MIGRATE or op.container != record.name or kept.strategy != POST_COPY:
             raise InvalidArgument(f"operation {kept_op} is not a post-copy migration of {record.name!r}")
-        if op.state != OpState.FAILED or not op.params.get("kept_checkpoint"):
+        if op.state != OpState.FAILED or not kept.kept_checkpoint:
             raise FailedPrecondition(f"operation {kept_op} left no checkpoint of {record.name!r} "
                                      f"({op.state.value}{': ' + op.error if op.error else ''})")  # fmt: skip
-        if record.node != op.params["target"]:
+        if record.node != kept.target:
             raise FailedPrecondition(f"{record.name!r} has moved since operation {kept_op} (it is on {record.node!r})")
-        if target != op.params["source"]:
-            kept_on = op.params["source"]
-            raise InvalidArgument(f"the checkpoint of {kept_op} is on node {kept_on!r}: --to {kept_on}")
+        if target != kept.source:
+            raise InvalidArgument(f"the checkpoint of {kept_op} is on node {kept.source!r}: --to {kept.source}")
         for node in (record.node, target):
             if node not in nodes or nodes[node].state != NodeState.READY:
                 # Rule 1: its copy there must be proven stopped before the checkpoint runs.
                 raise FailedPrecondition(f"node {node!r} is not reachable: it must be, to bring {record.name!r} back")
-        params = {"source": record.node, "target": target, "live": True, "strategy": "from-checkpoint",
-                  "from_checkpoint": kept_op}  # fmt: skip
-        return await self.engine.submit("migrate", record.name, params)
+        params = MigrateParams(record.node, target, live=True, strategy="from-checkpoint", from_checkpoint=kept_op)
+        return await self.engine.submit(OpKind.MIGRATE, record.name, params.to_dict())
 
     async def _save_observed(self, record: Container, observed: Container) -> Container:
-        updated = replace(record, state=observed.state, init_pid=observed.init_pid, message=observed.message)
-        await self.store.update_container(updated)
-        return updated
+        now = time.time()
+        await self.store.observe_container(record.name, record.node, observed.state, observed.init_pid, now,
+                                           observed.message)  # fmt: skip
+        return replace(record, state=observed.state, init_pid=observed.init_pid, message=observed.message,
+                       observed_at=now)  # fmt: skip
+
+    # -- in doubt ------------------------------------------------------------------
+
+    async def _holders(self, record: Container) -> dict[str, ContainerState | None]:
+        """What each node that may hold a copy says of it (None: no copy there).
+        Raises Unavailable if one cannot be asked: then nothing can be proven."""
+        held: dict[str, ContainerState | None] = {}
+        for node in dict.fromkeys((record.node, *record.doubt_nodes)):
+            entry = self.nodes.get(node)
+            if entry is None:
+                held[node] = None
+                continue
+            try:
+                async with asyncio.timeout(SETTLE_TIMEOUT):
+                    held[node] = (await self.agents.client(entry.facts).get(record.name, wait_idle=True)).state
+            except NotFound:
+                held[node] = None
+            except (Unavailable, TimeoutError) as exc:
+                raise Unavailable(f"node {node} cannot be asked about {record.name!r}: {exc}") from None
+        return held
+
+    async def settle_doubt(self, name: str) -> bool:
+        """Clear a container's doubt if the nodes that may hold it say enough: exactly one runs
+        it (the record follows it), or none does (the record stays). True if settled."""
+        record = await self.store.get_container(name)
+        if record is None or not record.in_doubt or self.locks.holder(name) is not None:
+            return False
+        with self.locks.hold(name, "settling its doubt"):
+            try:
+                held = await self._holders(record)
+            except Unavailable as exc:
+                log.info("container still in doubt", container=name, why=exc.message)
+                return False
+            running = [n for n, state in held.items() if state == ContainerState.RUNNING]
+            if len(running) > 1:
+                log.error("container runs on more than one node: the operator must resolve it",
+                          container=name, nodes=running)  # fmt: skip
+                return False
+            keep = running[0] if running else record.node
+            if held.get(keep) is None:
+                return False  # the record's node has no copy either: the operator must say which
+            others = [n for n, state in held.items() if n != keep and state is not None]
+            note = f"stopped copies left on {', '.join(others)}: `corral ct resolve` removes them" if others else ""
+            await self.store.update_container(replace(record, node=keep, in_doubt="", doubt_nodes=(), message=note))
+            log.warning("doubt settled", container=name, node=keep, running=bool(running), stale_copies=others)
+            return True
+
+    async def plan_resolution(self, name: str, keep: str) -> Resolution:
+        validate_name(keep, "node name")
+        record = await self._record(name)
+        if not record.in_doubt:
+            raise FailedPrecondition(f"container {name!r} is not in doubt: nothing to resolve")
+        held = await self._holders(replace(record, doubt_nodes=(*record.doubt_nodes, keep)))
+        if held.get(keep) is None:
+            have = ", ".join(n for n, s in held.items() if s is not None) or "no node"
+            raise FailedPrecondition(f"node {keep!r} holds no copy of {name!r} (copies on: {have})")
+        remove = tuple(n for n, state in held.items() if n != keep and state is not None)
+        return Resolution(name, keep, remove, record.in_doubt)
+
+    async def resolve(self, name: str, keep: str, dry_run: bool) -> Resolution:
+        """Settle a container in doubt by the operator's word: its copy on `keep` is the one;
+        every other copy is stopped and removed first (each node must answer)."""
+        validate_name(name)
+        with self.locks.hold(name, "a resolve"):
+            plan = await self.plan_resolution(name, keep)
+            if dry_run:
+                return plan
+            for node in plan.remove:
+                agent = self.agents.client(self.nodes.get(node).facts)
+                await agent.stop(name, True, 0)
+                await agent.destroy(name, True)
+                log.warning("removed a copy of a container in doubt", container=name, node=node)
+            record = await self._record(name)
+            await self.store.update_container(replace(record, node=keep, in_doubt="", doubt_nodes=(),
+                                                      message=f"resolved by the operator: kept the copy on {keep}"))
+            observed = await self.agents.client(self.nodes.get(keep).facts).get(name)
+            await self._save_observed(replace(record, node=keep), observed)
+            return plan
 
     # -- reports from agents ---------------------------------------------------
 
     async def observe(self, node: str, reported: list[Container]) -> None:
-        """Fold a node's report of its containers into the records (only changes are written)."""
-        records = {c.name: c for c in await self.store.list_containers(node)}
+        """Fold a node's report of its containers into the observed state (never the desired)."""
+        records = {c.name: c for c in await self.store.list_containers()}
+        known_unmanaged = {name for n, name, _ in await self.store.list_unmanaged() if n == node}
+        now = time.time()
         for ct in reported:
             record = records.get(ct.name)
             if record is None:
-                log.warning("node reports a container the fleet has no record of", node=node, container=ct.name)
+                if ct.name not in known_unmanaged:
+                    log.warning("node reports a container the fleet has no record of; its address stays "
+                                "taken", node=node, container=ct.name, ip=ct.network.ipv4)  # fmt: skip
+                    await self.store.put_unmanaged(node, ct.name, ct.network, now)
                 continue
-            busy = self.engine is not None and self.engine.active_for(ct.name) is not None
-            if record.state in _TRANSITIONAL or self._locks[ct.name].locked() or busy:
-                continue
-            if record.state != ct.state:
-                await self.store.update_container(replace(record, state=ct.state, init_pid=ct.init_pid))
+            if record.in_doubt and node in (record.node, *record.doubt_nodes):
+                self._settle_soon(ct.name)
+            if record.node != node or self.locks.holder(ct.name) is not None:
+                continue  # another node's record, or a request is acting on it (it writes what it saw)
+            if record.state != ct.state or record.init_pid != ct.init_pid:
+                await self.store.observe_container(ct.name, node, ct.state, ct.init_pid, now)
+        for gone in known_unmanaged - {ct.name for ct in reported}:
+            await self.store.forget_unmanaged(node, gone)
+
+    def _settle_soon(self, name: str) -> None:
+        if name in self._settling:
+            return
+        self._settling.add(name)
+        task = asyncio.create_task(self.settle_doubt(name))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: (self._tasks.discard(t), self._settling.discard(name)))

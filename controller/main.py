@@ -15,7 +15,7 @@ from controller.config import ControllerConfig
 from controller.fleet import Fleet
 from controller.health.registry import NodeRegistry
 from controller.operations.engine import Engine
-from controller.operations.migrate import MigrationPlan
+from controller.operations import operation_plans
 from controller.service import ControllerServicer, controller_policy
 from controller.store.sqlite import SqliteStore
 from corral import log as corral_log
@@ -33,9 +33,8 @@ async def serve(config: ControllerConfig) -> None:
     nodes = NodeRegistry(store, config.heartbeat_timeout)
     await nodes.load()
     agents = AgentPool(config.tls)
-    fleet = Fleet(store, nodes, agents, config.addresses, config.placement)
-    engine = Engine(store, {"migrate": lambda op: MigrationPlan(op, store, nodes, agents)})
-    fleet.engine = engine
+    engine = Engine(store, operation_plans(store, nodes, agents))
+    fleet = Fleet(store, nodes, agents, config.addresses, engine, config.placement)
 
     server = make_server(controller_policy)
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(

@@ -69,6 +69,8 @@ class Operation:
     cancel_requested: bool = False
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Raised at every change; the store never replaces a newer revision with an older one.
+    revision: int = 0
 
     @staticmethod
     def new(kind: str, container: str, params: dict[str, Any]) -> "Operation":
@@ -91,6 +93,10 @@ class Operation:
     def with_step(self, step: Step) -> "Operation":
         steps = [s for s in self.steps if s.name != step.name] + [step]
         return replace(self, steps=tuple(steps), updated_at=time.time())
+
+    def changed(self, **changes: Any) -> "Operation":
+        """This operation with `changes`, at the next revision."""
+        return replace(self, **changes, revision=self.revision + 1, updated_at=time.time())
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -42,6 +42,7 @@ CONTROLLER_POLICY = ServicePolicy(
         "ListContainers": reads(_USER, node("node", optional=True)),
         "ExecContainer": writes(_USER, container()),
         "SetContainerLimits": writes(_USER, container()),
+        "ResolveContainer": writes(_USER, container(), node("node")),
         # An empty target is left to the fleet, whose error says which option names it.
         "MigrateContainer": writes(_USER, container(), node("target_node", optional=True),
                                    operation("from_checkpoint", optional=True)),
@@ -120,6 +121,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def SetContainerLimits(self, request, context):
         return container_to_pb(await self.fleet.set_limits(request.name, limits_from_pb(request.limits)))
+
+    async def ResolveContainer(self, request: cpb.ResolveContainerRequest, context):
+        plan = await self.fleet.resolve(request.name, request.node, request.dry_run)
+        return cpb.ResolveContainerResponse(name=plan.name, keep=plan.keep, remove=list(plan.remove),
+                                            reason=plan.reason, done=not request.dry_run)  # fmt: skip
 
     async def MigrateContainer(self, request: cpb.MigrateContainerRequest, context):
         op = await self.fleet.migrate(

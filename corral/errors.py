@@ -54,6 +54,12 @@ class FailedPrecondition(CorralError):
     exit_code = 5
 
 
+class Conflict(FailedPrecondition):
+    """Someone else changed or holds the same thing first: a stale write, a busy container."""
+
+    grpc_code = grpc.StatusCode.ABORTED
+
+
 class NoCapacity(CorralError):
     """No node can take the request (placement found nothing that fits)."""
 
@@ -106,6 +112,7 @@ _BY_CODE: dict[grpc.StatusCode, type[CorralError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Conflict,
     grpc.StatusCode.RESOURCE_EXHAUSTED: NoCapacity,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -22,6 +22,13 @@ class ContainerState(enum.Enum):
     ERROR = "error"
 
 
+class DesiredState(enum.Enum):
+    """What the operator asked for; only operations and lifecycle requests change it."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
 class NodeState(enum.Enum):
     READY = "ready"
     UNREACHABLE = "unreachable"
@@ -65,6 +72,15 @@ class NetworkAttachment:
 
 @dataclass(frozen=True)
 class Container:
+    """A container as the fleet records it.
+
+    Desired state (node, desired_state, limits, ...) changes only through requests and
+    operations, each a compare-and-set on `revision`. Observed state (`state`, `init_pid`,
+    `observed_at`) is what the host last reported, written beside it by heartbeats.
+    `in_doubt` says why the controller cannot tell whether a copy runs on one of
+    `doubt_nodes`: nothing starts the container until that is settled.
+    """
+
     name: str
     node: str
     template: str
@@ -76,6 +92,11 @@ class Container:
     created_at: float = 0.0
     message: str = ""
     volume_generation: int = 0
+    desired_state: DesiredState = DesiredState.STOPPED
+    observed_at: float = 0.0
+    revision: int = 0
+    in_doubt: str = ""
+    doubt_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

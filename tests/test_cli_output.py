@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from controller.cli.context import Ctx
 from controller.cli.main import cli
-from corral.model import Container, ContainerState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
+from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
 from corral.v1 import types_pb2 as pb
 
 NOW = 1796166208.25
@@ -30,7 +30,7 @@ NODE = Node(
 CONTAINER = Container(
     name="web1", node="n1", template="busybox", state=ContainerState.RUNNING, limits=Limits(memory_bytes=256 << 20),
     network=NetworkAttachment("10.9.0.10/24", "10.9.0.1", "02:00:00:00:00:01"), storage="image", init_pid=4242,
-    created_at=NOW, volume_generation=3,
+    created_at=NOW, volume_generation=3, desired_state=DesiredState.RUNNING, observed_at=NOW, revision=4,
 )  # fmt: skip
 OPERATION = pb.Operation(
     id="op-1", kind="migrate", container="web1", state="succeeded",

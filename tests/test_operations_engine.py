@@ -8,7 +8,7 @@ import pytest
 from controller.operations.engine import Engine, OpContext
 from controller.model import OpState, StepState
 from controller.store.sqlite import SqliteStore
-from corral.errors import CorralError, RuntimeFailure
+from corral.errors import Conflict, CorralError, RuntimeFailure
 
 
 class Recorder:
@@ -60,18 +60,20 @@ async def test_success_failure_and_rollback(store):
     await engine.close()
 
 
-async def test_operations_on_one_container_are_serialized(store):
+async def test_a_second_operation_on_a_busy_container_gets_a_conflict(store):
     events, gate = [], asyncio.Event()
     engine = Engine(store, {"op": lambda op: Recorder(events, gate=gate)})
     first = await engine.submit("op", "same", {})
-    second = await engine.submit("op", "same", {})
-    await asyncio.sleep(0.2)
-    assert (await engine.get(second.id)).state == OpState.PENDING
-    assert events == [("same", "one"), ("same", "two")]
+    await asyncio.sleep(0.1)
+    with pytest.raises(Conflict, match=f"busy with operation {first.id}"):
+        await engine.submit("op", "same", {})
+    other = await engine.submit("op", "another", {})  # other containers are not held up
     gate.set()
-    assert (await engine.wait(second.id)).state == OpState.SUCCEEDED
-    assert [e[1] for e in events] == ["one", "two", "three", "one", "two", "three"]
-    assert (await engine.get(first.id)).state == OpState.SUCCEEDED
+    assert (await engine.wait(first.id)).state == OpState.SUCCEEDED
+    assert (await engine.wait(other.id)).state == OpState.SUCCEEDED
+    assert len(await store.list_operations("same")) == 1  # the refused one left no record
+    again = await engine.submit("op", "same", {})  # free once the first is over
+    assert (await engine.wait(again.id)).state == OpState.SUCCEEDED
     await engine.close()
 
 

@@ -39,13 +39,20 @@ def limit_options(fn):
 
 
 def _show(obj, ct) -> None:
+    import time
+
     from corral.units import format_cpus, format_size
 
     if obj.machine:
         output.emit(obj, ct)
         return
+    observed = ct.state.value
+    if ct.observed_at:
+        observed += f" (reported {max(0.0, time.time() - ct.observed_at):.0f}s ago)"
+    wanted = [] if ct.desired_state.value == ct.state.value else [("desired", ct.desired_state.value)]
+    doubt = [("in doubt", ct.in_doubt), ("may run on", ", ".join(ct.doubt_nodes) or ct.node)] if ct.in_doubt else []
     output.print_fields([
-        ("name", ct.name), ("state", ct.state.value), ("node", ct.node), ("template", ct.template),
+        ("name", ct.name), ("state", observed), *wanted, *doubt, ("node", ct.node), ("template", ct.template),
         ("ipv4", ct.network.ipv4 or "-"), ("mac", ct.network.mac or "-"), ("storage", ct.storage),
         ("init pid", ct.init_pid or "-"), ("memory", format_size(ct.limits.memory_bytes)),
         ("cpus", format_cpus(ct.limits.cpu_millis)), ("cpu shares", ct.limits.cpu_shares or "-"),
@@ -168,6 +175,54 @@ def ct_destroy(obj, name, force) -> None:
             click.echo(f"destroyed {name}")
 
     go()
+
+
+@ct.command("resolve", examples=[
+    "corral ct resolve web1 --on n2          # says what it will stop where, then asks",
+    "corral ct resolve web1 --on n2 --yes",
+    "corral ct resolve web1 --on n2 --dry-run -o json",
+])  # fmt: skip
+@click.argument("name", shell_complete=complete_containers)
+@click.option("--on", "node", required=True, shell_complete=complete_nodes,
+              help="the node whose copy is the container from now on")
+@click.option("--yes", "-y", is_flag=True, help="do it without asking")
+@click.option("--dry-run", is_flag=True, help="only say what would be stopped where")
+@click.pass_obj
+def ct_resolve(obj, name, node, yes, dry_run) -> None:
+    """Settle a container that is in doubt (the controller cannot tell whether a copy runs).
+
+    The copy on --on NODE becomes the container; every other copy is stopped and
+    removed first, and each node holding one must answer. Without --yes it shows
+    what it will do and asks (a terminal is needed to ask).
+    """
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            plan = await fleet.resolve_container(name, node, dry_run=True)
+            if not dry_run and not yes:
+                _say_resolution(plan, "will")
+                if not sys.stdin.isatty():
+                    raise click.UsageError("not a terminal to ask on: add --yes to do it, --dry-run to see it")
+                if not click.confirm("Go ahead?", default=False):
+                    raise click.Abort()
+            if not dry_run:
+                plan = await fleet.resolve_container(name, node, dry_run=False)
+        if obj.machine:
+            output.emit(obj, plan)
+        else:
+            _say_resolution(plan, "would" if dry_run else "did")
+
+    go()
+
+
+def _say_resolution(plan, tense: str) -> None:
+    verbs = {"will": ("will stop and remove", "will keep"), "would": ("would stop and remove", "would keep"),
+             "did": ("stopped and removed", "kept")}[tense]  # fmt: skip
+    click.echo(f"{plan.name} was in doubt: {plan.reason}")
+    for node in plan.remove:
+        click.echo(f"  {verbs[0]} the copy on {node}")
+    click.echo(f"  {verbs[1]} the copy on {plan.keep}: {plan.name} lives there from now on")
 
 
 @ct.command("ls", examples=["corral ct ls", "corral ct ls --node n1", "corral ct ls -o json | jq -r '.[].name'",

@@ -178,6 +178,17 @@ def nodes_table(nodes: Sequence[Node], *, no_headers: bool = False) -> None:
     )
 
 
+def state_label(c: Container) -> str:
+    """The observed state, flagged where it is not what was asked for or cannot be trusted."""
+    if c.in_doubt:
+        return "in-doubt"
+    label = c.state.value
+    wanted = c.desired_state.value
+    if label in ("running", "stopped") and label != wanted:
+        label += f"(want:{wanted})"  # one token: scripts split the table on blanks
+    return label
+
+
 def containers_table(containers: Sequence[Container], *, no_headers: bool = False) -> None:
     from corral.units import format_cpus, format_size
 
@@ -186,7 +197,7 @@ def containers_table(containers: Sequence[Container], *, no_headers: bool = Fals
         [
             [
                 c.name,
-                c.state.value,
+                state_label(c),
                 c.node,
                 c.template,
                 c.network.ipv4 or "-",

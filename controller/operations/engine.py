@@ -3,7 +3,8 @@
 Each step is written to the store *before* it is taken and again when it is
 done, so a restarted controller knows exactly how far every operation got and
 hands it to its plan's `recover`, which finishes it or rolls it back.
-Operations on the same container run one at a time, in submission order.
+An operation holds its container (controller.locks) from submission to its end: a
+second request for the same container gets a Conflict naming it, never a queue.
 """
 
 from __future__ import annotations
@@ -11,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
 from dataclasses import replace
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 import structlog
 
 from controller.model import Operation, OpState, Progress, Step, StepState
-from controller.store.base import Store
+from controller.locks import ContainerLocks
+from controller.store.base import Store, StoreWriter
 from corral.errors import Cancelled, CorralError, FailedPrecondition, NotFound
 
 log = structlog.get_logger("corral.controller.operations")
 
 # Progress is sent to watchers at once but written to the store at most this often.
 PROGRESS_PERSIST_INTERVAL = 1.0
+T = TypeVar("T")
 
 
 class Plan(Protocol):
@@ -45,7 +47,7 @@ PlanFactory = Callable[[Operation], Plan]
 
 
 class OpContext:
-    """What a running plan uses to record itself."""
+    """What a running plan uses to record itself. It is the only writer of its operation."""
 
     def __init__(self, engine: "Engine", op: Operation) -> None:
         self._engine = engine
@@ -57,77 +59,123 @@ class OpContext:
         self.op = op
         await self._engine._persist(op)
 
+    async def _change(self, **changes: Any) -> None:
+        await self._save(self.op.changed(**changes))
+
+    def _with_step(self, step: Step) -> Operation:
+        return self.op.with_step(step).changed()
+
     @contextlib.asynccontextmanager
     async def step(self, name: str, detail: str = "") -> AsyncIterator[None]:
         """Record a step as started (durably) before running it, and its outcome after."""
         started = time.time()
-        await self._save(self.op.with_step(Step(name, StepState.STARTED, started, detail=detail)))
+        await self._save(self._with_step(Step(name, StepState.STARTED, started, detail=detail)))
         self.log.info("step started", step=name)
         try:
             yield
         except BaseException as exc:
             failed = Step(name, StepState.FAILED, started, time.time(), detail=_describe(exc))
-            await self._save(self.op.with_step(failed))
+            await self._save(self._with_step(failed))
             raise
         step = Step(name, StepState.DONE, started, time.time(), detail=detail)
-        await self._save(self.op.with_step(step))
+        await self._save(self._with_step(step))
         self.log.info("step done", step=name, ms=round(step.duration_ms, 1))
 
-    async def mark(self, name: str, state: StepState, detail: str = "") -> None:
-        now = time.time()
-        await self._save(self.op.with_step(Step(name, state, now, now, detail)))
+    async def commit_step(self, name: str, write: Callable[[StoreWriter], Awaitable[T]], detail: str = "") -> T:
+        """A step that is itself a change to the store: the change and the step's DONE record
+        commit in one transaction, so a crash cannot leave one without the other."""
+        started = time.time()
+        await self._save(self._with_step(Step(name, StepState.STARTED, started, detail=detail)))
+        done = self._with_step(Step(name, StepState.DONE, started, time.time(), detail=detail))
+        try:
+            async with self._engine.store.transaction() as tx:
+                result = await write(tx)
+                await tx.put_operation(done)
+        except BaseException as exc:
+            failed = Step(name, StepState.FAILED, started, time.time(), detail=_describe(exc))
+            await self._save(self._with_step(failed))
+            raise
+        self.op = done
+        self._engine._notify(done)
+        self.log.info("step done", step=name)
+        return result
 
     def progress(self, **changes: Any) -> None:
         """Update progress (phase, bytes_done, bytes_total, rate_bps, eta_s, message) for watchers."""
-        self.op = replace(self.op, progress=replace(self.op.progress, **changes), updated_at=time.time())
+        self.op = self.op.changed(progress=replace(self.op.progress, **changes))
         self._engine._notify(self.op)
         now = time.monotonic()
         if now - self._last_persist >= PROGRESS_PERSIST_INTERVAL:
             self._last_persist = now
+            # Unordered is fine: the store never lets this older revision overwrite a newer one.
             self._engine._spawn_persist(self.op)
 
     async def phase(self, phase: str, message: str = "") -> None:
-        self.op = replace(self.op, progress=Progress(phase=phase, message=message), updated_at=time.time())
-        await self._save(self.op)
+        await self._change(progress=Progress(phase=phase, message=message))
 
     async def timing(self, **timings_ms: float) -> None:
-        self.op = replace(self.op, timings={**self.op.timings, **{k: round(v, 1) for k, v in timings_ms.items()}})
-        await self._save(self.op)
+        await self._change(timings={**self.op.timings, **{k: round(v, 1) for k, v in timings_ms.items()}})
 
     async def set_params(self, **params: Any) -> None:
-        self.op = replace(self.op, params={**self.op.params, **params})
-        await self._save(self.op)
+        await self._change(params={**self.op.params, **params})
 
     def check_cancel(self) -> None:
         """Called by plans at points where stopping is safe."""
-        if self._engine._cancel_requested(self.op.id):
+        if self.op.cancel_requested:
             raise Cancelled(f"operation {self.op.id} was cancelled")
 
 
 class Engine:
-    def __init__(self, store: Store, plans: dict[str, PlanFactory]) -> None:
+    def __init__(self, store: Store, plans: dict[str, PlanFactory], locks: ContainerLocks | None = None) -> None:
         self.store = store
         self.plans = plans
-        self._container_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.locks = locks or ContainerLocks()
         self._active: dict[str, Operation] = {}
+        self._contexts: dict[str, OpContext] = {}
         self._changed: dict[str, asyncio.Condition] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._cancels: set[str] = set()
+        # Why recent operations failed, as raised (kept for a caller waiting on them, bounded).
+        self._errors: dict[str, CorralError] = {}
 
     # -- public ------------------------------------------------------------------
 
     async def start(self) -> None:
         """Pick up what a previous controller left unfinished."""
         for op in await self.store.list_operations(active_only=True):
+            holder = _holder(op)
+            if self.locks.holder(op.container) is not None:
+                # Queued behind another by an older controller: nothing was done.
+                await self.store.put_operation(op.changed(state=OpState.FAILED, error="the controller restarted "
+                                                          "before this operation began; nothing was done"))  # fmt: skip
+                continue
+            if op.state == OpState.PENDING:
+                # Never begun, but what was submitted with it (a create's record, its address) is
+                # there: its plan's rollback takes it back (recovery harness: create, write 2).
+                op = replace(op, state=OpState.ROLLING_BACK,
+                             error="the controller restarted before this operation began; nothing was done")
+            self.locks.take(op.container, holder)
             self._active[op.id] = op
-            self._launch(op, recovering=op.state != OpState.PENDING)
+            self._launch(op, recovering=True)
             log.info("resuming operation", op=op.id, container=op.container, state=op.state.value)
 
-    async def submit(self, kind: str, container: str, params: dict[str, Any]) -> Operation:
+    async def submit(
+        self, kind: str, container: str, params: dict[str, Any],
+        with_change: Callable[[StoreWriter], Awaitable[Any]] | None = None,
+    ) -> Operation:  # fmt: skip
+        """Start an operation on `container`, which it holds until it ends (Conflict if busy).
+        `with_change` is written in the same transaction as the operation's first record."""
         if kind not in self.plans:
             raise NotFound(f"unknown operation kind {kind!r}")
         op = Operation.new(kind, container, params)
-        await self.store.put_operation(op)
+        self.locks.take(container, _holder(op))
+        try:
+            async with self.store.transaction() as tx:
+                if with_change is not None:
+                    await with_change(tx)
+                await tx.put_operation(op)
+        except BaseException:
+            self.locks.release(container, _holder(op))
+            raise
         self._active[op.id] = op
         self._launch(op, recovering=False)
         log.info("operation submitted", op=op.id, kind=kind, container=container, params=params)
@@ -161,6 +209,7 @@ class Engine:
                         await cond.wait()
             op = await self.get(op_id)
             yield op
+        self._changed.pop(op_id, None)
 
     async def wait(self, op_id: str) -> Operation:
         last = None
@@ -169,17 +218,26 @@ class Engine:
         assert last is not None
         return last
 
+    async def outcome(self, op_id: str) -> Operation:
+        """Wait for the operation to end; raises the error it failed with (its own class)."""
+        op = await self.wait(op_id)
+        error = self._errors.pop(op_id, None)
+        if op.state != OpState.SUCCEEDED:
+            raise error or CorralError(op.error or f"operation {op_id} {op.state.value}")
+        return op
+
     async def cancel(self, op_id: str) -> Operation:
         op = await self.get(op_id)
         if op.state.finished:
             raise FailedPrecondition(f"operation {op_id} is already {op.state.value}")
         if op.state == OpState.ROLLING_BACK:
             raise FailedPrecondition(f"operation {op_id} is already rolling back")
-        self._cancels.add(op_id)
-        op = replace(op, cancel_requested=True, updated_at=time.time())
-        await self._persist(op)
+        ctx = self._contexts.get(op_id)
+        if ctx is None:
+            raise FailedPrecondition(f"operation {op_id} is not running here")
+        await ctx._change(cancel_requested=True)  # through its one writer: the flag cannot be lost
         log.info("cancel requested", op=op_id)
-        return op
+        return ctx.op
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -196,33 +254,36 @@ class Engine:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, op: Operation, recovering: bool) -> None:
-        async with self._container_locks[op.container]:
-            ctx = OpContext(self, op)
-            if op.cancel_requested:
-                self._cancels.add(op.id)
-            plan = self.plans[op.kind](op)
-            try:
-                if recovering:
-                    ctx.log.info("recovering operation after controller restart")
-                    if op.state == OpState.ROLLING_BACK:
-                        await self._roll_back(ctx, plan, CorralError(op.error or "interrupted"))
-                        return
-                    result = await plan.recover(ctx)
-                else:
-                    await ctx._save(replace(ctx.op, state=OpState.RUNNING))
-                    result = await plan.run(ctx)
-                await self._finish(ctx, OpState.SUCCEEDED, result=result)
-            except asyncio.CancelledError:
-                raise  # controller shutting down: the operation resumes on the next start
-            except CorralError as exc:
-                await self._roll_back(ctx, plan, exc)
-            except Exception as exc:  # a bug: still roll back, and say what happened
-                ctx.log.exception("operation crashed")
-                await self._roll_back(ctx, plan, CorralError(f"internal error: {exc!r}"))
+        ctx = OpContext(self, op)
+        self._contexts[op.id] = ctx
+        plan = self.plans[op.kind](op)
+        try:
+            if recovering:
+                ctx.log.info("recovering operation after controller restart")
+                if op.state == OpState.ROLLING_BACK:
+                    await self._roll_back(ctx, plan, CorralError(op.error or "interrupted"))
+                    return
+                result = await plan.recover(ctx)
+            else:
+                await ctx._change(state=OpState.RUNNING)
+                result = await plan.run(ctx)
+            await self._finish(ctx, OpState.SUCCEEDED, result=result)
+        except asyncio.CancelledError:
+            raise  # controller shutting down: the operation resumes on the next start
+        except CorralError as exc:
+            await self._roll_back(ctx, plan, exc)
+        except Exception as exc:  # a bug: still roll back, and say what happened
+            ctx.log.exception("operation crashed")
+            await self._roll_back(ctx, plan, CorralError(f"internal error: {exc!r}"))
+        finally:
+            # Whatever happened to the last write, the container is not held by a task that is over.
+            self._active.pop(op.id, None)
+            self._contexts.pop(op.id, None)
+            self.locks.release(op.container, _holder(op))
 
     async def _roll_back(self, ctx: OpContext, plan: Plan, error: CorralError) -> None:
         ctx.log.warning("operation failed, rolling back", error=error.message)
-        await ctx._save(replace(ctx.op, state=OpState.ROLLING_BACK, error=error.message))
+        await ctx._change(state=OpState.ROLLING_BACK, error=error.message)
         try:
             await plan.rollback(ctx, error)
         except CorralError as exc:
@@ -230,14 +291,15 @@ class Engine:
             await self._finish(ctx, OpState.FAILED, error=f"{error.message}; rollback failed: {exc.message}")
             return
         final = OpState.CANCELLED if isinstance(error, Cancelled) else OpState.FAILED
+        self._errors[ctx.op.id] = error
+        while len(self._errors) > 256:
+            self._errors.pop(next(iter(self._errors)))
         await self._finish(ctx, final, error=error.message)
 
     async def _finish(self, ctx: OpContext, state: OpState, *, result: dict | None = None, error: str = "") -> None:
-        op = replace(ctx.op, state=state, result=result or ctx.op.result, error=error or ctx.op.error,
-                     progress=replace(ctx.op.progress, phase=state.value, message=""), updated_at=time.time())  # fmt: skip
-        await ctx._save(op)
-        self._active.pop(op.id, None)
-        self._cancels.discard(op.id)
+        await ctx._change(state=state, result=result or ctx.op.result, error=error or ctx.op.error,
+                          progress=replace(ctx.op.progress, phase=state.value, message=""))  # fmt: skip
+        self._active.pop(ctx.op.id, None)
         ctx.log.info("operation finished", state=state.value, error=error or None)
 
     # -- bookkeeping ----------------------------------------------------------------
@@ -262,8 +324,9 @@ class Engine:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _cancel_requested(self, op_id: str) -> bool:
-        return op_id in self._cancels
+
+def _holder(op: Operation) -> str:
+    return f"operation {op.id} ({op.kind})"
 
 
 async def _notify_all(cond: asyncio.Condition) -> None:

@@ -43,8 +43,13 @@ from controller.health.registry import NodeRegistry
 from controller.operations import postcopy
 from controller.operations.engine import OpContext
 from controller.model import Operation
+from controller.operations import migration_decisions as decide
+from controller.operations.migration_decisions import Next, Resume, RollbackPlan
+from controller.operations.params import MigrateParams, Strategy
 from controller.operations.postcopy import SideReport
-from controller.store.base import Store
+from controller.operations.reach import Reach
+from controller.operations.steps import StepName
+from controller.store.base import Store, StoreWriter
 from corral.errors import CorralError, FailedPrecondition, NotFound, RuntimeFailure, Unavailable
 from corral.model import Container, ContainerState
 from corral.v1 import agent_pb2 as apb
@@ -70,10 +75,10 @@ RETRY_INTERVAL = 1.0
 # Storage whose volume is handed over between hosts rather than copied.
 SHARED_STORAGES = frozenset({"image", "lvm"})
 
-STOP_AND_COPY = "stop-and-copy"
-PRE_COPY = "pre-copy"
-POST_COPY = "post-copy"
-FROM_CHECKPOINT = "from-checkpoint"
+STOP_AND_COPY = Strategy.STOP_AND_COPY
+PRE_COPY = Strategy.PRE_COPY
+POST_COPY = Strategy.POST_COPY
+FROM_CHECKPOINT = Strategy.FROM_CHECKPOINT
 
 
 def choose_strategy(source_strategies: tuple[str, ...], target_strategies: tuple[str, ...], postcopy: bool) -> str:
@@ -96,23 +101,25 @@ class MigrationPlan:
         self.store = store
         self.nodes = nodes
         self.agents = agents
+        self.reach = Reach(nodes, agents)
         self.name = op.container
-        self.source_name: str = op.params["source"]
-        self.target_name: str = op.params["target"]
+        params = MigrateParams.of(op.params)
+        self.source_name: str = params.source
+        self.target_name: str = params.target
         self.bytes_sent = 0  # what crossed the network in this run (not counted across a restart)
         self.down_began: float | None = None  # monotonic, the freeze (not known across a restart)
 
     # -- helpers ---------------------------------------------------------------------
 
     def _agent(self, node: str) -> AgentClient:
-        return self.agents.ready(self.nodes, node)
+        # Not gated on heartbeats: one missed beat must not fail a step (each call has its deadline).
+        return self.reach.agent(node)
 
-    def _client(self, node: str) -> AgentClient:
-        """A node's agent even while it is marked unreachable (to keep trying through a blip)."""
-        n = self.nodes.get(node)
-        if n is None:
-            raise NotFound(f"node {node!r} is not registered")
-        return self.agents.client(n.facts)
+    _client = _agent
+
+    @staticmethod
+    def _params(ctx: OpContext) -> MigrateParams:
+        return MigrateParams.of(ctx.op.params)
 
     async def _record(self) -> Container:
         record = await self.store.get_container(self.name)
@@ -137,13 +144,13 @@ class MigrationPlan:
     # -- run ------------------------------------------------------------------------------
 
     async def run(self, ctx: OpContext) -> dict[str, Any]:
-        params = ctx.op.params
-        if params.get("from_checkpoint"):
+        params = self._params(ctx)
+        if params.from_checkpoint:
             return await self._run_from_checkpoint(ctx)
         record = await self._record()
         src, dst = self._agent(self.source_name), self._agent(self.target_name)
-        live = bool(params.get("live"))
-        strategy = params.get("strategy", STOP_AND_COPY) if live else "cold"
+        live = params.live
+        strategy = params.strategy if live else "cold"
         observed = await src.get(self.name, wait_idle=True)
         was_running = observed.state == ContainerState.RUNNING
         await ctx.set_params(was_running=was_running)
@@ -156,11 +163,11 @@ class MigrationPlan:
         if live:
             await ctx.phase("preflight", "checking that CRIU can dump this container")
             try:
-                async with ctx.step("preflight"):
+                async with ctx.step(StepName.PREFLIGHT):
                     trial = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_TRIAL)
                 await ctx.timing(preflight_pause=trial.frozen_ms or trial.wall_ms)
             except CorralError as exc:
-                if not params.get("fallback_cold"):
+                if not params.fallback_cold:
                     raise FailedPrecondition(f"CRIU cannot live-migrate {self.name!r}: {exc.message}") from None
                 ctx.log.warning("pre-flight failed; falling back to a cold migration", error=exc.message)
                 live, strategy = False, "cold"
@@ -170,13 +177,13 @@ class MigrationPlan:
         if not shared or live:
             private_key, public_key = _operation_keypair()
             await ctx.phase("open-channel")
-            async with ctx.step("open-channel"):
+            async with ctx.step(StepName.OPEN_CHANNEL):
                 grant = await dst.prepare_receive(ctx.op.id, self.name, public_key, CHANNEL_TTL)
 
         if not shared:
             await ctx.phase("precopy-rootfs", "copying the root filesystem while the container runs")
             began = time.monotonic()
-            async with ctx.step("precopy-rootfs"):
+            async with ctx.step(StepName.PRECOPY_ROOTFS):
                 previous = None
                 for n in range(1, PRECOPY_MAX_PASSES + 1):
                     ctx.check_cancel()
@@ -190,7 +197,7 @@ class MigrationPlan:
         if strategy == PRE_COPY:
             await ctx.phase("precopy-memory", "copying memory while the container runs")
             began = time.monotonic()
-            async with ctx.step("precopy-memory"):
+            async with ctx.step(StepName.PRECOPY_MEMORY):
                 predumps = await self._precopy_memory(ctx, src, private_key, grant)
             await ctx.set_params(predumps=predumps)
             await ctx.timing(precopy_memory=(time.monotonic() - began) * 1000)
@@ -203,7 +210,7 @@ class MigrationPlan:
         if live:
             what = "freezing and dumping the container, sending " + ("its images" if shared else "it")
             await ctx.phase("checkpoint", what)
-            async with ctx.step("checkpoint"):
+            async with ctx.step(StepName.CHECKPOINT):
                 watching = asyncio.ensure_future(self._watch_sending(ctx, src))
                 try:
                     dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP, predumps,
@@ -217,7 +224,7 @@ class MigrationPlan:
                              criu_memdump=dump.memdump_ms)  # fmt: skip
         elif was_running:
             await ctx.phase("stop-source", "stopping the container on the source")
-            async with ctx.step("stop-source"):
+            async with ctx.step(StepName.STOP_SOURCE):
                 await src.stop(self.name, force=False, timeout=30)
 
         generation = record.volume_generation
@@ -225,7 +232,7 @@ class MigrationPlan:
             generation = record.volume_generation + 1
             await ctx.set_params(volume_generation=generation)
             await ctx.phase("detach-source", "handing the volume over (no data is copied)")
-            async with ctx.step("detach-source"):
+            async with ctx.step(StepName.DETACH_SOURCE):
                 await src.detach_volume(ctx.op.id, self.name)
         elif not live:
             await ctx.phase("final-rootfs", "copying what changed since the last pass")
@@ -234,18 +241,18 @@ class MigrationPlan:
             await ctx.timing(transfer=(time.monotonic() - transfer_began) * 1000)
 
         await ctx.phase("adopt", "installing the container on the target")
-        async with ctx.step("adopt"):
+        async with ctx.step(StepName.ADOPT):
             await dst.adopt(ctx.op.id, replace(record, node=self.target_name, volume_generation=generation))
         if live:
             await ctx.phase("restore", "restoring processes on the target")
             restore_began = time.monotonic()
-            async with ctx.step("restore"):
+            async with ctx.step(StepName.RESTORE):
                 restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED)
             now = time.monotonic()
             await ctx.timing(restore=(now - restore_began) * 1000, downtime=(now - down_began) * 1000,
                              criu_restore=restored.restore_ms)  # fmt: skip
         elif was_running:
-            async with ctx.step("start-target"):
+            async with ctx.step(StepName.START_TARGET):
                 await dst.start(self.name)
             await ctx.timing(downtime=(time.monotonic() - down_began) * 1000)
 
@@ -253,7 +260,7 @@ class MigrationPlan:
 
     async def _final_transfer(self, ctx: OpContext, private_key: str, grant) -> None:
         """Cold, local storage: the rootfs delta once the container has stopped."""
-        async with ctx.step("final-transfer"):
+        async with ctx.step(StepName.FINAL_TRANSFER):
             final = await self._send(ctx, apb.TRANSFER_CONTENT_ROOTFS, "final-rootfs", private_key, grant)
         await ctx.timing(final_rootfs_bytes=final.literal_bytes)
 
@@ -306,7 +313,7 @@ class MigrationPlan:
     async def _run_postcopy(self, ctx: OpContext, record: Container, src: AgentClient, dst: AgentClient,
                             private_key: str, grant) -> dict[str, Any]:  # fmt: skip
         await ctx.phase("lazy-checkpoint", "freezing the container, dumping all but its memory, sending it")
-        async with ctx.step("lazy-checkpoint"):
+        async with ctx.step(StepName.LAZY_CHECKPOINT):
             dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_LAZY,
                                         send=self._send_along(grant, private_key, rootfs=True))  # fmt: skip
         self.down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms) / 1000
@@ -316,11 +323,11 @@ class MigrationPlan:
         await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, lazy_bytes=dump.lazy_bytes)
 
         await ctx.phase("adopt", "installing the container on the target")
-        async with ctx.step("adopt"):
+        async with ctx.step(StepName.ADOPT):
             await dst.adopt(ctx.op.id, replace(record, node=self.target_name))
         await ctx.phase("lazy-restore", "resuming on the target; its memory follows on demand")
         restore_began = time.monotonic()
-        async with ctx.step("lazy-restore"):
+        async with ctx.step(StepName.LAZY_RESTORE):
             restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED, lazy_from=server,
                                          lazy_tls=dump.page_server_tls)  # fmt: skip
         now = time.monotonic()
@@ -331,12 +338,12 @@ class MigrationPlan:
     async def _postcopy_tail(self, ctx: OpContext) -> dict[str, Any]:
         """Past post-copy's point of no return: the target runs it. Switch, wait for the pages,
         then remove the source's copy. A failed page transfer is not rolled back (see postcopy.py)."""
-        if not ctx.op.done("switch"):
+        if not ctx.op.done(StepName.SWITCH):
             await self._switch(ctx)
-        if not ctx.op.done("wait-pages"):
+        if not ctx.op.done(StepName.WAIT_PAGES):
             await ctx.phase("wait-pages", f"memory moving from {self.source_name} on demand: until every page "
                                           f"has arrived, losing {self.source_name} loses the container")  # fmt: skip
-            async with ctx.step("wait-pages"):
+            async with ctx.step(StepName.WAIT_PAGES):
                 await self._wait_pages(ctx)
         return await self._finish_forward(ctx)
 
@@ -374,7 +381,7 @@ class MigrationPlan:
             if gone:
                 record = await self._record()
                 note = f"post-copy {ctx.op.id} failed, see the operation"
-                await self.store.update_container(replace(record, state=ContainerState.STOPPED, init_pid=0, message=note))
+                await self.store.observe_container(self.name, record.node, ContainerState.STOPPED, 0, time.time(), note)
             raise RuntimeFailure(message)
         finally:
             for task in (target, source):
@@ -400,15 +407,7 @@ class MigrationPlan:
 
     async def _through_blips(self, ctx: OpContext, node: str, action, wait: float = TARGET_REACH_WAIT):
         """`action(agent)`, tried again while the node cannot be reached, for at most `wait` s."""
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                return await action(self._client(node))
-            except Unavailable as exc:
-                if time.monotonic() >= deadline:
-                    raise
-                ctx.log.info("node unreachable; trying again", node=node, error=exc.message)
-                await asyncio.sleep(RETRY_INTERVAL)
+        return await self.reach.retrying(node, action, wait, ctx.log)
 
     async def _target_running(self, ctx: OpContext) -> bool | None:
         """Does the target run the container? None if it cannot be reached in time."""
@@ -440,31 +439,28 @@ class MigrationPlan:
         """After a failed post-copy: run the container again on that migration's source, from the
         checkpoint it kept there. Here `source` is where the record says it is (the failed
         migration's target) and `target` where the checkpoint is."""
-        kept_op = ctx.op.params["from_checkpoint"]
+        kept_op = self._params(ctx).from_checkpoint
         here = self._agent(self.source_name)
         await ctx.phase("stop-target", f"making sure the copy on {self.source_name} does not run")
-        async with ctx.step("stop-target"):
+        async with ctx.step(StepName.STOP_TARGET):
             try:
                 await here.stop(self.name, force=True, timeout=0)
             except NotFound:
                 pass  # nothing of it left there
         await ctx.phase("restore-kept", f"restoring the checkpoint kept on {self.target_name}")
         began = time.monotonic()
-        async with ctx.step("restore-kept"):
+        async with ctx.step(StepName.RESTORE_KEPT):
             await self._agent(self.target_name).resume_source(kept_op, self.name)
         await ctx.timing(restore=(time.monotonic() - began) * 1000)
         return await self._finish_from_checkpoint(ctx)
 
     async def _finish_from_checkpoint(self, ctx: OpContext) -> dict[str, Any]:
-        kept_op = ctx.op.params["from_checkpoint"]
-        if not ctx.op.done("switch"):
-            record = await self._record()
-            async with ctx.step("switch"):
-                await self.store.update_container(replace(record, node=self.target_name, state=ContainerState.RUNNING,
-                                                          message=""))  # fmt: skip
-        if not ctx.op.done("release-target"):
+        kept_op = self._params(ctx).from_checkpoint
+        if not ctx.op.done(StepName.SWITCH):
+            await ctx.commit_step(StepName.SWITCH, lambda tx: self._move_record(tx, ContainerState.RUNNING))
+        if not ctx.op.done(StepName.RELEASE_TARGET):
             # The copy it left behind (stopped; its disk is newer than the checkpoint, but goes with it).
-            async with ctx.step("release-target"):
+            async with ctx.step(StepName.RELEASE_TARGET):
                 old = self._client(self.source_name)
                 await old.release(kept_op, self.name)
                 try:
@@ -477,14 +473,19 @@ class MigrationPlan:
     # -- switch ---------------------------------------------------------------------------
 
     async def _switch(self, ctx: OpContext) -> None:
-        """The fleet's record now says the container lives on the target."""
-        record = await self._record()
-        async with ctx.step("switch"):
-            state = ContainerState.RUNNING if ctx.op.params.get("was_running") else ContainerState.STOPPED
-            generation = ctx.op.params.get("volume_generation", record.volume_generation)
-            await self.store.update_container(
-                replace(record, node=self.target_name, state=state, volume_generation=generation)
-            )
+        """The fleet's record now says the container lives on the target: the record and the
+        step commit together, so recovery never sees one without the other (review H3)."""
+        params = self._params(ctx)
+        state = ContainerState.RUNNING if params.was_running else ContainerState.STOPPED
+        await ctx.commit_step(StepName.SWITCH, lambda tx: self._move_record(tx, state, params.volume_generation))
+
+    async def _move_record(self, tx: StoreWriter, state: ContainerState, generation: int | None = None) -> None:
+        record = await tx.get_container(self.name)
+        if record is None:
+            raise NotFound(f"container {self.name!r} no longer exists")
+        generation = record.volume_generation if generation is None else generation
+        await tx.update_container(replace(record, node=self.target_name, volume_generation=generation, message=""))
+        await tx.observe_container(self.name, self.target_name, state, 0, time.time(), "")
 
     async def _switch_and_clean(self, ctx: OpContext) -> dict[str, Any]:
         """The point of no return, then the source's copy goes."""
@@ -493,49 +494,62 @@ class MigrationPlan:
 
     # -- rollback & recovery ---------------------------------------------------------------------
 
-    def _past_postcopy_return(self, op: Operation) -> bool:
-        """Post-copy's point of no return: the target has resumed the container."""
-        return op.params.get("strategy") == POST_COPY and op.done("lazy-restore")
-
     async def rollback(self, ctx: OpContext, error: CorralError) -> None:
+        record = await self._record()
+        verdict = decide.after_failure(ctx.op, record.node)
+        ctx.log.info("after the failure", verdict=verdict.value)
+        if verdict == Next.FINISH_FROM_CHECKPOINT:
+            await self._finish_from_checkpoint(ctx)  # it runs again where it was kept: finish
+        elif verdict == Next.POSTCOPY_TAIL:
+            await self._postcopy_tail(ctx)  # the target runs it: never back to the source (postcopy.py)
+        elif verdict == Next.FINISH_FORWARD:
+            await self._finish_forward(ctx)  # past the point of no return: finish instead
+        elif verdict == Next.ROLL_BACK:
+            await self._roll_back(ctx, decide.rollback_plan(ctx.op))
+        # NOTHING_CHANGED, LEAVE: nothing to do (the error says where a kept checkpoint is).
+
+    async def _roll_back(self, ctx: OpContext, plan: RollbackPlan) -> None:
         op = ctx.op
-        if op.params.get("from_checkpoint"):
-            if op.done("restore-kept"):
-                await self._finish_from_checkpoint(ctx)  # it runs again where it was kept: finish
-            return  # otherwise nothing changed but a stop of a copy that was not running anyway
-        if self._past_postcopy_return(op):
-            # The target runs it: never back to the source from here (see postcopy.py).
-            if op.step("wait-pages") is None:
-                await self._postcopy_tail(ctx)  # failed before the pages were waited for: go on
-            elif op.done("wait-pages"):
-                await self._finish_forward(ctx)  # every page moved: only the cleanup failed
-            # Otherwise the page transfer failed and was dealt with there: the source's checkpoint
-            # stays for the operator, and the error says where.
-            return
-        if op.done("switch"):
-            # Past the point of no return: finish instead (the target runs it).
-            await self._finish_forward(ctx)
-            return
         await ctx.phase("rollback", f"putting {self.name} back on {self.source_name}")
-        target_may_run = any(op.step(s) is not None for s in ("restore", "start-target", "lazy-restore"))
-        if target_may_run:
+        if plan.prove_target_gone:
             # Rule 1: the source may run again only once the target's copy is proven gone.
-            async with ctx.step("undo-adopt"):
-                await self._agent(self.target_name).release(op.id, self.name)
-        if op.step("detach-source") is not None:
+            try:
+                async with ctx.step(StepName.UNDO_ADOPT):
+                    await self.reach.retrying(self.target_name, self._release_on_target, TARGET_REACH_WAIT, ctx.log)
+            except CorralError as exc:
+                await self._mark_in_doubt(ctx, f"migration {op.id} could not prove that the copy on "
+                                               f"{self.target_name} stopped ({exc.message})")  # fmt: skip
+                raise
+        if plan.tidy_target_before_reattach:
             # The target must have let go first (its host enforces the ownership marker too).
-            if op.step("adopt") is not None and not target_may_run:
-                await self._best_effort(ctx, "undo-adopt", self._agent_release_target)
-            generation = int(op.params.get("volume_generation", 0)) + 1
-            async with ctx.step("reattach-source"):
+            await self._best_effort(ctx, StepName.UNDO_ADOPT, self._agent_release_target)
+        if plan.reattach_source:
+            generation = int(self._params(ctx).volume_generation or 0) + 1
+            async with ctx.step(StepName.REATTACH_SOURCE):
                 await self._agent(self.source_name).attach_volume(op.id, self.name, generation)
             await self._set_generation(generation)
-        await self._resume_source(ctx)
-        # The target never ran it: cleaning up there is tidiness, not safety.
-        if op.step("adopt") is not None and not target_may_run and not ctx.op.done("undo-adopt"):
-            await self._best_effort(ctx, "undo-adopt", self._agent_release_target)
-        if op.step("open-channel") is not None:
-            await self._best_effort(ctx, "undo-channel", self._agent_discard_channel)
+        await self._resume_source(ctx, plan.resume)
+        if plan.tidy_target and not ctx.op.done(StepName.UNDO_ADOPT):
+            await self._best_effort(ctx, StepName.UNDO_ADOPT, self._agent_release_target)
+        if plan.discard_channel:
+            await self._best_effort(ctx, StepName.UNDO_CHANNEL, self._agent_discard_channel)
+
+    async def _release_on_target(self, agent: AgentClient) -> None:
+        try:
+            await agent.release(self.op.id, self.name)
+        except NotFound:
+            pass  # nothing of it there
+
+    async def _mark_in_doubt(self, ctx: OpContext, why: str) -> None:
+        """Nothing may start it until the target says what it holds (review H2)."""
+        ctx.log.error("container in doubt", why=why, nodes=[self.target_name])
+
+        async def write(tx: StoreWriter) -> None:
+            record = await tx.get_container(self.name)
+            if record is not None:
+                await tx.update_container(replace(record, in_doubt=why, doubt_nodes=(self.target_name,)))
+
+        await ctx.commit_step(StepName.MARK_IN_DOUBT, write)
 
     async def _set_generation(self, generation: int) -> None:
         record = await self._record()
@@ -555,15 +569,15 @@ class MigrationPlan:
             ctx.log.warning("cleanup on the target failed; leftovers stay until it is reachable",
                             step=step, error=exc.message)  # fmt: skip
 
-    async def _resume_source(self, ctx: OpContext) -> None:
+    async def _resume_source(self, ctx: OpContext, how: Resume) -> None:
         op = ctx.op
-        if not op.params.get("was_running"):
+        if how == Resume.NONE:
             return
         src = self._agent(self.source_name)
-        if op.step("lazy-checkpoint") is not None:
+        if how == Resume.FROM_KEPT:
             # A post-copy source is frozen while it serves pages (the agent still reports it as
             # running): its agent knows whether to thaw it or restore the checkpoint it kept.
-            async with ctx.step("resume-source"):
+            async with ctx.step(StepName.RESUME_SOURCE):
                 try:
                     await src.resume_source(op.id, self.name)
                 except FailedPrecondition as exc:
@@ -575,8 +589,8 @@ class MigrationPlan:
         current = await src.get(self.name, wait_idle=True)
         if current.state == ContainerState.RUNNING:
             return
-        async with ctx.step("resume-source"):
-            if op.step("checkpoint") is not None:
+        async with ctx.step(StepName.RESUME_SOURCE):
+            if how == Resume.RESTORE_OR_START:
                 try:
                     await src.restore(op.id, self.name, apb.RESTORE_SOURCE_LOCAL)
                     return
@@ -585,15 +599,15 @@ class MigrationPlan:
             await src.start(self.name)
 
     async def _finish_forward(self, ctx: OpContext) -> dict[str, Any]:
-        if not ctx.op.done("switch"):
+        if not ctx.op.done(StepName.SWITCH):
             return await self._switch_and_clean(ctx)
-        if not ctx.op.done("release-source"):
+        if not ctx.op.done(StepName.RELEASE_SOURCE):
             await ctx.phase("release-source", "removing the source's copy")
-            async with ctx.step("release-source"):
+            async with ctx.step(StepName.RELEASE_SOURCE):
                 await self._through_blips(ctx, self.source_name, lambda a: a.release(ctx.op.id, self.name))
-        if ctx.op.step("open-channel") is not None and not ctx.op.done("close-channel"):
+        if ctx.op.step(StepName.OPEN_CHANNEL) is not None and not ctx.op.done(StepName.CLOSE_CHANNEL):
             try:
-                async with ctx.step("close-channel"):
+                async with ctx.step(StepName.CLOSE_CHANNEL):
                     await self._through_blips(ctx, self.target_name,
                                               lambda a: a.finish_receive(ctx.op.id, discard=False))  # fmt: skip
             except CorralError as exc:
@@ -603,37 +617,36 @@ class MigrationPlan:
         return {
             "from": self.source_name,
             "to": self.target_name,
-            "live": bool(ctx.op.params.get("live")),
-            "strategy": ctx.op.params.get("strategy", "cold"),
+            "live": self._params(ctx).live,
+            "strategy": self._params(ctx).strategy,
             "downtime_ms": timings.get("downtime"),
             "pages_done_ms": timings.get("pages_done"),
             "bytes_sent": self.bytes_sent,
         }
 
     async def recover(self, ctx: OpContext) -> dict[str, Any]:
-        """The controller restarted mid-migration: look at the target, then finish or roll back."""
-        op = ctx.op
+        """The controller restarted mid-migration: decide from a fresh read of the record and of
+        the target, never from what the operation was about to do; then finish or roll back."""
         for node in (self.source_name, self.target_name):
             if not await self.nodes.wait_ready(node, RECOVERY_NODE_WAIT):
                 ctx.log.warning("node did not come back in time for recovery", node=node)
-        if op.params.get("from_checkpoint"):
-            if op.done("restore-kept"):
-                return await self._finish_from_checkpoint(ctx)
-            raise FailedPrecondition("the controller restarted before the checkpoint was restored; nothing changed")
-        if self._past_postcopy_return(op):
-            return await self._postcopy_tail(ctx)
-        if op.done("switch"):
-            return await self._finish_forward(ctx)
-        if any(op.step(s) is not None for s in ("restore", "start-target", "lazy-restore")):
+        verdict = decide.after_restart(ctx.op, (await self._record()).node)
+        if verdict == Next.ASK_TARGET:
             try:
                 on_target = await self._agent(self.target_name).get(self.name, wait_idle=True)
             except NotFound:
                 on_target = None
-            if on_target is not None and on_target.state == ContainerState.RUNNING:
-                ctx.log.info("target already runs the container: finishing the migration")
-                if op.params.get("strategy") == POST_COPY:
-                    return await self._postcopy_tail(ctx)
-                return await self._finish_forward(ctx)
+            runs = on_target is not None and on_target.state == ContainerState.RUNNING
+            verdict = decide.after_target_answer(ctx.op, runs)
+        ctx.log.info("recovering", verdict=verdict.value)
+        if verdict == Next.FINISH_FROM_CHECKPOINT:
+            return await self._finish_from_checkpoint(ctx)
+        if verdict == Next.POSTCOPY_TAIL:
+            return await self._postcopy_tail(ctx)
+        if verdict == Next.FINISH_FORWARD:
+            return await self._finish_forward(ctx)
+        if verdict == Next.NOTHING_CHANGED:
+            raise FailedPrecondition("the controller restarted before the checkpoint was restored; nothing changed")
         raise FailedPrecondition("the controller restarted during the migration; rolled back")
 
 

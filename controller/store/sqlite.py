@@ -1,17 +1,25 @@
-"""SQLite state backend: embedded, one file, durable (WAL + synchronous=FULL)."""
+"""SQLite state backend: embedded, one file, durable (WAL + synchronous=FULL).
+
+One connection, so transactions are serialized by a lock: a coroutine's change is
+never mixed into another's transaction, and a failed one rolls back only itself
+(BEGIN IMMEDIATE ... COMMIT, autocommit otherwise). See base.py for the contract.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import sqlite3
 from pathlib import Path
+from typing import AsyncIterator
 
 import aiosqlite
 
 from controller.model import Operation
-from corral.errors import AlreadyExists
-from corral.model import Container, ContainerState, Limits, NetworkAttachment, NodeFacts
+from corral.errors import AlreadyExists, Conflict, NotFound
+from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, NodeFacts
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -39,52 +47,212 @@ CREATE TABLE IF NOT EXISTS operations (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS operations_container ON operations(container);
+CREATE TABLE IF NOT EXISTS unmanaged (
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    network TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    PRIMARY KEY (node, name)
+);
 """
 
+# Columns added since the first schema (stores made by older versions get them on open).
+_ADDED_COLUMNS = {
+    "containers": [
+        ("volume_generation", "INTEGER NOT NULL DEFAULT 0"),
+        ("desired_state", "TEXT NOT NULL DEFAULT 'stopped'"),
+        ("observed_at", "REAL NOT NULL DEFAULT 0"),
+        ("init_pid", "INTEGER NOT NULL DEFAULT 0"),
+        ("revision", "INTEGER NOT NULL DEFAULT 1"),
+        ("in_doubt", "TEXT NOT NULL DEFAULT ''"),
+        ("doubt_nodes", "TEXT NOT NULL DEFAULT '[]'"),
+    ],
+    "operations": [("revision", "INTEGER NOT NULL DEFAULT 0")],
+}
+
 _ACTIVE = ("pending", "running", "rolling-back")
+# Desired-state columns: written only by update_container (compare-and-set on revision).
+_SPEC = ("node", "template", "limits", "network", "storage", "created_at", "message", "volume_generation",
+         "desired_state", "in_doubt", "doubt_nodes")  # fmt: skip
+_COLUMNS = ("name", "state", "init_pid", "observed_at", "revision") + _SPEC
 
 
-class SqliteStore:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
+class _Writer:
+    """The writes of one transaction (the caller holds the store's lock inside BEGIN)."""
 
-    @property
-    def db(self) -> aiosqlite.Connection:
-        assert self._db is not None, "store not opened"
-        return self._db
-
-    async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path)
-        await self.db.execute("PRAGMA journal_mode=WAL")
-        await self.db.execute("PRAGMA synchronous=FULL")
-        await self.db.executescript(SCHEMA)
-        await self.db.commit()
-        await self._upgrade()
-
-    async def _upgrade(self) -> None:
-        """Columns added since the first schema, for stores made by older versions."""
-        async with self.db.execute("PRAGMA table_info(containers)") as cur:
-            columns = {row[1] for row in await cur.fetchall()}
-        if "volume_generation" not in columns:
-            await self.db.execute("ALTER TABLE containers ADD COLUMN volume_generation INTEGER NOT NULL DEFAULT 0")
-            await self.db.commit()
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self.db = db
 
     async def put_node(self, facts: NodeFacts) -> None:
         await self.db.execute(
             "INSERT INTO nodes(name, facts) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET facts=excluded.facts",
             (facts.name, json.dumps(dataclasses.asdict(facts))),
         )
-        await self.db.commit()
+
+    async def get_container(self, name: str) -> Container | None:
+        async with self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM containers WHERE name=?", (name,)) as cur:
+            row = await cur.fetchone()
+        return _container(row) if row else None
+
+    async def insert_container(self, container: Container) -> Container:
+        record = dataclasses.replace(container, revision=1)
+        values = _values(record)
+        try:
+            await self.db.execute(
+                f"INSERT INTO containers({', '.join(_COLUMNS)}) VALUES({', '.join('?' * len(_COLUMNS))})",
+                [values[c] for c in _COLUMNS],
+            )
+        except sqlite3.IntegrityError:
+            raise AlreadyExists(f"container {container.name!r} already exists") from None
+        await self.db.execute("DELETE FROM unmanaged WHERE name=?", (container.name,))
+        return record
+
+    async def update_container(self, container: Container) -> Container:
+        values = _values(container)
+        cur = await self.db.execute(
+            f"UPDATE containers SET {', '.join(c + '=?' for c in _SPEC)}, revision=revision+1"
+            " WHERE name=? AND revision=?",
+            [values[c] for c in _SPEC] + [container.name, container.revision],
+        )
+        if cur.rowcount != 1:
+            await self._stale(container.name, container.revision)
+        return dataclasses.replace(container, revision=container.revision + 1)
+
+    async def observe_container(
+        self, name: str, node: str, state: ContainerState, init_pid: int, at: float, message: str | None = None
+    ) -> bool:
+        sets, args = "state=?, init_pid=?, observed_at=?", [state.value, init_pid, at]
+        if message is not None:
+            sets, args = sets + ", message=?", args + [message]
+        cur = await self.db.execute(
+            f"UPDATE containers SET {sets} WHERE name=? AND node=? AND observed_at<=?", args + [name, node, at]
+        )
+        return cur.rowcount == 1
+
+    async def delete_container(self, name: str, revision: int) -> None:
+        cur = await self.db.execute("DELETE FROM containers WHERE name=? AND revision=?", (name, revision))
+        if cur.rowcount != 1:
+            await self._stale(name, revision)
+
+    async def _stale(self, name: str, revision: int) -> None:
+        current = await self.get_container(name)
+        if current is None:
+            raise NotFound(f"container {name!r} no longer exists")
+        raise Conflict(f"container {name!r} was changed meanwhile (revision {current.revision}, "
+                       f"not {revision}): try again")  # fmt: skip
+
+    async def put_operation(self, op: Operation) -> None:
+        await self.db.execute(
+            "INSERT INTO operations(id, container, state, data, created_at, revision) VALUES(?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET state=excluded.state, data=excluded.data, revision=excluded.revision"
+            " WHERE excluded.revision > operations.revision",
+            (op.id, op.container, op.state.value, op.to_json(), op.created_at, op.revision),
+        )
+
+    async def put_unmanaged(self, node: str, name: str, network: NetworkAttachment, seen_at: float) -> None:
+        await self.db.execute(
+            "INSERT INTO unmanaged(node, name, network, seen_at) VALUES(?, ?, ?, ?)"
+            " ON CONFLICT(node, name) DO UPDATE SET network=excluded.network, seen_at=excluded.seen_at",
+            (node, name, json.dumps(dataclasses.asdict(network)), seen_at),
+        )
+
+    async def forget_unmanaged(self, node: str, name: str) -> None:
+        await self.db.execute("DELETE FROM unmanaged WHERE node=? AND name=?", (node, name))
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("store not opened")
+        return self._db
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; every change is an explicit BEGIN..COMMIT.
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self.db.execute("PRAGMA journal_mode=WAL")
+        await self.db.execute("PRAGMA synchronous=FULL")
+        for statement in filter(str.strip, SCHEMA.split(";")):
+            await self.db.execute(statement)
+        await self._upgrade()
+
+    async def _upgrade(self) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            async with self.db.execute(f"PRAGMA table_info({table})") as cur:
+                present = {row[1] for row in await cur.fetchall()}
+            for column, kind in columns:
+                if column not in present:
+                    await self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_Writer]:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _Writer(self.db)
+            except BaseException:
+                if self.db.in_transaction:  # SQLite has already rolled back after some errors (disk full)
+                    await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        # Reads wait for a transaction in progress: on one connection they would see its uncommitted rows.
+        async with self._lock:
+            yield self.db
+
+    # -- single changes (each its own transaction) ---------------------------------------------
+
+    async def put_node(self, facts: NodeFacts) -> None:
+        async with self.transaction() as tx:
+            await tx.put_node(facts)
+
+    async def insert_container(self, container: Container) -> Container:
+        async with self.transaction() as tx:
+            return await tx.insert_container(container)
+
+    async def update_container(self, container: Container) -> Container:
+        async with self.transaction() as tx:
+            return await tx.update_container(container)
+
+    async def observe_container(
+        self, name: str, node: str, state: ContainerState, init_pid: int, at: float, message: str | None = None
+    ) -> bool:
+        async with self.transaction() as tx:
+            return await tx.observe_container(name, node, state, init_pid, at, message)
+
+    async def delete_container(self, name: str, revision: int) -> None:
+        async with self.transaction() as tx:
+            await tx.delete_container(name, revision)
+
+    async def put_operation(self, op: Operation) -> None:
+        async with self.transaction() as tx:
+            await tx.put_operation(op)
+
+    async def put_unmanaged(self, node: str, name: str, network: NetworkAttachment, seen_at: float) -> None:
+        async with self.transaction() as tx:
+            await tx.put_unmanaged(node, name, network, seen_at)
+
+    async def forget_unmanaged(self, node: str, name: str) -> None:
+        async with self.transaction() as tx:
+            await tx.forget_unmanaged(node, name)
+
+    # -- reads -----------------------------------------------------------------------------------
 
     async def list_nodes(self) -> list[NodeFacts]:
-        async with self.db.execute("SELECT facts FROM nodes ORDER BY name") as cur:
+        async with self._read() as db, db.execute("SELECT facts FROM nodes ORDER BY name") as cur:
             rows = await cur.fetchall()
         out = []
         for (text,) in rows:
@@ -94,54 +262,23 @@ class SqliteStore:
             out.append(NodeFacts(**data))
         return out
 
-    async def insert_container(self, container: Container) -> None:
-        try:
-            await self.db.execute(
-                "INSERT INTO containers(name, node, template, state, limits, network, storage, created_at, message,"
-                " volume_generation) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                _row(container),
-            )
-        except sqlite3.IntegrityError:
-            raise AlreadyExists(f"container {container.name!r} already exists") from None
-        await self.db.commit()
-
-    async def update_container(self, container: Container) -> None:
-        name, *rest = _row(container)
-        await self.db.execute(
-            "UPDATE containers SET node=?, template=?, state=?, limits=?, network=?, storage=?, created_at=?,"
-            " message=?, volume_generation=? WHERE name=?",
-            (*rest, name),
-        )
-        await self.db.commit()
-
     async def get_container(self, name: str) -> Container | None:
-        async with self.db.execute(f"SELECT {_COLUMNS} FROM containers WHERE name=?", (name,)) as cur:
-            row = await cur.fetchone()
-        return _container(row) if row else None
+        async with self._read() as db:
+            return await _Writer(db).get_container(name)
 
     async def list_containers(self, node: str | None = None) -> list[Container]:
+        query, args = f"SELECT {', '.join(_COLUMNS)} FROM containers", ()
         if node:
-            query, args = f"SELECT {_COLUMNS} FROM containers WHERE node=? ORDER BY name", (node,)
-        else:
-            query, args = f"SELECT {_COLUMNS} FROM containers ORDER BY name", ()
-        async with self.db.execute(query, args) as cur:
+            query, args = query + " WHERE node=?", (node,)
+        async with self._read() as db, db.execute(query + " ORDER BY name", args) as cur:
             return [_container(r) for r in await cur.fetchall()]
 
-    async def delete_container(self, name: str) -> None:
-        await self.db.execute("DELETE FROM containers WHERE name=?", (name,))
-        await self.db.commit()
-
-
-    async def put_operation(self, op: Operation) -> None:
-        await self.db.execute(
-            "INSERT INTO operations(id, container, state, data, created_at) VALUES(?, ?, ?, ?, ?)"
-            " ON CONFLICT(id) DO UPDATE SET state=excluded.state, data=excluded.data",
-            (op.id, op.container, op.state.value, op.to_json(), op.created_at),
-        )
-        await self.db.commit()
+    async def list_unmanaged(self) -> list[tuple[str, str, NetworkAttachment]]:
+        async with self._read() as db, db.execute("SELECT node, name, network FROM unmanaged ORDER BY name") as cur:
+            return [(n, c, NetworkAttachment(**json.loads(net))) for n, c, net in await cur.fetchall()]
 
     async def get_operation(self, op_id: str) -> Operation | None:
-        async with self.db.execute("SELECT data FROM operations WHERE id=?", (op_id,)) as cur:
+        async with self._read() as db, db.execute("SELECT data FROM operations WHERE id=?", (op_id,)) as cur:
             row = await cur.fetchone()
         return Operation.from_json(row[0]) if row else None
 
@@ -153,39 +290,48 @@ class SqliteStore:
         if active_only:
             query += f" AND state IN ({','.join('?' * len(_ACTIVE))})"
             args.extend(_ACTIVE)
-        async with self.db.execute(query + " ORDER BY created_at", args) as cur:
+        async with self._read() as db, db.execute(query + " ORDER BY created_at", args) as cur:
             return [Operation.from_json(r[0]) for r in await cur.fetchall()]
 
 
-_COLUMNS = "name, node, template, state, limits, network, storage, created_at, message, volume_generation"
-
-
-def _row(c: Container) -> tuple:
-    return (
-        c.name,
-        c.node,
-        c.template,
-        c.state.value,
-        json.dumps(dataclasses.asdict(c.limits)),
-        json.dumps(dataclasses.asdict(c.network)),
-        c.storage,
-        c.created_at,
-        c.message,
-        c.volume_generation,
-    )
+def _values(c: Container) -> dict[str, object]:
+    return {
+        "name": c.name,
+        "node": c.node,
+        "template": c.template,
+        "state": c.state.value,
+        "init_pid": c.init_pid,
+        "observed_at": c.observed_at,
+        "revision": c.revision,
+        "limits": json.dumps(dataclasses.asdict(c.limits)),
+        "network": json.dumps(dataclasses.asdict(c.network)),
+        "storage": c.storage,
+        "created_at": c.created_at,
+        "message": c.message,
+        "volume_generation": c.volume_generation,
+        "desired_state": c.desired_state.value,
+        "in_doubt": c.in_doubt,
+        "doubt_nodes": json.dumps(list(c.doubt_nodes)),
+    }
 
 
 def _container(row) -> Container:
-    name, node, template, state, limits, network, storage, created_at, message, generation = row
+    v = dict(zip(_COLUMNS, row))
     return Container(
-        name=name,
-        node=node,
-        template=template,
-        state=ContainerState(state),
-        limits=Limits(**json.loads(limits)),
-        network=NetworkAttachment(**json.loads(network)),
-        storage=storage,
-        created_at=created_at,
-        message=message,
-        volume_generation=generation,
+        name=v["name"],
+        node=v["node"],
+        template=v["template"],
+        state=ContainerState(v["state"]),
+        limits=Limits(**json.loads(v["limits"])),
+        network=NetworkAttachment(**json.loads(v["network"])),
+        storage=v["storage"],
+        init_pid=v["init_pid"],
+        created_at=v["created_at"],
+        message=v["message"],
+        volume_generation=v["volume_generation"],
+        desired_state=DesiredState(v["desired_state"]),
+        observed_at=v["observed_at"],
+        revision=v["revision"],
+        in_doubt=v["in_doubt"],
+        doubt_nodes=tuple(json.loads(v["doubt_nodes"])),
     )

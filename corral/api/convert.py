@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from corral.model import Container, ContainerState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
+from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
 from corral.v1 import types_pb2 as pb
 
 _STATE_TO_PB = {s: pb.ContainerState.Value(f"CONTAINER_STATE_{s.name}") for s in ContainerState}
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_DESIRED_TO_PB = {s: pb.DesiredState.Value(f"DESIRED_STATE_{s.name}") for s in DesiredState}
+_DESIRED_FROM_PB = {v: k for k, v in _DESIRED_TO_PB.items()}
 _NODE_STATE_TO_PB = {s: pb.NodeState.Value(f"NODE_STATE_{s.name}") for s in NodeState}
 _NODE_STATE_FROM_PB = {v: k for k, v in _NODE_STATE_TO_PB.items()}
 
@@ -46,6 +48,11 @@ def container_to_pb(ct: Container) -> pb.Container:
         created_at=ct.created_at,
         message=ct.message,
         volume_generation=ct.volume_generation,
+        desired_state=_DESIRED_TO_PB[ct.desired_state],
+        observed_at=ct.observed_at,
+        revision=ct.revision,
+        in_doubt=ct.in_doubt,
+        doubt_nodes=list(ct.doubt_nodes),
     )
 
 
@@ -62,6 +69,11 @@ def container_from_pb(msg: pb.Container) -> Container:
         created_at=msg.created_at,
         message=msg.message,
         volume_generation=msg.volume_generation,
+        desired_state=_DESIRED_FROM_PB.get(msg.desired_state, DesiredState.STOPPED),
+        observed_at=msg.observed_at,
+        revision=msg.revision,
+        in_doubt=msg.in_doubt,
+        doubt_nodes=tuple(msg.doubt_nodes),
     )
 
 

@@ -119,6 +119,30 @@ class SetContainerLimitsRequest(_message.Message):
     limits: _types_pb2.Limits
     def __init__(self, name: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ...) -> None: ...
 
+class ResolveContainerRequest(_message.Message):
+    __slots__ = ("name", "node", "dry_run")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node: str
+    dry_run: bool
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ResolveContainerResponse(_message.Message):
+    __slots__ = ("name", "keep", "remove", "reason", "done")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    keep: str
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    done: bool
+    def __init__(self, name: _Optional[str] = ..., keep: _Optional[str] = ..., remove: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., done: _Optional[bool] = ...) -> None: ...
+
 class MigrateContainerRequest(_message.Message):
     __slots__ = ("name", "target_node", "live", "postcopy", "fallback_cold", "from_checkpoint")
     NAME_FIELD_NUMBER: _ClassVar[int]

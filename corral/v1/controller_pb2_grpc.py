@@ -97,6 +97,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
                 _registered_method=True)
+        self.ResolveContainer = channel.unary_unary(
+                '/corral.v1.ControllerService/ResolveContainer',
+                request_serializer=corral_dot_v1_dot_controller__pb2.ResolveContainerRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.ResolveContainerResponse.FromString,
+                _registered_method=True)
         self.MigrateContainer = channel.unary_unary(
                 '/corral.v1.ControllerService/MigrateContainer',
                 request_serializer=corral_dot_v1_dot_controller__pb2.MigrateContainerRequest.SerializeToString,
@@ -202,6 +207,14 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveContainer(self, request, context):
+        """Settle a container in doubt by the operator's word: keep its copy on `node`,
+        stop and remove every other copy first (dry_run: only say what would be done).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MigrateContainer(self, request, context):
         """Migration: an operation; watch it with WatchOperation.
         """
@@ -297,6 +310,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.SetContainerLimits,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'ResolveContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveContainer,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.ResolveContainerRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.ResolveContainerResponse.SerializeToString,
             ),
             'MigrateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.MigrateContainer,
@@ -648,6 +666,33 @@ class ControllerService:
             '/corral.v1.ControllerService/SetContainerLimits',
             corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/ResolveContainer',
+            corral_dot_v1_dot_controller__pb2.ResolveContainerRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.ResolveContainerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,6 +21,12 @@ class ContainerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTAINER_STATE_UNKNOWN: _ClassVar[ContainerState]
     CONTAINER_STATE_ERROR: _ClassVar[ContainerState]
 
+class DesiredState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DESIRED_STATE_UNSPECIFIED: _ClassVar[DesiredState]
+    DESIRED_STATE_RUNNING: _ClassVar[DesiredState]
+    DESIRED_STATE_STOPPED: _ClassVar[DesiredState]
+
 class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
@@ -36,6 +42,9 @@ CONTAINER_STATE_FROZEN: ContainerState
 CONTAINER_STATE_DESTROYING: ContainerState
 CONTAINER_STATE_UNKNOWN: ContainerState
 CONTAINER_STATE_ERROR: ContainerState
+DESIRED_STATE_UNSPECIFIED: DesiredState
+DESIRED_STATE_RUNNING: DesiredState
+DESIRED_STATE_STOPPED: DesiredState
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_READY: NodeState
 NODE_STATE_UNREACHABLE: NodeState
@@ -65,7 +74,7 @@ class NetworkAttachment(_message.Message):
     def __init__(self, ipv4_cidr: _Optional[str] = ..., gateway: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation")
+    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation", "desired_state", "observed_at", "revision", "in_doubt", "doubt_nodes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +86,11 @@ class Container(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     VOLUME_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_STATE_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    IN_DOUBT_FIELD_NUMBER: _ClassVar[int]
+    DOUBT_NODES_FIELD_NUMBER: _ClassVar[int]
     name: str
     node: str
     template: str
@@ -88,7 +102,12 @@ class Container(_message.Message):
     created_at: float
     message: str
     volume_generation: int
-    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ...) -> None: ...
+    desired_state: DesiredState
+    observed_at: float
+    revision: int
+    in_doubt: str
+    doubt_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable", "unavailable")
