@@ -78,6 +78,17 @@ async def fleet(lab):
 
 
 @pytest.fixture
+async def store(tmp_path):
+    """A controller's SQLite store in a temporary directory (no lab)."""
+    from controller.store.sqlite import SqliteStore
+
+    s = SqliteStore(tmp_path / "state.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
 async def cleanup(corral):
     """Names registered here are destroyed after the test, whatever happened."""
     names: list[str] = []

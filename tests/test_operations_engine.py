@@ -7,7 +7,6 @@ import pytest
 
 from controller.operations.engine import Engine, OpContext
 from controller.model import OpState, StepState
-from controller.store.sqlite import SqliteStore
 from corral.errors import Conflict, CorralError, RuntimeFailure
 
 
@@ -37,14 +36,6 @@ class Recorder:
     async def recover(self, ctx):
         self.events.append((ctx.op.container, "recover", [s.name for s in ctx.op.steps]))
         return {"recovered": True}
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = SqliteStore(tmp_path / "state.db")
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_success_failure_and_rollback(store):

@@ -14,14 +14,6 @@ from corral.errors import Conflict, NotFound
 from corral.model import Container, ContainerState, DesiredState, Limits
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = SqliteStore(tmp_path / "state.db")
-    await s.open()
-    yield s
-    await s.close()
-
-
 def web(**changes) -> Container:
     return replace(Container("web", "n1", "busybox", ContainerState.STOPPED, created_at=time.time()), **changes)
 
