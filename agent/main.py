@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -38,8 +39,7 @@ log = structlog.get_logger("corral.agent")
 
 
 async def serve(config: AgentConfig) -> None:
-    for d in (config.lxc_path, config.state_dir, config.storage_dir, config.template_cache):
-        d.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(_make_private_dirs, config)
     storages: dict[str, StorageDriver] = {"dir": DirStorage(config.storage_dir)}
     unavailable: dict[str, str] = {}
     if config.shared_dir is not None:
@@ -80,6 +80,10 @@ async def serve(config: AgentConfig) -> None:
     await transfer.start()
     migrations = Migrations(containers, transfer, grants, Checkpointer(config.lxc_path, network_lock=live.network_lock),
                             config.state_dir)  # fmt: skip
+    try:
+        await migrations.sweep_leftovers()
+    except Exception:  # tidiness: never a reason not to start
+        log.exception("sweeping the leftovers of earlier operations failed")
 
     server = make_server(AGENT_POLICY)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(containers, facts, migrations), server)
@@ -97,12 +101,23 @@ async def serve(config: AgentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with asyncio.TaskGroup() as tg:
         beat = tg.create_task(membership.run())
+        sweeper = tg.create_task(migrations.run_sweeper())
         await stop.wait()
         log.info("agent stopping; containers keep running")
         beat.cancel()
+        sweeper.cancel()
         await server.stop(grace=2)
         await migrations.close()
         await transfer.close()
+
+
+def _make_private_dirs(config: AgentConfig) -> None:
+    """The containers are privileged (README, Privileges): a host user who could reach a rootfs,
+    a template or a checkpoint could run its setuid files or read its memory. So every directory
+    that holds them is root's alone, 0700 (root, LXC and CRIU need no more), also if it existed."""
+    for d in (config.lxc_path, config.state_dir, config.storage_dir, config.template_cache):
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)
 
 
 def main(argv: list[str] | None = None) -> None:

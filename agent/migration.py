@@ -12,6 +12,11 @@ Layout under the agent's state directory:
                                                  page transfer a complete checkpoint ("kept")
   checkpoints/<op>-predump/<n>                   pre-copy: the source's memory pre-dumps
   checkpoints/<op>-lazy/                         a failed post-copy dump, kept for its logs
+  checkpoints/<op>-tls/, <op>-trial/             one-time TLS files; a trial dump's scratch
+  checkpoints/<op>.json                          which container the op's dumps are of (sweeps)
+
+Leftovers are swept (sweep_leftovers, at start; sweep_expired, as grants expire): what
+no live grant, running CRIU, kept checkpoint or possible rollback still needs.
 
 Post-copy (see agent/postcopy.py): the source's page server and the destination's
 page puller authenticate each other with certificates of a CA the source makes for that
@@ -42,12 +47,13 @@ from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, DumpResult, Page
 from agent.runtime.checkpoint import TlsFiles as CriuTls
 from agent.runtime.criu_pagemap import lazy_bytes
 from agent.runtime.freezer import NETLOCKED, PREFROZEN_MARK, read_frozen_at
+from agent.runtime.tool_process import tools_under
 from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push, split_address
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
 from agent.transfer.stream_push import StreamPusher
 from corral import pki
-from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container
 from corral.names import validate_name
 
@@ -63,6 +69,8 @@ ONE_TIME_TLS_VALIDITY = datetime.timedelta(seconds=PAGES_DEADLINE + 3600)  # a p
 KEEP_TIMEOUT = 600.0  # dumping a failed post-copy source to disk (its whole memory)
 SOURCE_FINISH_WAIT = 60.0  # release: for the source's CRIU to exit once every page has moved
 KEPT_MARK = "corral-kept.json"  # a complete checkpoint a failed post-copy source left
+SWEEP_INTERVAL = 60.0  # how often expired grants' staging is looked for
+STALE_PREDUMPS = 24 * 3600.0  # pre-dumps this old belong to no migration still running
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,8 @@ class Migrations:
             async with self.containers.lock(name):
                 result = await self.checkpointer.restore(name, images)
                 log.info("restored", op=op_id, container=name, local=local, ms=round(result.wall_ms, 1))
+                if local:  # a rolled-back source runs again: its dumps are stale now
+                    await self._forget_dumps(op_id)
             return await self.containers.get(name), result
 
         return await self._shielded(work())
@@ -369,6 +379,7 @@ class Migrations:
                 images = self._checkpoint_dir(op_id)
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
+                await self._note_container(op_id, name)
                 dumping = self.checkpointer.dump(name, images, stop=True, parent=parent)
                 result, sent = await self._dump_and_send(op_id, name, images, dumping, send)
                 log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
@@ -393,6 +404,7 @@ class Migrations:
                     raise FailedPrecondition(f"container {name!r} is not running")
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
+                await self._note_container(op_id, name)
                 result = await self.checkpointer.predump(name, images, parent)
                 log.info("pre-dumped", op=op_id, container=name, iteration=iteration,
                          pages_written=result.criu.pages_written, ms=round(result.wall_ms, 1))  # fmt: skip
@@ -424,6 +436,7 @@ class Migrations:
                 images = self._checkpoint_dir(op_id)
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
+                await self._note_container(op_id, name)
                 # Only the holder of this transfer's client certificate may pull the pages: a
                 # fleet certificate would let any agent or user read the container's memory.
                 one_time = await asyncio.to_thread(pki.one_time_tls, host, ONE_TIME_TLS_VALIDITY, f"pages of {op_id}")
@@ -489,6 +502,7 @@ class Migrations:
                     await source.lazy.resume_source()
                     self._sources.pop(op_id, None)
                     log.info("post-copy source resumed", op=op_id, container=name)
+                    await self._forget_dumps(op_id)  # it runs again: its dump without memory is stale
                     return await self.containers.get(name)
             images = self._checkpoint_dir(op_id)
             if await self._orphaned_source(op_id, name):
@@ -496,6 +510,7 @@ class Migrations:
                 await self.checkpointer.stop_orphaned_dump(name, images)
                 await self.checkpointer.resume_frozen(name)
                 log.info("post-copy source resumed after an agent restart", op=op_id, container=name)
+                await self._forget_dumps(op_id)
                 return await self.containers.get(name)
             if name in self.containers.runtime.running_names():
                 return await self.containers.get(name)
@@ -508,9 +523,7 @@ class Migrations:
             log.info("post-copy source restored from its kept checkpoint", op=op_id, container=name,
                      ms=round(result.wall_ms, 1))  # fmt: skip
             self._sources.pop(op_id, None)
-            for done_with in (images, self.checkpoints_root / f"{_op(op_id)}-lazy",
-                              self._page_server_tls_dir(op_id)):  # it runs again: stale now
-                await asyncio.to_thread(shutil.rmtree, done_with, True)
+            await self._forget_dumps(op_id)  # it runs again: stale now
             return await self.containers.get(name)
 
         return await self._shielded(work())
@@ -574,17 +587,163 @@ class Migrations:
             if self.containers.exists(name):
                 await self.containers.release(name)
             self._sending.pop(op_id, None)
-            for images in (self._checkpoint_dir(op_id), self._predumps(op_id), self.checkpoints_root / f"{op_id}-lazy",
-                           self._page_server_tls_dir(op_id)):  # fmt: skip
-                if images.exists():
-                    await asyncio.to_thread(shutil.rmtree, images)
+            await self._forget_dumps(op_id)
 
         await self._shielded(work())
+
+    # -- leftovers -------------------------------------------------------------------
+
+    def _dumps_of(self, op_id: str) -> list[Path]:
+        """Everything under checkpoints/ that belongs to operation `op_id`."""
+        op = _op(op_id)
+        return [self._checkpoint_dir(op), self._predumps(op), self.checkpoints_root / f"{op}-lazy",
+                self._page_server_tls_dir(op), self.checkpoints_root / f"{op}-trial", self._note(op)]  # fmt: skip
+
+    async def _forget_dumps(self, op_id: str) -> None:
+        await asyncio.to_thread(_remove_all, self._dumps_of(op_id))
+
+    def _note(self, op_id: str) -> Path:
+        return self.checkpoints_root / f"{_op(op_id)}.json"
+
+    async def _note_container(self, op_id: str, name: str) -> None:
+        """Which container this operation's dumps are of: an agent that restarts can then tell
+        whether they may still be needed (sweep_leftovers)."""
+        await asyncio.to_thread(write_durably, self._note(op_id), json.dumps({"container": name}) + "\n")
+
+    def _noted_container(self, op_id: str) -> str | None:
+        try:
+            return str(json.loads(self._note(op_id).read_text())["container"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    async def sweep_leftovers(self) -> None:
+        """At agent start: remove what failed or finished operations left behind and nothing
+        can use any more. Grants live in memory, so none survived the restart: every staging
+        directory goes, unless a CRIU still works in it. Under checkpoints/, what stays: a
+        checkpoint kept for `--from-checkpoint` (KEPT_MARK) with its logs; a post-copy dump an
+        earlier run was serving (its CRIU may still run; its operation's release or resume
+        ends it); a stop-and-copy source's dump while that container is here and stopped (a
+        rollback restores from it). What goes: trial scratch, dumps of containers no longer
+        here or running again, pre-dumps of containers gone or older than STALE_PREDUMPS."""
+        removed = await asyncio.to_thread(self._sweep_staging)
+        running = self.containers.runtime.running_names()
+        doomed: list[Path] = []
+        for entry in await asyncio.to_thread(_entries, self.checkpoints_root):
+            op, kind = _dump_kind(entry.name)
+            if kind is None or await asyncio.to_thread(tools_under, entry):
+                continue
+            images = self._checkpoint_dir(op) if _valid_op(op) else None
+            if images is None:
+                continue
+            kept = (images / KEPT_MARK).is_file()
+            lazy = _is_lazy(images)
+            container = self._noted_container(op)
+            here = container is not None and self._is_here(container)
+            if kind == "trial":
+                doomed.append(entry)
+            elif kind == "lazy":
+                if not images.is_dir():  # the failed dump's logs, without the checkpoint kept beside
+                    doomed.append(entry)
+            elif kind in ("tls", "note"):
+                # In use while the op's dumps are (tls: or a page puller in its staging).
+                if not images.is_dir() and not self._predumps(op).is_dir() and \
+                        not await asyncio.to_thread(tools_under, self.staging_root / op):  # fmt: skip
+                    doomed.append(entry)
+            elif kind == "predump":
+                age = time.time() - entry.stat().st_mtime
+                if (container is not None and not here) or age > STALE_PREDUMPS:
+                    doomed.append(entry)
+            elif not kept and not lazy and container is not None and (not here or container in running):
+                doomed.append(entry)  # the source runs again, or lives elsewhere now
+        for entry in list(doomed):  # what goes with them: all of an op's, once its dumps all go
+            op, kind = _dump_kind(entry.name)
+            dump = self._checkpoint_dir(op)
+            if kind == "dump" or (kind == "predump" and (dump in doomed or not dump.exists())):
+                doomed += [p for p in self._dumps_of(op) if p not in doomed and (p.exists() or p.is_symlink())]
+        await asyncio.to_thread(_remove_all, doomed)
+        if removed or doomed:
+            log.info("leftovers of earlier operations removed", staging=removed,
+                     checkpoints=sorted(p.name for p in doomed))  # fmt: skip
+
+    def _is_here(self, name: str) -> bool:
+        try:
+            return self.containers.records.load(name) is not None
+        except CorralError:  # an unreadable record: count it as here (keep what may be its)
+            return True
+
+    def _sweep_staging(self) -> list[str]:
+        removed = []
+        for entry in _entries(self.staging_root):
+            if tools_under(entry):  # a post-copy restore's page puller reads its images there
+                continue
+            _remove_all([entry])
+            removed.append(entry.name)
+        return removed
+
+    async def sweep_expired(self) -> list[str]:
+        """Revoke the grants that have expired and remove their staging, unless something
+        still works in it (a post-copy restore pulling pages): then at a later round."""
+        swept = []
+        for op_id in self.grants.expired():
+            target = self._targets.get(op_id)
+            if target is not None and target.state == PagesState.MOVING:
+                continue
+            if await asyncio.to_thread(tools_under, self.staging_root / op_id):
+                continue
+            if await asyncio.to_thread(self.grants.revoke_expired, op_id):
+                self._targets.pop(op_id, None)
+                await asyncio.to_thread(shutil.rmtree, self._page_server_tls_dir(op_id), True)
+                swept.append(op_id)
+        return swept
+
+    async def run_sweeper(self, interval: float = SWEEP_INTERVAL) -> None:
+        """sweep_expired every `interval` s, for as long as the agent runs; a failed round is
+        logged, never fatal."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep_expired()
+            except Exception:
+                log.exception("sweeping expired grants failed")
 
 
 def _op(op_id: str) -> str:
     validate_name(op_id, "operation id")
     return op_id
+
+
+_COMPANIONS = {"-predump": "predump", "-lazy": "lazy", "-tls": "tls", "-trial": "trial", ".json": "note"}
+
+
+def _dump_kind(entry_name: str) -> tuple[str, str | None]:
+    """(operation id, what) of an entry of checkpoints/: 'dump' for checkpoints/<op> itself."""
+    for suffix, kind in _COMPANIONS.items():
+        if entry_name.endswith(suffix):
+            return entry_name[: -len(suffix)], kind
+    return entry_name, "dump" if _valid_op(entry_name) else None
+
+
+def _valid_op(op_id: str) -> bool:
+    try:
+        validate_name(op_id, "operation id")
+        return True
+    except InvalidArgument:
+        return False
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return sorted(directory.iterdir())
+    except FileNotFoundError:
+        return []
+
+
+def _remove_all(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_lazy(images: Path) -> bool:

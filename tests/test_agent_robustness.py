@@ -12,15 +12,21 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from agent import main as agent_main
 from agent import membership as membership_module
 from agent import records as records_module
 from agent.containers import ContainerManager
 from agent.membership import Membership
+from agent.migration import KEPT_MARK, Migrations
+from agent.postcopy import PagesState
 from agent.records import ContainerRecord, RecordStore
+from agent.runtime.checkpoint import DUMP_CONFIG
 from agent.runtime.lxc import LxcRuntime
 from agent.storage import ownership
 from agent.storage.dir import DirStorage
@@ -342,3 +348,134 @@ def test_refused_logins_are_logged_at_most_once_per_interval(monkeypatch):
         quiet.warning("transfer login refused", user=f"op-{i}")
     quiet.warning("transfer connection refused", peer="x")
     assert [event for _, event, _ in logged.events] == ["transfer login refused", "transfer connection refused"]
+
+
+# -- M11: leftovers of failed and finished operations ---------------------------------------
+
+
+class _Restored:
+    wall_ms = 1.0
+
+
+class _FakeCheckpointer:
+    def __init__(self) -> None:
+        self.restored: list[tuple[str, Path]] = []
+
+    async def restore(self, name: str, images: Path):
+        self.restored.append((name, images))
+        return _Restored()
+
+
+def _migrations(root: Path, running: set[str] = frozenset()) -> tuple[Migrations, ContainerManager]:
+    store = RecordStore(root / "state")
+    runtime = LxcRuntime(root / "lxc")
+    for name in ("web", "db"):
+        store.save(_record(name))
+        runtime.container_dir(name).mkdir(parents=True)
+        runtime.config_file(name).write_text("lxc.uts.name = x\n")
+    runtime.running_names = lambda: set(running)
+    manager = ContainerManager(node="n1", runtime=runtime, storages={"dir": DirStorage(root / "storage")},
+                               records=store, bridge="br0", template_cache=root / "templates", cgroups=None)  # fmt: skip
+    grants = GrantRegistry(root / "state" / "staging")
+    return Migrations(manager, None, grants, _FakeCheckpointer(), root / "state"), manager
+
+
+def _dump(directory: Path, *, container: str | None = None, lazy: bool = False, kept: bool = False) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "inventory.img").write_bytes(b"\0" * 64)
+    (directory / "pages-1.img").write_bytes(b"\0" * 4096)
+    if lazy:
+        (directory / DUMP_CONFIG).write_text("lazy-pages\n")
+    if kept:
+        (directory / KEPT_MARK).write_text("{}\n")
+    if container is not None:
+        (directory.parent / f"{directory.name}.json").write_text(json.dumps({"container": container}))
+    return directory
+
+
+async def test_agent_start_sweeps_what_no_operation_can_use_and_keeps_the_rest(short_dir):
+    migrations, _ = _migrations(short_dir, running={"web"})
+    ck, staging = migrations.checkpoints_root, migrations.staging_root
+    keep = [
+        _dump(ck / "kept", container="db", kept=True), ck / "kept-lazy", ck / "kept-tls", ck / "kept.json",  # --from-checkpoint
+        _dump(ck / "served", container="web", lazy=True), ck / "served-tls",  # a post-copy an earlier run served
+        _dump(ck / "rollback", container="db"), ck / "rollback.json",  # db is here, stopped: a rollback restores it
+        _dump(ck / "legacy"),  # no note of its container: cannot tell, kept
+        ck / "fresh-predump", ck / "fresh.json",  # web runs: maybe still pre-copying
+    ]
+    gone = [
+        _dump(ck / "moved", container="elsewhere"), ck / "moved.json", ck / "moved-tls",  # released: lives elsewhere
+        _dump(ck / "resumed", container="web"), ck / "resumed.json", ck / "resumed-predump",  # runs again here
+        ck / "x-trial",  # a trial dump's scratch
+        ck / "target-tls",  # a destination's one-time TLS, its op long over
+        ck / "old-predump", ck / "old.json",  # pre-dumps a day old
+        staging / "op1", staging / ".expired-op2-1234",
+    ]
+    for path in keep + gone:
+        if not path.exists():
+            if path.suffix == ".json":
+                path.write_text(json.dumps({"container": "web"}))
+            else:
+                (path / "1").mkdir(parents=True)
+                (path / "1" / "pages-1.img").write_bytes(b"x")
+    (ck / "old.json").write_text(json.dumps({"container": "web"}))
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(ck / "old-predump", (day_ago, day_ago))
+    await migrations.sweep_leftovers()
+    assert [p.name for p in gone if p.exists()] == []
+    assert [p.name for p in keep if not p.exists()] == []
+
+
+async def test_an_expired_grant_loses_its_staging_but_a_renewed_or_busy_one_does_not(short_dir):
+    migrations, _ = _migrations(short_dir)
+    grants = migrations.grants
+    _, public = new_operation_keypair()
+    for op in ("expiring", "renewed", "pulling"):
+        staging = grants.authorize(op, public, 0.2).staging
+        (staging / "rootfs").mkdir()
+        (staging / "rootfs" / "big").write_bytes(b"x" * 4096)
+    grants.authorize("renewed", public, 60)
+    migrations._targets["pulling"] = SimpleNamespace(state=PagesState.MOVING)  # a post-copy restore's pages arriving
+    await asyncio.sleep(0.3)
+    assert await migrations.sweep_expired() == ["expiring"]
+    assert not (migrations.staging_root / "expiring").exists() and grants.lookup("op-expiring") is None
+    assert (migrations.staging_root / "renewed" / "rootfs" / "big").exists()
+    assert (migrations.staging_root / "pulling" / "rootfs" / "big").exists()
+    migrations._targets["pulling"] = SimpleNamespace(state=PagesState.DONE)
+    assert await migrations.sweep_expired() == ["pulling"]
+    assert not (migrations.staging_root / "pulling").exists()
+    assert [p.name for p in migrations.staging_root.iterdir()] == ["renewed"]
+
+
+async def test_a_rolled_back_source_drops_its_dump_once_it_runs_again(short_dir, monkeypatch):
+    migrations, manager = _migrations(short_dir)
+    ck = migrations.checkpoints_root
+    images = _dump(ck / "op7", container="db")
+    (ck / "op7-predump" / "1").mkdir(parents=True)
+
+    async def get(name, wait_idle=False):
+        return name
+
+    monkeypatch.setattr(manager, "get", get)
+    assert (await migrations.restore("op7", "db", local=True))[0] == "db"
+    assert migrations.checkpointer.restored == [("db", images)]
+    assert sorted(p.name for p in ck.iterdir()) == []
+    # A destination's restore (received images) leaves staging to FinishReceive.
+    received = _dump(migrations.staging_root / "op8" / "checkpoint")
+    await migrations.restore("op8", "db", local=False)
+    assert received.exists()
+
+
+# -- M13: privileged containers' files are root's alone -------------------------------------
+
+
+async def test_container_and_state_directories_are_private(tmp_path):
+    dirs = {key: tmp_path / key for key in ("lxc_path", "state_dir", "storage_dir", "template_cache")}
+    dirs["lxc_path"].mkdir(mode=0o755)  # made open by an older agent
+    agent_main._make_private_dirs(SimpleNamespace(**dirs))
+    for key, path in dirs.items():
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o700, key
+    storage = DirStorage(dirs["storage_dir"])
+    rootfs = await storage.create_volume("web", 0)
+    assert stat.S_IMODE(os.lstat(rootfs.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.lstat(rootfs).st_mode) == 0o755  # the container's / as it expects it

@@ -448,6 +448,7 @@ async def test_postcopy_failing_before_the_target_runs_rolls_back_to_the_source(
     assert await read_int(corral, "pc5", "/tmp/counter") > count
     assert await lxc_running(lab, "pc5") == ["n1"]
     assert not (lab.host("n2").lxc_path / "pc5").exists()
+    assert not (lab.host("n1").state_dir / "checkpoints" / op["id"]).exists()  # it runs again: its dump went
     cleanup.append("pcping5")
     await corral("ct", "create", "pcping5", "-t", "busybox", "--node", "n3", "--start")
     ping = await corral("ct", "exec", "pcping5", "--", "ping", "-c", "1", "-W", "2", created["network"]["ipv4_cidr"].split("/")[0], check=False)

@@ -58,6 +58,24 @@ def tools_using(images: Path) -> list[int]:
     return found
 
 
+def tools_under(directory: Path) -> list[int]:
+    """PIDs of lxc-checkpoint or criu processes given `directory`, or a path below it, as an
+    argument: what must not be removed from under them."""
+    target = os.fsencode(str(directory))
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) in (b"lxc-checkpoint", b"criu") and \
+                any(a == target or a.startswith(target + b"/") for a in argv[1:]):  # fmt: skip
+            found.append(int(entry.name))
+    return found
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a tool, its process group and everything below it. The group alone is not
     enough: a restore that fails late leaves the half-restored container's init (a child of

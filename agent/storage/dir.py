@@ -35,7 +35,11 @@ class DirStorage:
         rootfs = self.rootfs(container)
         if self.volume_dir(container).exists():
             raise AlreadyExists(f"storage for {container!r} already exists at {self.volume_dir(container)}")
-        rootfs.mkdir(parents=True, mode=0o755)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The volume's own directory is root's alone (privileged containers: README, Privileges);
+        # the rootfs keeps the mode a container's / has.
+        self.volume_dir(container).mkdir(mode=0o700)
+        rootfs.mkdir(mode=0o755)
         return rootfs
 
     async def destroy_volume(self, container: str) -> None:

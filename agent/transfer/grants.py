@@ -82,9 +82,9 @@ class GrantRegistry:
         key = public_key_line(parse_public_key(public_key, "the operation's public key"))
         if not isinstance(ttl, (int, float)) or not (0 < ttl <= MAX_TTL):
             raise InvalidArgument(f"grant lifetime must be between 0 and {MAX_TTL:g} seconds, got {ttl!r}")
-        staging = self._make_staging(op_id)
-        grant = ReceiveGrant(op_id, user, key, staging, time.time() + ttl)
-        with self._lock:
+        with self._lock:  # with the staging: an expiry sweep must not take it from under a new grant
+            staging = self._make_staging(op_id)
+            grant = ReceiveGrant(op_id, user, key, staging, time.time() + ttl)
             previous = self._grants.get(user)
             self._grants[user] = grant
         log.info("transfer grant authorized", op=op_id, user=user, ttl=ttl,
@@ -112,6 +112,34 @@ class GrantRegistry:
         if grant is None or grant.expired():
             return None
         return grant
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Operation ids whose grant has expired but is still registered (their staging is
+        still there): for the sweeper, which revokes them once nothing uses their staging."""
+        now = time.time() if now is None else now
+        with self._lock:
+            return [g.op_id for g in self._grants.values() if g.expired(now)]
+
+    def revoke_expired(self, op_id: str) -> bool:
+        """Revoke `op_id`'s grant and remove its staging if the grant is (still) expired: the
+        operation outlived its credential, nothing more can arrive. False if it was renewed."""
+        user = user_for(op_id)
+        with self._lock:
+            grant = self._grants.get(user)
+            if grant is None or not grant.expired():
+                return False
+            del self._grants[user]
+            # Out of the way at once (a rename), so a new grant for the op starts afresh.
+            doomed = self.staging_root / f".expired-{op_id}-{os.urandom(4).hex()}"
+            try:
+                os.rename(grant.staging, doomed)
+            except FileNotFoundError:
+                doomed = None
+        self._notify(user)
+        if doomed is not None:
+            self._remove_staging(doomed)
+        log.info("transfer grant expired: staging removed", op=op_id, user=user)
+        return True
 
     # -- internals ---------------------------------------------------------------
 
