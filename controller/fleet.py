@@ -11,9 +11,10 @@ what hosts report is written beside it (`observe`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import AsyncIterator, Mapping, Sequence
 
 import structlog
 
@@ -32,7 +33,7 @@ from controller.vocabulary import STORAGE_NAMES, TEMPLATES, storage_driver
 from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from corral.model import Container, ContainerState, DesiredState, Limits, Node, NodeState, validate_limits
 from corral.names import validate_name
-from corral.v1 import agent_pb2 as apb
+from corral.proc import EXEC_MAX_TIMEOUT, Exited, Output, validate_command
 
 log = structlog.get_logger("corral.controller.fleet")
 
@@ -40,6 +41,7 @@ STORAGES = STORAGE_NAMES  # local|shared, or a driver: dir|image|lvm (see contro
 # What an operation in progress shows as the container's state.
 _PHASE_OF = {OpKind.CREATE: ContainerState.CREATING, OpKind.DESTROY: ContainerState.DESTROYING}
 SETTLE_TIMEOUT = 10.0
+SETTLE_INTERVAL = 5.0  # at most one attempt per container this often (heartbeats come every second)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Fleet:
         # Placement and address choice read then write: one at a time.
         self._placement_lock = asyncio.Lock()
         self._settling: set[str] = set()
+        self._settle_tried: dict[str, float] = {}  # container -> monotonic time of the last attempt
         self._tasks: set[asyncio.Task] = set()
 
     # -- nodes -------------------------------------------------------------
@@ -212,11 +215,16 @@ class Fleet:
 
     async def exec(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
-    ) -> apb.ExecResponse:
-        if not argv:
-            raise InvalidArgument("no command given to run")
+    ) -> AsyncIterator[Output | Exited]:
+        """Run a command in a container: its output as its agent streams it, then how it ended."""
+        validate_command(argv, env)
+        if not 0 <= timeout <= EXEC_MAX_TIMEOUT:
+            raise InvalidArgument(f"exec timeout must be between 0 and {EXEC_MAX_TIMEOUT} seconds")
         record = await self._record(name)
-        return await self._agent_for(record.node).exec(name, argv, env, stdin, timeout)
+        events = self._agent_for(record.node).exec(name, argv, env, stdin, timeout)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
 
     async def set_limits(self, name: str, limits: Limits) -> Container:
         validate_limits(limits)
@@ -416,8 +424,12 @@ class Fleet:
             await self.store.forget_unmanaged(node, gone)
 
     def _settle_soon(self, name: str) -> None:
-        if name in self._settling:
+        now = time.monotonic()
+        if name in self._settling or now - self._settle_tried.get(name, -SETTLE_INTERVAL) < SETTLE_INTERVAL:
             return
+        self._settle_tried[name] = now
+        if len(self._settle_tried) > 10_000:  # names settled long ago
+            self._settle_tried = {n: t for n, t in self._settle_tried.items() if now - t < SETTLE_INTERVAL}
         self._settling.add(name)
         task = asyncio.create_task(self.settle_doubt(name))
         self._tasks.add(task)
