@@ -85,6 +85,13 @@ class Fleet:
         for ct in containers:
             limits, count = allocated.get(ct.node, (Limits(), 0))
             allocated[ct.node] = (limits + ct.limits, count + 1)
+        # A migration in progress holds room on its target too, so that two cannot fill it (review L4).
+        by_name = {ct.name: ct for ct in containers}
+        for op in self.engine.active(OpKind.MIGRATE):
+            ct, target = by_name.get(op.container), MigrateParams.of(op.params).target
+            if ct is not None and ct.node != target:
+                limits, count = allocated.get(target, (Limits(), 0))
+                allocated[target] = (limits + ct.limits, count)
         return self.nodes.with_allocations(self.nodes.all(), allocated)
 
     async def get_node(self, name: str) -> Node:
@@ -265,6 +272,12 @@ class Fleet:
         self._refuse_in_doubt(record, "migrate")
         if record.node == target:
             raise InvalidArgument(f"container {name!r} is already on node {target!r}")
+        async with self._placement_lock:  # room checked and held on the target at once
+            return await self._submit_migration(record, target, live, postcopy, fallback_cold, from_checkpoint)
+
+    async def _submit_migration(self, record: Container, target: str, live: bool, postcopy: bool,
+                                fallback_cold: bool, from_checkpoint: str) -> Operation:  # fmt: skip
+        name = record.name
         nodes = {n.name: n for n in await self.list_nodes()}
         source = nodes.get(record.node)
         if from_checkpoint:

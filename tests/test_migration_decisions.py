@@ -51,6 +51,8 @@ POSTCOPY_TO_LAZY = (S.PREFLIGHT, S.OPEN_CHANNEL, S.PRECOPY_ROOTFS, S.LAZY_CHECKP
                  Next.NOTHING_CHANGED, id="from-checkpoint-before-restore"),
     pytest.param(migration("from-checkpoint", done=(S.STOP_TARGET, S.RESTORE_KEPT), from_checkpoint="mig-0"), "n1",
                  Next.FINISH_FROM_CHECKPOINT, id="from-checkpoint-restored"),
+    pytest.param(migration("from-checkpoint", done=(S.STOP_TARGET,), started=(S.RESTORE_KEPT,),
+                           from_checkpoint="mig-0"), "n1", Next.ASK_TARGET, id="from-checkpoint-restore-reply-lost"),
 ])  # fmt: skip
 def test_after_a_failure(op, record_node, verdict):
     assert after_failure(op, record_node) == verdict

@@ -181,6 +181,10 @@ class Engine:
         log.info("operation submitted", op=op.id, kind=kind, container=container, params=params)
         return op
 
+    def active(self, kind: str) -> list[Operation]:
+        """The operations of this kind in progress."""
+        return [op for op in self._active.values() if op.kind == kind]
+
     def active_for(self, container: str) -> Operation | None:
         return next((op for op in self._active.values() if op.container == container), None)
 
@@ -297,6 +301,8 @@ class Engine:
         await self._finish(ctx, final, error=error.message)
 
     async def _finish(self, ctx: OpContext, state: OpState, *, result: dict | None = None, error: str = "") -> None:
+        # Free the container before anyone can see the end: a request made on seeing it must not find it held.
+        self.locks.release(ctx.op.container, _holder(ctx.op))
         await ctx._change(state=state, result=result or ctx.op.result, error=error or ctx.op.error,
                           progress=replace(ctx.op.progress, phase=state.value, message=""))  # fmt: skip
         self._active.pop(ctx.op.id, None)

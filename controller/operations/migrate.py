@@ -497,6 +497,13 @@ class MigrationPlan:
     async def rollback(self, ctx: OpContext, error: CorralError) -> None:
         record = await self._record()
         verdict = decide.after_failure(ctx.op, record.node)
+        if verdict == Next.ASK_TARGET:
+            runs = await self._target_running(ctx)
+            if runs is None:
+                why = f"{self.target_name} cannot say whether it runs {self.name!r} from its kept checkpoint"
+                await self._mark_in_doubt(ctx, f"migration {ctx.op.id}: {why}")
+                raise Unavailable(why)
+            verdict = decide.after_target_answer(ctx.op, runs)
         ctx.log.info("after the failure", verdict=verdict.value)
         if verdict == Next.FINISH_FROM_CHECKPOINT:
             await self._finish_from_checkpoint(ctx)  # it runs again where it was kept: finish

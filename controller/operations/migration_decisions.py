@@ -61,7 +61,10 @@ def after_failure(op: Operation, record_node: str) -> Next:
     """A step failed (or the operation was cancelled): what now."""
     params = _params(op)
     if params.from_checkpoint:
-        return Next.FINISH_FROM_CHECKPOINT if op.done(StepName.RESTORE_KEPT) else Next.NOTHING_CHANGED
+        if op.done(StepName.RESTORE_KEPT):
+            return Next.FINISH_FROM_CHECKPOINT
+        # Its restore failed, or only its reply was lost: the checkpoint's host says.
+        return Next.ASK_TARGET if op.step(StepName.RESTORE_KEPT) is not None else Next.NOTHING_CHANGED
     if past_postcopy_return(op):
         if op.step(StepName.WAIT_PAGES) is None:
             return Next.POSTCOPY_TAIL  # failed before the pages were waited for: go on
