@@ -15,16 +15,17 @@ import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import AsyncIterator, Mapping, Sequence
 
 import structlog
 
 from agent.records import ContainerRecord, RecordStore, write_durably
 from agent.runtime.cgroups import CgroupLayout
-from agent.runtime.lxc import ExecResult, LxcRuntime
+from agent.runtime.lxc import LxcRuntime
 from agent.runtime.lxc_config import LxcConfig
 from agent.runtime.templates import template_named
 from agent.storage.base import StorageDriver
+from corral import proc
 from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container, ContainerState, Limits, NetworkAttachment
 from corral.names import validate_name
@@ -33,8 +34,8 @@ log = structlog.get_logger("corral.agent.containers")
 
 _TOMBSTONE = ".destroying"  # beside the records: a destroy whose volume is still being removed
 DEFAULT_STOP_TIMEOUT = 30
-DEFAULT_EXEC_TIMEOUT = 300
-MAX_EXEC_TIMEOUT = 24 * 3600
+DEFAULT_EXEC_TIMEOUT = proc.EXEC_DEFAULT_TIMEOUT
+MAX_EXEC_TIMEOUT = proc.EXEC_MAX_TIMEOUT
 
 
 class ContainerManager:
@@ -230,15 +231,20 @@ class ContainerManager:
 
     async def exec(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
-    ) -> ExecResult:
-        if not argv or not argv[0]:
-            raise InvalidArgument("no command given to run")
+    ) -> AsyncIterator[proc.Output | proc.Exited]:
+        """Run a command in a running container: its output as it comes (bounded pieces; the
+        caller's pace holds the command up), then how it ended."""
+        validate_name(name)
+        proc.validate_command(argv, env)
         if timeout < 0 or timeout > MAX_EXEC_TIMEOUT:
             raise InvalidArgument(f"exec timeout must be between 0 and {MAX_EXEC_TIMEOUT} seconds")
         self._record(name)
         if name not in self.runtime.running_names():
             raise FailedPrecondition(f"container {name!r} is not running")
-        return await self.runtime.attach(name, argv, env=env, stdin=stdin, timeout=timeout or DEFAULT_EXEC_TIMEOUT)
+        attached = self.runtime.attach(name, argv, env=env, stdin=stdin, timeout=timeout or DEFAULT_EXEC_TIMEOUT)
+        async with contextlib.aclosing(attached) as events:
+            async for event in events:
+                yield event
 
     async def set_limits(self, name: str, limits: Limits) -> Container:
         async with self._locks[name]:

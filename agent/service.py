@@ -8,13 +8,21 @@ any method here runs (corral.api.server).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
 from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, Sent
 from agent.postcopy import PagesState, PagesStatus, PageServerTls
 from agent.transfer.client import PushTarget, TransferProgress
-from corral.api.convert import container_from_pb, container_to_pb, facts_to_pb, limits_from_pb, network_from_pb
+from corral.api.convert import (
+    container_from_pb,
+    container_to_pb,
+    exec_event_to_pb,
+    facts_to_pb,
+    limits_from_pb,
+    network_from_pb,
+)
 from corral.api.server import ServicePolicy, container, operation, reads, writes
 from corral.errors import InvalidArgument
 from corral.model import validate_limits
@@ -93,10 +101,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return apb.AgentListContainersResponse(containers=[container_to_pb(c) for c in await self.containers.list()])
 
     async def Exec(self, request: apb.ExecRequest, context):
-        result = await self.containers.exec(
+        # Each yield waits for gRPC's flow control: a caller that reads slowly holds the command up.
+        events = self.containers.exec(
             request.name, list(request.argv), dict(request.env), request.stdin, request.timeout_seconds
         )
-        return apb.ExecResponse(exit_code=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield exec_event_to_pb(event, apb.ExecResponse)
 
     async def SetLimits(self, request, context):
         ct = await self.containers.set_limits(request.name, validate_limits(limits_from_pb(request.limits)))

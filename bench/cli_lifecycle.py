@@ -127,8 +127,8 @@ class Inner:
         elif op == "start":
             await self.agent.StartContainer(apb.AgentContainerRef(name=name), timeout=60)
         elif op == "exec_true":
-            reply = await self.agent.Exec(apb.ExecRequest(name=name, argv=["/bin/true"]), timeout=60)
-            assert reply.exit_code == 0, reply
+            replies = [r async for r in self.agent.Exec(apb.ExecRequest(name=name, argv=["/bin/true"]), timeout=60)]
+            assert replies[-1].exit.exit_code == 0, replies
         elif op == "stop_force":
             await self.agent.StopContainer(apb.AgentStopContainerRequest(name=name, force=True), timeout=60)
         elif op == "destroy":

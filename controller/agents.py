@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 
 from corral.api.client import call, rpc_error
-from corral.api.convert import container_from_pb, container_to_pb, limits_to_pb, network_to_pb
+from corral.api.convert import container_from_pb, container_to_pb, exec_event_from_pb, limits_to_pb, network_to_pb
 from corral.errors import NotFound, Unavailable
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
 from corral.model import Container, Limits, NetworkAttachment, NodeFacts, NodeState
+from corral.proc import EXEC_DEFAULT_TIMEOUT, Exited, Output
 from corral.v1 import agent_pb2 as apb
 from corral.v1 import agent_pb2_grpc
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 CREATE_TIMEOUT = 900.0
 LIFECYCLE_TIMEOUT = 120.0
 QUICK_TIMEOUT = 15.0
+EXEC_AGENT_MARGIN = 30.0
 
 
 class AgentClient:
@@ -65,9 +67,19 @@ class AgentClient:
 
     async def exec(
         self, name: str, argv: Sequence[str], env: Mapping[str, str], stdin: bytes, timeout: int
-    ) -> apb.ExecResponse:
+    ) -> AsyncIterator[Output | Exited]:
+        """The command's output as the agent streams it, then how it ended. Read at the caller's
+        pace (gRPC flow control holds the agent, and so the command, up)."""
         req = apb.ExecRequest(name=name, argv=list(argv), env=dict(env), stdin=stdin, timeout_seconds=timeout)
-        return await self._call(self.stub.Exec, req, (timeout or 300) + 15)
+        # The exec's own timeout, plus time for the agent to kill the command and send the rest.
+        replies = self.stub.Exec(req, timeout=(timeout or EXEC_DEFAULT_TIMEOUT) + EXEC_AGENT_MARGIN)
+        try:
+            async for msg in replies:
+                yield exec_event_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, self.peer) from None
+        finally:
+            replies.cancel()  # a no-op once it has ended; else the agent kills the command
 
     async def set_limits(self, name: str, limits: Limits) -> Container:
         req = apb.AgentSetLimitsRequest(name=name, limits=limits_to_pb(limits))

@@ -6,19 +6,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import AsyncIterator, Mapping, Sequence
 
 import grpc
 
 from corral.api.client import call, rpc_error
-from corral.api.convert import container_from_pb, limits_to_pb, node_from_pb
+from corral.api.convert import container_from_pb, exec_event_from_pb, limits_to_pb, node_from_pb
 from corral.v1 import types_pb2
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
+from corral.errors import Unavailable
 from corral.model import Container, Limits, Node
-from corral.v1 import agent_pb2 as apb
+from corral.proc import EXEC_DEFAULT_TIMEOUT, STDOUT, Exited, Output
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
+
+
+# Beyond an exec's timeout: time for the agent to kill the command and for the rest to arrive.
+EXEC_MARGIN = 60.0
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
 
 
 class ControllerClient:
@@ -76,6 +90,31 @@ class ControllerClient:
         reply = await self._call(self.stub.ListContainers, cpb.ListContainersRequest(node=node), 30)
         return [container_from_pb(c) for c in reply.containers]
 
+    async def exec_stream(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes = b"",
+        timeout: int = 0,
+    ) -> AsyncIterator[Output | Exited]:
+        """Run a command in a container: its output as it comes (`Output`, fd 1 or 2), then how
+        it ended (`Exited`, always last). The command waits while the caller does not read."""
+        req = cpb.ExecContainerRequest(
+            name=name, argv=list(argv), env=dict(env or {}), stdin=stdin, timeout_seconds=timeout
+        )
+        # The exec's own timeout (not this client's, which would cap it) plus the controller's
+        # and the agent's margin for the kill and the last output.
+        replies = self.stub.ExecContainer(req, timeout=(timeout or EXEC_DEFAULT_TIMEOUT) + EXEC_MARGIN)
+        try:
+            async for msg in replies:
+                yield exec_event_from_pb(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, f"controller {self.address}") from None
+        finally:
+            replies.cancel()  # a no-op once it has ended; else the command is killed
+
     async def exec(
         self,
         name: str,
@@ -84,9 +123,14 @@ class ControllerClient:
         env: Mapping[str, str] | None = None,
         stdin: bytes = b"",
         timeout: int = 0,
-    ) -> apb.ExecResponse:
-        req = apb.ExecRequest(name=name, argv=list(argv), env=dict(env or {}), stdin=stdin, timeout_seconds=timeout)
-        return await self._call(self.stub.ExecContainer, req)
+    ) -> ExecResult:
+        """`exec_stream`, collected: for commands whose output fits in memory."""
+        stdout, stderr = bytearray(), bytearray()
+        async for event in self.exec_stream(name, argv, env=env, stdin=stdin, timeout=timeout):
+            if isinstance(event, Exited):
+                return ExecResult(event.returncode, bytes(stdout), bytes(stderr), event.timed_out)
+            (stdout if event.fd == STDOUT else stderr).extend(event.data)
+        raise Unavailable(f"controller {self.address} ended the exec stream without the command's exit status")
 
     async def set_limits(self, name: str, limits: Limits) -> Container:
         req = cpb.SetContainerLimitsRequest(name=name, limits=limits_to_pb(limits))

@@ -7,12 +7,15 @@ method listed; names and ids in requests are validated at the edge (corral.api.s
 
 from __future__ import annotations
 
+import contextlib
+
 from controller.fleet import Fleet
 from controller.operations.engine import Engine
 from controller.health.registry import NodeRegistry
 from corral.api.convert import (
     container_from_pb,
     container_to_pb,
+    exec_event_to_pb,
     facts_from_pb,
     limits_from_pb,
     node_to_pb,
@@ -20,7 +23,6 @@ from corral.api.convert import (
 )
 from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
 from corral.errors import PermissionDenied
-from corral.v1 import agent_pb2 as apb
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
 
@@ -114,10 +116,15 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def ListContainers(self, request, context):
         return cpb.ListContainersResponse(containers=[container_to_pb(c) for c in await self.fleet.list(request.node)])
 
-    async def ExecContainer(self, request: apb.ExecRequest, context):
-        return await self.fleet.exec(
+    async def ExecContainer(self, request: cpb.ExecContainerRequest, context):
+        # Relayed as it comes: each yield waits for the caller to take it (gRPC flow control),
+        # and the agent's stream is read no faster.
+        events = self.fleet.exec(
             request.name, list(request.argv), dict(request.env), request.stdin, request.timeout_seconds
         )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield exec_event_to_pb(event, cpb.ExecContainerResponse)
 
     async def SetContainerLimits(self, request, context):
         return container_to_pb(await self.fleet.set_limits(request.name, limits_from_pb(request.limits)))

@@ -334,11 +334,12 @@ class ExecFleet(FakeFleet):
         super().__init__()
         self.calls: list[tuple] = []
 
-    async def exec(self, name, argv, *, env=None, stdin=b"", timeout=0):
-        from types import SimpleNamespace
+    async def exec_stream(self, name, argv, *, env=None, stdin=b"", timeout=0):
+        from corral.proc import Exited, Output
 
         self.calls.append((name, list(argv), dict(env or {}), timeout))
-        return SimpleNamespace(exit_code=3, stdout=b"out", stderr=b"")
+        yield Output(1, b"out")
+        yield Exited(3)
 
 
 @pytest.mark.parametrize("args,argv,env,timeout,fmt", [
@@ -356,7 +357,9 @@ def test_exec_hands_the_command_its_own_options(monkeypatch, args, argv, env, ti
     assert fake.calls == [("web1", argv, env, timeout)]
     assert code == 3
     if fmt == "json":
-        assert json.loads(out)["exit_code"] == 3
+        assert json.loads(out) == {"name": "web1", "exit_code": 3, "timed_out": False, "stdout": "out", "stderr": ""}
+    else:
+        assert out == "out"
 
 
 def test_interrupted_watch_says_the_operation_continues(monkeypatch):

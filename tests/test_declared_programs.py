@@ -25,7 +25,7 @@ SCANNED = ("agent", "controller", "corral", "lab", "bench", "tests")
 SPAWNERS = {
     "run": 0, "create_subprocess_exec": 0, "launch": 0, "Popen": 0, "check_output": 0, "check_call": 0,
     "execvp": 0, "execv": 0, "_lxc": 0, "_lvm": 0, "which": 0, "_binary": 0, "_run_tool": 0, "spawn": 0,
-    "find": 0, "host_command": 2, "host_argv": 1, "on_host": 2, "_on_host": 2,
+    "find": 0, "stream": 0, "host_command": 2, "host_argv": 1, "on_host": 2, "_on_host": 2,
 }  # fmt: skip
 PROGRAM_LIKE = re.compile(r"^(/[\w./+-]+|[a-z][a-z0-9._+-]*)$")
 

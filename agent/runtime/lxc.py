@@ -10,7 +10,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import AsyncIterator, Mapping, Sequence
 
 from agent.runtime.cgroups import cgroup_dirs_of, remove_empty
 from corral import proc
@@ -35,13 +35,6 @@ _LXC_STATES = {
 class RuntimeStatus:
     state: ContainerState
     init_pid: int = 0
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
 
 
 class LxcRuntime:
@@ -150,16 +143,18 @@ class LxcRuntime:
         if done.returncode != 0:
             raise FailedPrecondition(f"cannot set {key}={value} on {name}: {done.output}")
 
-    async def attach(
+    def attach(
         self, name: str, argv: Sequence[str], *, env: Mapping[str, str], stdin: bytes, timeout: float
-    ) -> ExecResult:
+    ) -> AsyncIterator[proc.Output | proc.Exited]:
+        """Run a command in the container: its output as it comes, then how it ended. The
+        command runs as lxc-attach's child, in its process group: a timeout (or the caller going
+        away) kills it and what it started inside the container, not only lxc-attach."""
         cmd = ["lxc-attach", "-P", str(self.lxc_path), "-n", name, "--clear-env"]
         variables = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb", **env}
         for key, value in variables.items():
             cmd += ["-v", f"{key}={value}"]
         cmd += ["--", *argv]
-        done = await proc.run(cmd, timeout=timeout, input=stdin, check=False, cwd="/", what=f"exec in {name}")
-        return ExecResult(done.returncode, done.stdout, done.stderr)
+        return proc.stream(cmd, timeout=timeout, input=stdin, cwd="/")
 
     @staticmethod
     def version_of(output: str) -> str:

@@ -251,6 +251,7 @@ def ct_ls(obj, node) -> None:
     "corral ct exec web1 -e LANG=C -- sh -c 'echo $LANG'",
     "echo hello | corral ct exec web1 -i -- cat",
     "corral ct exec web1 --timeout 10 -- sleep 60   # killed after 10 s",
+    "corral ct exec web1 -- tar -C /srv -c . > srv.tar   # output streams, any size",
 ])
 @click.argument("name", shell_complete=complete_containers)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -262,14 +263,25 @@ def ct_ls(obj, node) -> None:
 def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
     """Run a command in a running container: corral ct exec NAME -- CMD ARGS...
 
-    Exits with the command's exit code. corral's options go before the command: from the
-    command's first word on, everything is the command's (`--` before it is optional).
+    Exits with the command's exit code. Its stdout and stderr arrive here as it writes them,
+    any amount (the command waits while they are not read). A command still running after
+    --timeout is killed, with what it started in the container: corral then exits 7.
+    With -o json or yaml the output is collected instead and printed once the command has
+    ended, as one object: name, exit_code, timed_out, stdout, stderr.
+
+    corral's options go before the command: from the command's first word on, everything is
+    the command's (`--` before it is optional).
     """
     obj = ctx.obj
     from corral.errors import InvalidArgument
 
     @run
     async def go():
+        import contextlib
+
+        from corral.errors import DeadlineExceeded, Unavailable
+        from corral.proc import EXEC_DEFAULT_TIMEOUT, STDERR, STDOUT, Exited
+
         variables = {}
         for item in env:
             key, sep, value = item.partition("=")
@@ -277,21 +289,67 @@ def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
                 raise InvalidArgument(f"--env {item!r}: expected KEY=VALUE")
             variables[key] = value
         stdin = sys.stdin.buffer.read() if interactive else b""
-        async with obj.client() as fleet:
-            result = await fleet.exec(name, list(command), env=variables, stdin=stdin, timeout=timeout)
+        exited = None
+        async with obj.client() as fleet, contextlib.aclosing(
+            fleet.exec_stream(name, list(command), env=variables, stdin=stdin, timeout=timeout)
+        ) as events:
+            if obj.machine:
+                collected = {STDOUT: bytearray(), STDERR: bytearray()}
+                async for event in events:
+                    if isinstance(event, Exited):
+                        exited = event
+                    else:
+                        collected[event.fd].extend(event.data)
+            else:
+                exited = await _write_as_it_comes(events)
+        if exited is None:
+            raise Unavailable("the exec stream ended without the command's exit status")
         if obj.machine:
             output.emit(obj, {
-                "name": name, "exit_code": result.exit_code,
-                "stdout": result.stdout.decode(errors="replace"), "stderr": result.stderr.decode(errors="replace"),
+                "name": name, "exit_code": exited.returncode, "timed_out": exited.timed_out,
+                "stdout": collected[STDOUT].decode(errors="replace"),
+                "stderr": collected[STDERR].decode(errors="replace"),
             })  # fmt: skip
-        else:
-            sys.stdout.buffer.write(result.stdout)
-            sys.stdout.flush()
-            sys.stderr.buffer.write(result.stderr)
-            sys.stderr.flush()
-        return result.exit_code
+        if exited.timed_out:
+            raise DeadlineExceeded(
+                f"`{command[0]}` in {name} did not finish within {timeout or EXEC_DEFAULT_TIMEOUT} s: "
+                "it was killed, with what it started"
+            )
+        return exited.returncode
 
     ctx.exit(go())
+
+
+async def _write_as_it_comes(events):
+    """Write an exec's output to our stdout and stderr as it arrives; returns its `Exited`.
+    Written from a thread of its own, one piece at a time: a reader that does not keep up (a
+    pipe, a pager, a terminal stopped with ^S) holds up the stream, and with it the command,
+    never the event loop (in the warm helper, other invocations run on it too) and nothing
+    piles up in memory."""
+    import asyncio
+    import concurrent.futures
+    import contextvars
+
+    from corral.proc import STDERR, STDOUT, Exited
+
+    loop = asyncio.get_running_loop()
+    # The invocation's own sys.stdout/stderr in the warm helper (they dispatch on a context variable).
+    context = contextvars.copy_context()
+    streams = {STDOUT: sys.stdout.buffer, STDERR: sys.stderr.buffer}
+    writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="corral-exec-output")
+
+    def write(stream, data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+
+    try:
+        async for event in events:
+            if isinstance(event, Exited):
+                return event
+            await loop.run_in_executor(writer, context.run, write, streams[event.fd], event.data)
+        return None
+    finally:
+        writer.shutdown(wait=False)  # never wait here on a write that is stuck
 
 
 @ct.command("set", examples=["corral ct set web1 --memory 512M", "corral ct set web1 --cpus 0.5 --pids 200"])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from corral.errors import CorralError
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
+from corral.proc import STDERR, STDOUT, Exited, Output
 from corral.v1 import types_pb2 as pb
 
 _STATE_TO_PB = {s: pb.ContainerState.Value(f"CONTAINER_STATE_{s.name}") for s in ContainerState}
@@ -147,3 +149,22 @@ def operation_to_pb(op) -> pb.Operation:
         created_at=op.created_at,
         updated_at=op.updated_at,
     )
+
+
+def exec_event_to_pb(event: Output | Exited, message_type):
+    """One event of an exec as a message of its stream: the agent's ExecResponse or the
+    controller's ExecContainerResponse (the same shape)."""
+    if isinstance(event, Exited):
+        return message_type(exit=message_type.Exit(exit_code=event.returncode, timed_out=event.timed_out))
+    return message_type(stdout=event.data) if event.fd == STDOUT else message_type(stderr=event.data)
+
+
+def exec_event_from_pb(msg) -> Output | Exited:
+    kind = msg.WhichOneof("event")
+    if kind == "exit":
+        return Exited(msg.exit.exit_code, timed_out=msg.exit.timed_out)
+    if kind == "stdout":
+        return Output(STDOUT, msg.stdout)
+    if kind == "stderr":
+        return Output(STDERR, msg.stderr)
+    raise CorralError("an exec stream sent an empty message")

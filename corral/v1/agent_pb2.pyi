@@ -135,14 +135,21 @@ class ExecRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., stdin: _Optional[bytes] = ...) -> None: ...
 
 class ExecResponse(_message.Message):
-    __slots__ = ("exit_code", "stdout", "stderr")
-    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("stdout", "stderr", "exit")
+    class Exit(_message.Message):
+        __slots__ = ("exit_code", "timed_out")
+        EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+        TIMED_OUT_FIELD_NUMBER: _ClassVar[int]
+        exit_code: int
+        timed_out: bool
+        def __init__(self, exit_code: _Optional[int] = ..., timed_out: _Optional[bool] = ...) -> None: ...
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
-    exit_code: int
+    EXIT_FIELD_NUMBER: _ClassVar[int]
     stdout: bytes
     stderr: bytes
-    def __init__(self, exit_code: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ...) -> None: ...
+    exit: ExecResponse.Exit
+    def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit: _Optional[_Union[ExecResponse.Exit, _Mapping]] = ...) -> None: ...
 
 class AgentSetLimitsRequest(_message.Message):
     __slots__ = ("name", "limits")

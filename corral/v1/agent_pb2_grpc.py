@@ -71,7 +71,7 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.AgentListContainersRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.AgentListContainersResponse.FromString,
                 _registered_method=True)
-        self.Exec = channel.unary_unary(
+        self.Exec = channel.unary_stream(
                 '/corral.v1.AgentService/Exec',
                 request_serializer=corral_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.ExecResponse.FromString,
@@ -194,7 +194,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exec(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Run a command in a running container: its output as it is written, then how it ended.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -337,7 +338,7 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     request_deserializer=corral_dot_v1_dot_agent__pb2.AgentListContainersRequest.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.AgentListContainersResponse.SerializeToString,
             ),
-            'Exec': grpc.unary_unary_rpc_method_handler(
+            'Exec': grpc.unary_stream_rpc_method_handler(
                     servicer.Exec,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.ExecRequest.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.ExecResponse.SerializeToString,
@@ -623,7 +624,7 @@ class AgentService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/corral.v1.AgentService/Exec',

@@ -23,59 +23,68 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from corral.v1 import agent_pb2 as corral_dot_v1_dot_agent__pb2
 from corral.v1 import types_pb2 as corral_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orral/v1/controller.proto\x12\tcorral.v1\x1a\x15\x63orral/v1/agent.proto\x1a\x15\x63orral/v1/types.proto\"d\n\x13RegisterNodeRequest\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x02 \x03(\x0b\x32\x14.corral.v1.Container\":\n\x14RegisterNodeResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\"o\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12#\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x03 \x03(\x0b\x32\x14.corral.v1.Container\"\'\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.corral.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x0c\x43ontainerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x89\x01\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12!\n\x06limits\x18\x04 \x01(\x0b\x32\x11.corral.v1.Limits\x12\x0f\n\x07storage\x18\x05 \x01(\t\x12\r\n\x05start\x18\x06 \x01(\x08\"L\n\x14StopContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\"6\n\x17\x44\x65stroyContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1a\n\x18\x44\x65stroyContainerResponse\"%\n\x15ListContainersRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"B\n\x16ListContainersResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.corral.v1.Container\"L\n\x19SetContainerLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.corral.v1.Limits\"F\n\x17ResolveContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"d\n\x18ResolveContainerResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\t\x12\x0e\n\x06remove\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\x8c\x01\n\x17MigrateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x10\n\x08postcopy\x18\x04 \x01(\x08\x12\x15\n\rfallback_cold\x18\x05 \x01(\x08\x12\x17\n\x0f\x66rom_checkpoint\x18\x06 \x01(\t\"?\n\x15ListOperationsRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\"B\n\x16ListOperationsResponse\x12(\n\noperations\x18\x01 \x03(\x0b\x32\x14.corral.v1.Operation\"\x1a\n\x0cOperationRef\x12\n\n\x02id\x18\x01 \x01(\t2\xcd\n\n\x11\x43ontrollerService\x12O\n\x0cRegisterNode\x12\x1e.corral.v1.RegisterNodeRequest\x1a\x1f.corral.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.corral.v1.HeartbeatRequest\x1a\x1c.corral.v1.HeartbeatResponse\x12\x46\n\tListNodes\x12\x1b.corral.v1.ListNodesRequest\x1a\x1c.corral.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x19.corral.v1.GetNodeRequest\x1a\x0f.corral.v1.Node\x12J\n\x0f\x43reateContainer\x12!.corral.v1.CreateContainerRequest\x1a\x14.corral.v1.Container\x12?\n\x0eStartContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12\x46\n\rStopContainer\x12\x1f.corral.v1.StopContainerRequest\x1a\x14.corral.v1.Container\x12[\n\x10\x44\x65stroyContainer\x12\".corral.v1.DestroyContainerRequest\x1a#.corral.v1.DestroyContainerResponse\x12=\n\x0cGetContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12U\n\x0eListContainers\x12 .corral.v1.ListContainersRequest\x1a!.corral.v1.ListContainersResponse\x12@\n\rExecContainer\x12\x16.corral.v1.ExecRequest\x1a\x17.corral.v1.ExecResponse\x12P\n\x12SetContainerLimits\x12$.corral.v1.SetContainerLimitsRequest\x1a\x14.corral.v1.Container\x12[\n\x10ResolveContainer\x12\".corral.v1.ResolveContainerRequest\x1a#.corral.v1.ResolveContainerResponse\x12L\n\x10MigrateContainer\x12\".corral.v1.MigrateContainerRequest\x1a\x14.corral.v1.Operation\x12U\n\x0eListOperations\x12 .corral.v1.ListOperationsRequest\x1a!.corral.v1.ListOperationsResponse\x12=\n\x0cGetOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation\x12\x41\n\x0eWatchOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation0\x01\x12@\n\x0f\x43\x61ncelOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orral/v1/controller.proto\x12\tcorral.v1\x1a\x15\x63orral/v1/types.proto\"d\n\x13RegisterNodeRequest\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x02 \x03(\x0b\x32\x14.corral.v1.Container\":\n\x14RegisterNodeResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\"o\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12#\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x03 \x03(\x0b\x32\x14.corral.v1.Container\"\'\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.corral.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x0c\x43ontainerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x89\x01\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12!\n\x06limits\x18\x04 \x01(\x0b\x32\x11.corral.v1.Limits\x12\x0f\n\x07storage\x18\x05 \x01(\t\x12\r\n\x05start\x18\x06 \x01(\x08\"L\n\x14StopContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\"6\n\x17\x44\x65stroyContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1a\n\x18\x44\x65stroyContainerResponse\"%\n\x15ListContainersRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"B\n\x16ListContainersResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.corral.v1.Container\"\xbd\x01\n\x14\x45xecContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x35\n\x03\x65nv\x18\x03 \x03(\x0b\x32(.corral.v1.ExecContainerRequest.EnvEntry\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\r\x12\r\n\x05stdin\x18\x05 \x01(\x0c\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x01\n\x15\x45xecContainerResponse\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x35\n\x04\x65xit\x18\x03 \x01(\x0b\x32%.corral.v1.ExecContainerResponse.ExitH\x00\x1a,\n\x04\x45xit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x11\n\ttimed_out\x18\x02 \x01(\x08\x42\x07\n\x05\x65vent\"L\n\x19SetContainerLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.corral.v1.Limits\"F\n\x17ResolveContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"d\n\x18ResolveContainerResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\t\x12\x0e\n\x06remove\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\x8c\x01\n\x17MigrateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x10\n\x08postcopy\x18\x04 \x01(\x08\x12\x15\n\rfallback_cold\x18\x05 \x01(\x08\x12\x17\n\x0f\x66rom_checkpoint\x18\x06 \x01(\t\"?\n\x15ListOperationsRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\"B\n\x16ListOperationsResponse\x12(\n\noperations\x18\x01 \x03(\x0b\x32\x14.corral.v1.Operation\"\x1a\n\x0cOperationRef\x12\n\n\x02id\x18\x01 \x01(\t2\xe1\n\n\x11\x43ontrollerService\x12O\n\x0cRegisterNode\x12\x1e.corral.v1.RegisterNodeRequest\x1a\x1f.corral.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.corral.v1.HeartbeatRequest\x1a\x1c.corral.v1.HeartbeatResponse\x12\x46\n\tListNodes\x12\x1b.corral.v1.ListNodesRequest\x1a\x1c.corral.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x19.corral.v1.GetNodeRequest\x1a\x0f.corral.v1.Node\x12J\n\x0f\x43reateContainer\x12!.corral.v1.CreateContainerRequest\x1a\x14.corral.v1.Container\x12?\n\x0eStartContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12\x46\n\rStopContainer\x12\x1f.corral.v1.StopContainerRequest\x1a\x14.corral.v1.Container\x12[\n\x10\x44\x65stroyContainer\x12\".corral.v1.DestroyContainerRequest\x1a#.corral.v1.DestroyContainerResponse\x12=\n\x0cGetContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12U\n\x0eListContainers\x12 .corral.v1.ListContainersRequest\x1a!.corral.v1.ListContainersResponse\x12T\n\rExecContainer\x12\x1f.corral.v1.ExecContainerRequest\x1a .corral.v1.ExecContainerResponse0\x01\x12P\n\x12SetContainerLimits\x12$.corral.v1.SetContainerLimitsRequest\x1a\x14.corral.v1.Container\x12[\n\x10ResolveContainer\x12\".corral.v1.ResolveContainerRequest\x1a#.corral.v1.ResolveContainerResponse\x12L\n\x10MigrateContainer\x12\".corral.v1.MigrateContainerRequest\x1a\x14.corral.v1.Operation\x12U\n\x0eListOperations\x12 .corral.v1.ListOperationsRequest\x1a!.corral.v1.ListOperationsResponse\x12=\n\x0cGetOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation\x12\x41\n\x0eWatchOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation0\x01\x12@\n\x0f\x43\x61ncelOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.v1.controller_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERNODEREQUEST']._serialized_start=87
-  _globals['_REGISTERNODEREQUEST']._serialized_end=187
-  _globals['_REGISTERNODERESPONSE']._serialized_start=189
-  _globals['_REGISTERNODERESPONSE']._serialized_end=247
-  _globals['_HEARTBEATREQUEST']._serialized_start=249
-  _globals['_HEARTBEATREQUEST']._serialized_end=360
-  _globals['_HEARTBEATRESPONSE']._serialized_start=362
-  _globals['_HEARTBEATRESPONSE']._serialized_end=401
-  _globals['_LISTNODESREQUEST']._serialized_start=403
-  _globals['_LISTNODESREQUEST']._serialized_end=421
-  _globals['_LISTNODESRESPONSE']._serialized_start=423
-  _globals['_LISTNODESRESPONSE']._serialized_end=474
-  _globals['_GETNODEREQUEST']._serialized_start=476
-  _globals['_GETNODEREQUEST']._serialized_end=506
-  _globals['_CONTAINERREF']._serialized_start=508
-  _globals['_CONTAINERREF']._serialized_end=536
-  _globals['_CREATECONTAINERREQUEST']._serialized_start=539
-  _globals['_CREATECONTAINERREQUEST']._serialized_end=676
-  _globals['_STOPCONTAINERREQUEST']._serialized_start=678
-  _globals['_STOPCONTAINERREQUEST']._serialized_end=754
-  _globals['_DESTROYCONTAINERREQUEST']._serialized_start=756
-  _globals['_DESTROYCONTAINERREQUEST']._serialized_end=810
-  _globals['_DESTROYCONTAINERRESPONSE']._serialized_start=812
-  _globals['_DESTROYCONTAINERRESPONSE']._serialized_end=838
-  _globals['_LISTCONTAINERSREQUEST']._serialized_start=840
-  _globals['_LISTCONTAINERSREQUEST']._serialized_end=877
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=879
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=945
-  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_start=947
-  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_end=1023
-  _globals['_RESOLVECONTAINERREQUEST']._serialized_start=1025
-  _globals['_RESOLVECONTAINERREQUEST']._serialized_end=1095
-  _globals['_RESOLVECONTAINERRESPONSE']._serialized_start=1097
-  _globals['_RESOLVECONTAINERRESPONSE']._serialized_end=1197
-  _globals['_MIGRATECONTAINERREQUEST']._serialized_start=1200
-  _globals['_MIGRATECONTAINERREQUEST']._serialized_end=1340
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1342
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1405
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1407
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1473
-  _globals['_OPERATIONREF']._serialized_start=1475
-  _globals['_OPERATIONREF']._serialized_end=1501
-  _globals['_CONTROLLERSERVICE']._serialized_start=1504
-  _globals['_CONTROLLERSERVICE']._serialized_end=2861
+  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._loaded_options = None
+  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_REGISTERNODEREQUEST']._serialized_start=64
+  _globals['_REGISTERNODEREQUEST']._serialized_end=164
+  _globals['_REGISTERNODERESPONSE']._serialized_start=166
+  _globals['_REGISTERNODERESPONSE']._serialized_end=224
+  _globals['_HEARTBEATREQUEST']._serialized_start=226
+  _globals['_HEARTBEATREQUEST']._serialized_end=337
+  _globals['_HEARTBEATRESPONSE']._serialized_start=339
+  _globals['_HEARTBEATRESPONSE']._serialized_end=378
+  _globals['_LISTNODESREQUEST']._serialized_start=380
+  _globals['_LISTNODESREQUEST']._serialized_end=398
+  _globals['_LISTNODESRESPONSE']._serialized_start=400
+  _globals['_LISTNODESRESPONSE']._serialized_end=451
+  _globals['_GETNODEREQUEST']._serialized_start=453
+  _globals['_GETNODEREQUEST']._serialized_end=483
+  _globals['_CONTAINERREF']._serialized_start=485
+  _globals['_CONTAINERREF']._serialized_end=513
+  _globals['_CREATECONTAINERREQUEST']._serialized_start=516
+  _globals['_CREATECONTAINERREQUEST']._serialized_end=653
+  _globals['_STOPCONTAINERREQUEST']._serialized_start=655
+  _globals['_STOPCONTAINERREQUEST']._serialized_end=731
+  _globals['_DESTROYCONTAINERREQUEST']._serialized_start=733
+  _globals['_DESTROYCONTAINERREQUEST']._serialized_end=787
+  _globals['_DESTROYCONTAINERRESPONSE']._serialized_start=789
+  _globals['_DESTROYCONTAINERRESPONSE']._serialized_end=815
+  _globals['_LISTCONTAINERSREQUEST']._serialized_start=817
+  _globals['_LISTCONTAINERSREQUEST']._serialized_end=854
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=856
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=922
+  _globals['_EXECCONTAINERREQUEST']._serialized_start=925
+  _globals['_EXECCONTAINERREQUEST']._serialized_end=1114
+  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_start=1072
+  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_end=1114
+  _globals['_EXECCONTAINERRESPONSE']._serialized_start=1117
+  _globals['_EXECCONTAINERRESPONSE']._serialized_end=1286
+  _globals['_EXECCONTAINERRESPONSE_EXIT']._serialized_start=1233
+  _globals['_EXECCONTAINERRESPONSE_EXIT']._serialized_end=1277
+  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_start=1288
+  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_end=1364
+  _globals['_RESOLVECONTAINERREQUEST']._serialized_start=1366
+  _globals['_RESOLVECONTAINERREQUEST']._serialized_end=1436
+  _globals['_RESOLVECONTAINERRESPONSE']._serialized_start=1438
+  _globals['_RESOLVECONTAINERRESPONSE']._serialized_end=1538
+  _globals['_MIGRATECONTAINERREQUEST']._serialized_start=1541
+  _globals['_MIGRATECONTAINERREQUEST']._serialized_end=1681
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=1683
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1746
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1748
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1814
+  _globals['_OPERATIONREF']._serialized_start=1816
+  _globals['_OPERATIONREF']._serialized_end=1842
+  _globals['_CONTROLLERSERVICE']._serialized_start=1845
+  _globals['_CONTROLLERSERVICE']._serialized_end=3222
 # @@protoc_insertion_point(module_scope)

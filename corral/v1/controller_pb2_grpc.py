@@ -4,7 +4,6 @@
 import grpc
 import warnings
 
-from corral.v1 import agent_pb2 as corral_dot_v1_dot_agent__pb2
 from corral.v1 import controller_pb2 as corral_dot_v1_dot_controller__pb2
 from corral.v1 import types_pb2 as corral_dot_v1_dot_types__pb2
 
@@ -87,10 +86,10 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.ListContainersRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_controller__pb2.ListContainersResponse.FromString,
                 _registered_method=True)
-        self.ExecContainer = channel.unary_unary(
+        self.ExecContainer = channel.unary_stream(
                 '/corral.v1.ControllerService/ExecContainer',
-                request_serializer=corral_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
-                response_deserializer=corral_dot_v1_dot_agent__pb2.ExecResponse.FromString,
+                request_serializer=corral_dot_v1_dot_controller__pb2.ExecContainerRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.ExecContainerResponse.FromString,
                 _registered_method=True)
         self.SetContainerLimits = channel.unary_unary(
                 '/corral.v1.ControllerService/SetContainerLimits',
@@ -196,7 +195,8 @@ class ControllerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExecContainer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Run a command in a running container: its output as it is written, then how it ended.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -301,10 +301,10 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     request_deserializer=corral_dot_v1_dot_controller__pb2.ListContainersRequest.FromString,
                     response_serializer=corral_dot_v1_dot_controller__pb2.ListContainersResponse.SerializeToString,
             ),
-            'ExecContainer': grpc.unary_unary_rpc_method_handler(
+            'ExecContainer': grpc.unary_stream_rpc_method_handler(
                     servicer.ExecContainer,
-                    request_deserializer=corral_dot_v1_dot_agent__pb2.ExecRequest.FromString,
-                    response_serializer=corral_dot_v1_dot_agent__pb2.ExecResponse.SerializeToString,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.ExecContainerRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.ExecContainerResponse.SerializeToString,
             ),
             'SetContainerLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.SetContainerLimits,
@@ -633,12 +633,12 @@ class ControllerService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/corral.v1.ControllerService/ExecContainer',
-            corral_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
-            corral_dot_v1_dot_agent__pb2.ExecResponse.FromString,
+            corral_dot_v1_dot_controller__pb2.ExecContainerRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.ExecContainerResponse.FromString,
             options,
             channel_credentials,
             insecure,
