@@ -183,6 +183,7 @@ async def stream(
         if not finished:  # the consumer went away (or we did): nothing of the command may outlive it
             await kill_tree(proc.pid, reaped=proc.returncode is not None)
             await proc.wait()
+            await asyncio.gather(*killer, return_exceptions=True)  # a deadline's kill under way
 
 
 async def _read_pipe(
@@ -233,18 +234,20 @@ def _kill_tree(root: int) -> None:
         if not new:
             break
         for pid in new:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+            _signal(os.kill, pid, signal.SIGSTOP)
         stopped |= new
     _signal_group(root, signal.SIGKILL)
     for pid in stopped:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        _signal(os.kill, pid, signal.SIGKILL)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+    _signal(os.killpg, pgid, sig)
+
+
+def _signal(kill, pid: int, sig: int) -> None:
+    with contextlib.suppress(OSError):  # gone already
+        kill(pid, sig)
 
 
 def _descendants(root: int) -> set[int]:

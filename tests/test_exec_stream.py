@@ -121,8 +121,8 @@ async def test_400_mb_of_output_arrives_complete_with_the_agent_bounded(lab, con
     sampler.cancel()
     elapsed = time.monotonic() - started
     growth_mib = (max(memory_kib(agent)["VmHWM"], peak_rss) - before) / 1024
-    print(f"\n400 MB exec: {elapsed:.1f} s, first bytes after {first_at:.2f} s, agent VmRSS {before / 1024:.0f} MiB "
-          f"before, peak +{growth_mib:.1f} MiB")  # fmt: skip
+    print(f"\n400 MB exec: {received} bytes in {elapsed:.1f} s, first after {first_at or elapsed:.2f} s, "
+          f"agent VmRSS {before / 1024:.0f} MiB before, peak +{growth_mib:.1f} MiB")  # fmt: skip
     assert (proc.returncode, stderr) == (0, b"")
     assert received == BIG
     assert growth_mib < 64, f"the agent grew by {growth_mib:.0f} MiB"
