@@ -19,6 +19,8 @@ CHUNK_SIZE = 64 * 1024
 # a caller's deadline is the timeout plus a margin for the kill and the last output.
 EXEC_DEFAULT_TIMEOUT = 300
 EXEC_MAX_TIMEOUT = 24 * 3600
+# `exec -i`: standard input goes whole in the request, under gRPC's 64 MiB message limit.
+EXEC_MAX_STDIN = 63 << 20
 # After a kill, how long output still held in the pipes is read before giving up on it
 # (a process that escaped the kill may keep them open).
 DRAIN_AFTER_KILL = 5.0

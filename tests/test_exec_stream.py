@@ -223,3 +223,11 @@ async def test_nul_bytes_and_bad_env_names_are_refused(lab, fleet, container):
         assert events == [Output(1, b"fine\n"), Exited(0)]
     finally:
         await agent.channel.close()
+
+
+async def test_stdin_goes_whole_up_to_its_limit(corral, container):
+    data = os.urandom(5 << 20)
+    counted = await corral("ct", "exec", "-i", container, "--", "wc", "-c", stdin=data)
+    assert counted.stdout.split() == [str(len(data))]
+    too_much = await corral("ct", "exec", "-i", container, "--", "wc", "-c", stdin=b"\0" * (64 << 20), check=False)
+    assert too_much.returncode == 2 and "over 63 MiB" in too_much.stderr

@@ -258,7 +258,8 @@ def ct_ls(obj, node) -> None:
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE for the command's environment (repeatable)")
 @click.option("--timeout", type=click.IntRange(0, 86400), default=0,
               help="kill the command after this many seconds; 0 = the agent's limit, 300 s")
-@click.option("--interactive", "-i", is_flag=True, help="pass standard input to the command")
+@click.option("--interactive", "-i", is_flag=True,
+              help="pass standard input to the command (read to its end first; at most 63 MiB)")
 @click.pass_context
 def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
     """Run a command in a running container: corral ct exec NAME -- CMD ARGS...
@@ -280,7 +281,7 @@ def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
         import contextlib
 
         from corral.errors import DeadlineExceeded, Unavailable
-        from corral.proc import EXEC_DEFAULT_TIMEOUT, STDERR, STDOUT, Exited
+        from corral.proc import EXEC_DEFAULT_TIMEOUT, EXEC_MAX_STDIN, STDERR, STDOUT, Exited
 
         variables = {}
         for item in env:
@@ -288,7 +289,10 @@ def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
             if not sep or not key:
                 raise InvalidArgument(f"--env {item!r}: expected KEY=VALUE")
             variables[key] = value
-        stdin = sys.stdin.buffer.read() if interactive else b""
+        stdin = sys.stdin.buffer.read(EXEC_MAX_STDIN + 1) if interactive else b""
+        if len(stdin) > EXEC_MAX_STDIN:
+            raise InvalidArgument(f"--interactive: standard input is over {EXEC_MAX_STDIN >> 20} MiB, the most "
+                                  "exec passes (it goes whole, in the request)")  # fmt: skip
         exited = None
         async with obj.client() as fleet, contextlib.aclosing(
             fleet.exec_stream(name, list(command), env=variables, stdin=stdin, timeout=timeout)
