@@ -231,3 +231,25 @@ async def test_stdin_goes_whole_up_to_its_limit(corral, container):
     assert counted.stdout.split() == [str(len(data))]
     too_much = await corral("ct", "exec", "-i", container, "--", "wc", "-c", stdin=b"\0" * (64 << 20), check=False)
     assert too_much.returncode == 2 and "over 63 MiB" in too_much.stderr
+
+
+async def test_a_stalled_reader_holds_the_command_up_not_the_helpers_memory(lab, container, helper_env):
+    """Through the warm helper, output is written from a thread of the command's own, one piece
+    at a time: a reader that stops reading for a while costs the helper no memory."""
+    await warm_up(lab, helper_env)
+    lock = next(Path(helper_env["CORRAL_RUNTIME_DIR"]).glob("helper-*.lock"))
+    helper = int(lock.read_text().strip())
+    Path(f"/proc/{helper}/clear_refs").write_text("5")
+    before = memory_kib(helper)["VmRSS"]
+    size = 200_000_000
+    proc = await start_cli(cli_argv(lab, True, "ct", "exec", container, "--", "head", "-c", str(size), "/dev/zero"),
+                           helper_env)  # fmt: skip
+    await asyncio.sleep(3)  # not reading: the pipe to us fills, then everything behind it waits
+    received = 0
+    async with asyncio.timeout(120):
+        while chunk := await proc.stdout.read(1 << 20):
+            received += len(chunk)
+        await proc.wait()
+    growth_mib = (memory_kib(helper)["VmHWM"] - before) / 1024
+    assert (proc.returncode, received) == (0, size)
+    assert growth_mib < 64, f"the helper grew by {growth_mib:.0f} MiB"
