@@ -92,7 +92,11 @@ class Fleet:
             if ct is not None and ct.node != target:
                 limits, count = allocated.get(target, (Limits(), 0))
                 allocated[target] = (limits + ct.limits, count)
-        return self.nodes.with_allocations(self.nodes.all(), allocated)
+        unmanaged: dict[str, list[str]] = {}
+        for node, name, _ in await self.store.list_unmanaged():
+            unmanaged.setdefault(node, []).append(name)
+        return [replace(n, unmanaged_containers=tuple(unmanaged.get(n.name, ())))
+                for n in self.nodes.with_allocations(self.nodes.all(), allocated)]  # fmt: skip
 
     async def get_node(self, name: str) -> Node:
         validate_name(name, "node name")
@@ -416,11 +420,12 @@ class Fleet:
 
     async def observe(self, node: str, reported: list[Container]) -> None:
         """Fold a node's report of its containers into the observed state (never the desired)."""
-        records = {c.name: c for c in await self.store.list_containers()}
+        records = {c.name: c for c in await self.store.list_containers(node)}
         known_unmanaged = {name for n, name, _ in await self.store.list_unmanaged() if n == node}
         now = time.time()
         for ct in reported:
-            record = records.get(ct.name)
+            # A copy the record places elsewhere (a migration's, or one in doubt) is looked up alone: rare.
+            record = records.get(ct.name) or await self.store.get_container(ct.name)
             if record is None:
                 if ct.name not in known_unmanaged:
                     log.warning("node reports a container the fleet has no record of; its address stays "

@@ -127,6 +127,7 @@ class Node:
     last_heartbeat: float
     allocated: Limits = field(default_factory=Limits)
     container_count: int = 0
+    unmanaged_containers: tuple[str, ...] = ()  # held by the node, unknown to the fleet's records
 
     @property
     def name(self) -> str:

@@ -97,6 +97,8 @@ async def test_a_controller_that_lost_its_records_keeps_the_addresses_its_hosts_
         assert newbie["network"]["mac"] != kept["network"]["mac"]
         await corral("ct", "destroy", "newbie")
         assert "has no record of" in lab.controller_log.read_text()
+        assert (await corral.json("node", "show", "n1"))["unmanaged_containers"] == ["kept1"]
+        assert "kept1" in (await corral("node", "show", "n1")).stdout
     finally:
         await corral_lab.kill_controller(lab.name)
         for f in db.parent.glob("state.db*"):

@@ -63,5 +63,6 @@ def print_node(n) -> None:
         ("criu", f"{f.criu_version} ok" if f.criu_ok else f"unusable: {f.criu_detail}"),
         ("storage", ", ".join(f.storage_drivers)), ("agent", f.agent_version),
         ("live migration", ", ".join(f.live_strategies) or "none"),
-    ] + [(f"  no {strategy}", reason) for strategy, reason in sorted(f.live_unavailable.items())]
+    ] + ([("unmanaged", ", ".join(n.unmanaged_containers) + " (no record here; their addresses stay taken)")]
+         if n.unmanaged_containers else []) + [(f"  no {strategy}", reason) for strategy, reason in sorted(f.live_unavailable.items())]
       + [(f"no {capability}", reason) for capability, reason in sorted(getattr(f, "unavailable", {}).items())])  # fmt: skip

@@ -110,6 +110,7 @@ def node_to_pb(node: Node) -> pb.Node:
         last_heartbeat=node.last_heartbeat,
         allocated=limits_to_pb(node.allocated),
         container_count=node.container_count,
+        unmanaged_containers=list(node.unmanaged_containers),
     )
 
 
@@ -120,6 +121,7 @@ def node_from_pb(msg: pb.Node) -> Node:
         last_heartbeat=msg.last_heartbeat,
         allocated=limits_from_pb(msg.allocated),
         container_count=msg.container_count,
+        unmanaged_containers=tuple(msg.unmanaged_containers),
     )
 
 

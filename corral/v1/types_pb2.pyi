@@ -162,18 +162,20 @@ class NodeFacts(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., live_strategies: _Optional[_Iterable[str]] = ..., live_unavailable: _Optional[_Mapping[str, str]] = ..., unavailable: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count")
+    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers")
     FACTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNMANAGED_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     facts: NodeFacts
     state: NodeState
     last_heartbeat: float
     allocated: Limits
     container_count: int
-    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ...) -> None: ...
+    unmanaged_containers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ..., unmanaged_containers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("id", "kind", "container", "state", "params", "steps", "progress", "timings_ms", "result", "error", "cancel_requested", "created_at", "updated_at")
