@@ -111,7 +111,12 @@ class OpContext:
             self._engine._spawn_persist(self.op)
 
     async def phase(self, phase: str, message: str = "") -> None:
-        await self._change(progress=Progress(phase=phase, message=message))
+        """Shown to watchers at once; stored with the next step (a phase alone decides nothing)."""
+        self._change_unstored(progress=Progress(phase=phase, message=message))
+
+    def _change_unstored(self, **changes: Any) -> None:
+        self.op = self.op.changed(**changes)
+        self._engine._notify(self.op)
 
     async def timing(self, **timings_ms: float) -> None:
         await self._change(timings={**self.op.timings, **{k: round(v, 1) for k, v in timings_ms.items()}})
@@ -269,7 +274,8 @@ class Engine:
                     return
                 result = await plan.recover(ctx)
             else:
-                await ctx._change(state=OpState.RUNNING)
+                # Stored with its first step: until then nothing was done, and a PENDING record says so.
+                ctx._change_unstored(state=OpState.RUNNING)
                 result = await plan.run(ctx)
             await self._finish(ctx, OpState.SUCCEEDED, result=result)
         except asyncio.CancelledError:
