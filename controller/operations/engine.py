@@ -66,39 +66,42 @@ class OpContext:
         return self.op.with_step(step).changed()
 
     @contextlib.asynccontextmanager
-    async def step(self, name: str, detail: str = "") -> AsyncIterator[None]:
-        """Record a step as started (durably) before running it, and its outcome after."""
+    async def step(
+        self, name: str, detail: str = "", then: Callable[[StoreWriter], Awaitable[Any]] | None = None
+    ) -> AsyncIterator[None]:
+        """Record a step as started (durably) before running it, and its outcome after. `then`
+        writes what the step did into the store in the same transaction as its DONE record,
+        so a crash cannot leave one without the other."""
         started = time.time()
         await self._save(self._with_step(Step(name, StepState.STARTED, started, detail=detail)))
         self.log.info("step started", step=name)
         try:
             yield
+            done = self._with_step(Step(name, StepState.DONE, started, time.time(), detail=detail))
+            if then is None:
+                await self._save(done)
+            else:
+                async with self._engine.store.transaction() as tx:
+                    await then(tx)
+                    await tx.put_operation(done)
+                self.op = done
+                self._engine._notify(done)
         except BaseException as exc:
             failed = Step(name, StepState.FAILED, started, time.time(), detail=_describe(exc))
             await self._save(self._with_step(failed))
             raise
-        step = Step(name, StepState.DONE, started, time.time(), detail=detail)
-        await self._save(self._with_step(step))
-        self.log.info("step done", step=name, ms=round(step.duration_ms, 1))
+        self.log.info("step done", step=name, ms=round(done.steps[-1].duration_ms, 1))
 
     async def commit_step(self, name: str, write: Callable[[StoreWriter], Awaitable[T]], detail: str = "") -> T:
-        """A step that is itself a change to the store: the change and the step's DONE record
-        commit in one transaction, so a crash cannot leave one without the other."""
-        started = time.time()
-        await self._save(self._with_step(Step(name, StepState.STARTED, started, detail=detail)))
-        done = self._with_step(Step(name, StepState.DONE, started, time.time(), detail=detail))
-        try:
-            async with self._engine.store.transaction() as tx:
-                result = await write(tx)
-                await tx.put_operation(done)
-        except BaseException as exc:
-            failed = Step(name, StepState.FAILED, started, time.time(), detail=_describe(exc))
-            await self._save(self._with_step(failed))
-            raise
-        self.op = done
-        self._engine._notify(done)
-        self.log.info("step done", step=name)
-        return result
+        """A step that is only a change to the store (its DONE record commits with it)."""
+        results: list[T] = []
+
+        async def then(tx: StoreWriter) -> None:
+            results.append(await write(tx))
+
+        async with self.step(name, detail, then=then):
+            pass
+        return results[0]
 
     def progress(self, **changes: Any) -> None:
         """Update progress (phase, bytes_done, bytes_total, rate_bps, eta_s, message) for watchers."""

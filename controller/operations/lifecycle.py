@@ -4,7 +4,7 @@ create   the record is written with the operation (placed, address taken), then
          create-on-node, [start]. Rolled back: what the host may have made is removed
          (the reply may have been lost, so it is asked even after a failure), then the
          record goes and its address and capacity with it.
-destroy  destroy-on-node, delete-record. Once the host has destroyed it, only forward.
+destroy  destroy-on-node; the record goes with the step's end, in one transaction.
 
 Recovery after a controller restart asks the host what it holds, never the
 operation's memory of what it was about to do.
@@ -45,17 +45,25 @@ class CreatePlan:
         record = await self._record()
         agent = self.reach.agent(record.node)
         await ctx.phase("create", f"creating {self.name} on {record.node}")
-        async with ctx.step(StepName.CREATE_ON_NODE):
-            created = await agent.create(self.name, record.template, record.limits, record.network, record.storage)
-        await self.store.observe_container(self.name, record.node, created.state, 0, time.time(), created.message)
+        made: list[Container] = []
+
+        async def seen(tx: StoreWriter) -> None:
+            await tx.observe_container(self.name, record.node, made[0].state, 0, time.time(), made[0].message)
+
+        async with ctx.step(StepName.CREATE_ON_NODE, then=seen):
+            made.append(await agent.create(self.name, record.template, record.limits, record.network, record.storage))
         return await self._start_if_asked(ctx, record)
 
     async def _start_if_asked(self, ctx: OpContext, record: Container) -> dict[str, Any]:
         if record.desired_state == DesiredState.RUNNING and not ctx.op.done(StepName.START):
             await ctx.phase("start", f"starting {self.name}")
-            async with ctx.step(StepName.START):
-                started = await self.reach.agent(record.node).start(self.name)
-            await self.store.observe_container(self.name, record.node, started.state, started.init_pid, time.time())
+            ran: list[Container] = []
+
+            async def seen(tx: StoreWriter) -> None:
+                await tx.observe_container(self.name, record.node, ran[0].state, ran[0].init_pid, time.time())
+
+            async with ctx.step(StepName.START, then=seen):
+                ran.append(await self.reach.agent(record.node).start(self.name))
         return {"node": record.node}
 
     async def rollback(self, ctx: OpContext, error: CorralError) -> None:
@@ -107,19 +115,16 @@ class DestroyPlan:
         if record is None:
             return {}
         await ctx.phase("destroy", f"destroying {self.name} on {record.node}")
-        async with ctx.step(StepName.DESTROY_ON_NODE):
+        # The record goes in the same transaction as the step's end: never one without the other.
+        async with ctx.step(StepName.DESTROY_ON_NODE, then=lambda tx: _delete(tx, self.name)):
             try:
                 await self.reach.agent(record.node).destroy(self.name, self.params.force)
             except NotFound:
                 ctx.log.warning("container already gone from its node", node=record.node)
-        await ctx.commit_step(StepName.DELETE_RECORD, lambda tx: _delete(tx, self.name))
         return {"node": record.node}
 
     async def rollback(self, ctx: OpContext, error: CorralError) -> None:
-        if ctx.op.done(StepName.DESTROY_ON_NODE):
-            # The host no longer has it: the record must go too.
-            await ctx.commit_step(StepName.DELETE_RECORD, lambda tx: _delete(tx, self.name))
-        # Otherwise the host refused or was not reached: nothing changed.
+        pass  # the host refused or was not reached (nothing changed), or it is done and the record gone
 
     async def recover(self, ctx: OpContext) -> dict[str, Any]:
         record = await self.store.get_container(self.name)
