@@ -733,3 +733,17 @@ async def test_file_stream_destination_out_of_space(small_endpoint, tmp_path):
             await pusher.push(images, target, "checkpoint", timeout=60)
     finally:
         await pusher.close()
+
+
+@pytest.mark.parametrize("check, value", [
+    ("op id", "mig-1\n"),
+    ("file name", "pages-1.img\n"),
+])  # fmt: skip
+def test_names_with_a_trailing_newline_are_refused(check, value):
+    """`^...$` with match() let a trailing newline through (review M3, the same hole in transfer)."""
+    from agent.transfer.file_stream import check_name
+    from agent.transfer.grants import validate_op_id
+
+    with pytest.raises((InvalidArgument, CommandRefused)):
+        (validate_op_id if check == "op id" else check_name)(value)
+    (validate_op_id if check == "op id" else check_name)(value.strip())

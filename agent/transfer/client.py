@@ -135,7 +135,7 @@ async def rsync_push(
     src = Path(os.path.abspath(src_dir))
     dest_subdir = validate_dest_subdir(dest_subdir)
     host, port = split_address(target.address)
-    if not _USER.match(target.user or ""):
+    if not _USER.fullmatch(target.user or ""):
         raise InvalidArgument(f"transfer user {target.user!r} is invalid")
     if not src.is_dir():
         raise NotFound(f"nothing to send: {src} is not a directory")
@@ -174,7 +174,7 @@ def validate_dest_subdir(dest_subdir: str) -> str:
     if not isinstance(dest_subdir, str):
         raise InvalidArgument("destination must be a relative path")
     parts = dest_subdir.strip("/").split("/")
-    if dest_subdir.startswith("/") or not all(_SUBDIR_COMPONENT.match(p) and p not in (".", "..") for p in parts):
+    if dest_subdir.startswith("/") or not all(_SUBDIR_COMPONENT.fullmatch(p) and p not in (".", "..") for p in parts):
         raise InvalidArgument(f"destination {dest_subdir!r} must be a plain relative path (no '..', no leading '/')")
     return "/".join(parts)
 
@@ -186,7 +186,7 @@ def split_address(address: str) -> tuple[str, int]:
         host = host[1:-1]
     if not sep or not host or not port_text.isdigit() or not (0 < int(port_text) < 65536):
         raise InvalidArgument(f"transfer address {address!r} must be host:port")
-    if not re.match(r"^[A-Za-z0-9.:-]+$", host) or host.startswith("-"):
+    if not re.fullmatch(r"[A-Za-z0-9.:-]+", host) or host.startswith("-"):
         raise InvalidArgument(f"transfer host {host!r} is invalid")
     return host, int(port_text)
 

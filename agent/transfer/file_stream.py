@@ -65,7 +65,7 @@ def parse_receive_command(command: str | None) -> str | None:
 
 
 def check_name(name: str, what: str = "file name") -> str:
-    if not _NAME.match(name or "") or name in (".", ".."):
+    if not _NAME.fullmatch(name or "") or name in (".", ".."):
         raise CommandRefused(f"{what} {name[:80]!r} is not one plain path component")
     return name
 
@@ -75,7 +75,7 @@ def flat_files(directory: Path) -> list[Path] | None:
     symlinks or special files), else None: then it is a tree for rsync."""
     files = []
     for entry in os.scandir(directory):
-        if not entry.is_file(follow_symlinks=False) or not _NAME.match(entry.name):
+        if not entry.is_file(follow_symlinks=False) or not _NAME.fullmatch(entry.name):
             return None
         files.append(Path(entry.path))
     return sorted(files)

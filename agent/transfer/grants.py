@@ -48,7 +48,7 @@ class ReceiveGrant:
 
 
 def validate_op_id(op_id: str) -> str:
-    if not isinstance(op_id, str) or not _OP_ID.match(op_id) or op_id.strip("-") != op_id:
+    if not isinstance(op_id, str) or not _OP_ID.fullmatch(op_id) or op_id.strip("-") != op_id:
         raise InvalidArgument(
             f"operation id {op_id!r} is invalid: use 1-64 lowercase letters, digits and '-', "
             "not starting or ending with '-'"

@@ -116,14 +116,14 @@ def _check_options(options: list[str]) -> None:
             if key in seen:
                 raise CommandRefused(f"option {key} given twice")
             seen.add(key)
-            if option in _LONG_FLAGS or _TIMEOUT.match(option):
+            if option in _LONG_FLAGS or _TIMEOUT.fullmatch(option):
                 if option.startswith("--timeout") and int(option.split("=", 1)[1]) > MAX_TIMEOUT:
                     raise CommandRefused(f"--timeout above {MAX_TIMEOUT} s")
                 continue
             if option.startswith(_PATH_OPTIONS):
                 raise CommandRefused(f"option {key} is not allowed: it names another path or changes what is read")
             raise CommandRefused(f"option {key} is not allowed on this channel")
-        match = _FLAG_CLUSTER.match(option)
+        match = _FLAG_CLUSTER.fullmatch(option)
         if not match:
             raise CommandRefused(f"malformed option {option!r}")
         clusters += 1
