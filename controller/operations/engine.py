@@ -124,8 +124,9 @@ class OpContext:
     async def timing(self, **timings_ms: float) -> None:
         await self._change(timings={**self.op.timings, **{k: round(v, 1) for k, v in timings_ms.items()}})
 
-    async def set_params(self, **params: Any) -> None:
-        await self._change(params={**self.op.params, **params})
+    async def set_params(self, params: Any) -> None:
+        """Store what the plan learnt, as its typed params (a dataclass with to_dict())."""
+        await self._change(params=params.to_dict())
 
     def check_cancel(self) -> None:
         """Called by plans at points where stopping is safe."""

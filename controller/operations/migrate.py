@@ -153,7 +153,7 @@ class MigrationPlan:
         strategy = params.strategy if live else "cold"
         observed = await src.get(self.name, wait_idle=True)
         was_running = observed.state == ContainerState.RUNNING
-        await ctx.set_params(was_running=was_running)
+        await ctx.set_params(replace(self._params(ctx), was_running=was_running))
         if live and not was_running:
             raise FailedPrecondition(f"container {self.name!r} is not running: migrate it without --live")
         shared = record.storage in SHARED_STORAGES
@@ -171,7 +171,8 @@ class MigrationPlan:
                     raise FailedPrecondition(f"CRIU cannot live-migrate {self.name!r}: {exc.message}") from None
                 ctx.log.warning("pre-flight failed; falling back to a cold migration", error=exc.message)
                 live, strategy = False, "cold"
-                await ctx.set_params(live=False, strategy="cold", fell_back_to_cold=exc.message)
+                await ctx.set_params(replace(self._params(ctx), live=False, strategy=Strategy.COLD,
+                                             fell_back_to_cold=exc.message))  # fmt: skip
 
         grant = private_key = None
         if not shared or live:
@@ -199,7 +200,7 @@ class MigrationPlan:
             began = time.monotonic()
             async with ctx.step(StepName.PRECOPY_MEMORY):
                 predumps = await self._precopy_memory(ctx, src, private_key, grant)
-            await ctx.set_params(predumps=predumps)
+            await ctx.set_params(replace(self._params(ctx), predumps=predumps))
             await ctx.timing(precopy_memory=(time.monotonic() - began) * 1000)
         ctx.check_cancel()  # the last point where cancelling leaves nothing to undo but a copy
 
@@ -230,7 +231,7 @@ class MigrationPlan:
         generation = record.volume_generation
         if shared:
             generation = record.volume_generation + 1
-            await ctx.set_params(volume_generation=generation)
+            await ctx.set_params(replace(self._params(ctx), volume_generation=generation))
             await ctx.phase("detach-source", "handing the volume over (no data is copied)")
             async with ctx.step(StepName.DETACH_SOURCE):
                 await src.detach_volume(ctx.op.id, self.name)
@@ -318,7 +319,7 @@ class MigrationPlan:
                                         send=self._send_along(grant, private_key, rootfs=True))  # fmt: skip
         self.down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms) / 1000
         server = (dump.page_server_address, dump.page_server_port)
-        await ctx.set_params(page_server=f"{server[0]}:{server[1]}")
+        await ctx.set_params(replace(self._params(ctx), page_server=f"{server[0]}:{server[1]}"))
         await self._sent_along(ctx, dump, False)
         await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, lazy_bytes=dump.lazy_bytes)
 
@@ -377,7 +378,7 @@ class MigrationPlan:
                 s = await self._keep_source(ctx, s)
             message = postcopy.failure_message(self.name, ctx.op.id, self.source_name, self.target_name, t, s, gone)
             kept_on = self.source_name if s.kept_checkpoint else ""
-            await ctx.set_params(kept_checkpoint=s.kept_checkpoint, kept_on=kept_on)
+            await ctx.set_params(replace(self._params(ctx), kept_checkpoint=s.kept_checkpoint, kept_on=kept_on))
             if gone:
                 record = await self._record()
                 note = f"post-copy {ctx.op.id} failed, see the operation"

@@ -67,5 +67,5 @@ class MigrateParams(_Params):
     predumps: int = 0
     page_server: str = ""
     fell_back_to_cold: str = ""
-    kept_checkpoint: bool = False
+    kept_checkpoint: str = ""  # where the source kept a complete checkpoint (a failed post-copy)
     kept_on: str = ""
