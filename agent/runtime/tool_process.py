@@ -41,10 +41,8 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def tools_using(images: Path) -> list[int]:
-    """PIDs of lxc-checkpoint or criu processes given `images` as an argument (their leaders:
-    a CRIU whose lxc-checkpoint is listed is killed with it)."""
-    target = os.fsencode(str(images))
+def _checkpoint_tools(wanted) -> list[int]:
+    """PIDs of lxc-checkpoint or criu processes one of whose arguments `wanted(arg)` accepts."""
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -53,27 +51,23 @@ def tools_using(images: Path) -> list[int]:
             argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and os.path.basename(argv[0]) in (b"lxc-checkpoint", b"criu") and target in argv:
+        if argv and os.path.basename(argv[0]) in (b"lxc-checkpoint", b"criu") and any(map(wanted, argv[1:])):
             found.append(int(entry.name))
     return found
+
+
+def tools_using(images: Path) -> list[int]:
+    """PIDs of lxc-checkpoint or criu processes given `images` as an argument (their leaders:
+    a CRIU whose lxc-checkpoint is listed is killed with it)."""
+    target = os.fsencode(str(images))
+    return _checkpoint_tools(lambda arg: arg == target)
 
 
 def tools_under(directory: Path) -> list[int]:
     """PIDs of lxc-checkpoint or criu processes given `directory`, or a path below it, as an
     argument: what must not be removed from under them."""
     target = os.fsencode(str(directory))
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]) in (b"lxc-checkpoint", b"criu") and \
-                any(a == target or a.startswith(target + b"/") for a in argv[1:]):  # fmt: skip
-            found.append(int(entry.name))
-    return found
+    return _checkpoint_tools(lambda arg: arg == target or arg.startswith(target + b"/"))
 
 
 def kill_tree(pid: int) -> None:
