@@ -2,6 +2,7 @@
 state, one transaction per logical change, and no write reported committed that was not."""
 
 import asyncio
+import os
 import sqlite3
 import time
 from dataclasses import replace
@@ -10,7 +11,7 @@ import pytest
 
 from controller.model import Operation, OpState
 from controller.store.sqlite import SqliteStore
-from corral.errors import Conflict, NotFound
+from corral.errors import Conflict, FailedPrecondition, NotFound
 from corral.model import Container, ContainerState, DesiredState, Limits
 
 
@@ -117,3 +118,13 @@ async def test_a_store_made_by_an_older_version_opens_with_its_records(tmp_path)
     assert record.revision == 1 and record.state == ContainerState.RUNNING and record.volume_generation == 0
     await store.update_container(replace(record, node="n2"))
     await store.close()
+
+
+async def test_one_controller_per_store(store, tmp_path):
+    """Review H4: two controllers on one store would both resume the same operations."""
+    second = SqliteStore(tmp_path / "state.db")
+    with pytest.raises(FailedPrecondition, match=f"another controller \\(pid {os.getpid()}\\) uses the store"):
+        await second.open()
+    await store.close()
+    await second.open()  # free once the first has let go (or died: the kernel drops its lock)
+    await second.close()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import AsyncIterator
@@ -18,7 +20,7 @@ from typing import AsyncIterator
 import aiosqlite
 
 from controller.model import Operation
-from corral.errors import AlreadyExists, Conflict, NotFound
+from corral.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, NodeFacts
 
 SCHEMA = """
@@ -165,6 +167,7 @@ class SqliteStore:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._lock_fd: int | None = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -174,6 +177,7 @@ class SqliteStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._hold_store()
         # isolation_level=None: no implicit transactions; every change is an explicit BEGIN..COMMIT.
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         await self.db.execute("PRAGMA journal_mode=WAL")
@@ -190,10 +194,26 @@ class SqliteStore:
                 if column not in present:
                     await self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
+    def _hold_store(self) -> None:
+        """One controller per store: a second one would resume the same operations."""
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a local file, never blocks: NB
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FailedPrecondition(f"another controller (pid {holder}) uses the store {self.path}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Writer]:
