@@ -170,6 +170,15 @@ class ControllerClient:
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc, f"controller {self.address}") from None
 
+    async def watch_events(self, since: int = 0, follow: bool = True) -> AsyncIterator[types_pb2.Event]:
+        """The fleet's events numbered after `since`; with `follow`, new ones as they come (no deadline)."""
+        try:
+            async for event in self.stub.WatchEvents(cpb.WatchEventsRequest(since=since, follow=follow),
+                                                     timeout=None if follow else self.timeout):  # fmt: skip
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, f"controller {self.address}") from None
+
     async def wait_operation(self, op_id: str) -> types_pb2.Operation:
         last = None
         async for last in self.watch_operation(op_id):

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.health.liveness import HealthPolicy
 from controller.network.ipam import AddressPool
 from controller.scheduler.placement import PlacementPolicy
 from corral.config import TlsFiles, load_document, parse_address
@@ -14,11 +15,17 @@ from corral.log import parse_level
 
 @dataclass(frozen=True)
 class ControllerConfig:
+    @property
+    def health(self) -> HealthPolicy:
+        return HealthPolicy(suspect_after=self.heartbeat_timeout, lease=self.lease, margin=self.lease_margin)
+
     listen: tuple[str, ...]
     store_path: Path
     tls: TlsFiles
-    heartbeat_timeout: float
+    heartbeat_timeout: float  # silence before a node is suspect
     heartbeat_interval: float
+    lease: float  # a node's lease, renewed by each heartbeat
+    lease_margin: float  # after the lease, before a node is dead (clock drift, scheduling)
     addresses: AddressPool
     placement: PlacementPolicy
     log_level: str
@@ -26,7 +33,8 @@ class ControllerConfig:
     @classmethod
     def load(cls, path: Path) -> "ControllerConfig":
         doc = load_document(path)
-        doc.check_keys({"listen", "store", "tls", "heartbeat_timeout", "heartbeat_interval", "network", "placement", "log_level"})
+        doc.check_keys({"listen", "store", "tls", "heartbeat_timeout", "heartbeat_interval", "lease", "lease_margin",
+                        "network", "placement", "log_level"})
         listen = doc.get("listen", list)
         if not listen:
             raise doc.error("listen", "give at least one HOST:PORT to listen on")
@@ -55,6 +63,14 @@ class ControllerConfig:
         interval = doc.get("heartbeat_interval", float, 1.0)
         if not 0 < interval < timeout:
             raise doc.error("heartbeat_timeout", "must be longer than heartbeat_interval")
+        lease = doc.get("lease", float, 5.0, parse=_finite)
+        if not interval < lease:
+            raise doc.error("lease", "must be longer than heartbeat_interval (each heartbeat renews it)")
+        margin = doc.get("lease_margin", float, 2.0, parse=_finite)
+        if margin < 0:
+            raise doc.error("lease_margin", "must not be negative")
+        if timeout >= lease + margin:
+            raise doc.error("heartbeat_timeout", "must be shorter than lease + lease_margin (suspect before dead)")
         placement = doc.section("placement", required=False)
         policy = PlacementPolicy()
         if placement is not None:
@@ -70,6 +86,8 @@ class ControllerConfig:
             tls=TlsFiles.from_section(doc.section("tls")),
             heartbeat_timeout=timeout,
             heartbeat_interval=interval,
+            lease=lease,
+            lease_margin=margin,
             addresses=addresses,
             placement=policy,
             log_level=doc.get("log_level", str, "info", parse=parse_level),

@@ -135,7 +135,8 @@ class Fleet:
             return ct
         node = self.nodes.get(ct.node)
         if node is None or node.state != NodeState.READY:
-            return replace(ct, state=ContainerState.UNKNOWN, message=f"node {ct.node} is unreachable")
+            why = f"node {ct.node} is {node.state.value}" if node else f"node {ct.node} is not registered"
+            return replace(ct, state=ContainerState.UNKNOWN, message=why)
         return ct
 
     async def get(self, name: str) -> Container:
@@ -381,7 +382,8 @@ class Fleet:
             others = [n for n, state in held.items() if n != keep and state is not None]
             note = f"stopped copies left on {', '.join(others)}: `corral ct resolve` removes them" if others else ""
             await self.store.update_container(replace(record, node=keep, in_doubt="", doubt_nodes=(), message=note))
-            log.warning("doubt settled", container=name, node=keep, running=bool(running), stale_copies=others)
+            self.engine.events.emit("container-doubt", f"{name} is settled on {keep} (its nodes answered)",
+                                    container=name, node=keep, running=bool(running))  # fmt: skip
             return True
 
     async def plan_resolution(self, name: str, keep: str) -> Resolution:
@@ -412,6 +414,8 @@ class Fleet:
             record = await self._record(name)
             await self.store.update_container(replace(record, node=keep, in_doubt="", doubt_nodes=(),
                                                       message=f"resolved by the operator: kept the copy on {keep}"))
+            self.engine.events.emit("container-doubt", f"{name} is resolved by the operator: kept on {keep}",
+                                    container=name, node=keep, removed=",".join(plan.remove))  # fmt: skip
             observed = await self.agents.client(self.nodes.get(keep).facts).get(name)
             await self._save_observed(replace(record, node=keep), observed)
             return plan

@@ -12,6 +12,7 @@ import structlog
 
 from controller.agents import AgentPool
 from controller.config import ControllerConfig
+from controller.events import EventBus
 from controller.fleet import Fleet
 from controller.health.registry import NodeRegistry
 from controller.operations.engine import Engine
@@ -30,15 +31,16 @@ log = structlog.get_logger("corral.controller")
 async def serve(config: ControllerConfig) -> None:
     store = SqliteStore(config.store_path)
     await store.open()
-    nodes = NodeRegistry(store, config.heartbeat_timeout)
+    events = EventBus()
+    nodes = NodeRegistry(store, config.health, events)
     await nodes.load()
     agents = AgentPool(config.tls)
-    engine = Engine(store, operation_plans(store, nodes, agents))
+    engine = Engine(store, operation_plans(store, nodes, agents), events=events)
     fleet = Fleet(store, nodes, agents, config.addresses, engine, config.placement)
 
     server = make_server(controller_policy)
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(
-        ControllerServicer(fleet, nodes, engine, config.heartbeat_interval), server
+        ControllerServicer(fleet, nodes, engine, config.heartbeat_interval, events), server
     )
     credentials = server_credentials(config.tls)
     for address in config.listen:

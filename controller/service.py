@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 
+from controller.events import EventBus, Lagged
 from controller.fleet import Fleet
 from controller.operations.engine import Engine
 from controller.health.registry import NodeRegistry
 from corral.api.convert import (
     container_from_pb,
     container_to_pb,
+    event_to_pb,
     exec_event_to_pb,
     facts_from_pb,
     limits_from_pb,
@@ -22,7 +24,7 @@ from corral.api.convert import (
     operation_to_pb,
 )
 from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
-from corral.errors import PermissionDenied
+from corral.errors import FailedPrecondition, PermissionDenied
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
 
@@ -52,6 +54,7 @@ CONTROLLER_POLICY = ServicePolicy(
         "GetOperation": reads(_USER, operation("id")),
         "WatchOperation": reads(_USER, operation("id")),
         "CancelOperation": writes(_USER, operation("id")),
+        "WatchEvents": reads(_USER),
     },
     # Every agent holds a connection (heartbeats), users and services one each.
     max_concurrent_rpcs=2000,
@@ -67,18 +70,21 @@ def _require_self(node: str) -> None:
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
-    def __init__(self, fleet: Fleet, nodes: NodeRegistry, engine: Engine, heartbeat_interval: float) -> None:
+    def __init__(self, fleet: Fleet, nodes: NodeRegistry, engine: Engine, heartbeat_interval: float,
+                 events: EventBus | None = None) -> None:  # fmt: skip
         self.fleet = fleet
         self.engine = engine
         self.nodes = nodes
         self.heartbeat_interval = heartbeat_interval
+        self.events = events or engine.events
 
     async def RegisterNode(self, request, context):
         facts = facts_from_pb(request.facts)
         _require_self(facts.name)
         await self.nodes.register(facts)
         await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
-        return cpb.RegisterNodeResponse(heartbeat_interval_seconds=self.heartbeat_interval)
+        return cpb.RegisterNodeResponse(heartbeat_interval_seconds=self.heartbeat_interval,
+                                        lease_seconds=self.nodes.policy.lease)  # fmt: skip
 
     async def Heartbeat(self, request, context):
         facts = facts_from_pb(request.facts)
@@ -86,7 +92,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         if not self.nodes.heartbeat(facts):
             return cpb.HeartbeatResponse(reregister=True)
         await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
-        return cpb.HeartbeatResponse()
+        return cpb.HeartbeatResponse(lease_seconds=self.nodes.policy.lease)
 
     async def ListNodes(self, request, context):
         return cpb.ListNodesResponse(nodes=[node_to_pb(n) for n in await self.fleet.list_nodes()])
@@ -154,3 +160,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def CancelOperation(self, request, context):
         return operation_to_pb(await self.engine.cancel(request.id))
+
+    async def WatchEvents(self, request: cpb.WatchEventsRequest, context):
+        try:
+            async for event in self.events.watch(request.since, request.follow):
+                yield event_to_pb(event)
+        except Lagged as exc:
+            raise FailedPrecondition(str(exc)) from None

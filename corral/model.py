@@ -31,7 +31,9 @@ class DesiredState(enum.Enum):
 
 class NodeState(enum.Enum):
     READY = "ready"
-    UNREACHABLE = "unreachable"
+    SUSPECT = "suspect"  # silent: maybe cut off, maybe gone; its lease may still run
+    DEAD = "dead"  # silent past its lease and a margin
+    FENCED = "fenced"  # proven down by a fence command
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class Node:
     allocated: Limits = field(default_factory=Limits)
     container_count: int = 0
     unmanaged_containers: tuple[str, ...] = ()  # held by the node, unknown to the fleet's records
+    health: str = ""  # why it is not ready, for the operator
 
     @property
     def name(self) -> str:

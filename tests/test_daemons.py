@@ -1,6 +1,7 @@
 """The daemons as an operator meets them: bad configs, lost hosts."""
 
 import asyncio
+import json
 import sys
 
 import pytest
@@ -23,16 +24,31 @@ async def test_daemon_with_malformed_config_says_file_and_line(tmp_path, daemon)
     assert f"{config}:4: invalid YAML" in message
 
 
-async def test_a_silent_host_becomes_unreachable_and_recovers(corral, lab):
+async def test_a_silent_host_is_suspect_then_dead_and_every_change_is_an_event(corral, lab):
+    since = max([e["seq"] for e in await _events(corral)] or [0])
     await corral_lab.set_host_link(lab.name, "n3", up=False)
     try:
         async with asyncio.timeout(20):
-            while (await corral.json("node", "show", "n3"))["state"] != "unreachable":
-                await asyncio.sleep(0.5)
+            while (shown := await corral.json("node", "show", "n3"))["state"] != "suspect":
+                await asyncio.sleep(0.3)
+        assert "nothing is moved off it" in shown["health"]
         refused = await corral("ct", "create", "on-lost", "-t", "busybox", "--node", "n3", check=False)
-        assert refused.returncode == 5 and "unreachable" in refused.stderr
+        assert refused.returncode == 5 and "suspect" in refused.stderr
+        async with asyncio.timeout(20):  # its lease (5 s) and the margin (2 s) run out
+            while (shown := await corral.json("node", "show", "n3"))["state"] != "dead":
+                await asyncio.sleep(0.3)
+        assert "lease (5s) has expired" in shown["health"]
     finally:
         await corral_lab.set_host_link(lab.name, "n3", up=True)
     async with asyncio.timeout(30):
         while (await corral.json("node", "show", "n3"))["state"] != "ready":
             await asyncio.sleep(0.5)
+    seen = [(e["kind"], e["fields"]["state"]) for e in await _events(corral, since) if e.get("node") == "n3"]
+    assert seen == [("node-state", "suspect"), ("node-state", "dead"), ("node-state", "ready")], seen
+    text = (await corral("events", "--no-follow", "--since", str(since))).stdout
+    assert "node n3 is dead" in text and "node n3 is ready" in text
+
+
+async def _events(corral, since: int = 0) -> list[dict]:
+    out = (await corral("events", "--no-follow", "--since", str(since), "-o", "json")).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -65,3 +65,16 @@ async def test_a_container_in_doubt_is_neither_started_nor_moved_nor_destroyed(l
     assert life.world.running("web") == []
     assert await life.fleet.settle_doubt("web")  # n2 answers that it holds nothing: settled where it was
     assert (await life.fleet.start("web")).node == "n1"
+
+
+async def test_operations_and_doubt_are_events(life):
+    await life.fleet.create("web", "busybox", "n1", Limits(), "dir", start=True)
+    op = await life.fleet.migrate("web", "n2", live=False, postcopy=False, fallback_cold=False)
+    await life.wait(op.id)
+    record = await life.store.get_container("web")
+    await life.store.update_container(replace(record, in_doubt="test", doubt_nodes=("n3",)))
+    await life.fleet.settle_doubt("web")
+    said = [e.message async for e in life.engine.events.watch(follow=False) if e.kind != "node-state"]
+    assert said[:2] == ["create of web started", said[1]] and said[1].startswith("create of web succeeded in ")
+    assert said[2] == "migrate of web started" and said[3].startswith("migrate of web succeeded in ")
+    assert said[4] == "web is settled on n2 (its nodes answered)"

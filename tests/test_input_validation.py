@@ -111,11 +111,11 @@ def _node(name, mem_gb=8, state=NodeState.READY, allocated_gb=0, cpus=2):
 
 
 def test_placement_prefers_most_free_memory_and_explains_refusals():
-    nodes = [_node("n1", allocated_gb=6), _node("n2", allocated_gb=1), _node("n3", state=NodeState.UNREACHABLE)]
+    nodes = [_node("n1", allocated_gb=6), _node("n2", allocated_gb=1), _node("n3", state=NodeState.SUSPECT)]
     assert place(PlacementRequest("c", Limits(memory_bytes=1 << 30)), nodes).node == "n2"
     with pytest.raises(NoCapacity) as err:
         place(PlacementRequest("c", Limits(memory_bytes=64 << 30)), nodes)
-    assert "n1: needs 64G memory" in err.value.message and "n3: node is unreachable" in err.value.message
+    assert "n1: needs 64G memory" in err.value.message and "n3: node is suspect" in err.value.message
 
 
 def test_placement_honours_named_node_and_its_capacity():

@@ -446,7 +446,7 @@ async def test_a_missed_heartbeat_of_the_target_does_not_fail_a_migration(db):
     try:
         await life.fleet.create(NAME, "busybox", "n1", Limits(), "dir", start=True)
         op = await life.fleet.migrate(NAME, "n2", live=True, postcopy=False, fallback_cold=False)
-        life.nodes._nodes["n2"].state = NodeState.UNREACHABLE  # as check_liveness does after a silence
+        life.nodes._nodes["n2"].state = NodeState.SUSPECT  # as check_liveness does after a silence
         final = await life.wait(op.id)
         assert final.state == OpState.SUCCEEDED, final.error
         assert world.running(NAME) == ["n2"] and world.holders(NAME) == ["n2"]

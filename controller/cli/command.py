@@ -154,3 +154,8 @@ CorralGroup.group_class = CorralGroup
 def group(**kwargs):
     """`@group(examples=[...])`: a Corral command group."""
     return click.group(cls=CorralGroup, **kwargs)
+
+
+def command(name: str, **kwargs):
+    """`@command(NAME, examples=[...])`: a Corral command outside a group (added to the root in main)."""
+    return click.command(name, cls=CorralCommand, **kwargs)

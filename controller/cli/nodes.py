@@ -55,7 +55,8 @@ def print_node(n) -> None:
 
     f = n.facts
     output.print_fields([
-        ("name", f.name), ("state", n.state.value), ("address", f.address), ("cpus", f.cpus),
+        ("name", f.name), ("state", n.state.value), *([("health", n.health)] if n.health else []),
+        ("address", f.address), ("cpus", f.cpus),
         ("memory", f"{format_size(f.memory_bytes)} ({format_size(f.memory_available_bytes)} available)"),
         ("allocated memory", format_size(n.allocated.memory_bytes)),
         ("disk", f"{format_size(f.disk_bytes)} ({format_size(f.disk_free_bytes)} free)"),

@@ -128,6 +128,27 @@ def emit(obj, value: Any) -> None:
         click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def emit_line(obj, value: Any) -> None:
+    """One API object of a stream: a compact JSON line (NDJSON), or a YAML document."""
+    data = api_dict(value)
+    if obj.format == "yaml":
+        import yaml
+
+        click.echo("---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
+    else:
+        import json
+
+        click.echo(json.dumps(data, ensure_ascii=False, separators=(",", ":")))
+
+
+def event_line(event) -> str:
+    """`12:00:01.234  #17  node-state  node n2 is suspect: ...`"""
+    import time
+
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.at)) + f".{int(event.at * 1000) % 1000:03d}"
+    return f"{stamp}  #{event.seq:<5} {event.kind:<16} {event.message}"
+
+
 def print_json(data: Any) -> None:
     import json
 

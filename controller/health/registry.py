@@ -1,8 +1,9 @@
 """The live picture of the fleet's nodes, kept in memory and fed by heartbeats.
 
 Heartbeats are frequent (1 s per host), so they touch memory only; a node's
-facts are written to the store when it registers. A node that misses its
-heartbeats for `timeout` seconds is marked unreachable.
+facts are written to the store when it registers. How long a silence makes a
+node suspect, then dead, is decided by controller.health.liveness; each change
+of state is an event.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from controller.events import EventBus
+from controller.health.liveness import HealthPolicy, assess, describe
 from controller.store.base import Store
 from corral.model import Node, NodeFacts, NodeState
 
@@ -28,24 +31,36 @@ class _Entry:
 
 
 class NodeRegistry:
-    def __init__(self, store: Store, timeout: float) -> None:
+    def __init__(self, store: Store, policy: HealthPolicy | float, events: EventBus | None = None) -> None:
         self.store = store
-        self.timeout = timeout
+        # A bare number: the silence before a node is suspect (its lease and margin as defaults).
+        self.policy = policy if isinstance(policy, HealthPolicy) else HealthPolicy(suspect_after=policy)
+        self.events = events or EventBus()
         self._nodes: dict[str, _Entry] = {}
         self._registered_this_run: set[str] = set()
 
     async def load(self) -> None:
-        """Nodes known from before a controller restart start as unreachable until they beat."""
+        """Nodes known from before a controller restart are suspect until they beat: their leases
+        are counted from now (a restarted controller cannot know when it last heard them)."""
+        now = time.monotonic()
         for facts in await self.store.list_nodes():
-            self._nodes[facts.name] = _Entry(facts, NodeState.UNREACHABLE, 0.0, 0.0)
+            self._nodes[facts.name] = _Entry(facts, NodeState.SUSPECT, 0.0, now)
+
+    def _set_state(self, name: str, entry: _Entry, state: NodeState, silent_for: float = 0.0) -> None:
+        if entry.state == state:
+            return
+        previous, entry.state = entry.state, state
+        why = describe(state, silent_for, self.policy) or f"heartbeats again (was {previous.value})"
+        self.events.emit("node-state", f"node {name} is {state.value}: {why}", node=name, state=state.value,
+                         previous=previous.value)  # fmt: skip
 
     async def register(self, facts: NodeFacts) -> None:
         await self.store.put_node(facts)
         previous = self._nodes.get(facts.name)
-        self._nodes[facts.name] = _Entry(facts, NodeState.READY, time.time(), time.monotonic())
+        entry = _Entry(facts, previous.state if previous else NodeState.SUSPECT, time.time(), time.monotonic())
+        self._nodes[facts.name] = entry
         self._registered_this_run.add(facts.name)
-        if previous is None or previous.state != NodeState.READY:
-            log.info("node ready", node=facts.name, address=facts.address)
+        self._set_state(facts.name, entry, NodeState.READY)
 
     def heartbeat(self, facts: NodeFacts) -> bool:
         """Record a heartbeat; False if the node must register first."""
@@ -55,21 +70,31 @@ class NodeRegistry:
         entry.facts = facts
         entry.last_heartbeat = time.time()
         entry.last_seen = time.monotonic()
-        if entry.state != NodeState.READY:
-            entry.state = NodeState.READY
-            log.info("node ready again", node=facts.name)
+        if entry.state == NodeState.FENCED:
+            # Powered back on after a fence: it reports what it holds; nothing of it resumes by itself.
+            log.warning("a fenced node heartbeats again", node=facts.name)
+        self._set_state(facts.name, entry, NodeState.READY)
         return True
 
     def check_liveness(self) -> list[str]:
-        """Mark silent nodes unreachable; returns the names newly marked."""
+        """Move silent nodes on to suspect, then dead; returns the names whose state changed."""
         now = time.monotonic()
-        lost = []
+        changed = []
         for name, entry in self._nodes.items():
-            if entry.state == NodeState.READY and now - entry.last_seen > self.timeout:
-                entry.state = NodeState.UNREACHABLE
-                lost.append(name)
-                log.warning("node unreachable", node=name, silent_for=round(now - entry.last_seen, 1))
-        return lost
+            if entry.state == NodeState.FENCED:
+                continue  # stays fenced until it registers again
+            silent_for = now - entry.last_seen
+            state = assess(silent_for, self.policy)
+            if state != NodeState.READY and state != entry.state:
+                self._set_state(name, entry, state, silent_for)
+                changed.append(name)
+        return changed
+
+    def health(self, name: str) -> str:
+        entry = self._nodes.get(name)
+        if entry is None:
+            return ""
+        return describe(entry.state, time.monotonic() - entry.last_seen, self.policy)
 
     async def watch(self, interval: float = 0.5) -> None:
         while True:
@@ -89,10 +114,10 @@ class NodeRegistry:
 
     def get(self, name: str) -> Node | None:
         entry = self._nodes.get(name)
-        return Node(entry.facts, entry.state, entry.last_heartbeat) if entry else None
+        return Node(entry.facts, entry.state, entry.last_heartbeat, health=self.health(name)) if entry else None
 
     def all(self) -> list[Node]:
-        return [Node(e.facts, e.state, e.last_heartbeat) for _, e in sorted(self._nodes.items())]
+        return [Node(e.facts, e.state, e.last_heartbeat, health=self.health(n)) for n, e in sorted(self._nodes.items())]
 
     def with_allocations(self, nodes: list[Node], allocated: dict[str, tuple]) -> list[Node]:
         return [

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 import structlog
 
 from controller.model import Operation, OpState, Progress, Step, StepState
+from controller.events import EventBus
 from controller.locks import ContainerLocks
 from controller.store.base import Store, StoreWriter
 from corral.errors import Cancelled, CorralError, FailedPrecondition, NotFound
@@ -128,6 +129,9 @@ class OpContext:
         """Store what the plan learnt, as its typed params (a dataclass with to_dict())."""
         await self._change(params=params.to_dict())
 
+    def event(self, kind: str, message: str, **fields: Any) -> None:
+        self._engine.events.emit(kind, message, container=self.op.container, op=self.op.id, **fields)
+
     def check_cancel(self) -> None:
         """Called by plans at points where stopping is safe."""
         if self.op.cancel_requested:
@@ -135,10 +139,12 @@ class OpContext:
 
 
 class Engine:
-    def __init__(self, store: Store, plans: dict[str, PlanFactory], locks: ContainerLocks | None = None) -> None:
+    def __init__(self, store: Store, plans: dict[str, PlanFactory], locks: ContainerLocks | None = None,
+                 events: EventBus | None = None) -> None:  # fmt: skip
         self.store = store
         self.plans = plans
         self.locks = locks or ContainerLocks()
+        self.events = events or EventBus()
         self._active: dict[str, Operation] = {}
         self._contexts: dict[str, OpContext] = {}
         self._changed: dict[str, asyncio.Condition] = {}
@@ -188,6 +194,8 @@ class Engine:
         self._active[op.id] = op
         self._launch(op, recovering=False)
         log.info("operation submitted", op=op.id, kind=kind, container=container, params=params)
+        self.events.emit("operation", f"{kind} of {container} started", container=container, op=op.id,
+                         op_kind=kind, state="running")  # fmt: skip
         return op
 
     def active(self, kind: str) -> list[Operation]:
@@ -317,6 +325,11 @@ class Engine:
                           progress=replace(ctx.op.progress, phase=state.value, message=""))  # fmt: skip
         self._active.pop(ctx.op.id, None)
         ctx.log.info("operation finished", state=state.value, error=error or None)
+        op = ctx.op
+        took = f" in {(op.updated_at - op.created_at) * 1000:.0f} ms" if op.created_at else ""
+        self.events.emit("operation", f"{op.kind} of {op.container} {state.value}{took}"
+                         + (f": {op.error}" if op.error else ""), container=op.container, op=op.id,
+                         op_kind=op.kind, state=state.value)  # fmt: skip
 
     # -- bookkeeping ----------------------------------------------------------------
 

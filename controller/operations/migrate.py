@@ -551,6 +551,7 @@ class MigrationPlan:
     async def _mark_in_doubt(self, ctx: OpContext, why: str) -> None:
         """Nothing may start it until the target says what it holds (review H2)."""
         ctx.log.error("container in doubt", why=why, nodes=[self.target_name])
+        ctx.event("container-doubt", f"{self.name} is in doubt: {why}", node=self.target_name)
 
         async def write(tx: StoreWriter) -> None:
             record = await tx.get_container(self.name)

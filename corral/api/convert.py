@@ -111,17 +111,19 @@ def node_to_pb(node: Node) -> pb.Node:
         allocated=limits_to_pb(node.allocated),
         container_count=node.container_count,
         unmanaged_containers=list(node.unmanaged_containers),
+        health=node.health,
     )
 
 
 def node_from_pb(msg: pb.Node) -> Node:
     return Node(
         facts=facts_from_pb(msg.facts),
-        state=_NODE_STATE_FROM_PB.get(msg.state, NodeState.UNREACHABLE),
+        state=_NODE_STATE_FROM_PB.get(msg.state, NodeState.SUSPECT),
         last_heartbeat=msg.last_heartbeat,
         allocated=limits_from_pb(msg.allocated),
         container_count=msg.container_count,
         unmanaged_containers=tuple(msg.unmanaged_containers),
+        health=msg.health,
     )
 
 
@@ -170,3 +172,8 @@ def exec_event_from_pb(msg) -> Output | Exited:
     if kind == "stderr":
         return Output(STDERR, msg.stderr)
     raise CorralError("an exec stream sent an empty message")
+
+
+def event_to_pb(event) -> pb.Event:
+    return pb.Event(seq=event.seq, at=event.at, kind=event.kind, message=event.message, node=event.node,
+                    container=event.container, operation=event.op, fields=event.fields)  # fmt: skip

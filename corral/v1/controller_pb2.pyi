@@ -8,6 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("since", "follow")
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    since: int
+    follow: bool
+    def __init__(self, since: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+
 class RegisterNodeRequest(_message.Message):
     __slots__ = ("facts", "containers")
     FACTS_FIELD_NUMBER: _ClassVar[int]
@@ -17,10 +25,12 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, facts: _Optional[_Union[_types_pb2.NodeFacts, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[_types_pb2.Container, _Mapping]]] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds",)
+    __slots__ = ("heartbeat_interval_seconds", "lease_seconds")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node", "facts", "containers")
@@ -33,10 +43,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., facts: _Optional[_Union[_types_pb2.NodeFacts, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[_types_pb2.Container, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister",)
+    __slots__ = ("reregister", "lease_seconds")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
-    def __init__(self, reregister: _Optional[bool] = ...) -> None: ...
+    lease_seconds: float
+    def __init__(self, reregister: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

@@ -126,6 +126,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/corral.v1.ControllerService/WatchEvents',
+                request_serializer=corral_dot_v1_dot_controller__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -248,6 +253,14 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Events.
+        What happens in the fleet, as it happens: the kept events after `since`, then new ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -340,6 +353,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.CancelOperation,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.OperationRef.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.WatchEventsRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -828,6 +846,33 @@ class ControllerService:
             '/corral.v1.ControllerService/CancelOperation',
             corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
             corral_dot_v1_dot_types__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.v1.ControllerService/WatchEvents',
+            corral_dot_v1_dot_controller__pb2.WatchEventsRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,9 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
     NODE_STATE_READY: _ClassVar[NodeState]
-    NODE_STATE_UNREACHABLE: _ClassVar[NodeState]
+    NODE_STATE_SUSPECT: _ClassVar[NodeState]
+    NODE_STATE_DEAD: _ClassVar[NodeState]
+    NODE_STATE_FENCED: _ClassVar[NodeState]
 CONTAINER_STATE_UNSPECIFIED: ContainerState
 CONTAINER_STATE_CREATING: ContainerState
 CONTAINER_STATE_STOPPED: ContainerState
@@ -47,7 +49,9 @@ DESIRED_STATE_RUNNING: DesiredState
 DESIRED_STATE_STOPPED: DesiredState
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_READY: NodeState
-NODE_STATE_UNREACHABLE: NodeState
+NODE_STATE_SUSPECT: NodeState
+NODE_STATE_DEAD: NodeState
+NODE_STATE_FENCED: NodeState
 
 class Limits(_message.Message):
     __slots__ = ("memory_bytes", "cpu_millis", "cpu_shares", "pids_max", "disk_bytes")
@@ -162,20 +166,49 @@ class NodeFacts(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., live_strategies: _Optional[_Iterable[str]] = ..., live_unavailable: _Optional[_Mapping[str, str]] = ..., unavailable: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers")
+    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers", "health")
     FACTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_COUNT_FIELD_NUMBER: _ClassVar[int]
     UNMANAGED_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     facts: NodeFacts
     state: NodeState
     last_heartbeat: float
     allocated: Limits
     container_count: int
     unmanaged_containers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ..., unmanaged_containers: _Optional[_Iterable[str]] = ...) -> None: ...
+    health: str
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ..., unmanaged_containers: _Optional[_Iterable[str]] = ..., health: _Optional[str] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("seq", "at", "kind", "message", "node", "container", "operation", "fields")
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    at: float
+    kind: str
+    message: str
+    node: str
+    container: str
+    operation: str
+    fields: _containers.ScalarMap[str, str]
+    def __init__(self, seq: _Optional[int] = ..., at: _Optional[float] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., node: _Optional[str] = ..., container: _Optional[str] = ..., operation: _Optional[str] = ..., fields: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Operation(_message.Message):
     __slots__ = ("id", "kind", "container", "state", "params", "steps", "progress", "timings_ms", "result", "error", "cancel_requested", "created_at", "updated_at")

@@ -31,7 +31,7 @@ class ControllerLife:
         self.world = world
         self.store = CrashingStore(SqliteStore(db), crash_at, mode)
         self.agents = FakeAgentPool(world, lambda: ControllerCrash("a dead controller made an agent call"))
-        self.nodes = NodeRegistry(self.store, timeout=5.0)
+        self.nodes = NodeRegistry(self.store, 5.0)
         self.engine = Engine(self.store, operation_plans(self.store, self.nodes, self.agents))
         self.fleet = Fleet(self.store, self.nodes, self.agents, AddressPool.parse(*ADDRESSES), self.engine)
 

@@ -1,0 +1,48 @@
+"""How long a node may be silent before it is suspect, then dead: a pure decision.
+
+An agent's lease runs `lease` seconds from each heartbeat the controller
+acknowledges; the agent gives it up earlier by its own margin. A silent node is
+*suspect* after `suspect_after` (maybe a partition, maybe a blip: nothing moves),
+and *dead* only once its lease has surely expired, plus `margin` for clock drift
+and scheduling delay (DESIGN: the grantor reuses a lease only after expiry plus a
+margin). Monotonic seconds only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corral.model import NodeState
+
+
+@dataclass(frozen=True)
+class HealthPolicy:
+    suspect_after: float = 5.0
+    lease: float = 5.0
+    margin: float = 2.0
+
+    @property
+    def dead_after(self) -> float:
+        return self.lease + self.margin
+
+
+def assess(silent_for: float, policy: HealthPolicy) -> NodeState:
+    """The state of a node last heard `silent_for` seconds ago."""
+    if silent_for > policy.dead_after:
+        return NodeState.DEAD
+    if silent_for > policy.suspect_after:
+        return NodeState.SUSPECT
+    return NodeState.READY
+
+
+def describe(state: NodeState, silent_for: float, policy: HealthPolicy) -> str:
+    """What an operator reads in `corral node show`."""
+    if state == NodeState.READY:
+        return ""
+    if state == NodeState.SUSPECT:
+        left = max(0.0, policy.dead_after - silent_for)
+        return (f"no heartbeat for {silent_for:.1f}s: a partition or a blip; nothing is moved off it "
+                f"(dead in {left:.1f}s if it stays silent)")  # fmt: skip
+    if state == NodeState.DEAD:
+        return f"no heartbeat for {silent_for:.1f}s: its lease ({policy.lease:g}s) has expired"
+    return ""
