@@ -322,6 +322,32 @@ class ContainerManager:
             await asyncio.to_thread(self.records.delete, name)
             log.info("container released", container=name)
 
+    async def fence(self, names: list[str]) -> None:
+        """Self-fencing (agent/lease.py): kill these containers and let go of their shared volumes,
+        now. A request holding a container's lock gets 2 s to finish; then it is killed regardless."""
+        for name in names:
+            lock = self._locks[name]
+            try:
+                async with asyncio.timeout(2):
+                    await lock.acquire()
+            except TimeoutError:
+                lock = None
+                log.warning("fencing a busy container without its lock", container=name)
+            try:
+                record = self.records.load(name)
+                if record is None:
+                    continue  # not here (any more)
+                await self.runtime.stop(name, force=True, timeout=0)
+                driver = self.storages.get(record.storage)
+                if driver is not None and driver.shared and driver.is_attached(name):
+                    await driver.detach(name)
+                log.error("container fenced", container=name)
+            except Exception:
+                log.exception("fencing a container failed", container=name)
+            finally:
+                if lock is not None:
+                    lock.release()
+
     async def detach_volume(self, name: str) -> None:
         async with self._locks[name]:
             record = self._record(name)

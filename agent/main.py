@@ -14,6 +14,7 @@ import structlog
 from agent.config import AgentConfig, host_of, is_wildcard
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts, bridge_mac_pinned
+from agent.lease import Lease
 from agent.membership import Membership
 from agent.records import RecordStore
 from agent.runtime.cgroups import CgroupLayout
@@ -94,17 +95,20 @@ async def serve(config: AgentConfig) -> None:
     await server.start()
     log.info("agent serving", node=config.node, listen=config.listen, lxc_path=str(config.lxc_path))
 
-    membership = Membership(config.controller, config.tls, facts, containers, config.heartbeat_interval)
+    lease = Lease(config.state_dir / "lease.json", containers.fence)
+    membership = Membership(config.controller, config.tls, facts, containers, config.heartbeat_interval, lease)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with asyncio.TaskGroup() as tg:
         beat = tg.create_task(membership.run())
+        guard = tg.create_task(lease.guard())
         sweeper = tg.create_task(migrations.run_sweeper())
         await stop.wait()
         log.info("agent stopping; containers keep running")
         beat.cancel()
+        guard.cancel()
         sweeper.cancel()
         await server.stop(grace=2)
         await migrations.close()

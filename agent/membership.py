@@ -1,7 +1,8 @@
 """The agent's side of fleet membership: register with the controller, then heartbeat.
 
-The agent keeps trying while the controller is away; containers keep running
-regardless (the agent owns no fleet decision).
+The agent keeps trying while the controller is away; containers keep running,
+except the HA ones once the lease each acknowledged heartbeat renews has run out
+(agent/lease.py): those are killed so that the fleet can run them elsewhere.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import structlog
 
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
+from agent.lease import Lease
 from corral.api.client import call
 from corral.api.convert import container_to_pb, facts_to_pb
 from corral.api.tls import secure_channel
@@ -28,8 +30,10 @@ RETRY_DELAY = 1.0
 
 class Membership:
     def __init__(
-        self, controller: str, tls: TlsFiles, facts: HostFacts, containers: ContainerManager, interval: float
-    ) -> None:
+        self, controller: str, tls: TlsFiles, facts: HostFacts, containers: ContainerManager, interval: float,
+        lease: Lease | None = None,
+    ) -> None:  # fmt: skip
+        self.lease = lease
         self.controller = controller
         self.tls = tls
         self.facts = facts
@@ -67,12 +71,15 @@ class Membership:
 
     async def _register(self, stub) -> None:
         facts, containers = await self._snapshot()
+        sent = self.lease.now() if self.lease else 0.0
         reply = await call(
             stub.RegisterNode,
             cpb.RegisterNodeRequest(facts=facts, containers=containers),
             timeout=RPC_TIMEOUT,
             peer=f"controller {self.controller}",
         )
+        if self.lease:
+            self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))
         if reply.heartbeat_interval_seconds > 0:
             self.interval = reply.heartbeat_interval_seconds
         self.registered.set()
@@ -85,6 +92,7 @@ class Membership:
             next_beat += self.interval
             await asyncio.sleep(max(0.0, next_beat - loop.time()))
             facts, containers = await self._snapshot()
+            sent = self.lease.now() if self.lease else 0.0
             reply = await call(
                 stub.Heartbeat,
                 cpb.HeartbeatRequest(node=facts.name, facts=facts, containers=containers),
@@ -93,3 +101,5 @@ class Membership:
             )
             if reply.reregister:
                 return
+            if self.lease:
+                self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))

@@ -67,10 +67,14 @@ class ControllerClient:
         limits: Limits = Limits(),
         storage: str = "",
         start: bool = False,
+        ha: bool = False,
+        ha_priority: int = 0,
+        ha_group: str = "",
     ) -> Container:
         req = cpb.CreateContainerRequest(
-            name=name, template=template, node=node, limits=limits_to_pb(limits), storage=storage, start=start
-        )
+            name=name, template=template, node=node, limits=limits_to_pb(limits), storage=storage, start=start,
+            ha=ha, ha_priority=ha_priority, ha_group=ha_group,
+        )  # fmt: skip
         return container_from_pb(await self._call(self.stub.CreateContainer, req))
 
     async def start_container(self, name: str) -> Container:
@@ -135,6 +139,10 @@ class ControllerClient:
     async def set_limits(self, name: str, limits: Limits) -> Container:
         req = cpb.SetContainerLimitsRequest(name=name, limits=limits_to_pb(limits))
         return container_from_pb(await self._call(self.stub.SetContainerLimits, req))
+
+    async def set_ha(self, name: str, ha: bool, priority: int = 0, group: str = "") -> Container:
+        req = cpb.SetContainerHaRequest(name=name, ha=ha, ha_priority=priority, ha_group=group)
+        return container_from_pb(await self._call(self.stub.SetContainerHa, req))
 
     async def resolve_container(self, name: str, node: str, *, dry_run: bool) -> cpb.ResolveContainerResponse:
         req = cpb.ResolveContainerRequest(name=name, node=node, dry_run=dry_run)

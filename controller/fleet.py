@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from dataclasses import dataclass, replace
 from typing import AsyncIterator, Mapping, Sequence
@@ -42,6 +43,25 @@ STORAGES = STORAGE_NAMES  # local|shared, or a driver: dir|image|lvm (see contro
 _PHASE_OF = {OpKind.CREATE: ContainerState.CREATING, OpKind.DESTROY: ContainerState.DESTROYING}
 SETTLE_TIMEOUT = 10.0
 SETTLE_INTERVAL = 5.0  # at most one attempt per container this often (heartbeats come every second)
+
+
+@dataclass(frozen=True)
+class HaSettings:
+    """Whether a container is highly available, and how it is placed when it fails over."""
+
+    ha: bool = False
+    priority: int = 0  # higher first
+    group: str = ""  # containers of one group are kept on different nodes
+
+    def check(self, storage: str) -> "HaSettings":
+        if not 0 <= self.priority <= 1000:
+            raise InvalidArgument(f"HA priority {self.priority} out of range 0..1000")
+        if self.group:
+            validate_name(self.group, "HA group")
+        if self.ha and storage not in _SHARED_STORAGES:
+            raise InvalidArgument(f"HA needs shared storage (--storage shared), not {storage}: a local disk "
+                                  "is lost with its host, so the container could not run elsewhere")  # fmt: skip
+        return self
 
 
 @dataclass(frozen=True)
@@ -156,8 +176,9 @@ class Fleet:
         return [self._observed(c) for c in await self.store.list_containers(node or None)]
 
     async def create(
-        self, name: str, template: str, node: str, limits: Limits, storage: str, start: bool
-    ) -> Container:
+        self, name: str, template: str, node: str, limits: Limits, storage: str, start: bool,
+        ha: HaSettings = HaSettings(),
+    ) -> Container:  # fmt: skip
         validate_name(name)
         if template not in TEMPLATES:
             raise InvalidArgument(f"unknown template {template!r} (available: {', '.join(TEMPLATES)})")
@@ -173,12 +194,14 @@ class Fleet:
             # The concrete driver: `shared` is the one the candidate nodes offer.
             storage = storage_driver(storage, [n.facts.storage_drivers for n in nodes
                                                if n.state == NodeState.READY and (not node or n.name == node)])
+            ha.check(storage)
             placement = place(PlacementRequest(name, limits, node, storage), nodes, self.policy)
             network = self.addresses.allocate(await self._addresses_in_use())
             record = Container(
                 name=name, node=placement.node, template=template, state=ContainerState.CREATING,
                 limits=limits, network=network, storage=storage, created_at=time.time(),
                 desired_state=DesiredState.RUNNING if start else DesiredState.STOPPED,
+                ha=ha.ha, ha_priority=ha.priority, ha_group=ha.group,
             )  # fmt: skip
             params = CreateParams(placement.node, template, storage, start, limits.__dict__.copy())
             # The record (its address, its share of the node) and the operation commit together.
@@ -200,7 +223,12 @@ class Fleet:
             record = await self._record(name)
             self._refuse_in_doubt(record, "start")
             record = await self._want(record, DesiredState.RUNNING)
-            observed = await self._agent_for(record.node).start(name)
+            agent = self._agent_for(record.node)
+            if record.storage in _SHARED_STORAGES:
+                # Its host may have let go of the volume (it fenced itself when it lost its lease):
+                # take it again at the generation the record holds (a no-op while it is attached).
+                await agent.attach_volume(f"start-{secrets.token_hex(4)}", name, record.volume_generation)
+            observed = await agent.start(name)
             return await self._save_observed(record, observed)
 
     async def stop(self, name: str, force: bool, timeout: int) -> Container:
@@ -256,6 +284,14 @@ class Fleet:
             observed = await self._agent_for(record.node).set_limits(name, limits)
             record = await self.store.update_container(replace(record, limits=observed.limits))
             return await self._save_observed(record, observed)
+
+    async def set_ha(self, name: str, ha: HaSettings) -> Container:
+        validate_name(name)
+        with self.locks.hold(name, "a change of HA settings"):
+            record = await self._record(name)
+            ha.check(record.storage)
+            return await self.store.update_container(replace(record, ha=ha.ha, ha_priority=ha.priority,
+                                                             ha_group=ha.group))  # fmt: skip
 
     async def migrate(
         self, name: str, target: str, *, live: bool, postcopy: bool, fallback_cold: bool, from_checkpoint: str = ""
@@ -422,8 +458,9 @@ class Fleet:
 
     # -- reports from agents ---------------------------------------------------
 
-    async def observe(self, node: str, reported: list[Container]) -> None:
-        """Fold a node's report of its containers into the observed state (never the desired)."""
+    async def observe(self, node: str, reported: list[Container]) -> list[str]:
+        """Fold a node's report of its containers into the observed state (never the desired);
+        returns the HA containers the fleet places on that node (for its lease)."""
         records = {c.name: c for c in await self.store.list_containers(node)}
         known_unmanaged = {name for n, name, _ in await self.store.list_unmanaged() if n == node}
         now = time.time()
@@ -444,6 +481,7 @@ class Fleet:
                 await self.store.observe_container(ct.name, node, ct.state, ct.init_pid, now)
         for gone in known_unmanaged - {ct.name for ct in reported}:
             await self.store.forget_unmanaged(node, gone)
+        return sorted(name for name, record in records.items() if record.ha)
 
     def _settle_soon(self, name: str) -> None:
         now = time.monotonic()

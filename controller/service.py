@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 
 from controller.events import EventBus, Lagged
-from controller.fleet import Fleet
+from controller.fleet import Fleet, HaSettings
 from controller.operations.engine import Engine
 from controller.health.registry import NodeRegistry
 from corral.api.convert import (
@@ -47,6 +47,7 @@ CONTROLLER_POLICY = ServicePolicy(
         "ExecContainer": writes(_USER, container()),
         "SetContainerLimits": writes(_USER, container()),
         "ResolveContainer": writes(_USER, container(), node("node")),
+        "SetContainerHa": writes(_USER, container()),
         # An empty target is left to the fleet, whose error says which option names it.
         "MigrateContainer": writes(_USER, container(), node("target_node", optional=True),
                                    operation("from_checkpoint", optional=True)),
@@ -82,17 +83,17 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         facts = facts_from_pb(request.facts)
         _require_self(facts.name)
         await self.nodes.register(facts)
-        await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
+        ha = await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
         return cpb.RegisterNodeResponse(heartbeat_interval_seconds=self.heartbeat_interval,
-                                        lease_seconds=self.nodes.policy.lease)  # fmt: skip
+                                        lease_seconds=self.nodes.policy.lease, ha_containers=ha)  # fmt: skip
 
     async def Heartbeat(self, request, context):
         facts = facts_from_pb(request.facts)
         _require_self(facts.name)
         if not self.nodes.heartbeat(facts):
             return cpb.HeartbeatResponse(reregister=True)
-        await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
-        return cpb.HeartbeatResponse(lease_seconds=self.nodes.policy.lease)
+        ha = await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
+        return cpb.HeartbeatResponse(lease_seconds=self.nodes.policy.lease, ha_containers=ha)
 
     async def ListNodes(self, request, context):
         return cpb.ListNodesResponse(nodes=[node_to_pb(n) for n in await self.fleet.list_nodes()])
@@ -102,7 +103,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def CreateContainer(self, request: cpb.CreateContainerRequest, context):
         ct = await self.fleet.create(
-            request.name, request.template, request.node, limits_from_pb(request.limits), request.storage, request.start
+            request.name, request.template, request.node, limits_from_pb(request.limits), request.storage, request.start,
+            ha=HaSettings(request.ha, request.ha_priority, request.ha_group),
         )
         return container_to_pb(ct)
 
@@ -134,6 +136,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def SetContainerLimits(self, request, context):
         return container_to_pb(await self.fleet.set_limits(request.name, limits_from_pb(request.limits)))
+
+    async def SetContainerHa(self, request: cpb.SetContainerHaRequest, context):
+        ha = HaSettings(request.ha, request.ha_priority, request.ha_group)
+        return container_to_pb(await self.fleet.set_ha(request.name, ha))
 
     async def ResolveContainer(self, request: cpb.ResolveContainerRequest, context):
         plan = await self.fleet.resolve(request.name, request.node, request.dry_run)

@@ -99,6 +99,10 @@ class Container:
     revision: int = 0
     in_doubt: str = ""
     doubt_nodes: tuple[str, ...] = ()
+    # High availability: its host kills it when it loses its lease (needs shared storage).
+    ha: bool = False
+    ha_priority: int = 0
+    ha_group: str = ""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,17 @@ def _limits(memory, cpus, cpu_shares, pids, disk):
     )
 
 
+def ha_options(fn):
+    for option in reversed([
+        click.option("--ha/--no-ha", default=None, help="highly available: its host kills it when it loses its "
+                     "lease, so that it can run elsewhere (needs --storage shared)  [default: no]"),
+        click.option("--ha-priority", type=click.IntRange(0, 1000), help="failover order, higher first  [default: 0]"),
+        click.option("--ha-group", help="containers of one group are kept on different nodes  [default: none]"),
+    ]):  # fmt: skip
+        fn = option(fn)
+    return fn
+
+
 def limit_options(fn):
     for option in reversed([
         click.option("--memory", help="memory limit, e.g. 256M, 1G  [default: no limit]"),
@@ -54,6 +65,7 @@ def _show(obj, ct) -> None:
     output.print_fields([
         ("name", ct.name), ("state", observed), *wanted, *doubt, ("node", ct.node), ("template", ct.template),
         ("ipv4", ct.network.ipv4 or "-"), ("mac", ct.network.mac or "-"), ("storage", ct.storage),
+        ("ha", (f"yes, priority {ct.ha_priority}" + (f", group {ct.ha_group}" if ct.ha_group else "")) if ct.ha else "no"),
         ("init pid", ct.init_pid or "-"), ("memory", format_size(ct.limits.memory_bytes)),
         ("cpus", format_cpus(ct.limits.cpu_millis)), ("cpu shares", ct.limits.cpu_shares or "-"),
         ("pids", ct.limits.pids_max or "-"), ("disk", format_size(ct.limits.disk_bytes)),
@@ -82,8 +94,10 @@ def ct() -> None:
                    "dir, image, lvm")  # fmt: skip
 @click.option("--start", is_flag=True, help="start it once created")
 @limit_options
+@ha_options
 @click.pass_obj
-def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_shares, pids, disk) -> None:
+def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_shares, pids, disk, ha, ha_priority,
+              ha_group) -> None:  # fmt: skip
     """Create a container on a node that fits it.
 
     The first debian container on a host builds its template first (minutes); on a terminal a
@@ -99,7 +113,8 @@ def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_share
             hint = "a host's first debian container builds the template: minutes" if template == "debian" else ""
             async with waiting(obj, what, hint=hint):
                 created = await fleet.create_container(name, template, node=node, limits=limits, storage=storage,
-                                                       start=start)  # fmt: skip
+                                                       start=start, ha=bool(ha), ha_priority=ha_priority or 0,
+                                                       ha_group=ha_group or "")  # fmt: skip
         if obj.machine:
             output.emit(obj, created)
         else:
@@ -356,17 +371,31 @@ async def _write_as_it_comes(events):
         writer.shutdown(wait=False)  # never wait here on a write that is stuck
 
 
-@ct.command("set", examples=["corral ct set web1 --memory 512M", "corral ct set web1 --cpus 0.5 --pids 200"])
+@ct.command("set", examples=["corral ct set web1 --memory 512M", "corral ct set web1 --cpus 0.5 --pids 200",
+                             "corral ct set db1 --ha --ha-priority 10"])  # fmt: skip
 @click.argument("name", shell_complete=complete_containers)
 @limit_options
+@ha_options
 @click.pass_obj
-def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk) -> None:
-    """Change a container's limits (applied live if it runs)."""
+def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk, ha, ha_priority, ha_group) -> None:
+    """Change a container's limits (applied live if it runs) or its HA settings."""
+    from corral.errors import InvalidArgument
+    from corral.model import Limits
 
     @run
     async def go():
+        limits = _limits(memory, cpus, cpu_shares, pids, disk)
+        if limits == Limits() and ha is None and ha_priority is None and ha_group is None:
+            raise InvalidArgument("nothing to change: give a limit or an HA setting")
         async with obj.client() as fleet:
-            result = await fleet.set_limits(name, _limits(memory, cpus, cpu_shares, pids, disk))
+            result = None
+            if limits != Limits():
+                result = await fleet.set_limits(name, limits)
+            if ha is not None or ha_priority is not None or ha_group is not None:
+                now = result or await fleet.get_container(name)  # what is not given stays as it is
+                result = await fleet.set_ha(name, now.ha if ha is None else ha,
+                                            now.ha_priority if ha_priority is None else ha_priority,
+                                            now.ha_group if ha_group is None else ha_group)  # fmt: skip
         _show(obj, result)
 
     go()

@@ -68,6 +68,9 @@ _ADDED_COLUMNS = {
         ("revision", "INTEGER NOT NULL DEFAULT 1"),
         ("in_doubt", "TEXT NOT NULL DEFAULT ''"),
         ("doubt_nodes", "TEXT NOT NULL DEFAULT '[]'"),
+        ("ha", "INTEGER NOT NULL DEFAULT 0"),
+        ("ha_priority", "INTEGER NOT NULL DEFAULT 0"),
+        ("ha_group", "TEXT NOT NULL DEFAULT ''"),
     ],
     "operations": [("revision", "INTEGER NOT NULL DEFAULT 0")],
 }
@@ -75,7 +78,7 @@ _ADDED_COLUMNS = {
 _ACTIVE = ("pending", "running", "rolling-back")
 # Desired-state columns: written only by update_container (compare-and-set on revision).
 _SPEC = ("node", "template", "limits", "network", "storage", "created_at", "message", "volume_generation",
-         "desired_state", "in_doubt", "doubt_nodes")  # fmt: skip
+         "desired_state", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group")  # fmt: skip
 _COLUMNS = ("name", "state", "init_pid", "observed_at", "revision") + _SPEC
 
 
@@ -332,6 +335,9 @@ def _values(c: Container) -> dict[str, object]:
         "desired_state": c.desired_state.value,
         "in_doubt": c.in_doubt,
         "doubt_nodes": json.dumps(list(c.doubt_nodes)),
+        "ha": int(c.ha),
+        "ha_priority": c.ha_priority,
+        "ha_group": c.ha_group,
     }
 
 
@@ -354,4 +360,7 @@ def _container(row) -> Container:
         revision=v["revision"],
         in_doubt=v["in_doubt"],
         doubt_nodes=tuple(json.loads(v["doubt_nodes"])),
+        ha=bool(v["ha"]),
+        ha_priority=v["ha_priority"],
+        ha_group=v["ha_group"],
     )

@@ -55,6 +55,9 @@ def container_to_pb(ct: Container) -> pb.Container:
         revision=ct.revision,
         in_doubt=ct.in_doubt,
         doubt_nodes=list(ct.doubt_nodes),
+        ha=ct.ha,
+        ha_priority=ct.ha_priority,
+        ha_group=ct.ha_group,
     )
 
 
@@ -76,6 +79,9 @@ def container_from_pb(msg: pb.Container) -> Container:
         revision=msg.revision,
         in_doubt=msg.in_doubt,
         doubt_nodes=tuple(msg.doubt_nodes),
+        ha=msg.ha,
+        ha_priority=msg.ha_priority,
+        ha_group=msg.ha_group,
     )
 
 

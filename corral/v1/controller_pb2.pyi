@@ -25,12 +25,14 @@ class RegisterNodeRequest(_message.Message):
     def __init__(self, facts: _Optional[_Union[_types_pb2.NodeFacts, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[_types_pb2.Container, _Mapping]]] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_seconds", "lease_seconds")
+    __slots__ = ("heartbeat_interval_seconds", "lease_seconds", "ha_containers")
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HA_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_seconds: float
     lease_seconds: float
-    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    ha_containers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, heartbeat_interval_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ..., ha_containers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node", "facts", "containers")
@@ -43,12 +45,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., facts: _Optional[_Union[_types_pb2.NodeFacts, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[_types_pb2.Container, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister", "lease_seconds")
+    __slots__ = ("reregister", "lease_seconds", "ha_containers")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HA_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     lease_seconds: float
-    def __init__(self, reregister: _Optional[bool] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    ha_containers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reregister: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., ha_containers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()
@@ -73,20 +77,38 @@ class ContainerRef(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("name", "template", "node", "limits", "storage", "start")
+    __slots__ = ("name", "template", "node", "limits", "storage", "start", "ha", "ha_priority", "ha_group")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     STORAGE_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    HA_FIELD_NUMBER: _ClassVar[int]
+    HA_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    HA_GROUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     node: str
     limits: _types_pb2.Limits
     storage: str
     start: bool
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., node: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ..., storage: _Optional[str] = ..., start: _Optional[bool] = ...) -> None: ...
+    ha: bool
+    ha_priority: int
+    ha_group: str
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., node: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ..., storage: _Optional[str] = ..., start: _Optional[bool] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ...) -> None: ...
+
+class SetContainerHaRequest(_message.Message):
+    __slots__ = ("name", "ha", "ha_priority", "ha_group")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HA_FIELD_NUMBER: _ClassVar[int]
+    HA_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    HA_GROUP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ha: bool
+    ha_priority: int
+    ha_group: str
+    def __init__(self, name: _Optional[str] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ...) -> None: ...
 
 class StopContainerRequest(_message.Message):
     __slots__ = ("name", "force", "timeout_seconds")

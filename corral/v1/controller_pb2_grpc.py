@@ -96,6 +96,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
                 _registered_method=True)
+        self.SetContainerHa = channel.unary_unary(
+                '/corral.v1.ControllerService/SetContainerHa',
+                request_serializer=corral_dot_v1_dot_controller__pb2.SetContainerHaRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
+                _registered_method=True)
         self.ResolveContainer = channel.unary_unary(
                 '/corral.v1.ControllerService/ResolveContainer',
                 request_serializer=corral_dot_v1_dot_controller__pb2.ResolveContainerRequest.SerializeToString,
@@ -212,6 +217,13 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetContainerHa(self, request, context):
+        """Mark a container highly available or not (all three fields are set as given).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResolveContainer(self, request, context):
         """Settle a container in doubt by the operator's word: keep its copy on `node`,
         stop and remove every other copy first (dry_run: only say what would be done).
@@ -322,6 +334,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
             'SetContainerLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.SetContainerLimits,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'SetContainerHa': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetContainerHa,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.SetContainerHaRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
             ),
             'ResolveContainer': grpc.unary_unary_rpc_method_handler(
@@ -683,6 +700,33 @@ class ControllerService:
             target,
             '/corral.v1.ControllerService/SetContainerLimits',
             corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetContainerHa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/SetContainerHa',
+            corral_dot_v1_dot_controller__pb2.SetContainerHaRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Container.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,72 @@
+"""An HA container's host that is cut off kills it before the fleet counts the host dead (its
+lease runs out first), and nothing starts again by itself when the host comes back."""
+
+import asyncio
+import json
+import time
+
+from conftest import running_copies
+import lab as corral_lab
+
+
+async def _events(corral, since: int = 0) -> list[dict]:
+    out = (await corral("events", "--no-follow", "--since", str(since), "-o", "json")).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+async def _until(check, timeout: float):
+    async with asyncio.timeout(timeout):
+        while not (result := await check()):
+            await asyncio.sleep(0.1)
+    return result
+
+
+async def test_ha_needs_shared_storage_and_can_be_switched(corral, cleanup):
+    cleanup.extend(["local1", "shared1"])
+    refused = await corral("ct", "create", "local1", "-t", "busybox", "--ha", check=False)
+    assert refused.returncode == 2 and "HA needs shared storage" in refused.stderr
+    assert (await corral("ct", "show", "local1", check=False)).returncode == 3  # nothing was made
+    await corral("ct", "create", "shared1", "-t", "busybox", "--storage", "shared")
+    on = await corral.json("ct", "set", "shared1", "--ha", "--ha-priority", "7", "--ha-group", "db")
+    assert (on["ha"], on["ha_priority"], on["ha_group"]) == (True, 7, "db")
+    off = await corral.json("ct", "set", "shared1", "--no-ha")
+    assert (off["ha"], off["ha_priority"], off["ha_group"]) == (False, 7, "db")
+
+
+async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(corral, cleanup, lab):
+    cleanup.extend(["ha1", "plain1"])
+    await corral("ct", "create", "ha1", "-t", "busybox", "--storage", "shared", "--ha", "--node", "n3", "--start")
+    await corral("ct", "create", "plain1", "-t", "busybox", "--node", "n3", "--start")
+    await asyncio.sleep(1.5)  # a heartbeat tells n3's agent that ha1 is HA
+    since = max([e["seq"] for e in await _events(corral)] or [0])
+
+    await corral_lab.set_host_link(lab.name, "n3", up=False)
+    try:
+        cut = time.time()
+
+        async def ha1_gone():
+            return "n3" not in await running_copies(lab, "ha1")
+
+        await _until(ha1_gone, 10)
+        fenced_at = time.time()
+
+        async def n3_dead():
+            return (await corral.json("node", "show", "n3"))["state"] == "dead"
+
+        await _until(n3_dead, 15)
+        dead = [e for e in await _events(corral, since) if e.get("node") == "n3" and e["fields"]["state"] == "dead"]
+        assert dead and fenced_at < dead[0]["at"], (cut, fenced_at, dead)
+        assert await running_copies(lab, "plain1") == ["n3"]  # not HA: a partition is not a death
+    finally:
+        await corral_lab.set_host_link(lab.name, "n3", up=True)
+
+    async def n3_ready():
+        return (await corral.json("node", "show", "n3"))["state"] == "ready"
+
+    await _until(n3_ready, 30)
+    await asyncio.sleep(2)  # a few heartbeats later: nothing came back by itself
+    assert await running_copies(lab, "ha1") == []
+    shown = await corral.json("ct", "show", "ha1")
+    assert (shown["node"], shown["state"], shown["desired_state"]) == ("n3", "stopped", "running")
+    await corral("ct", "start", "ha1")  # the operator's word: its volume is taken again, it runs
+    assert await running_copies(lab, "ha1") == ["n3"]
