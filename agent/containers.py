@@ -262,7 +262,7 @@ class ContainerManager:
             log.info("limits set", container=name, limits=updated.limits)
         return await self.get(name)
 
-    async def adopt(self, container: Container, staged_rootfs: Path) -> Container:
+    async def adopt(self, container: Container, staged_rootfs: Path, *, takeover_from: str = "") -> Container:
         """Install a container that is moving here (migration target).
 
         Local storage: its rootfs was received into `staged_rootfs`. Shared
@@ -284,7 +284,7 @@ class ContainerManager:
                 raise AlreadyExists(f"container {name!r} already exists on node {self.node!r}")
             async with contextlib.AsyncExitStack() as undo:
                 if driver.shared:
-                    await driver.attach(name, container.volume_generation)
+                    await driver.attach(name, container.volume_generation, takeover_from=takeover_from or None)
                     undo.push_async_callback(driver.detach, name)
                 else:
                     if not staged_rootfs.is_dir():

@@ -183,9 +183,11 @@ class Migrations:
         await asyncio.to_thread(shutil.rmtree, self._page_server_tls_dir(op_id), True)
         log.info("receive channel closed", op=op_id, discarded=discard)
 
-    async def adopt(self, op_id: str, container: Container) -> Container:
-        """Make the container from what was received (its rootfs), with its record and config."""
-        return await self._shielded(self.containers.adopt(container, self._staging(op_id) / ROOTFS))
+    async def adopt(self, op_id: str, container: Container, takeover_from: str = "") -> Container:
+        """Make the container from what was received (its rootfs), with its record and config;
+        or, on shared storage, from its volume (taken over from a dead node on failover)."""
+        staged = self._staging(op_id) / ROOTFS
+        return await self._shielded(self.containers.adopt(container, staged, takeover_from=takeover_from))
 
     async def restore(
         self, op_id: str, name: str, local: bool, lazy_from: tuple[str, int] | None = None,

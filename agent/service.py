@@ -23,7 +23,7 @@ from corral.api.convert import (
     limits_from_pb,
     network_from_pb,
 )
-from corral.api.server import ServicePolicy, container, operation, reads, writes
+from corral.api.server import ServicePolicy, container, node, operation, reads, writes
 from corral.errors import InvalidArgument
 from corral.model import validate_limits
 from corral.v1 import agent_pb2 as apb
@@ -49,7 +49,8 @@ AGENT_POLICY = ServicePolicy(
         "Checkpoint": writes(_CONTROLLER, container("container"), operation()),
         "WatchSending": reads(_CONTROLLER, operation()),
         "Restore": writes(_CONTROLLER, container("container"), operation()),
-        "AdoptContainer": writes(_CONTROLLER, container("container.name"), operation()),
+        "AdoptContainer": writes(_CONTROLLER, container("container.name"), operation(),
+                                 node("takeover_from", optional=True)),
         "ReleaseContainer": writes(_CONTROLLER, container(), operation()),
         "DetachVolume": writes(_CONTROLLER, container(), operation()),
         "AttachVolume": writes(_CONTROLLER, container(), operation()),
@@ -229,7 +230,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return container_to_pb(await self.migrations.resume_source(request.op_id, request.container))
 
     async def AdoptContainer(self, request: apb.AdoptContainerRequest, context):
-        ct = await self.migrations.adopt(request.op_id, container_from_pb(request.container))
+        ct = await self.migrations.adopt(request.op_id, container_from_pb(request.container), request.takeover_from)
         return container_to_pb(ct)
 
     async def ReleaseContainer(self, request, context):

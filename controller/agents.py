@@ -167,10 +167,12 @@ class AgentClient:
         req = apb.ResumeSourceRequest(op_id=op_id, container=name)
         return container_from_pb(await self._call(self.stub.ResumeSource, req, CREATE_TIMEOUT))
 
-    async def adopt(self, op_id: str, container: Container, volume_generation: int = 0) -> Container:
+    async def adopt(self, op_id: str, container: Container, volume_generation: int = 0,
+                    takeover_from: str = "") -> Container:  # fmt: skip
         req = apb.AdoptContainerRequest(
-            op_id=op_id, container=container_to_pb(container), volume_generation=volume_generation
-        )
+            op_id=op_id, container=container_to_pb(container), volume_generation=volume_generation,
+            takeover_from=takeover_from,
+        )  # fmt: skip
         return container_from_pb(await self._call(self.stub.AdoptContainer, req, CREATE_TIMEOUT))
 
     async def release(self, op_id: str, name: str) -> None:

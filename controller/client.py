@@ -144,6 +144,10 @@ class ControllerClient:
         req = cpb.SetContainerHaRequest(name=name, ha=ha, ha_priority=priority, ha_group=group)
         return container_from_pb(await self._call(self.stub.SetContainerHa, req))
 
+    async def failover(self, name: str, target: str = "") -> types_pb2.Operation:
+        req = cpb.FailoverContainerRequest(name=name, target_node=target)
+        return await self._call(self.stub.FailoverContainer, req, 60)
+
     async def resolve_container(self, name: str, node: str, *, dry_run: bool) -> cpb.ResolveContainerResponse:
         req = cpb.ResolveContainerRequest(name=name, node=node, dry_run=dry_run)
         return await self._call(self.stub.ResolveContainer, req, 120)

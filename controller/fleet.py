@@ -26,12 +26,21 @@ from controller.model import Operation, OpState
 from controller.network.ipam import AddressPool
 from controller.operations.engine import Engine
 from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_STORAGES, choose_strategy
-from controller.operations.params import CreateParams, DestroyParams, MigrateParams
+from controller.operations.params import CreateParams, DestroyParams, FailoverParams, MigrateParams
 from controller.operations.steps import OpKind
+from controller.scheduler.failover import plan_failover
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
 from controller.store.base import Store
 from controller.vocabulary import STORAGE_NAMES, TEMPLATES, storage_driver
-from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from corral.errors import (
+    AlreadyExists,
+    CorralError,
+    FailedPrecondition,
+    InvalidArgument,
+    NoCapacity,
+    NotFound,
+    Unavailable,
+)
 from corral.model import Container, ContainerState, DesiredState, Limits, Node, NodeState, validate_limits
 from corral.names import validate_name
 from corral.proc import EXEC_MAX_TIMEOUT, Exited, Output, validate_command
@@ -94,6 +103,7 @@ class Fleet:
         # Placement and address choice read then write: one at a time.
         self._placement_lock = asyncio.Lock()
         self._settling: set[str] = set()
+        self._cleaning: set[tuple[str, str]] = set()  # (node, container): stale copies being removed
         self._settle_tried: dict[str, float] = {}  # container -> monotonic time of the last attempt
         self._tasks: set[asyncio.Task] = set()
 
@@ -347,6 +357,35 @@ class Fleet:
                                strategy=strategy)  # fmt: skip
         return await self.engine.submit(OpKind.MIGRATE, name, params.to_dict())
 
+    async def failover(self, name: str, target: str = "") -> Operation:
+        """Run a container whose node is lost on another node (an operation). Refused unless that
+        node is proven unable to run it: fenced, or silent past its lease and the margin (its agent
+        has killed it: agent/lease.py). A suspect node is not a dead one."""
+        validate_name(name)
+        if target:
+            validate_name(target, "node name")
+        record = await self._record(name)
+        self._refuse_in_doubt(record, "fail over")
+        if record.storage not in _SHARED_STORAGES:
+            raise FailedPrecondition(f"{name!r} is on {record.storage} storage: its disk is lost with its node")
+        why_not = self.nodes.why_not_lost(record.node)
+        if why_not is not None:
+            raise FailedPrecondition(f"{name!r} cannot fail over: {record.node} is not proven unable to run it "
+                                     f"({why_not})")  # fmt: skip
+        async with self._placement_lock:
+            nodes = await self.list_nodes()
+            if target:
+                place(PlacementRequest(name, record.limits, target, record.storage), nodes, self.policy)
+                reason = "requested with --to"
+            else:
+                others = [c for c in await self.store.list_containers() if c.node != record.node]
+                choice = plan_failover([record], nodes, others, self.policy)[0]
+                if choice.target is None:
+                    raise NoCapacity(f"{name!r} cannot fail over: {choice.reason}")
+                target, reason = choice.target, choice.reason
+            params = FailoverParams(record.node, target, reason, record.volume_generation + 1)
+            return await self.engine.submit(OpKind.FAILOVER, name, params.to_dict())
+
     async def _migrate_from_checkpoint(self, record: Container, target: str, nodes: dict[str, Node],
                                        kept_op: str) -> Operation:  # fmt: skip
         """Back to where a failed post-copy kept the container's checkpoint (see MigrationPlan)."""
@@ -475,6 +514,9 @@ class Fleet:
                 continue
             if record.in_doubt and node in (record.node, *record.doubt_nodes):
                 self._settle_soon(ct.name)
+            if record.node != node and record.storage in _SHARED_STORAGES and not record.in_doubt \
+                    and self.locks.holder(ct.name) is None:  # fmt: skip
+                await self._stale_copy(node, record, ct)
             if record.node != node or self.locks.holder(ct.name) is not None:
                 continue  # another node's record, or a request is acting on it (it writes what it saw)
             if record.state != ct.state or record.init_pid != ct.init_pid:
@@ -482,6 +524,34 @@ class Fleet:
         for gone in known_unmanaged - {ct.name for ct in reported}:
             await self.store.forget_unmanaged(node, gone)
         return sorted(name for name, record in records.items() if record.ha)
+
+    async def _stale_copy(self, node: str, record: Container, copy: Container) -> None:
+        """A node reports a copy of a shared-storage container that lives elsewhere (it was failed
+        over while the node was lost). Stopped: its leftovers go. Running: two copies may run."""
+        if copy.state == ContainerState.RUNNING:
+            why = f"{node} came back running a copy of it, while it runs on {record.node}"
+            await self.store.update_container(replace(record, in_doubt=why, doubt_nodes=(node,)))
+            self.engine.events.emit("container-doubt", f"{record.name} is in doubt: {why}", container=record.name,
+                                    node=node)  # fmt: skip
+            return
+        if copy.state != ContainerState.STOPPED or (node, record.name) in self._cleaning:
+            return
+        self._cleaning.add((node, record.name))
+
+        async def clean() -> None:
+            try:
+                await self.agents.client(self.nodes.get(node).facts).release(f"stale-{secrets.token_hex(4)}",
+                                                                             record.name)  # fmt: skip
+                self.engine.events.emit("stale-copy", f"removed the stopped copy of {record.name} left on {node} "
+                                        f"(it lives on {record.node})", container=record.name, node=node)  # fmt: skip
+            except CorralError as exc:
+                log.warning("could not remove a stale copy", container=record.name, node=node, error=exc.message)
+            finally:
+                self._cleaning.discard((node, record.name))
+
+        task = asyncio.create_task(clean())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _settle_soon(self, name: str) -> None:
         now = time.monotonic()

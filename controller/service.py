@@ -48,6 +48,7 @@ CONTROLLER_POLICY = ServicePolicy(
         "SetContainerLimits": writes(_USER, container()),
         "ResolveContainer": writes(_USER, container(), node("node")),
         "SetContainerHa": writes(_USER, container()),
+        "FailoverContainer": writes(_USER, container(), node("target_node", optional=True)),
         # An empty target is left to the fleet, whose error says which option names it.
         "MigrateContainer": writes(_USER, container(), node("target_node", optional=True),
                                    operation("from_checkpoint", optional=True)),
@@ -140,6 +141,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def SetContainerHa(self, request: cpb.SetContainerHaRequest, context):
         ha = HaSettings(request.ha, request.ha_priority, request.ha_group)
         return container_to_pb(await self.fleet.set_ha(request.name, ha))
+
+    async def FailoverContainer(self, request: cpb.FailoverContainerRequest, context):
+        return operation_to_pb(await self.fleet.failover(request.name, request.target_node))
 
     async def ResolveContainer(self, request: cpb.ResolveContainerRequest, context):
         plan = await self.fleet.resolve(request.name, request.node, request.dry_run)

@@ -70,3 +70,46 @@ async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(
     assert (shown["node"], shown["state"], shown["desired_state"]) == ("n3", "stopped", "running")
     await corral("ct", "start", "ha1")  # the operator's word: its volume is taken again, it runs
     assert await running_copies(lab, "ha1") == ["n3"]
+
+
+async def test_a_dead_hosts_ha_container_fails_over_and_runs_once_throughout(corral, cleanup, lab):
+    cleanup.append("ha2")
+    await corral("ct", "create", "ha2", "-t", "busybox", "--storage", "shared", "--ha", "--node", "n3", "--start")
+    await asyncio.sleep(1.5)  # a heartbeat tells n3's agent that ha2 is HA
+    counts: list[int] = []
+
+    async def sample():  # how many hosts run it, several times a second, whatever happens
+        while True:
+            counts.append(len(await running_copies(lab, "ha2")))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await corral_lab.set_host_link(lab.name, "n3", up=False)
+        try:
+            early = await corral("ct", "failover", "ha2", check=False)  # suspect only: refused
+            assert early.returncode == 5 and "not proven unable to run it" in early.stderr, early
+
+            async def n3_dead():
+                return (await corral.json("node", "show", "n3"))["state"] == "dead"
+
+            await _until(n3_dead, 15)
+            done = await corral("ct", "failover", "ha2")
+            assert "failing ha2 over from n3 to" in done.stderr
+            shown = await corral.json("ct", "show", "ha2")
+            assert shown["node"] in ("n1", "n2") and shown["state"] == "running"
+            assert await running_copies(lab, "ha2") == [shown["node"]]
+        finally:
+            await corral_lab.set_host_link(lab.name, "n3", up=True)
+
+        async def stale_copy_gone():
+            return not (lab.host("n3").lxc_path / "ha2").exists()
+
+        await _until(stale_copy_gone, 30)  # n3 came back: its stopped leftover is removed, never started
+        assert await running_copies(lab, "ha2") == [shown["node"]]
+    finally:
+        sampler.cancel()
+    assert counts and max(counts) == 1, counts
+    events = [e["message"] for e in await _events(corral)]
+    assert any(m.startswith("failover of ha2 succeeded") for m in events)
+    assert any(m.startswith("removed the stopped copy of ha2 left on n3") for m in events)

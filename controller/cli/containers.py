@@ -445,6 +445,45 @@ def ct_migrate(ctx, name, target, live, postcopy, fallback, from_checkpoint, det
     ctx.exit(go())
 
 
+@ct.command("failover", examples=[
+    "corral ct failover db1              # its node is dead: run it where the planner says (and why)",
+    "corral ct failover db1 --to n2",
+    "corral ct failover db1 --detach     # prints the operation id",
+])  # fmt: skip
+@click.argument("name", shell_complete=complete_containers)
+@click.option("--to", "target", default="", shell_complete=complete_nodes,
+              help="the node to run it on  [default: the failover planner's choice]")
+@click.option("--detach", "-d", is_flag=True, help="print the operation id and return at once")
+@click.pass_context
+def ct_failover(ctx, name, target, detach) -> None:
+    """Run a container whose node is lost on another node, taking its shared volume over.
+
+    Refused unless its node is proven unable to run it: fenced, or silent past its lease and
+    the margin (its agent killed it then). A suspect node (maybe only cut off) is not enough.
+    Exits 0 when it runs on the new node, 1 when the failover failed.
+    """
+    import json
+
+    from controller.cli.operations import watch_with_progress
+
+    obj = ctx.obj
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            op = await fleet.failover(name, target)
+            if detach:
+                output.emit(obj, op) if obj.machine else click.echo(op.id)
+                return 0
+            if not obj.machine:
+                said = {k: json.loads(op.params[k]) for k in ("source", "target", "reason")}
+                click.echo(f"operation {op.id}: failing {name} over from {said['source']} to {said['target']} "
+                           f"({said['reason']})", err=True)
+            return await watch_with_progress(fleet, op.id, obj)
+
+    ctx.exit(go())
+
+
 POSTCOPY_WARNING = (
     "warning: post-copy: {name} resumes on {target} at once and pulls its memory from its current node until "
     "every page has arrived. Until then, if the current node fails the container is lost (its disk on {target} "

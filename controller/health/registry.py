@@ -90,6 +90,22 @@ class NodeRegistry:
                 changed.append(name)
         return changed
 
+    def why_not_lost(self, name: str) -> str | None:
+        """None if `name` is proven unable to run anything (fenced, or silent past its lease and the
+        margin, so its agent has killed its HA containers); else why it is not."""
+        entry = self._nodes.get(name)
+        if entry is None:
+            return f"node {name} is not registered: nothing is known of it"
+        if entry.state == NodeState.FENCED:
+            return None
+        silent_for = time.monotonic() - entry.last_seen
+        if silent_for > self.policy.dead_after:
+            return None
+        if entry.state == NodeState.READY:
+            return f"it is ready (heard {silent_for:.1f}s ago)"
+        return (f"it is {entry.state.value}: silent for {silent_for:.1f}s, its lease and margin run "
+                f"{self.policy.dead_after:g}s")  # fmt: skip
+
     def health(self, name: str) -> str:
         entry = self._nodes.get(name)
         if entry is None:

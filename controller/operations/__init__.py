@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 def operation_plans(store: "Store", nodes: "NodeRegistry", agents: "AgentPool") -> dict[str, "PlanFactory"]:
     """Each operation kind and the plan that carries it out."""
+    from controller.operations.failover import FailoverPlan
     from controller.operations.lifecycle import CreatePlan, DestroyPlan
     from controller.operations.migrate import MigrationPlan
     from controller.operations.reach import Reach
@@ -23,4 +24,5 @@ def operation_plans(store: "Store", nodes: "NodeRegistry", agents: "AgentPool") 
         OpKind.CREATE: lambda op: CreatePlan(op, store, reach),
         OpKind.DESTROY: lambda op: DestroyPlan(op, store, reach),
         OpKind.MIGRATE: lambda op: MigrationPlan(op, store, nodes, agents),
+        OpKind.FAILOVER: lambda op: FailoverPlan(op, store, reach, nodes.why_not_lost),
     }

@@ -53,6 +53,14 @@ class DestroyParams(_Params):
 
 
 @dataclass(frozen=True)
+class FailoverParams(_Params):
+    source: str  # the lost node
+    target: str
+    reason: str = ""  # why this target (the planner's words, or "requested with --to")
+    generation: int = 0  # the volume's generation on the target
+
+
+@dataclass(frozen=True)
 class MigrateParams(_Params):
     source: str
     target: str

@@ -9,6 +9,7 @@ class OpKind(enum.StrEnum):
     CREATE = "create"
     DESTROY = "destroy"
     MIGRATE = "migrate"
+    FAILOVER = "failover"
 
 
 class StepName(enum.StrEnum):
@@ -44,6 +45,8 @@ class StepName(enum.StrEnum):
     RESUME_SOURCE = "resume-source"
     UNDO_CHANNEL = "undo-channel"
     MARK_IN_DOUBT = "mark-in-doubt"
+    # failover
+    TAKEOVER = "takeover"  # the target takes the volume over from the lost node, at a newer generation
     # migrate from a kept checkpoint
     STOP_TARGET = "stop-target"
     RESTORE_KEPT = "restore-kept"

@@ -350,14 +350,16 @@ class RestoreResult(_message.Message):
     def __init__(self, container: _Optional[_Union[_types_pb2.Container, _Mapping]] = ..., wall_ms: _Optional[float] = ..., restore_ms: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
 
 class AdoptContainerRequest(_message.Message):
-    __slots__ = ("op_id", "container", "volume_generation")
+    __slots__ = ("op_id", "container", "volume_generation", "takeover_from")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     VOLUME_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    TAKEOVER_FROM_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     container: _types_pb2.Container
     volume_generation: int
-    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[_Union[_types_pb2.Container, _Mapping]] = ..., volume_generation: _Optional[int] = ...) -> None: ...
+    takeover_from: str
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[_Union[_types_pb2.Container, _Mapping]] = ..., volume_generation: _Optional[int] = ..., takeover_from: _Optional[str] = ...) -> None: ...
 
 class ReleaseContainerRequest(_message.Message):
     __slots__ = ("op_id", "name")

@@ -190,6 +190,14 @@ class SetContainerLimitsRequest(_message.Message):
     limits: _types_pb2.Limits
     def __init__(self, name: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ...) -> None: ...
 
+class FailoverContainerRequest(_message.Message):
+    __slots__ = ("name", "target_node")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target_node: str
+    def __init__(self, name: _Optional[str] = ..., target_node: _Optional[str] = ...) -> None: ...
+
 class ResolveContainerRequest(_message.Message):
     __slots__ = ("name", "node", "dry_run")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -111,6 +111,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.MigrateContainerRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
                 _registered_method=True)
+        self.FailoverContainer = channel.unary_unary(
+                '/corral.v1.ControllerService/FailoverContainer',
+                request_serializer=corral_dot_v1_dot_controller__pb2.FailoverContainerRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
+                _registered_method=True)
         self.ListOperations = channel.unary_unary(
                 '/corral.v1.ControllerService/ListOperations',
                 request_serializer=corral_dot_v1_dot_controller__pb2.ListOperationsRequest.SerializeToString,
@@ -239,6 +244,14 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FailoverContainer(self, request, context):
+        """Failover: run a container whose node is dead (past its lease) or fenced on another node,
+        taking its shared volume over; an operation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListOperations(self, request, context):
         """Operations.
         """
@@ -349,6 +362,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
             'MigrateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.MigrateContainer,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.MigrateContainerRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
+            ),
+            'FailoverContainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.FailoverContainer,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.FailoverContainerRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
             ),
             'ListOperations': grpc.unary_unary_rpc_method_handler(
@@ -781,6 +799,33 @@ class ControllerService:
             target,
             '/corral.v1.ControllerService/MigrateContainer',
             corral_dot_v1_dot_controller__pb2.MigrateContainerRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FailoverContainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/FailoverContainer',
+            corral_dot_v1_dot_controller__pb2.FailoverContainerRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Operation.FromString,
             options,
             channel_credentials,

@@ -98,7 +98,7 @@ class FakeSan:
         v = self.volumes.get(name)
         return v is not None and v.node == node and v.attached
 
-    def attach(self, name: str, node: str, generation: int) -> None:
+    def attach(self, name: str, node: str, generation: int, takeover_from: str = "") -> None:
         v = self.volumes.get(name)
         if v is None:
             raise NotFound(f"volume {name} does not exist")
@@ -106,7 +106,9 @@ class FakeSan:
             raise PermissionDenied(f"stale order for volume {name}: generation {generation} is older than "
                                    f"generation {v.generation}, held by {v.node}")  # fmt: skip
         if v.node != node:
-            if v.attached:
+            if v.attached and takeover_from == v.node and generation > v.generation:
+                pass  # failover: the controller proved the holder cannot use it any more
+            elif v.attached:
                 raise PermissionDenied(f"volume {name} is attached on {v.node} (generation {v.generation}); "
                                        "it must be detached there first")  # fmt: skip
             if generation == v.generation:
@@ -371,7 +373,8 @@ class FakeAgent:
         h.staging.pop(op_id, None)
 
     @_call
-    async def adopt(self, op_id: str, container: Container, volume_generation: int = 0) -> Container:
+    async def adopt(self, op_id: str, container: Container, volume_generation: int = 0,
+                    takeover_from: str = "") -> Container:  # fmt: skip
         h = self.host
         name = container.name
         existing = h.containers.get(name)
@@ -383,7 +386,7 @@ class FakeAgent:
                     container.created_at, adopted_by=op_id)  # fmt: skip
         if container.storage in SHARED:
             # The real agent reads the generation from the container it is given.
-            self.san.attach(name, h.name, container.volume_generation)
+            self.san.attach(name, h.name, container.volume_generation, takeover_from)
         else:
             staged = h.staging.get(op_id)
             if staged is None or staged.rootfs is None:
