@@ -7,8 +7,12 @@ Public API (all async unless noted):
     lab_cli_config(name, base_dir=None) -> Path           (sync)
     start_agent / stop_agent / kill_agent / restart_agent(name, node, base_dir=None)
     kill_controller / start_controller(name, base_dir=None)   a controller crash and restart
-    crash_host(name, node, base_dir=None)                 agent and containers SIGKILLed
+    crash_host(name, node, base_dir=None)                 = power_off (kept for older callers)
     set_host_link(name, node, up, base_dir=None)          partition / heal a host
+    partition / heal(name, node, base_dir=None)           its link to the lab bridge down / up
+    power_off(name, node, base_dir=None) -> PowerOffReport  a power cut, checked (FenceFailed if not)
+    power_on(name, node, base_dir=None, *, wait_ready=False) -> int  its agent starts again
+    fence_command(name, base_dir=None) -> list[str]       (sync) the lab's fence argv, with "{node}"
     host_command(name, node, argv, base_dir=None) -> list[str]  (sync) run argv on that host
 
 Exports are loaded lazily: `python -m lab.hostenter` and
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
         stop_agent,
     )
     from lab.controller import kill_controller, start_controller
+    from lab.faults import FenceFailed, PowerOffReport, fence_command, heal, partition, power_off, power_on
     from lab.lab import lab_cli_config, lab_down, lab_status, lab_up
     from lab.state import HostInfo, LabInfo
 
@@ -47,14 +52,25 @@ _EXPORTS = {
     "host_command": "lab.hosts",
     "kill_controller": "lab.controller",
     "start_controller": "lab.controller",
+    "partition": "lab.faults",
+    "heal": "lab.faults",
+    "power_off": "lab.faults",
+    "power_on": "lab.faults",
+    "fence_command": "lab.faults",
+    "FenceFailed": "lab.faults",
+    "PowerOffReport": "lab.faults",
     "LabInfo": "lab.state",
     "HostInfo": "lab.state",
 }
 
 __all__ = [
+    "FenceFailed",
     "HostInfo",
     "LabInfo",
+    "PowerOffReport",
     "crash_host",
+    "fence_command",
+    "heal",
     "host_command",
     "kill_agent",
     "kill_controller",
@@ -62,6 +78,9 @@ __all__ = [
     "lab_down",
     "lab_status",
     "lab_up",
+    "partition",
+    "power_off",
+    "power_on",
     "restart_agent",
     "set_host_link",
     "start_agent",

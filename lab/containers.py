@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 
+from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
 from lab import processes
 from corral.proc import run
 
@@ -64,6 +65,16 @@ async def kill_monitors(monitors: list[int]) -> None:
         if not await processes.wait_gone(monitor, 2.0):
             _kill(monitor)
             await processes.wait_gone(monitor, 5.0)
+
+
+def remove_cgroups(lxc_path: Path) -> None:
+    """The empty LXC cgroups of this host's containers (a busy one, another lab's, stays).
+    Killed containers leave them in the machine's hierarchies; a reboot would not."""
+    if not lxc_path.is_dir():
+        return
+    for entry in lxc_path.iterdir():
+        if entry.is_dir():
+            remove_empty(container_cgroup_dirs(entry.name))
 
 
 def is_monitor(pid: int) -> bool:

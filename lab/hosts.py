@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from corral.errors import FailedPrecondition, NotFound
-from lab import containers, hostns, network, processes
+from lab import hostns, network, processes
 from lab.hostenter import host_argv
 from lab.layout import LabPaths, namespace_name, node_index, resolve_base_dir
 from lab.state import HostState, LabState, state_lock
@@ -104,20 +104,12 @@ async def restart_agent(name: str, node: str, base_dir: Path | None = None) -> i
 
 
 async def crash_host(name: str, node: str, base_dir: Path | None = None) -> None:
-    """Simulate a host crash: SIGKILL its agent, every container and every other
-    process on it, and drop its mounts under the lab directory (as a reboot would).
-    Its network stays as it is; `start_agent` brings the host back."""
-    base, paths = _paths(name, base_dir)
-    async with state_lock(base):
-        _, host = _load_host(name, paths, node)
-        hp = paths.host(host.index)
-        await processes.kill(host.agent_pid, str(base))
-        await containers.kill_all(hp.lxc_path)
-        pins = [hp.mount_ns] if hostns.is_pinned(hp.mount_ns) else []
-        await kill_host_processes({host.namespace} if host.namespace else set(), pins)
-        for pin in pins:
-            await hostns.unmount_inside(pin, base, lazy_only=True)
-    log.info("host crashed", lab=name, node=node)
+    """Simulate a host crash: lab.faults.power_off (its agent, every container and every
+    other process on it SIGKILLed, its mounts under the lab directory dropped, as a
+    reboot would). Its network stays as it is; `start_agent` brings the host back."""
+    from lab.faults import power_off  # lab.faults builds on this module
+
+    await power_off(name, node, base_dir)
 
 
 async def set_host_link(name: str, node: str, up: bool, base_dir: Path | None = None) -> None:

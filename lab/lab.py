@@ -18,10 +18,9 @@ from pathlib import Path
 
 import structlog
 
-from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
 from corral import pki
 from corral.errors import FailedPrecondition, RuntimeFailure
-from lab import configs, containers, hostns, mounts, network, processes, readiness
+from lab import configs, containers, faults, hostns, mounts, network, processes, readiness
 from lab.hosts import enter_prefix, kill_host_processes, spawn_agent
 from lab.controller import spawn_controller
 from lab.layout import (
@@ -278,7 +277,7 @@ async def lab_down(name: str = "demo", base_dir: Path | None = None) -> None:
         await kill_host_processes(namespaces, pins)
         # Killed containers leave their (now empty) cgroups in the machine's hierarchies.
         for i in sorted(indices):
-            await asyncio.to_thread(_remove_container_cgroups, paths.host(i).lxc_path)
+            await asyncio.to_thread(containers.remove_cgroups, paths.host(i).lxc_path)
 
         # 3. Mounts under the lab directory: inside each host, then here (which unpins the hosts).
         for pin in pins:
@@ -346,8 +345,8 @@ def _remove_lab_dir(paths: LabPaths) -> None:
 
 
 async def lab_status(name: str = "demo", base_dir: Path | None = None) -> LabInfo | None:
-    """The lab as recorded, with whether each process is alive and each host link up;
-    None if there is no such lab."""
+    """The lab as recorded, with whether each process is alive, each host link up and
+    each host's state (up, partitioned, agent-down, down); None if there is no such lab."""
     validate_lab_name(name)
     base = resolve_base_dir(name, base_dir)
     state = LabState.load(LabPaths(base).state_file)
@@ -357,13 +356,5 @@ async def lab_status(name: str = "demo", base_dir: Path | None = None) -> LabInf
     pids = [state.controller_pid, *(h.agent_pid for h in state.hosts)]
     running = {pid: processes.is_running(pid, marker) for pid in pids if pid}
     links = {h.veth: await network.link_is_up(h.veth) for h in state.hosts if h.veth}
-    return build_info(state, running, links)
-
-
-def _remove_container_cgroups(lxc_path: Path) -> None:
-    """The empty LXC cgroups of this host's containers (a busy one, another lab's, stays)."""
-    if not lxc_path.is_dir():
-        return
-    for entry in lxc_path.iterdir():
-        if entry.is_dir():
-            remove_empty(container_cgroup_dirs(entry.name))
+    on_hosts = await faults.host_states(name, base)
+    return build_info(state, running, links, {node: len(p.all) for node, p in on_hosts.items()})

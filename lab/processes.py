@@ -83,7 +83,7 @@ def is_running(pid: int | None, marker: str) -> bool:
 
 def find_marked(marker: str) -> list[int]:
     """Every live process carrying `marker`, except this process and its ancestors."""
-    spared = _self_and_ancestors()
+    spared = self_and_ancestors()
     found = []
     for pid in _all_pids():
         if pid in spared:
@@ -108,7 +108,7 @@ def find_lxc_monitors(lxc_path: Path) -> list[int]:
 def find_in_namespaces(namespaces: set[tuple[int, int]], kind: str) -> list[int]:
     """Live processes whose `kind` ("net", "mnt") namespace, as (dev, inode), is one of
     `namespaces`, except this process and its ancestors."""
-    spared = _self_and_ancestors()
+    spared = self_and_ancestors()
     found = []
     for pid in _all_pids():
         if pid in spared:
@@ -201,7 +201,8 @@ def _all_pids() -> list[int]:
     return [int(d) for d in os.listdir("/proc") if d.isdigit()]
 
 
-def _self_and_ancestors() -> set[int]:
+def self_and_ancestors() -> set[int]:
+    """This process and its ancestors: never signalled by the lab's sweeps."""
     spared = set()
     pid = os.getpid()
     while pid > 1 and pid not in spared:

@@ -86,6 +86,18 @@ class HostInfo:
     storage_dir: Path
     config: Path
     log_file: Path
+    # up, partitioned (link down), agent-down (its agent is not running, other things are),
+    # down (nothing of it runs: powered off); "" where not known.
+    state: str = ""
+    processes: int = 0  # how many of its processes run (its containers' included)
+
+
+def host_state(link_up: bool | None, agent_running: bool, processes: int) -> str:
+    if not processes and not agent_running:
+        return "down"
+    if link_up is False:
+        return "partitioned"
+    return "up" if agent_running else "agent-down"
 
 
 @dataclass(frozen=True)
@@ -113,14 +125,19 @@ class LabInfo:
         raise KeyError(node)
 
 
-def build_info(state: LabState, running: dict[int, bool], links: dict[str, bool | None]) -> LabInfo:
-    """LabInfo from saved state plus liveness (`running`: pid -> alive) and link states."""
+def build_info(state: LabState, running: dict[int, bool], links: dict[str, bool | None],
+               host_processes: dict[str, int] | None = None) -> LabInfo:
+    """LabInfo from saved state plus liveness (`running`: pid -> alive), link states and
+    (where counted) how many processes run on each host."""
     paths = LabPaths(Path(state.base_dir))
     net = Addressing(state.octet or 0)
     hosts = []
     for h in state.hosts:
         hp = paths.host(h.index)
         veth = h.veth or ""
+        agent_running = bool(h.agent_pid and running.get(h.agent_pid))
+        counted = host_processes is not None and h.node in host_processes
+        count = host_processes.get(h.node, 0) if host_processes else 0
         hosts.append(
             HostInfo(
                 node=h.node,
@@ -130,12 +147,14 @@ def build_info(state: LabState, running: dict[int, bool], links: dict[str, bool 
                 veth=veth,
                 link_up=links.get(veth),
                 agent_pid=h.agent_pid,
-                agent_running=bool(h.agent_pid and running.get(h.agent_pid)),
+                agent_running=agent_running,
                 lxc_path=hp.lxc_path,
                 state_dir=hp.state_dir,
                 storage_dir=hp.storage_dir,
                 config=hp.config,
                 log_file=hp.log_file,
+                state=host_state(links.get(veth), agent_running, count) if counted else "",
+                processes=count,
             )
         )
     return LabInfo(
