@@ -144,6 +144,10 @@ class ControllerClient:
         req = cpb.SetContainerHaRequest(name=name, ha=ha, ha_priority=priority, ha_group=group)
         return container_from_pb(await self._call(self.stub.SetContainerHa, req))
 
+    async def acquire_lease(self, name: str, holder: str, ttl: float) -> cpb.AcquireLeaseResponse:
+        req = cpb.AcquireLeaseRequest(name=name, holder=holder, ttl_seconds=ttl)
+        return await self._call(self.stub.AcquireLease, req, min(ttl, 30))
+
     async def failover(self, name: str, target: str = "") -> types_pb2.Operation:
         req = cpb.FailoverContainerRequest(name=name, target_node=target)
         return await self._call(self.stub.FailoverContainer, req, 60)

@@ -117,8 +117,8 @@ class Fleet:
             allocated[ct.node] = (limits + ct.limits, count + 1)
         # A migration in progress holds room on its target too, so that two cannot fill it (review L4).
         by_name = {ct.name: ct for ct in containers}
-        for op in self.engine.active(OpKind.MIGRATE):
-            ct, target = by_name.get(op.container), MigrateParams.of(op.params).target
+        for op in self.engine.active(OpKind.MIGRATE) + self.engine.active(OpKind.FAILOVER):
+            ct, target = by_name.get(op.container), str(op.params.get("target", ""))
             if ct is not None and ct.node != target:
                 limits, count = allocated.get(target, (Limits(), 0))
                 allocated[target] = (limits + ct.limits, count)
@@ -178,6 +178,8 @@ class Fleet:
             live = await self._agent_for(record.node).get(name)
         except NotFound:
             return replace(record, state=ContainerState.UNKNOWN, message=f"node {record.node} has no such container")
+        except Unavailable as exc:  # not yet noticed as silent: show the record, say why it is not live
+            return replace(record, state=ContainerState.UNKNOWN, message=exc.message)
         return replace(record, state=live.state, init_pid=live.init_pid)
 
     async def list(self, node: str = "") -> list[Container]:

@@ -7,6 +7,8 @@ method listed; names and ids in requests are validated at the edge (corral.api.s
 
 from __future__ import annotations
 
+import time
+
 import contextlib
 
 from controller.events import EventBus, Lagged
@@ -24,7 +26,8 @@ from corral.api.convert import (
     operation_to_pb,
 )
 from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
-from corral.errors import FailedPrecondition, PermissionDenied
+from corral.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from corral.names import validate_name
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
 
@@ -57,6 +60,7 @@ CONTROLLER_POLICY = ServicePolicy(
         "WatchOperation": reads(_USER, operation("id")),
         "CancelOperation": writes(_USER, operation("id")),
         "WatchEvents": reads(_USER),
+        "AcquireLease": writes(_USER),
     },
     # Every agent holds a connection (heartbeats), users and services one each.
     max_concurrent_rpcs=2000,
@@ -177,3 +181,13 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                 yield event_to_pb(event)
         except Lagged as exc:
             raise FailedPrecondition(str(exc)) from None
+
+    async def AcquireLease(self, request: cpb.AcquireLeaseRequest, context):
+        if not request.name or not request.holder or len(request.holder) > 200:
+            raise InvalidArgument("a lease needs a name and a holder (at most 200 characters)")
+        if not 0 < request.ttl_seconds <= 3600:
+            raise InvalidArgument("lease ttl_seconds must be between 0 and 3600")
+        validate_name(request.name, "lease name")
+        now = time.time()
+        holder, expires = await self.fleet.store.acquire_lease(request.name, request.holder, request.ttl_seconds, now)
+        return cpb.AcquireLeaseResponse(granted=holder == request.holder, holder=holder, seconds_left=expires - now)

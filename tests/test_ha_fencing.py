@@ -3,6 +3,7 @@ lease runs out first), and nothing starts again by itself when the host comes ba
 
 import asyncio
 import json
+import sys
 import time
 
 from conftest import running_copies
@@ -113,3 +114,47 @@ async def test_a_dead_hosts_ha_container_fails_over_and_runs_once_throughout(cor
     events = [e["message"] for e in await _events(corral)]
     assert any(m.startswith("failover of ha2 succeeded") for m in events)
     assert any(m.startswith("removed the stopped copy of ha2 left on n3") for m in events)
+
+
+async def test_the_failover_daemon_moves_a_lost_hosts_ha_containers_and_only_one_daemon_acts(corral, cleanup, lab):
+    cleanup.extend(["ha3", "ha4"])
+    await corral("ct", "create", "ha3", "-t", "busybox", "--storage", "shared", "--ha", "--ha-priority", "5",
+                 "--node", "n2", "--start")
+    await corral("ct", "create", "ha4", "-t", "busybox", "--storage", "shared", "--ha", "--node", "n2", "--start")
+    await asyncio.sleep(1.5)
+    daemons = [await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller.failoverd", "--config", str(lab.cli_config), "--holder", f"d{i}",
+        "--lease-ttl", "3", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    ) for i in (1, 2)]  # fmt: skip
+    counts: list[int] = []
+
+    async def sample():
+        while True:
+            counts.append(max([len(await running_copies(lab, n)) for n in ("ha3", "ha4")]))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        since = max([e["seq"] for e in await _events(corral)] or [0])
+        await corral_lab.set_host_link(lab.name, "n2", up=False)
+        cut = time.monotonic()
+
+        async def both_moved():
+            shown = [await corral.json("ct", "show", n) for n in ("ha3", "ha4")]
+            return all(s["node"] != "n2" and s["state"] == "running" for s in shown)
+
+        await _until(both_moved, 30)
+        took = time.monotonic() - cut
+        print(f"host cut -> both HA containers running elsewhere: {took:.1f} s")
+        assert took < 15, took  # dead at 7 s (lease 5 + margin 2), then the failover itself
+        started = [e for e in await _events(corral, since) if e["message"].startswith("failover of")
+                   and e["message"].endswith("started")]  # fmt: skip
+        assert sorted(e["container"] for e in started) == ["ha3", "ha4"]  # each once: one daemon acted
+        assert started[0]["container"] == "ha3"  # higher priority first
+    finally:
+        sampler.cancel()
+        for d in daemons:
+            d.terminate()
+            await d.wait()
+        await corral_lab.set_host_link(lab.name, "n2", up=True)
+    assert counts and max(counts) == 1, counts

@@ -55,6 +55,11 @@ class StoreWriter(Protocol):
 
     async def forget_unmanaged(self, node: str, name: str) -> None: ...
 
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> tuple[str, float]:
+        """Take or renew the named lease for `holder` until now + ttl, if it is free, expired or
+        already theirs; returns (the holder, when it expires) either way. (etcd: a lease + Txn.)"""
+        ...
+
     async def get_container(self, name: str) -> Container | None: ...
 
 

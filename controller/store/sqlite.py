@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS operations (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS operations_container ON operations(container);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS unmanaged (
     node TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -164,6 +169,18 @@ class _Writer:
     async def forget_unmanaged(self, node: str, name: str) -> None:
         await self.db.execute("DELETE FROM unmanaged WHERE node=? AND name=?", (node, name))
 
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> tuple[str, float]:
+        async with self.db.execute("SELECT holder, expires FROM leases WHERE name=?", (name,)) as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] == holder or row[1] <= now:
+            await self.db.execute(
+                "INSERT INTO leases(name, holder, expires) VALUES(?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, expires=excluded.expires",
+                (name, holder, now + ttl),
+            )
+            return holder, now + ttl
+        return row[0], row[1]
+
 
 class SqliteStore:
     def __init__(self, path: Path) -> None:
@@ -271,6 +288,10 @@ class SqliteStore:
     async def forget_unmanaged(self, node: str, name: str) -> None:
         async with self.transaction() as tx:
             await tx.forget_unmanaged(node, name)
+
+    async def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> tuple[str, float]:
+        async with self.transaction() as tx:
+            return await tx.acquire_lease(name, holder, ttl, now)
 
     # -- reads -----------------------------------------------------------------------------------
 

@@ -8,6 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AcquireLeaseRequest(_message.Message):
+    __slots__ = ("name", "holder", "ttl_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    holder: str
+    ttl_seconds: float
+    def __init__(self, name: _Optional[str] = ..., holder: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class AcquireLeaseResponse(_message.Message):
+    __slots__ = ("granted", "holder", "seconds_left")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    holder: str
+    seconds_left: float
+    def __init__(self, granted: _Optional[bool] = ..., holder: _Optional[str] = ..., seconds_left: _Optional[float] = ...) -> None: ...
+
 class WatchEventsRequest(_message.Message):
     __slots__ = ("since", "follow")
     SINCE_FIELD_NUMBER: _ClassVar[int]

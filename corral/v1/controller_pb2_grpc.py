@@ -136,6 +136,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Operation.FromString,
                 _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/corral.v1.ControllerService/AcquireLease',
+                request_serializer=corral_dot_v1_dot_controller__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.AcquireLeaseResponse.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/corral.v1.ControllerService/WatchEvents',
                 request_serializer=corral_dot_v1_dot_controller__pb2.WatchEventsRequest.SerializeToString,
@@ -278,6 +283,13 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireLease(self, request, context):
+        """A named lease for clients that must act one at a time (the failover daemons).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
         """Events.
         What happens in the fleet, as it happens: the kept events after `since`, then new ones.
@@ -388,6 +400,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.CancelOperation,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.OperationRef.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Operation.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.AcquireLeaseResponse.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -935,6 +952,33 @@ class ControllerService:
             '/corral.v1.ControllerService/CancelOperation',
             corral_dot_v1_dot_controller__pb2.OperationRef.SerializeToString,
             corral_dot_v1_dot_types__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/AcquireLease',
+            corral_dot_v1_dot_controller__pb2.AcquireLeaseRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.AcquireLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,156 @@
+"""corral-failoverd: the automatic failover daemon, a client of the controller's public API.
+
+It decides *when*: when a node is dead (its lease and margin ran out) or fenced,
+it asks the controller to fail that node's HA containers over, highest priority
+first, and looks again every few seconds (a missed event, a controller restart,
+a failover refused for lack of room). The controller decides *whether*: it
+checks the node is lost, the container is not in doubt nor busy, and picks the
+target, on every request, so a wrong or duplicated daemon cannot start a copy
+twice. Several daemons may run: one acts at a time, holding the "failoverd" lease
+(renewed every third of its ttl; it stops acting when it could not renew in time,
+counting from when it asked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from corral import log as corral_log
+from corral.errors import CorralError
+
+log = structlog.get_logger("corral.failoverd")
+
+LEASE = "failoverd"
+LOST = ("dead", "fenced")
+
+
+class FailoverDaemon:
+    def __init__(self, client, holder: str, ttl: float = 10.0, sweep_every: float = 3.0) -> None:
+        self.client = client
+        self.holder = holder
+        self.ttl = ttl
+        self.sweep_every = sweep_every
+        self._leader_until = 0.0  # monotonic
+        self._wake = asyncio.Event()
+
+    @property
+    def leading(self) -> bool:
+        return time.monotonic() < self._leader_until
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._keep_lease())
+            tg.create_task(self._listen())
+            tg.create_task(self._act())
+
+    async def _keep_lease(self) -> None:
+        while True:
+            asked = time.monotonic()
+            try:
+                reply = await self.client.acquire_lease(LEASE, self.holder, self.ttl)
+                was = self.leading
+                if reply.granted:
+                    self._leader_until = asked + self.ttl - 1.0  # given up before the controller's count ends
+                    if not was:
+                        log.info("leading: this daemon acts on lost nodes", holder=self.holder)
+                        self._wake.set()
+                elif was or self._leader_until:
+                    self._leader_until = 0.0
+                    log.info("standing by: another daemon leads", leader=reply.holder)
+            except CorralError as exc:
+                log.warning("cannot reach the controller for the lease", error=exc.message)
+            await asyncio.sleep(self.ttl / 3)
+
+    async def _listen(self) -> None:
+        """Node events wake the acting loop at once (it would look again soon anyway)."""
+        since = 0
+        while True:
+            try:
+                async for event in self.client.watch_events(since, follow=True):
+                    since = event.seq
+                    if event.kind == "node-state" and event.fields.get("state") in LOST:
+                        self._wake.set()
+            except CorralError as exc:
+                log.info("event stream ended; watching again", error=exc.message)
+                if "missed events" in exc.message:
+                    since = 0
+            await asyncio.sleep(1.0)
+
+    async def _act(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.sweep_every):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self.leading:
+                try:
+                    await self.sweep()
+                except CorralError as exc:
+                    log.warning("failover sweep failed", error=exc.message)
+
+    async def sweep(self) -> int:
+        """Ask for the failover of every HA container on a lost node; returns how many were asked."""
+        lost = [n.facts.name for n in await self.client.list_nodes() if n.state.value in LOST]
+        asked = 0
+        for node in lost:
+            for ct in sorted(await self.client.list_containers(node), key=lambda c: (-c.ha_priority, c.name)):
+                if not ct.ha or ct.in_doubt or not self.leading:
+                    continue
+                try:
+                    op = await self.client.failover(ct.name)
+                    asked += 1
+                    log.warning("failing over", container=ct.name, node=node, op=op.id)
+                except CorralError as exc:
+                    log.info("failover not started", container=ct.name, node=node, why=exc.message)
+        return asked
+
+
+def main(argv: list[str] | None = None) -> None:
+    from controller.cli.settings import CliSettings
+    from controller.client import ControllerClient
+    from corral.version import VersionAction
+
+    parser = argparse.ArgumentParser(prog="corral-failoverd", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="CLI config with the controller and a user certificate "
+                        "(default: as corral's)")  # fmt: skip
+    parser.add_argument("--context", help="the context of that config to use (default: its current one)")
+    parser.add_argument("--holder", default=f"{socket.gethostname()}-{os.getpid()}", help="this daemon's id")
+    parser.add_argument("--lease-ttl", type=float, default=10.0, help="seconds (default 10)")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--version", action=VersionAction)
+    args = parser.parse_args(argv)
+    corral_log.configure(args.log_level)
+
+    async def serve() -> None:
+        settings = CliSettings.load(args.config, args.context)
+        async with ControllerClient(settings.controller, settings.tls, timeout=30) as client:
+            daemon = FailoverDaemon(client, args.holder, ttl=args.lease_ttl)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            runner = asyncio.create_task(daemon.run())
+            await stop.wait()
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+    try:
+        asyncio.run(serve())
+    except CorralError as exc:
+        print(f"corral-failoverd: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()
