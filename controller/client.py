@@ -55,6 +55,10 @@ class ControllerClient:
         reply = await self._call(self.stub.ListNodes, cpb.ListNodesRequest(), 30)
         return [node_from_pb(n) for n in reply.nodes]
 
+    async def mark_fenced(self, name: str, how: str) -> Node:
+        req = cpb.MarkNodeFencedRequest(name=name, how=how)
+        return node_from_pb(await self._call(self.stub.MarkNodeFenced, req, 30))
+
     async def get_node(self, name: str) -> Node:
         return node_from_pb(await self._call(self.stub.GetNode, cpb.GetNodeRequest(name=name), 30))
 

@@ -26,6 +26,8 @@ class ControllerConfig:
     heartbeat_interval: float
     lease: float  # a node's lease, renewed by each heartbeat
     lease_margin: float  # after the lease, before a node is dead (clock drift, scheduling)
+    fence_command: tuple[str, ...]  # argv with {node}; run for a dead node, must exit 0 (() = none)
+    fence_timeout: float
     addresses: AddressPool
     placement: PlacementPolicy
     log_level: str
@@ -34,7 +36,7 @@ class ControllerConfig:
     def load(cls, path: Path) -> "ControllerConfig":
         doc = load_document(path)
         doc.check_keys({"listen", "store", "tls", "heartbeat_timeout", "heartbeat_interval", "lease", "lease_margin",
-                        "network", "placement", "log_level"})
+                        "fence_command", "fence_timeout", "network", "placement", "log_level"})
         listen = doc.get("listen", list)
         if not listen:
             raise doc.error("listen", "give at least one HOST:PORT to listen on")
@@ -71,6 +73,12 @@ class ControllerConfig:
             raise doc.error("lease_margin", "must not be negative")
         if timeout >= lease + margin:
             raise doc.error("heartbeat_timeout", "must be shorter than lease + lease_margin (suspect before dead)")
+        fence = doc.get("fence_command", list, [])
+        if fence and (not all(isinstance(a, str) and a for a in fence) or not any("{node}" in a for a in fence)):
+            raise doc.error("fence_command", "give the command as a list of strings, one of them with {node}")
+        fence_timeout = doc.get("fence_timeout", float, 60.0, parse=_finite)
+        if not 0 < fence_timeout <= 3600:
+            raise doc.error("fence_timeout", "must be between 0 and 3600 seconds")
         placement = doc.section("placement", required=False)
         policy = PlacementPolicy()
         if placement is not None:
@@ -88,6 +96,8 @@ class ControllerConfig:
             heartbeat_interval=interval,
             lease=lease,
             lease_margin=margin,
+            fence_command=tuple(fence),
+            fence_timeout=fence_timeout,
             addresses=addresses,
             placement=policy,
             log_level=doc.get("log_level", str, "info", parse=parse_level),

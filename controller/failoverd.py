@@ -1,7 +1,7 @@
 """corral-failoverd: the automatic failover daemon, a client of the controller's public API.
 
-It decides *when*: when a node is dead (its lease and margin ran out) or fenced,
-it asks the controller to fail that node's HA containers over, highest priority
+It decides *when*: when a node is fenced (proven off; a dead one may still run
+its containers if its agent died with them), it asks the controller to fail that node's HA containers over, highest priority
 first, and looks again every few seconds (a missed event, a controller restart,
 a failover refused for lack of room). The controller decides *whether*: it
 checks the node is lost, the container is not in doubt nor busy, and picks the
@@ -30,7 +30,7 @@ from corral.errors import CorralError
 log = structlog.get_logger("corral.failoverd")
 
 LEASE = "failoverd"
-LOST = ("dead", "fenced")
+LOST = ("fenced",)  # a dead node is not enough: its containers may run until it is fenced
 
 
 class FailoverDaemon:

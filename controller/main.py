@@ -14,6 +14,7 @@ from controller.agents import AgentPool
 from controller.config import ControllerConfig
 from controller.events import EventBus
 from controller.fleet import Fleet
+from controller.health.fencing import Fencer
 from controller.health.registry import NodeRegistry
 from controller.operations.engine import Engine
 from controller.operations import operation_plans
@@ -59,9 +60,13 @@ async def serve(config: ControllerConfig) -> None:
     try:
         async with asyncio.TaskGroup() as tg:
             watcher = tg.create_task(nodes.watch())
+            fencer = tg.create_task(Fencer(nodes, config.fence_command, config.fence_timeout).run()) \
+                if config.fence_command else None  # fmt: skip
             await stop.wait()
             log.info("controller stopping")
             watcher.cancel()
+            if fencer is not None:
+                fencer.cancel()
             await server.stop(grace=2)
     finally:
         await engine.close()

@@ -41,6 +41,7 @@ CONTROLLER_POLICY = ServicePolicy(
         "Heartbeat": reads(_AGENT, node("facts.name")),
         "ListNodes": reads(_USER),
         "GetNode": reads(_USER, node()),
+        "MarkNodeFenced": writes(_USER, node()),
         "CreateContainer": writes(_USER, container(), node("node", optional=True)),
         "StartContainer": writes(_USER, container()),
         "StopContainer": writes(_USER, container()),
@@ -102,6 +103,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def ListNodes(self, request, context):
         return cpb.ListNodesResponse(nodes=[node_to_pb(n) for n in await self.fleet.list_nodes()])
+
+    async def MarkNodeFenced(self, request: cpb.MarkNodeFencedRequest, context):
+        identity = current_identity.get()
+        by = f"{identity.role} {identity.name}" if identity else "?"
+        self.nodes.mark_fenced(request.name, f"{request.how or 'said to be off'} (by {by})")
+        return node_to_pb(await self.fleet.get_node(request.name))
 
     async def GetNode(self, request, context):
         return node_to_pb(await self.fleet.get_node(request.name))

@@ -14,9 +14,13 @@ HEARTBEAT_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 1.0
 
 
-def controller_config(paths: LabPaths, net: Addressing) -> dict[str, Any]:
+def controller_config(paths: LabPaths, net: Addressing, name: str) -> dict[str, Any]:
+    from lab.faults import fence_command
+
     pki = paths.pki_dir
     return {
+        # Like a fleet with IPMI: a dead lab host is powered off (everything in it killed).
+        "fence_command": fence_command(name, paths.base_dir),
         "listen": [net.controller_address],
         "store": {"backend": "sqlite", "path": str(paths.controller_db)},
         "tls": {

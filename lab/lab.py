@@ -144,7 +144,7 @@ async def _create(state: LabState, paths: LabPaths) -> None:
         await hostns.create(h.namespace, paths.host(h.index).mount_ns)
     log.info("lab network ready", lab=name, bridge=state.bridge, subnet=str(net.subnet))
 
-    configs.write_yaml(paths.controller_config, configs.controller_config(paths, net))
+    configs.write_yaml(paths.controller_config, configs.controller_config(paths, net, name))
     for h in state.hosts:
         configs.write_yaml(paths.host(h.index).config, configs.agent_config(paths, net, h.index))
     cli = configs.cli_config(paths, net)

@@ -34,19 +34,21 @@ async def test_a_silent_host_is_suspect_then_dead_and_every_change_is_an_event(c
         assert "nothing is moved off it" in shown["health"]
         refused = await corral("ct", "create", "on-lost", "-t", "busybox", "--node", "n3", check=False)
         assert refused.returncode == 5 and "suspect" in refused.stderr
-        async with asyncio.timeout(20):  # its lease (5 s) and the margin (2 s) run out
-            while (shown := await corral.json("node", "show", "n3"))["state"] != "dead":
+        async with asyncio.timeout(20):  # its lease (5 s) and the margin (2 s) run out, then the fence
+            while (shown := await corral.json("node", "show", "n3"))["state"] != "fenced":
                 await asyncio.sleep(0.3)
-        assert "lease (5s) has expired" in shown["health"]
+        assert "proven off" in shown["health"]
     finally:
         await corral_lab.set_host_link(lab.name, "n3", up=True)
+    await corral_lab.power_on(lab.name, "n3")  # the lab's fence command powered it off
     async with asyncio.timeout(30):
         while (await corral.json("node", "show", "n3"))["state"] != "ready":
             await asyncio.sleep(0.5)
-    seen = [(e["kind"], e["fields"]["state"]) for e in await _events(corral, since) if e.get("node") == "n3"]
-    assert seen == [("node-state", "suspect"), ("node-state", "dead"), ("node-state", "ready")], seen
+    seen = [e["fields"]["state"] for e in await _events(corral, since) if e.get("node") == "n3"
+            and e["kind"] == "node-state"]  # fmt: skip
+    assert seen == ["suspect", "dead", "fenced", "ready"], seen
     text = (await corral("events", "--no-follow", "--since", str(since))).stdout
-    assert "node n3 is dead" in text and "node n3 is ready" in text
+    assert "node n3 is dead" in text and "node n3 is fenced: fence command" in text and "node n3 is ready" in text
 
 
 async def _events(corral, since: int = 0) -> list[dict]:

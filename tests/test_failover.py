@@ -60,15 +60,18 @@ def lose(life, name: str, silent_for: float) -> None:
     life.nodes.check_liveness()
 
 
-async def test_a_suspect_node_is_not_failed_over_a_dead_one_is(life):
+async def test_a_suspect_or_merely_dead_node_is_not_failed_over_a_fenced_one_is(life):
     await life.fleet.create("db", "busybox", "n1", Limits(), "image", start=True)
     await life.fleet.set_ha("db", HaSettings(ha=True))
     before = await life.store.get_container("db")
     lose(life, "n1", 5.5)  # suspect: maybe only cut off; its lease may still run
     with pytest.raises(FailedPrecondition, match="not proven unable to run it"):
         await life.fleet.failover("db")
-    life.world.hosts["n1"].containers["db"].state = "stopped"  # its agent fenced itself when its lease ran out
-    lose(life, "n1", 8.0)  # dead: past its lease and the margin
+    lose(life, "n1", 8.0)  # dead: past its lease and the margin, but its agent may have died with it running
+    with pytest.raises(FailedPrecondition, match="dead but not fenced"):
+        await life.fleet.failover("db")
+    life.world.hosts["n1"].containers["db"].state = "stopped"  # powered off
+    life.nodes.mark_fenced("n1", "powered off at the PDU")
     op = await life.fleet.failover("db")
     final = await life.wait(op.id)
     assert final.state == OpState.SUCCEEDED, final.error

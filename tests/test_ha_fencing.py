@@ -32,6 +32,10 @@ async def test_ha_needs_shared_storage_and_can_be_switched(corral, cleanup):
     assert (on["ha"], on["ha_priority"], on["ha_group"]) == (True, 7, "db")
     off = await corral.json("ct", "set", "shared1", "--no-ha")
     assert (off["ha"], off["ha_priority"], off["ha_group"]) == (False, 7, "db")
+    alive = await corral("node", "fenced", "n1", "--yes", check=False)  # the operator's word, on a live node
+    assert alive.returncode == 5 and "is ready (it heartbeats)" in alive.stderr
+    unasked = await corral("node", "fenced", "n1", check=False)
+    assert unasked.returncode == 2 and "--yes" in unasked.stderr
 
 
 async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(corral, cleanup, lab):
@@ -50,16 +54,17 @@ async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(
 
         await _until(ha1_gone, 10)
         fenced_at = time.time()
+        assert await running_copies(lab, "plain1") == ["n3"]  # not HA: a partition is not a death
 
-        async def n3_dead():
-            return (await corral.json("node", "show", "n3"))["state"] == "dead"
+        async def n3_fenced():
+            return (await corral.json("node", "show", "n3"))["state"] == "fenced"
 
-        await _until(n3_dead, 15)
+        await _until(n3_fenced, 20)  # dead past its lease and margin, then the lab's fence powers it off
         dead = [e for e in await _events(corral, since) if e.get("node") == "n3" and e["fields"]["state"] == "dead"]
         assert dead and fenced_at < dead[0]["at"], (cut, fenced_at, dead)
-        assert await running_copies(lab, "plain1") == ["n3"]  # not HA: a partition is not a death
     finally:
         await corral_lab.set_host_link(lab.name, "n3", up=True)
+    await corral_lab.power_on(lab.name, "n3")
 
     async def n3_ready():
         return (await corral.json("node", "show", "n3"))["state"] == "ready"
@@ -91,10 +96,10 @@ async def test_a_dead_hosts_ha_container_fails_over_and_runs_once_throughout(cor
             early = await corral("ct", "failover", "ha2", check=False)  # suspect only: refused
             assert early.returncode == 5 and "not proven unable to run it" in early.stderr, early
 
-            async def n3_dead():
-                return (await corral.json("node", "show", "n3"))["state"] == "dead"
+            async def n3_fenced():
+                return (await corral.json("node", "show", "n3"))["state"] == "fenced"
 
-            await _until(n3_dead, 15)
+            await _until(n3_fenced, 20)
             done = await corral("ct", "failover", "ha2")
             assert "failing ha2 over from n3 to" in done.stderr
             shown = await corral.json("ct", "show", "ha2")
@@ -102,6 +107,7 @@ async def test_a_dead_hosts_ha_container_fails_over_and_runs_once_throughout(cor
             assert await running_copies(lab, "ha2") == [shown["node"]]
         finally:
             await corral_lab.set_host_link(lab.name, "n3", up=True)
+        await corral_lab.power_on(lab.name, "n3")
 
         async def stale_copy_gone():
             return not (lab.host("n3").lxc_path / "ha2").exists()
@@ -146,7 +152,7 @@ async def test_the_failover_daemon_moves_a_lost_hosts_ha_containers_and_only_one
         await _until(both_moved, 30)
         took = time.monotonic() - cut
         print(f"host cut -> both HA containers running elsewhere: {took:.1f} s")
-        assert took < 15, took  # dead at 7 s (lease 5 + margin 2), then the failover itself
+        assert took < 15, took  # dead at 7 s (lease 5 + margin 2), fenced, then the failover itself
         started = [e for e in await _events(corral, since) if e["message"].startswith("failover of")
                    and e["message"].endswith("started")]  # fmt: skip
         assert sorted(e["container"] for e in started) == ["ha3", "ha4"]  # each once: one daemon acted
@@ -157,4 +163,5 @@ async def test_the_failover_daemon_moves_a_lost_hosts_ha_containers_and_only_one
             d.terminate()
             await d.wait()
         await corral_lab.set_host_link(lab.name, "n2", up=True)
+        await corral_lab.power_on(lab.name, "n2", wait_ready=True)
     assert counts and max(counts) == 1, counts

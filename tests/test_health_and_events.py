@@ -78,3 +78,35 @@ async def _first(stream, n):
         got += 1
         if got == n:
             return
+
+
+async def test_a_dead_node_is_not_lost_until_fenced_and_a_fence_command_must_succeed(store, monkeypatch, tmp_path):
+    import sys
+
+    from controller.health.fencing import Fencer
+
+    clock = [1000.0]
+    monkeypatch.setattr("controller.health.registry.time.monotonic", lambda: clock[0])
+    events = EventBus()
+    nodes = NodeRegistry(store, POLICY, events)
+    await nodes.register(NodeFacts("n1", "10.0.0.1:7701"))
+    clock[0] += 8.0
+    nodes.check_liveness()
+    assert nodes.get("n1").state == NodeState.DEAD
+    assert "dead but not fenced" in nodes.why_not_lost("n1")  # its agent may have died with them running
+
+    failing = Fencer(nodes, (sys.executable, "-c", "import sys; sys.exit('no power switch for ' + sys.argv[1])",
+                              "{node}"), timeout=10)  # fmt: skip
+    assert not await failing.fence("n1")
+    assert nodes.get("n1").state == NodeState.DEAD
+    said = [e.message async for e in events.watch(follow=False)]
+    assert any("fencing n1 failed" in m and "no power switch for n1" in m for m in said), said
+
+    marker = tmp_path / "off"
+    working = Fencer(nodes, (sys.executable, "-c", f"open({str(marker)!r} + '-' + __import__('sys').argv[1], 'w')",
+                              "{node}"), timeout=10)  # fmt: skip
+    assert await working.fence("n1")
+    assert (tmp_path / "off-n1").exists() and nodes.get("n1").state == NodeState.FENCED
+    assert nodes.why_not_lost("n1") is None
+    nodes.heartbeat(NodeFacts("n1", "10.0.0.1:7701"))  # back (powered on): it heartbeats again
+    assert nodes.get("n1").state == NodeState.READY

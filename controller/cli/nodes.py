@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from controller.cli import output
@@ -67,3 +69,32 @@ def print_node(n) -> None:
     ] + ([("unmanaged", ", ".join(n.unmanaged_containers) + " (no record here; their addresses stay taken)")]
          if n.unmanaged_containers else []) + [(f"  no {strategy}", reason) for strategy, reason in sorted(f.live_unavailable.items())]
       + [(f"no {capability}", reason) for capability, reason in sorted(getattr(f, "unavailable", {}).items())])  # fmt: skip
+
+
+@node.command("fenced", examples=[
+    "corral node fenced n3 --yes --how 'powered off at the PDU'",
+])  # fmt: skip
+@click.argument("name", shell_complete=complete_nodes)
+@click.option("--how", default="", help="how it was fenced (for the event log)")
+@click.option("--yes", "-y", is_flag=True, help="it is off: do not ask")
+@click.pass_obj
+def node_fenced(obj, name: str, how: str, yes: bool) -> None:
+    """Say that a lost node is off: its HA containers may then run elsewhere.
+
+    Only once it is really off (powered down, or cut from its storage): a host whose agent
+    died may still run its containers, and a second copy on shared storage corrupts it.
+    Refused for a node that heartbeats. Without --yes it asks (a terminal is needed).
+    """
+
+    @run
+    async def go():
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError("not a terminal to ask on: add --yes once the node is off")
+            if not click.confirm(f"Is {name} powered off or cut from its storage?", default=False):
+                raise click.Abort()
+        async with obj.client() as fleet:
+            n = await fleet.mark_fenced(name, how)
+        output.emit(obj, n) if obj.machine else click.echo(f"{n.name} {n.state.value}: {n.health}")
+
+    go()

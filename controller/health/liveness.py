@@ -44,5 +44,8 @@ def describe(state: NodeState, silent_for: float, policy: HealthPolicy) -> str:
         return (f"no heartbeat for {silent_for:.1f}s: a partition or a blip; nothing is moved off it "
                 f"(dead in {left:.1f}s if it stays silent)")  # fmt: skip
     if state == NodeState.DEAD:
-        return f"no heartbeat for {silent_for:.1f}s: its lease ({policy.lease:g}s) has expired"
+        return (f"no heartbeat for {silent_for:.1f}s: its lease ({policy.lease:g}s) has expired; its HA "
+                "containers move only once it is fenced")  # fmt: skip
+    if state == NodeState.FENCED:
+        return "proven off: its HA containers may run elsewhere; it reports what it holds when it is back"
     return ""

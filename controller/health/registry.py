@@ -17,6 +17,7 @@ import structlog
 from controller.events import EventBus
 from controller.health.liveness import HealthPolicy, assess, describe
 from controller.store.base import Store
+from corral.errors import FailedPrecondition, NotFound
 from corral.model import Node, NodeFacts, NodeState
 
 log = structlog.get_logger("corral.controller.nodes")
@@ -91,20 +92,32 @@ class NodeRegistry:
         return changed
 
     def why_not_lost(self, name: str) -> str | None:
-        """None if `name` is proven unable to run anything (fenced, or silent past its lease and the
-        margin, so its agent has killed its HA containers); else why it is not."""
+        """None if `name` is proven unable to run anything: fenced. A dead node is not enough on
+        its own: a host whose agent died cannot fence itself, and its containers may still run."""
         entry = self._nodes.get(name)
         if entry is None:
             return f"node {name} is not registered: nothing is known of it"
         if entry.state == NodeState.FENCED:
             return None
         silent_for = time.monotonic() - entry.last_seen
-        if silent_for > self.policy.dead_after:
-            return None
         if entry.state == NodeState.READY:
             return f"it is ready (heard {silent_for:.1f}s ago)"
-        return (f"it is {entry.state.value}: silent for {silent_for:.1f}s, its lease and margin run "
-                f"{self.policy.dead_after:g}s")  # fmt: skip
+        if entry.state == NodeState.SUSPECT:
+            return (f"it is suspect: silent for {silent_for:.1f}s, maybe only cut off; its lease and margin "
+                    f"run {self.policy.dead_after:g}s")  # fmt: skip
+        return ("it is dead but not fenced: its agent may have died with its containers still running. "
+                f"Power it off, then `corral node fenced {name}`")
+
+    def mark_fenced(self, name: str, how: str) -> None:
+        """The node is proven off (a fence command succeeded, or the operator says it is)."""
+        entry = self._nodes.get(name)
+        if entry is None:
+            raise NotFound(f"node {name!r} is not registered")
+        if entry.state == NodeState.READY:
+            raise FailedPrecondition(f"node {name!r} is ready (it heartbeats): it is not fenced")
+        entry.state, previous = NodeState.FENCED, entry.state
+        self.events.emit("node-state", f"node {name} is fenced: {how}", node=name, state="fenced",
+                         previous=previous.value)  # fmt: skip
 
     def health(self, name: str) -> str:
         entry = self._nodes.get(name)

@@ -90,6 +90,14 @@ class GetNodeRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
+class MarkNodeFencedRequest(_message.Message):
+    __slots__ = ("name", "how")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOW_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    how: str
+    def __init__(self, name: _Optional[str] = ..., how: _Optional[str] = ...) -> None: ...
+
 class ContainerRef(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -56,6 +56,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.GetNodeRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Node.FromString,
                 _registered_method=True)
+        self.MarkNodeFenced = channel.unary_unary(
+                '/corral.v1.ControllerService/MarkNodeFenced',
+                request_serializer=corral_dot_v1_dot_controller__pb2.MarkNodeFencedRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Node.FromString,
+                _registered_method=True)
         self.CreateContainer = channel.unary_unary(
                 '/corral.v1.ControllerService/CreateContainer',
                 request_serializer=corral_dot_v1_dot_controller__pb2.CreateContainerRequest.SerializeToString,
@@ -173,6 +178,14 @@ class ControllerServiceServicer:
 
     def GetNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkNodeFenced(self, request, context):
+        """The operator says a lost node is off (powered down, cut from its storage): its HA containers
+        may then run elsewhere. Refused for a node that heartbeats.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -319,6 +332,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
             'GetNode': grpc.unary_unary_rpc_method_handler(
                     servicer.GetNode,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.GetNodeRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Node.SerializeToString,
+            ),
+            'MarkNodeFenced': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkNodeFenced,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.MarkNodeFencedRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Node.SerializeToString,
             ),
             'CreateContainer': grpc.unary_unary_rpc_method_handler(
@@ -519,6 +537,33 @@ class ControllerService:
             target,
             '/corral.v1.ControllerService/GetNode',
             corral_dot_v1_dot_controller__pb2.GetNodeRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkNodeFenced(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/MarkNodeFenced',
+            corral_dot_v1_dot_controller__pb2.MarkNodeFencedRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Node.FromString,
             options,
             channel_credentials,
