@@ -165,3 +165,37 @@ async def test_the_failover_daemon_moves_a_lost_hosts_ha_containers_and_only_one
         await corral_lab.set_host_link(lab.name, "n2", up=True)
         await corral_lab.power_on(lab.name, "n2", wait_ready=True)
     assert counts and max(counts) == 1, counts
+
+
+async def test_a_host_whose_agent_died_is_fenced_before_its_ha_container_runs_elsewhere(corral, cleanup, lab):
+    """Its agent cannot fence itself: the container keeps running there until the fence
+    command powers the host off; only then may it start elsewhere."""
+    cleanup.append("ha5")
+    await corral("ct", "create", "ha5", "-t", "busybox", "--storage", "shared", "--ha", "--node", "n1", "--start")
+    await asyncio.sleep(1.5)
+    samples: list[tuple[float, list[str]]] = []
+
+    async def sample():
+        while True:
+            samples.append((time.monotonic(), await running_copies(lab, "ha5")))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        killed = time.monotonic()
+        await corral_lab.kill_agent(lab.name, "n1")  # the agent dies, its containers do not
+
+        async def n1_fenced():
+            return (await corral.json("node", "show", "n1"))["state"] == "fenced"
+
+        await _until(n1_fenced, 25)
+        # It kept running while its host was only silent, then dead: nothing there could stop it.
+        assert any(t - killed > 6.0 and copies == ["n1"] for t, copies in samples), samples
+        assert await running_copies(lab, "ha5") == []  # the fence powered the host off
+        await corral("ct", "failover", "ha5")
+        moved = await corral.json("ct", "show", "ha5")
+        assert moved["node"] in ("n2", "n3") and await running_copies(lab, "ha5") == [moved["node"]]
+    finally:
+        sampler.cancel()
+        await corral_lab.power_on(lab.name, "n1", wait_ready=True)
+    assert samples and max(len(copies) for _, copies in samples) == 1, samples
