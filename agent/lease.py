@@ -67,15 +67,15 @@ class Lease:
             log.warning("lease file unreadable; treating the lease as expired", path=str(self.state_file), error=str(exc))
             self.expires = 0.0
 
-    def _save(self) -> None:
+    def _save(self, payload: str) -> None:
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"expires": self.expires, "ha": self.ha, "boot": self._boot}))
+        tmp.write_text(payload)
         os.replace(tmp, self.state_file)  # no fsync: after a power loss nothing of ours runs anyway
 
     def now(self) -> float:
         return self._clock()
 
-    def renewed(self, sent_at: float, lease_seconds: float, ha: list[str]) -> None:
+    async def renewed(self, sent_at: float, lease_seconds: float, ha: list[str]) -> None:
         """A heartbeat sent at `sent_at` (on this lease's clock) was acknowledged."""
         if lease_seconds <= 0:
             return  # a controller that grants no lease
@@ -84,8 +84,9 @@ class Lease:
         if self.fenced:
             log.info("lease renewed after fencing; nothing restarts by itself", ha=self.ha)
             self.fenced = False
-        self._save()
         self._changed.set()
+        payload = json.dumps({"expires": self.expires, "ha": self.ha, "boot": self._boot})
+        await asyncio.to_thread(self._save, payload)  # once a second: never on the event loop
 
     def remaining(self) -> float | None:
         return None if self.expires is None else self.expires - self.now()

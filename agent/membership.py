@@ -79,7 +79,7 @@ class Membership:
             peer=f"controller {self.controller}",
         )
         if self.lease:
-            self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))
+            await self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))
         if reply.heartbeat_interval_seconds > 0:
             self.interval = reply.heartbeat_interval_seconds
         self.registered.set()
@@ -102,4 +102,4 @@ class Membership:
             if reply.reregister:
                 return
             if self.lease:
-                self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))
+                await self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))

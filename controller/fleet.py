@@ -27,6 +27,7 @@ from controller.network.ipam import AddressPool
 from controller.operations.engine import Engine
 from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_STORAGES, choose_strategy
 from controller.operations.params import CreateParams, DestroyParams, FailoverParams, MigrateParams
+from controller.operations.reach import Reach
 from controller.operations.steps import OpKind
 from controller.scheduler.failover import plan_failover
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
@@ -98,6 +99,7 @@ class Fleet:
         self.agents = agents
         self.addresses = addresses
         self.engine = engine
+        self.reach = Reach(nodes, agents)  # any registered node's agent, whatever its heartbeats say
         self.locks: ContainerLocks = engine.locks
         self.policy = policy
         # Placement and address choice read then write: one at a time.
@@ -484,7 +486,7 @@ class Fleet:
             if dry_run:
                 return plan
             for node in plan.remove:
-                agent = self.agents.client(self.nodes.get(node).facts)
+                agent = self.reach.agent(node)
                 await agent.stop(name, True, 0)
                 await agent.destroy(name, True)
                 log.warning("removed a copy of a container in doubt", container=name, node=node)
@@ -493,7 +495,7 @@ class Fleet:
                                                       message=f"resolved by the operator: kept the copy on {keep}"))
             self.engine.events.emit("container-doubt", f"{name} is resolved by the operator: kept on {keep}",
                                     container=name, node=keep, removed=",".join(plan.remove))  # fmt: skip
-            observed = await self.agents.client(self.nodes.get(keep).facts).get(name)
+            observed = await self.reach.agent(keep).get(name)
             await self._save_observed(replace(record, node=keep), observed)
             return plan
 
@@ -542,8 +544,7 @@ class Fleet:
 
         async def clean() -> None:
             try:
-                await self.agents.client(self.nodes.get(node).facts).release(f"stale-{secrets.token_hex(4)}",
-                                                                             record.name)  # fmt: skip
+                await self.reach.agent(node).release(f"stale-{secrets.token_hex(4)}", record.name)
                 self.engine.events.emit("stale-copy", f"removed the stopped copy of {record.name} left on {node} "
                                         f"(it lives on {record.node})", container=record.name, node=node)  # fmt: skip
             except CorralError as exc:

@@ -77,6 +77,20 @@ async def fleet(lab):
         yield client
 
 
+async def events_of(corral: Corral, since: int = 0) -> list[dict]:
+    """The controller's kept events after `since`, as `corral events -o json` prints them."""
+    out = (await corral("events", "--no-follow", "--since", str(since), "-o", "json")).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+async def until(check, timeout: float = 30.0, interval: float = 0.1):
+    """Poll the coroutine function `check` until it returns something true; returns that."""
+    async with asyncio.timeout(timeout):
+        while not (result := await check()):
+            await asyncio.sleep(interval)
+    return result
+
+
 @pytest.fixture
 async def store(tmp_path):
     """A controller's SQLite store in a temporary directory (no lab)."""

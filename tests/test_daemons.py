@@ -1,12 +1,12 @@
 """The daemons as an operator meets them: bad configs, lost hosts."""
 
 import asyncio
-import json
 import sys
 
 import pytest
 
 import lab as corral_lab
+from conftest import events_of
 
 
 @pytest.mark.parametrize("daemon", ["agent.main", "controller.main"])
@@ -25,7 +25,7 @@ async def test_daemon_with_malformed_config_says_file_and_line(tmp_path, daemon)
 
 
 async def test_a_silent_host_is_suspect_then_dead_and_every_change_is_an_event(corral, lab):
-    since = max([e["seq"] for e in await _events(corral)] or [0])
+    since = max([e["seq"] for e in await events_of(corral)] or [0])
     await corral_lab.set_host_link(lab.name, "n3", up=False)
     try:
         async with asyncio.timeout(20):
@@ -44,13 +44,8 @@ async def test_a_silent_host_is_suspect_then_dead_and_every_change_is_an_event(c
     async with asyncio.timeout(30):
         while (await corral.json("node", "show", "n3"))["state"] != "ready":
             await asyncio.sleep(0.5)
-    seen = [e["fields"]["state"] for e in await _events(corral, since) if e.get("node") == "n3"
+    seen = [e["fields"]["state"] for e in await events_of(corral, since) if e.get("node") == "n3"
             and e["kind"] == "node-state"]  # fmt: skip
     assert seen == ["suspect", "dead", "fenced", "ready"], seen
     text = (await corral("events", "--no-follow", "--since", str(since))).stdout
     assert "node n3 is dead" in text and "node n3 is fenced: fence command" in text and "node n3 is ready" in text
-
-
-async def _events(corral, since: int = 0) -> list[dict]:
-    out = (await corral("events", "--no-follow", "--since", str(since), "-o", "json")).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]

@@ -2,24 +2,11 @@
 lease runs out first), and nothing starts again by itself when the host comes back."""
 
 import asyncio
-import json
 import sys
 import time
 
-from conftest import running_copies
+from conftest import events_of, running_copies, until
 import lab as corral_lab
-
-
-async def _events(corral, since: int = 0) -> list[dict]:
-    out = (await corral("events", "--no-follow", "--since", str(since), "-o", "json")).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-async def _until(check, timeout: float):
-    async with asyncio.timeout(timeout):
-        while not (result := await check()):
-            await asyncio.sleep(0.1)
-    return result
 
 
 async def test_ha_needs_shared_storage_and_can_be_switched(corral, cleanup):
@@ -43,7 +30,7 @@ async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(
     await corral("ct", "create", "ha1", "-t", "busybox", "--storage", "shared", "--ha", "--node", "n3", "--start")
     await corral("ct", "create", "plain1", "-t", "busybox", "--node", "n3", "--start")
     await asyncio.sleep(1.5)  # a heartbeat tells n3's agent that ha1 is HA
-    since = max([e["seq"] for e in await _events(corral)] or [0])
+    since = max([e["seq"] for e in await events_of(corral)] or [0])
 
     await corral_lab.set_host_link(lab.name, "n3", up=False)
     try:
@@ -52,15 +39,15 @@ async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(
         async def ha1_gone():
             return "n3" not in await running_copies(lab, "ha1")
 
-        await _until(ha1_gone, 10)
+        await until(ha1_gone, 10)
         fenced_at = time.time()
         assert await running_copies(lab, "plain1") == ["n3"]  # not HA: a partition is not a death
 
         async def n3_fenced():
             return (await corral.json("node", "show", "n3"))["state"] == "fenced"
 
-        await _until(n3_fenced, 20)  # dead past its lease and margin, then the lab's fence powers it off
-        dead = [e for e in await _events(corral, since) if e.get("node") == "n3" and e["fields"]["state"] == "dead"]
+        await until(n3_fenced, 20)  # dead past its lease and margin, then the lab's fence powers it off
+        dead = [e for e in await events_of(corral, since) if e.get("node") == "n3" and e["fields"]["state"] == "dead"]
         assert dead and fenced_at < dead[0]["at"], (cut, fenced_at, dead)
     finally:
         await corral_lab.set_host_link(lab.name, "n3", up=True)
@@ -69,7 +56,7 @@ async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(
     async def n3_ready():
         return (await corral.json("node", "show", "n3"))["state"] == "ready"
 
-    await _until(n3_ready, 30)
+    await until(n3_ready, 30)
     await asyncio.sleep(2)  # a few heartbeats later: nothing came back by itself
     assert await running_copies(lab, "ha1") == []
     shown = await corral.json("ct", "show", "ha1")
@@ -99,7 +86,7 @@ async def test_a_dead_hosts_ha_container_fails_over_and_runs_once_throughout(cor
             async def n3_fenced():
                 return (await corral.json("node", "show", "n3"))["state"] == "fenced"
 
-            await _until(n3_fenced, 20)
+            await until(n3_fenced, 20)
             done = await corral("ct", "failover", "ha2")
             assert "failing ha2 over from n3 to" in done.stderr
             shown = await corral.json("ct", "show", "ha2")
@@ -112,12 +99,12 @@ async def test_a_dead_hosts_ha_container_fails_over_and_runs_once_throughout(cor
         async def stale_copy_gone():
             return not (lab.host("n3").lxc_path / "ha2").exists()
 
-        await _until(stale_copy_gone, 30)  # n3 came back: its stopped leftover is removed, never started
+        await until(stale_copy_gone, 30)  # n3 came back: its stopped leftover is removed, never started
         assert await running_copies(lab, "ha2") == [shown["node"]]
     finally:
         sampler.cancel()
     assert counts and max(counts) == 1, counts
-    events = [e["message"] for e in await _events(corral)]
+    events = [e["message"] for e in await events_of(corral)]
     assert any(m.startswith("failover of ha2 succeeded") for m in events)
     assert any(m.startswith("removed the stopped copy of ha2 left on n3") for m in events)
 
@@ -141,7 +128,7 @@ async def test_the_failover_daemon_moves_a_lost_hosts_ha_containers_and_only_one
 
     sampler = asyncio.create_task(sample())
     try:
-        since = max([e["seq"] for e in await _events(corral)] or [0])
+        since = max([e["seq"] for e in await events_of(corral)] or [0])
         await corral_lab.set_host_link(lab.name, "n2", up=False)
         cut = time.monotonic()
 
@@ -149,11 +136,11 @@ async def test_the_failover_daemon_moves_a_lost_hosts_ha_containers_and_only_one
             shown = [await corral.json("ct", "show", n) for n in ("ha3", "ha4")]
             return all(s["node"] != "n2" and s["state"] == "running" for s in shown)
 
-        await _until(both_moved, 30)
+        await until(both_moved, 30)
         took = time.monotonic() - cut
         print(f"host cut -> both HA containers running elsewhere: {took:.1f} s")
         assert took < 15, took  # dead at 7 s (lease 5 + margin 2), fenced, then the failover itself
-        started = [e for e in await _events(corral, since) if e["message"].startswith("failover of")
+        started = [e for e in await events_of(corral, since) if e["message"].startswith("failover of")
                    and e["message"].endswith("started")]  # fmt: skip
         assert sorted(e["container"] for e in started) == ["ha3", "ha4"]  # each once: one daemon acted
         assert started[0]["container"] == "ha3"  # higher priority first
@@ -188,7 +175,7 @@ async def test_a_host_whose_agent_died_is_fenced_before_its_ha_container_runs_el
         async def n1_fenced():
             return (await corral.json("node", "show", "n1"))["state"] == "fenced"
 
-        await _until(n1_fenced, 25)
+        await until(n1_fenced, 25)
         # It kept running while its host was only silent, then dead: nothing there could stop it.
         assert any(t - killed > 6.0 and copies == ["n1"] for t, copies in samples), samples
         assert await running_copies(lab, "ha5") == []  # the fence powered the host off

@@ -44,13 +44,13 @@ async def run_guard_until(lease, clock, until: float, step: float = 0.25):
 async def test_a_lease_that_runs_out_fences_the_ha_containers_once_and_early(tmp_path, fenced):
     clock = Clock()
     lease = lease_at(tmp_path, clock, fenced)
-    lease.renewed(sent_at=100.0, lease_seconds=5.0, ha=["db", "web"])
+    await lease.renewed(sent_at=100.0, lease_seconds=5.0, ha=["db", "web"])
     await run_guard_until(lease, clock, 103.5)
     assert fenced == []  # renewed lease still valid
     await run_guard_until(lease, clock, 110.0)
     assert len(fenced) == 1 and fenced[0][1] == ["db", "web"]
     assert fenced[0][0] <= 100.0 + 5.0 - MARGIN + 0.25  # given up before the controller's count ends
-    lease.renewed(sent_at=110.0, lease_seconds=5.0, ha=["db"])  # the controller answers again
+    await lease.renewed(sent_at=110.0, lease_seconds=5.0, ha=["db"])  # the controller answers again
     assert not lease.fenced
     await run_guard_until(lease, clock, 120.0)
     assert [names for _, names in fenced] == [["db", "web"], ["db"]]
@@ -59,7 +59,7 @@ async def test_a_lease_that_runs_out_fences_the_ha_containers_once_and_early(tmp
 async def test_a_restarted_agent_trusts_no_lease_it_has_lost(tmp_path, fenced):
     clock = Clock()
     lease = lease_at(tmp_path, clock, fenced)
-    lease.renewed(sent_at=100.0, lease_seconds=5.0, ha=["db"])
+    await lease.renewed(sent_at=100.0, lease_seconds=5.0, ha=["db"])
     clock.t = 200.0  # the agent was down well past its lease
     again = lease_at(tmp_path, clock, fenced)
     await run_guard_until(again, clock, 200.5)

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from conftest import running_copies
+from conftest import running_copies, until
 import lab as corral_lab
 from lab.readiness import wait_nodes_ready
 from corral.errors import Conflict, NotFound
@@ -123,13 +123,6 @@ async def _with_record_changed(lab, sql: str, *args, up=("n1", "n2", "n3")) -> N
     await wait_nodes_ready(lab.cli_config, list(up))
 
 
-async def wait_until(check, timeout: float = 30.0):
-    async with asyncio.timeout(timeout):
-        while not (result := await check()):
-            await asyncio.sleep(0.3)
-    return result
-
-
 async def test_a_container_in_doubt_is_started_by_nothing_until_the_operator_resolves_it(corral, cleanup, lab):
     cleanup.append("doubt1")
     await corral("ct", "create", "doubt1", "-t", "busybox", "--node", "n1")
@@ -179,6 +172,6 @@ async def test_doubt_settles_by_itself_once_the_node_in_question_answers(corral,
         shown = await corral.json("ct", "show", "doubt2")
         return shown if not shown.get("in_doubt") else None
 
-    shown = await wait_until(settled)
+    shown = await until(settled, interval=0.3)
     assert shown["node"] == "n1" and shown["state"] == "running"
     assert await running_copies(lab, "doubt2") == ["n1"]
