@@ -26,6 +26,7 @@ from corral.api.convert import (
     operation_to_pb,
 )
 from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
+from corral.compat import agent_compatibility, controller_version
 from corral.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from corral.names import validate_name
 from corral.v1 import controller_pb2 as cpb
@@ -84,10 +85,23 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         self.nodes = nodes
         self.heartbeat_interval = heartbeat_interval
         self.events = events or engine.events
+        self.version = controller_version()
+        self._refused: dict[str, str] = {}  # node -> why its agent was last refused (one event per reason)
 
     async def RegisterNode(self, request, context):
         facts = facts_from_pb(request.facts)
         _require_self(facts.name)
+        # Version skew: an agent of another major, newer than this controller, or more than
+        # one minor older is refused with the reason (it logs it and keeps trying).
+        compatible = agent_compatibility(facts.agent_version, self.version)
+        if not compatible:
+            why = f"node {facts.name} refused: {compatible.reason}"
+            if self._refused.get(facts.name) != why:
+                self._refused[facts.name] = why
+                self.events.emit("node-refused", why, node=facts.name, agent_version=facts.agent_version,
+                                 controller_version=self.version)  # fmt: skip
+            raise FailedPrecondition(why)
+        self._refused.pop(facts.name, None)
         await self.nodes.register(facts)
         ha = await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
         return cpb.RegisterNodeResponse(heartbeat_interval_seconds=self.heartbeat_interval,
