@@ -326,27 +326,41 @@ class ContainerManager:
         """Self-fencing (agent/lease.py): kill these containers and let go of their shared volumes,
         now. A request holding a container's lock gets 2 s to finish; then it is killed regardless."""
         for name in names:
-            lock = self._locks[name]
-            try:
-                async with asyncio.timeout(2):
-                    await lock.acquire()
-            except TimeoutError:
-                lock = None
-                log.warning("fencing a busy container without its lock", container=name)
-            try:
-                record = self.records.load(name)
-                if record is None:
-                    continue  # not here (any more)
+            async with self._urgently(name):
+                try:
+                    record = self.records.load(name)
+                    if record is None:
+                        continue  # not here (any more)
+                    await self.runtime.stop(name, force=True, timeout=0)
+                    driver = self.storages.get(record.storage)
+                    if driver is not None and driver.shared and driver.is_attached(name):
+                        await driver.detach(name)
+                    log.error("container fenced", container=name)
+                except Exception:
+                    log.exception("fencing a container failed", container=name)
+
+    async def kill(self, name: str) -> None:
+        """Kill a container whose volume this host lost (agent/storage/beacons.py), now."""
+        async with self._urgently(name):
+            if self.runtime.exists(name) and name in self.runtime.running_names():
                 await self.runtime.stop(name, force=True, timeout=0)
-                driver = self.storages.get(record.storage)
-                if driver is not None and driver.shared and driver.is_attached(name):
-                    await driver.detach(name)
-                log.error("container fenced", container=name)
-            except Exception:
-                log.exception("fencing a container failed", container=name)
-            finally:
-                if lock is not None:
-                    lock.release()
+                log.error("container killed: this host lost its volume", container=name)
+
+    @contextlib.asynccontextmanager
+    async def _urgently(self, name: str):
+        """The container's lock if a request holding it lets go within 2 s; else go on without it."""
+        lock = self._locks[name]
+        try:
+            async with asyncio.timeout(2):
+                await lock.acquire()
+        except TimeoutError:
+            log.warning("acting on a busy container without its lock", container=name)
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
 
     async def detach_volume(self, name: str) -> None:
         async with self._locks[name]:

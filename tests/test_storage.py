@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,33 @@ def fill(path, limit):
     except OSError as e:
         return {"written": written, "errno": e.errno}
 
+tasks = {}
+written = {"writes": 0, "errors": []}
+
+async def write_forever(path):
+    # Stands in for a container using its volume: appends a line every 20 ms.
+    while True:
+        try:
+            with open(path, "a") as f:
+                f.write("tick\n")
+            written["writes"] += 1
+        except OSError as e:
+            written["errors"].append(e.errno)
+        await asyncio.sleep(0.02)
+
+async def kill(container):
+    tasks.pop("writer").cancel()
+
 async def handle(cmd):
     op, name = cmd["op"], cmd.get("name")
+    if op == "watch":
+        tasks["watch"] = asyncio.create_task(driver.watch(kill))
+        return None
+    if op == "writer":
+        tasks["writer"] = asyncio.create_task(write_forever(driver.rootfs(name) / cmd["file"]))
+        return None
+    if op == "writer_status":
+        return {**written, "running": "writer" in tasks}
     if op == "create":
         return str(await driver.create_volume(name, cmd["size"]))
     if op == "attach":
@@ -282,6 +308,48 @@ async def test_attach_refused_while_held_or_stale(stg, hosts):
     assert await n1("sha256", "v-own", file="mark") == hashlib.sha256(b"n1 was here").hexdigest()
     assert owner_of(stg, "v-own") == ("n1", 2, True)
     await n1("destroy", "v-own")
+
+
+async def test_takeover_from_a_live_holder_waits_until_it_let_go(stg, hosts):
+    """The fence at the data (review H5): n1 holds the volume and a process writes to it; n2 is
+    told to take it over as if n1 had been fenced, though it was not. n1's re-check finds the
+    new owner, shuts its filesystem down (no flush of its stale view), stops the writer and
+    unmounts; n2 mounts only after n1's beacon shows that. The two never have it mounted at once."""
+    n1, n2 = hosts["n1"], hosts["n2"]
+    rootfs1, rootfs2 = n1.mount_root / "v-live" / "rootfs", n2.mount_root / "v-live" / "rootfs"
+    await n1("create", "v-live", size=64 * MiB)
+    await n1("write", "v-live", file="before", hex=b"n1 wrote this".hex())
+    await n1("watch")
+    await n1("writer", "v-live", file="ticks")
+    await asyncio.sleep(1.5)  # n1's beacon lists the volume
+
+    samples: list[tuple[int, int]] = []
+
+    async def sample() -> None:
+        while True:
+            samples.append((await mounted_on("n1", rootfs1), await mounted_on("n2", rootfs2)))
+            await asyncio.sleep(0.05)
+
+    sampler = asyncio.create_task(sample())
+    began = time.monotonic()
+    try:
+        await n2("attach", "v-live", generation=1, takeover_from="n1")
+    finally:
+        sampler.cancel()
+    took = time.monotonic() - began
+    assert samples and all(a + b <= 1 for a, b in samples), samples
+    assert (1, 0) in samples, "n1 had it mounted when the takeover began"
+    assert 0.2 < took < 5, f"took {took:.1f}s: n2 must wait for n1 to let go, and n1 re-checks every second"
+    status = await n1("writer_status")
+    assert not status["running"] and status["writes"] > 10
+    assert await mounted_on("n1", rootfs1) == 0 and await mounted_on("n2", rootfs2) == 1
+    assert await n2("sha256", "v-live", file="before") == hashlib.sha256(b"n1 wrote this").hexdigest()
+    assert owner_of(stg, "v-live") == ("n2", 1, True)
+
+    await n2("detach", "v-live")
+    fsck = await run(["e2fsck", "-fn", str(image_of(stg, "v-live"))], timeout=60, check=False)
+    assert fsck.returncode == 0, fsck.output
+    await n2("destroy", "v-live")
 
 
 async def test_racing_attaches_leave_exactly_one_owner(stg, hosts):

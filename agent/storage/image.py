@@ -3,13 +3,17 @@ loop-mounted on the host that owns it (the idea of OpenVZ's ploop).
 
     shared_dir/images/<name>.img     the filesystem, a sparse file of the volume's size
     shared_dir/images/<name>.owner   who holds it (ownership.py), JSON
+    shared_dir/hosts/<node>.beacon   each host's beacon: what it has mounted (beacons.py)
     mount_root/<name>/rootfs         where it is mounted on the owning host
 
 The size is real: writing past it fails with ENOSPC. Moving a container between
 hosts moves no bytes: one host detaches (unmount, release), the next attaches
 (take ownership, mount) the very same file. Every step that reads or changes
 ownership holds an flock on the image file, so hosts racing for a volume are
-serialised wherever they run.
+serialised wherever they run. A host re-checks the ownership of what it has
+mounted every second (`watch`) and lets go of what another host claimed; a
+takeover from a holder that never released the volume mounts only once the
+holder's beacon shows it let go, or stood still (beacons.py).
 
 Mounts are made in the agent's own mount namespace: on a real host that is the
 host's; in the lab each host has one pinned namespace (lab/hostns.py),
@@ -25,6 +29,7 @@ import asyncio
 import contextlib
 import os
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import structlog
 
@@ -35,19 +40,32 @@ from agent.storage.blockfs import (
     make_ext4,
     mount_ext4,
     remove_mount_dirs,
+    shutdown_ext4,
+    sync_ext4,
     unmount,
     used_bytes,
     volume_name,
     volume_size,
 )
+from agent.storage.beacons import GIVE_UP, INTERVAL, Beacons
 from agent.storage.ownership import MarkerFile, Ownership, check_attach, check_destroy, volume_lock
-from corral.errors import FailedPrecondition, NotFound, RuntimeFailure
+from corral.errors import (
+    CorralError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    RuntimeFailure,
+)
 from corral.proc import run
 
 log = structlog.get_logger("agent.storage.image")
 
 _LOSETUP_TIMEOUT = 30.0
 _AUTOCLEAR_SETTLE = 1.0  # how long a freed loop device may take to let go of its file
+_RECHECK_TIMEOUT = 5.0  # one read of an ownership record on the shared storage
+RELEASE_TIMEOUT = 30.0  # a takeover waits this long for a live holder to let go
+RELEASE_POLL = 0.2
 
 
 class ImageStorage:
@@ -59,6 +77,73 @@ class ImageStorage:
         self.images_dir = shared_dir / "images"
         self.mount_root = mount_root
         self.node = node
+        self.beacons = Beacons(shared_dir / "hosts", node)
+
+    # --- the fence at the data ----------------------------------------------------------
+
+    async def watch(self, kill: Callable[[str], Awaitable[None]]) -> None:
+        """For the agent's lifetime: every INTERVAL, re-check the ownership of each volume mounted
+        here and let go of those another host has claimed; then write this host's beacon (what it
+        still has mounted) and read the peers'. A host that cannot write its beacon for GIVE_UP
+        lets go of everything. `kill(container)` stops a container at once."""
+        while True:
+            unwritten = self.beacons.unwritten_for()
+            for name in self.mounted_here():
+                if unwritten >= GIVE_UP:
+                    await self.let_go(name, kill, f"this host could not write its beacon for {unwritten:.1f} s")
+                    continue
+                try:
+                    async with asyncio.timeout(_RECHECK_TIMEOUT):
+                        owner = await asyncio.to_thread(self.marker(name).read)
+                except (TimeoutError, CorralError) as e:
+                    log.warning("cannot re-check a volume's ownership", container=name, error=str(e) or "timed out")
+                    continue  # the beacon's GIVE_UP covers storage that stays unreachable
+                if owner is not None and owner.node != self.node:
+                    await self.let_go(name, kill, f"{owner.node} took it over at generation {owner.generation}")
+            await self.beacons.beat(self.mounted_here)
+            await self.beacons.observe()
+            await asyncio.sleep(INTERVAL)
+
+    def mounted_here(self) -> list[str]:
+        """The volumes of this driver mounted on this host."""
+        try:
+            names = [d.name for d in self.mount_root.iterdir()]
+        except FileNotFoundError:
+            return []
+        return [n for n in names if find_mount(self.mount_root / n / "rootfs") is not None
+                and self.image_path(n).exists()]  # fmt: skip
+
+    async def let_go(self, container: str, kill: Callable[[str], Awaitable[None]], why: str) -> None:
+        """Stop using a volume this host may no longer hold, leaving the ownership record to its
+        new owner. While this host's beacon is fresh the new owner is still waiting for it (it
+        mounts only once the beacon no longer lists the volume): the container is killed and its
+        last writes flushed, so that none is lost. Past GIVE_UP the new owner may already have it:
+        the filesystem is shut down first, writing nothing more (not even its journal)."""
+        rootfs = self.rootfs(container)
+        log.error("letting go of a volume this host no longer holds", container=container, node=self.node, why=why)
+        killed = flushed = False
+        if self.beacons.unwritten_for() < GIVE_UP:
+            killed = await self._kill(container, kill)
+            flushed = await sync_ext4(rootfs, within=GIVE_UP - self.beacons.unwritten_for())
+        if not flushed:
+            try:
+                await shutdown_ext4(rootfs)
+            except CorralError as e:
+                log.error("cannot shut the volume's filesystem down", container=container, error=e.message)
+        if not killed:
+            await self._kill(container, kill)
+        try:
+            await unmount(rootfs)
+        except CorralError as e:
+            log.error("cannot unmount a lost volume", container=container, error=e.message)
+
+    @staticmethod
+    async def _kill(container: str, kill: Callable[[str], Awaitable[None]]) -> bool:
+        try:
+            await kill(container)
+        except Exception:
+            log.exception("killing the container of a lost volume failed", container=container)
+        return True
 
     # --- where things are ------------------------------------------------------------
 
@@ -118,17 +203,58 @@ class ImageStorage:
         log.info("volume destroyed", container=container, node=self.node)
 
     async def attach(self, container: str, generation: int, *, takeover_from: str | None = None) -> Path:
-        image, marker, rootfs = self.image_path(container), self.marker(container), self.rootfs(container)
+        image, marker = self.image_path(container), self.marker(container)
         bound = log.bind(container=container, node=self.node, generation=generation)
-        async with volume_lock(image), contextlib.AsyncExitStack() as undo:
+        async with volume_lock(image):
             current = await asyncio.to_thread(marker.read)
             check_attach(container, current, self.node, generation, takeover_from)
+            holder = current.node if current is not None and current.attached and current.node != self.node else ""
+            if not holder:
+                return await self._mount_claimed(container, generation, current, bound)
+            # A takeover from a host that never released it: claim it now, so that the holder's
+            # re-check lets go of it, and mount only once the holder shows it did (beacons.py).
+            await asyncio.to_thread(marker.write, Ownership.now(self.node, generation, attached=True))
+            claimed_seen = self.beacons.latest(holder)
+        await self._await_release(container, holder, claimed_seen, bound)
+        async with volume_lock(image):
+            now = await asyncio.to_thread(marker.read)
+            if now is None or (now.node, now.generation) != (self.node, generation):
+                raise PermissionDenied(f"volume {container} was claimed by {now.node if now else 'nobody'} while "
+                                       f"{holder} was letting go of it; generation {generation} is not ours any more")
+            return await self._mount_claimed(container, generation, current, bound)
+
+    async def _await_release(self, container: str, holder: str, claimed_seen, bound) -> None:
+        """Wait until `holder` shows, in a beacon written after our claim, that it has `container`
+        unmounted, or its beacon stood still for GONE_AFTER (it is off, or has lost the storage)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELEASE_TIMEOUT
+        while True:
+            await self.beacons.observe()
+            latest = self.beacons.latest(holder)
+            if latest is not None and latest != claimed_seen and container not in latest.mounted:
+                bound.info("previous holder let go of the volume", holder=holder)
+                return
+            if self.beacons.gone(holder):
+                bound.warning("previous holder's beacon stood still: it uses the storage no more", holder=holder,
+                              silent_for=round(self.beacons.silent_for(holder), 1))  # fmt: skip
+                return
+            if loop.time() > deadline:
+                raise DeadlineExceeded(
+                    f"{holder} still has volume {container} mounted: its beacon on the shared storage moves, yet it "
+                    f"did not let go within {RELEASE_TIMEOUT:g} s. Is its agent stuck? Fence {holder} first")
+            await asyncio.sleep(RELEASE_POLL)
+
+    async def _mount_claimed(self, container: str, generation: int, current: Ownership | None, bound) -> Path:
+        """attach's work under the volume's lock; `current`: the ownership before this attach."""
+        image, marker, rootfs = self.image_path(container), self.marker(container), self.rootfs(container)
+        async with contextlib.AsyncExitStack() as undo:
             claimed = Ownership.now(self.node, generation, attached=True)
             mounted = find_mount(rootfs)
             if mounted is not None and current is not None and current.node != self.node:
                 # A mount left from before another host held the volume: its cached view
-                # of the filesystem is stale. Drop it and mount afresh.
+                # of the filesystem is stale. Drop it, writing nothing, and mount afresh.
                 bound.warning("dropping a stale mount", holder=current.node)
+                await shutdown_ext4(rootfs)
                 await self._unmount(image, rootfs)
                 mounted = None
             if mounted is not None:
@@ -148,8 +274,8 @@ class ImageStorage:
                 await check_ext4(image)
             await self._mount(image, rootfs)
             undo.pop_all()
-        if takeover_from and current is not None and current.attached and current.node == takeover_from:
-            bound.warning("volume taken over", from_node=takeover_from, from_generation=current.generation)
+        if current is not None and current.attached and current.node != self.node:
+            bound.warning("volume taken over", from_node=current.node, from_generation=current.generation)
         bound.info("volume attached")
         return rootfs
 
@@ -164,10 +290,11 @@ class ImageStorage:
                     await asyncio.to_thread(_fsync_file, image)  # everything on shared storage before release
                     if current is not None and current.attached:
                         await asyncio.to_thread(marker.write, Ownership.now(self.node, current.generation, False))
-                else:
-                    # Another host owns it now (taken over while we were cut off): just let go of it here.
-                    if find_mount(rootfs) is not None:
-                        await unmount(rootfs)
+                elif find_mount(rootfs) is not None:
+                    # Another host owns it now (taken over while we were cut off): our view of it is
+                    # stale, so let go of it here writing nothing more to it.
+                    await shutdown_ext4(rootfs)
+                    await unmount(rootfs)
         except NotFound:
             if find_mount(rootfs) is not None:
                 await unmount(rootfs)
