@@ -19,6 +19,20 @@ from corral.model import NodeFacts
 
 log = structlog.get_logger("corral.agent")
 
+# For testing version skew only: the agent announces this version instead of its own (the
+# lab's start_agent(..., announce_version=V) sets it). Never set it on a real host.
+VERSION_OVERRIDE_ENV = "CORRAL_TEST_ANNOUNCE_AGENT_VERSION"
+
+
+def announced_version() -> str:
+    """The version this agent announces to the controller: its own, unless overridden for a test."""
+    override = os.environ.get(VERSION_OVERRIDE_ENV)
+    if override is None:
+        return __version__
+    log.warning("announcing an overridden agent version (testing version skew)", announced=override,
+                actual=__version__, variable=VERSION_OVERRIDE_ENV)  # fmt: skip
+    return override
+
 IMPLEMENTED_STRATEGIES = (STOP_AND_COPY, PRE_COPY, POST_COPY)
 # What each storage driver needs besides the agent itself.
 STORAGE_CAPABILITY = {"image": programs.STORAGE_IMAGE, "lvm": programs.STORAGE_LVM}
@@ -94,7 +108,7 @@ class HostFacts:
             live_unavailable=unavailable,
             unavailable={**missing, **self._known_unavailable},
             storage_drivers=drivers,
-            agent_version=__version__,
+            agent_version=announced_version(),
         )
         if self._base.unavailable:
             log.warning("capabilities unavailable on this host", unavailable=self._base.unavailable)

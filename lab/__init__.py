@@ -6,7 +6,9 @@ Public API (all async unless noted):
     lab_status(name="demo", base_dir=None) -> LabInfo | None
     lab_cli_config(name, base_dir=None) -> Path           (sync)
     start_agent / stop_agent / kill_agent / restart_agent(name, node, base_dir=None)
+        start_agent(..., announce_version=V): the agent announces version V (version skew)
     kill_controller / start_controller(name, base_dir=None)   a controller crash and restart
+    set_fencing(name, enabled, base_dir=None)             the controller with / without the lab's fence command
     crash_host(name, node, base_dir=None)                 = power_off (kept for older callers)
     set_host_link(name, node, up, base_dir=None)          partition / heal a host
     partition / heal(name, node, base_dir=None)           its link to the lab bridge down / up
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
         start_agent,
         stop_agent,
     )
-    from lab.controller import kill_controller, start_controller
+    from lab.controller import kill_controller, set_fencing, start_controller
     from lab.faults import FenceFailed, PowerOffReport, fence_command, heal, partition, power_off, power_on
     from lab.lab import lab_cli_config, lab_down, lab_status, lab_up
     from lab.state import HostInfo, LabInfo
@@ -52,6 +54,7 @@ _EXPORTS = {
     "host_command": "lab.hosts",
     "kill_controller": "lab.controller",
     "start_controller": "lab.controller",
+    "set_fencing": "lab.controller",
     "partition": "lab.faults",
     "heal": "lab.faults",
     "power_off": "lab.faults",
@@ -82,6 +85,7 @@ __all__ = [
     "power_off",
     "power_on",
     "restart_agent",
+    "set_fencing",
     "set_host_link",
     "start_agent",
     "start_controller",

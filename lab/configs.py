@@ -14,13 +14,15 @@ HEARTBEAT_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 1.0
 
 
-def controller_config(paths: LabPaths, net: Addressing, name: str) -> dict[str, Any]:
+def controller_config(paths: LabPaths, net: Addressing, name: str, *, fence: bool = True) -> dict[str, Any]:
+    """`fence`: configure the lab's fence command (like a fleet with IPMI); without it the
+    controller has no way to prove a silent host off, as a fleet without IPMI."""
     from lab.faults import fence_command
 
     pki = paths.pki_dir
     return {
         # Like a fleet with IPMI: a dead lab host is powered off (everything in it killed).
-        "fence_command": fence_command(name, paths.base_dir),
+        **({"fence_command": fence_command(name, paths.base_dir)} if fence else {}),
         "listen": [net.controller_address],
         "store": {"backend": "sqlite", "path": str(paths.controller_db)},
         "tls": {

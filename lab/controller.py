@@ -8,8 +8,8 @@ from pathlib import Path
 import structlog
 
 from corral.errors import FailedPrecondition, NotFound
-from lab import processes
-from lab.layout import LabPaths, resolve_base_dir
+from lab import configs, processes, readiness
+from lab.layout import Addressing, LabPaths, resolve_base_dir
 from lab.state import LabState, state_lock
 
 log = structlog.get_logger("lab")
@@ -50,3 +50,28 @@ async def start_controller(name: str, base_dir: Path | None = None) -> int:
         state.save(paths.state_file)
     log.info("controller started", lab=name, pid=state.controller_pid)
     return state.controller_pid
+
+
+async def set_fencing(name: str, enabled: bool, base_dir: Path | None = None, *,
+                      timeout: float = readiness.READY_TIMEOUT) -> None:  # fmt: skip
+    """Configure the lab's fence command in its controller (`enabled`) or none (a fleet
+    without IPMI: a dead host cannot be proven off), restart the controller on its state
+    and wait until every host is ready again. Restarting a controller is a fault of its
+    own: do it while nothing is in the middle of a failover."""
+    base, paths, state = _load(name, base_dir)
+    config = configs.controller_config(paths, Addressing(state.octet), name, fence=enabled)
+    async with state_lock(base):
+        state = LabState.load(paths.state_file)
+        await processes.stop(state.controller_pid, str(base))
+        configs.write_yaml(paths.controller_config, config)
+        state.controller_pid = await spawn_controller(paths)
+        state.save(paths.state_file)
+    log.info("controller restarted", lab=name, pid=state.controller_pid, fence_command=enabled)
+    pid = state.controller_pid
+
+    def check_alive() -> str | None:
+        alive = processes.is_running(pid, str(base))
+        return None if alive else f"the controller of lab {name} exited during start-up; read {paths.controller_log}"
+
+    await readiness.wait_nodes_ready(paths.cli_config, [h.node for h in state.hosts], env=processes.daemon_env(),
+                                     timeout=timeout, check_alive=check_alive)  # fmt: skip

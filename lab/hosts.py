@@ -39,13 +39,22 @@ def enter_prefix(name: str, paths: LabPaths, index: int) -> list[str]:
     return host_argv(namespace, [])
 
 
-async def spawn_agent(name: str, paths: LabPaths, host: HostState, search_path: str | None = None) -> int:
-    """`search_path`: the agent's PATH instead of ours (a host where some programs are missing)."""
+async def spawn_agent(name: str, paths: LabPaths, host: HostState, search_path: str | None = None,
+                      announce_version: str | None = None) -> int:  # fmt: skip
+    """`search_path`: the agent's PATH instead of ours (a host where some programs are missing).
+    `announce_version`: the agent version it announces instead of its own (version skew)."""
+    from agent.host_facts import VERSION_OVERRIDE_ENV
+
     if host.namespace is None:
         raise FailedPrecondition(f"lab host {host.node} has no network namespace")
     hp = paths.host(host.index)
     argv = [*enter_prefix(name, paths, host.index), sys.executable, "-m", "agent.main", "--config", hp.config]
-    env = {**processes.daemon_env(), "PATH": search_path} if search_path else None
+    env = processes.daemon_env()
+    env.pop(VERSION_OVERRIDE_ENV, None)  # never inherited: only the host it is asked for announces another
+    if search_path:
+        env["PATH"] = search_path
+    if announce_version is not None:
+        env[VERSION_OVERRIDE_ENV] = announce_version
     return await processes.spawn_detached(argv, log_file=hp.log_file, cwd=hp.dir, env=env)
 
 
@@ -61,15 +70,17 @@ async def kill_host_processes(namespaces: set[str], pins: list[Path]) -> None:
         await asyncio.gather(*(processes.kill_any(pid) for pid in pids))
 
 
-async def start_agent(name: str, node: str, base_dir: Path | None = None, *, search_path: str | None = None) -> int:
+async def start_agent(name: str, node: str, base_dir: Path | None = None, *, search_path: str | None = None,
+                      announce_version: str | None = None) -> int:  # fmt: skip
     """Start the agent of `node` (it must not be running); returns its PID. `search_path`:
-    its PATH, to play a host where some programs are not installed."""
+    its PATH, to play a host where some programs are not installed; `announce_version`: the
+    agent version it tells the controller instead of its own, to play version skew."""
     base, paths = _paths(name, base_dir)
     async with state_lock(base):
         state, host = _load_host(name, paths, node)
         if processes.is_running(host.agent_pid, str(base)):
             raise FailedPrecondition(f"agent {node} of lab {name} is already running (pid {host.agent_pid})")
-        host.agent_pid = await spawn_agent(name, paths, host, search_path)
+        host.agent_pid = await spawn_agent(name, paths, host, search_path, announce_version)
         state.save(paths.state_file)
     log.info("agent started", lab=name, node=node, pid=host.agent_pid)
     return host.agent_pid
