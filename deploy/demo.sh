@@ -1,7 +1,7 @@
 #!/bin/bash
 # The demo: a 3-host lab on this machine, a few containers placed across it,
-# a command run in one, live, post-copy and cold migrations, and the fleet
-# listed. The lab stays up afterwards. Any failed step stops the demo with a
+# a command run in one, live, post-copy and cold migrations, an HA container
+# failed over when its host loses power, and the fleet listed. The lab stays up afterwards. Any failed step stops the demo with a
 # non-zero exit (CI runs it end to end: .ci/run). CORRAL_DEMO_LAB names the lab
 # (default demo).
 set -euo pipefail
@@ -36,6 +36,30 @@ step ct migrate db1 --to n2 --live --postcopy
 # Cold: stop, copy what changed since the passes made while it ran, start.
 step ct migrate web2 --to n1
 step ops ls
+# Failover: an HA container on shared storage, the failover daemon watching; its host
+# loses power. The controller counts the host dead once its lease (and a margin) ran out,
+# the lab's fence command proves it off, then the daemon asks for the failover.
+step ct create ha1 --template busybox --storage image --ha --node n2 --start
+failoverd_log=$(mktemp /tmp/corral-demo-failoverd.XXXXXX.log)
+"$PWD/.venv/bin/corral-failoverd" --config "$("$PWD/.venv/bin/python" -c 'import lab, sys; print(lab.lab_cli_config(sys.argv[1]))' "$LAB")" \
+    >"$failoverd_log" 2>&1 &
+failoverd_pid=$!
+trap 'kill "$failoverd_pid" 2>/dev/null || true' EXIT
+since=$("$CORRAL" events --no-follow -o json | python3 -c 'import json,sys; print(max([json.loads(l)["seq"] for l in sys.stdin if l.strip()] or [0]))')
+sleep 2  # a heartbeat tells n2's agent that ha1 is HA
+step lab kill n2 --name "$LAB"
+for _ in $(seq 60); do  # at most 30 s
+    "$CORRAL" ct show ha1 -o json | python3 -c 'import json,sys; c=json.load(sys.stdin); sys.exit(c["node"] == "n2" or c["state"] != "running")' && break
+    sleep 0.5
+done
+step events --no-follow --since "$since"
+step ct show ha1
+"$CORRAL" ct show ha1 -o json | python3 -c 'import json,sys; c=json.load(sys.stdin); sys.exit(c["node"] == "n2" or c["state"] != "running")' \
+    || { echo "demo: ha1 did not fail over (failoverd's log: $failoverd_log)" >&2; exit 1; }
+step lab start n2 --wait --name "$LAB"
+kill "$failoverd_pid" && wait "$failoverd_pid" 2>/dev/null || true
+trap - EXIT
+rm -f "$failoverd_log"
 step ct ls
 cat <<MSG
 
