@@ -58,6 +58,11 @@ class ContainerManager:
         self.template_cache = template_cache
         self.cgroups = cgroups
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # What this agent last did to each container: started it or found it running (True), or
+        # stopped, killed or dumped it (False). One it started that is stopped now stopped unasked;
+        # one it knows nothing of (stopped before this agent started: a power cut, a fence) is
+        # left alone, since a host coming back restarts nothing by itself.
+        self._intent: dict[str, bool] = {}
         self._removing: set[asyncio.Task] = set()  # volumes of destroyed containers being removed
 
     # -- queries ---------------------------------------------------------
@@ -174,11 +179,26 @@ class ContainerManager:
                 status = await self.runtime.start(name)
                 took = round((time.perf_counter() - began) * 1000, 1)
                 log.info("container started", container=name, pid=status.init_pid, ms=took)
+            self._intent[name] = True
             return self._container(record, status.state, status.init_pid)
+
+    def intend(self, name: str, running: bool) -> None:
+        """Note what this agent is doing to a container outside start/stop (a checkpoint, a restore)."""
+        self._intent[name] = running
+
+    async def stopped_unasked(self, name: str) -> bool:
+        """Stopped, though this agent started it (or found it running) and did nothing since that
+        stops it, and no request is acting on it."""
+        if not self._intent.get(name) or self._locks[name].locked():
+            return False
+        if self.records.load(name) is None or not self.runtime.exists(name):
+            return False
+        return name not in self.runtime.running_names()
 
     async def stop(self, name: str, *, force: bool, timeout: int) -> Container:
         async with self._locks[name]:
             record = self._record(name)
+            self._intent[name] = False
             await self.runtime.stop(name, force=force, timeout=timeout or DEFAULT_STOP_TIMEOUT)
             log.info("container stopped", container=name, force=force)
             return self._container(record, ContainerState.STOPPED, 0)
@@ -331,6 +351,7 @@ class ContainerManager:
                     record = self.records.load(name)
                     if record is None:
                         continue  # not here (any more)
+                    self._intent[name] = False
                     await self.runtime.stop(name, force=True, timeout=0)
                     driver = self.storages.get(record.storage)
                     if driver is not None and driver.shared and driver.is_attached(name):
@@ -342,6 +363,7 @@ class ContainerManager:
     async def kill(self, name: str) -> None:
         """Kill a container whose volume this host lost (agent/storage/beacons.py), now."""
         async with self._urgently(name):
+            self._intent[name] = False
             if self.runtime.exists(name) and name in self.runtime.running_names():
                 await self.runtime.stop(name, force=True, timeout=0)
                 log.error("container killed: this host lost its volume", container=name)
@@ -398,6 +420,9 @@ class ContainerManager:
             log.warning("record without an LXC container dropped", container=name)
             self.records.delete(name)
         containers = await self.list()
+        for ct in containers:
+            if ct.state == ContainerState.RUNNING:
+                self._intent[ct.name] = True
         log.info("reconciled", running=sum(c.state == ContainerState.RUNNING for c in containers), total=len(containers))
         return containers
 

@@ -105,11 +105,16 @@ async def serve(config: AgentConfig) -> None:
         beat = tg.create_task(membership.run())
         guard = tg.create_task(lease.guard())
         sweeper = tg.create_task(migrations.run_sweeper())
+        # The fence at the data: re-check what is mounted here, beacons (agent/storage/beacons.py).
+        image = storages.get("image")
+        watchers = [tg.create_task(image.watch(containers.kill))] if isinstance(image, ImageStorage) else []
         await stop.wait()
         log.info("agent stopping; containers keep running")
         beat.cancel()
         guard.cancel()
         sweeper.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         await server.stop(grace=2)
         await migrations.close()
         await transfer.close()

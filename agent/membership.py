@@ -8,10 +8,12 @@ except the HA ones once the lease each acknowledged heartbeat renews has run out
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import structlog
 
 from agent.containers import ContainerManager
+from agent.ha_restart import LocalRestarts
 from agent.host_facts import HostFacts
 from agent.lease import Lease
 from corral.api.client import call
@@ -40,6 +42,7 @@ class Membership:
         self.containers = containers
         self.interval = interval
         self.registered = asyncio.Event()
+        self.restarts = LocalRestarts(containers, lease)
 
     async def run(self) -> None:
         channel = secure_channel(self.controller, self.tls, server_name="controller", role="controller")
@@ -67,7 +70,8 @@ class Membership:
             await channel.close()
 
     async def _snapshot(self):
-        return facts_to_pb(self.facts.current()), [container_to_pb(c) for c in await self.containers.list()]
+        containers = [replace(c, ha_restarts=self.restarts.count(c.name)) for c in await self.containers.list()]
+        return facts_to_pb(self.facts.current()), [container_to_pb(c) for c in containers]
 
     async def _register(self, stub) -> None:
         facts, containers = await self._snapshot()
@@ -103,3 +107,5 @@ class Membership:
                 return
             if self.lease:
                 await self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))
+            await self.restarts.tend(list(reply.ha_keep_running), reply.ha_max_restart,
+                                     reply.ha_restart_window_seconds)  # fmt: skip

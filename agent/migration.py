@@ -207,6 +207,7 @@ class Migrations:
         async def work():
             async with self.containers.lock(name):
                 result = await self.checkpointer.restore(name, images)
+                self.containers.intend(name, True)
                 log.info("restored", op=op_id, container=name, local=local, ms=round(result.wall_ms, 1))
                 if local:  # a rolled-back source runs again: its dumps are stale now
                     await self._forget_dumps(op_id)
@@ -233,6 +234,7 @@ class Migrations:
         async def work():
             async with self.containers.lock(name):
                 lazy = await self.checkpointer.start_lazy_restore(name, images, server, timeout=PAGES_DEADLINE)
+                self.containers.intend(name, True)
                 running = await lazy.running()
                 total = await asyncio.to_thread(lazy_bytes, images)
                 pid = running.init_pid
@@ -382,6 +384,7 @@ class Migrations:
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
                 await self._note_container(op_id, name)
+                self.containers.intend(name, False)  # the dump stops it: not a crash
                 dumping = self.checkpointer.dump(name, images, stop=True, parent=parent)
                 result, sent = await self._dump_and_send(op_id, name, images, dumping, send)
                 log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
@@ -444,6 +447,7 @@ class Migrations:
                 one_time = await asyncio.to_thread(pki.one_time_tls, host, ONE_TIME_TLS_VALIDITY, f"pages of {op_id}")
                 server_files = await asyncio.to_thread(_write_server_tls, one_time, self._page_server_tls_dir(op_id))
                 server = PageServer(host, await asyncio.to_thread(_free_port, host), server_files)
+                self.containers.intend(name, False)  # the dump stops it: not a crash
                 lazy = await self.checkpointer.start_lazy_dump(name, images, server, timeout=PAGES_DEADLINE,
                                                                keep_source=True)  # fmt: skip
 
@@ -478,6 +482,7 @@ class Migrations:
             await asyncio.to_thread(shutil.rmtree, aside)
         await asyncio.to_thread(images.rename, aside)  # the failed dump's logs say what went wrong
         async with self.containers.lock(name):
+            self.containers.intend(name, False)  # the dump stops it: not a crash
             result = await self.checkpointer.dump(name, images, stop=True, resume_on_failure=False,
                                                   timeout=KEEP_TIMEOUT)  # fmt: skip
         mark = {"op": op_id, "container": name, "kept_at": time.time(), "images_bytes": result.images_bytes,
@@ -520,6 +525,7 @@ class Migrations:
                 raise FailedPrecondition(f"{name!r} cannot resume here: no complete checkpoint at {images}")
             async with self.containers.lock(name):
                 result = await self.checkpointer.restore(name, images)
+                self.containers.intend(name, True)
                 # Its network namespace was saved with the failed dump's lock in it.
                 await self.checkpointer.unlock_network(name)
             log.info("post-copy source restored from its kept checkpoint", op=op_id, container=name,

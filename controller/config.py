@@ -9,6 +9,7 @@ from pathlib import Path
 from controller.health.liveness import HealthPolicy
 from controller.network.ipam import AddressPool
 from controller.scheduler.placement import PlacementPolicy
+from controller.scheduler.recovery import RecoveryPolicy
 from corral.config import TlsFiles, load_document, parse_address
 from corral.log import parse_level
 
@@ -28,6 +29,7 @@ class ControllerConfig:
     lease_margin: float  # after the lease, before a node is dead (clock drift, scheduling)
     fence_command: tuple[str, ...]  # argv with {node}; run for a dead node, must exit 0 (() = none)
     fence_timeout: float
+    recovery: RecoveryPolicy  # HA containers that stop unasked: restarts, relocations
     addresses: AddressPool
     placement: PlacementPolicy
     log_level: str
@@ -36,7 +38,8 @@ class ControllerConfig:
     def load(cls, path: Path) -> "ControllerConfig":
         doc = load_document(path)
         doc.check_keys({"listen", "store", "tls", "heartbeat_timeout", "heartbeat_interval", "lease", "lease_margin",
-                        "fence_command", "fence_timeout", "network", "placement", "log_level"})
+                        "fence_command", "fence_timeout", "ha_max_restart", "ha_max_relocate", "ha_restart_window",
+                        "network", "placement", "log_level"})  # fmt: skip
         listen = doc.get("listen", list)
         if not listen:
             raise doc.error("listen", "give at least one HOST:PORT to listen on")
@@ -79,6 +82,11 @@ class ControllerConfig:
         fence_timeout = doc.get("fence_timeout", float, 60.0, parse=_finite)
         if not 0 < fence_timeout <= 3600:
             raise doc.error("fence_timeout", "must be between 0 and 3600 seconds")
+        recovery = RecoveryPolicy(
+            max_restart=doc.get("ha_max_restart", int, 1, parse=_count),
+            max_relocate=doc.get("ha_max_relocate", int, 1, parse=_count),
+            restart_window=doc.get("ha_restart_window", float, 600.0, parse=_window),
+        )
         placement = doc.section("placement", required=False)
         policy = PlacementPolicy()
         if placement is not None:
@@ -98,6 +106,7 @@ class ControllerConfig:
             lease_margin=margin,
             fence_command=tuple(fence),
             fence_timeout=fence_timeout,
+            recovery=recovery,
             addresses=addresses,
             placement=policy,
             log_level=doc.get("log_level", str, "info", parse=parse_level),
@@ -107,6 +116,18 @@ class ControllerConfig:
 def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+def _count(value: int) -> int:
+    if not 0 <= value <= 100:
+        raise ValueError(f"must be between 0 and 100, got {value}")
+    return value
+
+
+def _window(value: float) -> float:
+    if not math.isfinite(value) or not 0 < value <= 86400:
+        raise ValueError(f"must be between 0 and 86400 seconds, got {value}")
     return value
 
 

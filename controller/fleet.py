@@ -31,6 +31,7 @@ from controller.operations.reach import Reach
 from controller.operations.steps import OpKind
 from controller.scheduler.failover import plan_failover
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
+from controller.scheduler.recovery import RecoveryKind, RecoveryPolicy, keeps_running, recovery_for
 from controller.store.base import Store
 from controller.vocabulary import STORAGE_NAMES, TEMPLATES, storage_driver
 from corral.errors import (
@@ -75,6 +76,14 @@ class HaSettings:
 
 
 @dataclass(frozen=True)
+class NodeOrders:
+    """What a node's agent learns of its HA containers with each heartbeat's reply."""
+
+    ha: list[str]  # killed if its lease runs out
+    keep_running: list[str]  # started again if they stop unasked (controller/scheduler/recovery.py)
+
+
+@dataclass(frozen=True)
 class Resolution:
     """What `ct resolve` does: keep the copy on `keep`, stop and remove those on `remove`."""
 
@@ -93,6 +102,7 @@ class Fleet:
         addresses: AddressPool,
         engine: Engine,
         policy: PlacementPolicy = PlacementPolicy(),
+        recovery: RecoveryPolicy = RecoveryPolicy(),
     ) -> None:
         self.store = store
         self.nodes = nodes
@@ -102,6 +112,9 @@ class Fleet:
         self.reach = Reach(nodes, agents)  # any registered node's agent, whatever its heartbeats say
         self.locks: ContainerLocks = engine.locks
         self.policy = policy
+        self.recovery = recovery
+        self._recovering: set[str] = set()  # HA containers being relocated
+        self._restarts: dict[str, int] = {}  # HA container -> restarts its host reports making lately
         # Placement and address choice read then write: one at a time.
         self._placement_lock = asyncio.Lock()
         self._settling: set[str] = set()
@@ -160,6 +173,8 @@ class Fleet:
             )
 
     def _observed(self, ct: Container) -> Container:
+        if ct.name in self._restarts:
+            ct = replace(ct, ha_restarts=self._restarts[ct.name])
         op = self.engine.active_for(ct.name)
         if op is not None and op.kind in _PHASE_OF:
             return replace(ct, state=_PHASE_OF[OpKind(op.kind)])
@@ -231,11 +246,15 @@ class Fleet:
         # Containers hosts report that the fleet has no record of keep theirs (a rebuilt controller).
         return used + [net.ipv4 for _, _, net in await self.store.list_unmanaged()]
 
-    async def start(self, name: str) -> Container:
+    async def start(self, name: str, *, operator: bool = True) -> Container:
+        """`operator`: the operator's start, a fresh go for an HA container (not a relocation's)."""
         validate_name(name)
         with self.locks.hold(name, "a start"):
             record = await self._record(name)
             self._refuse_in_doubt(record, "start")
+            if operator and (record.ha_failed or record.ha_relocations):
+                # The operator's start is a fresh go: its restarts and relocations count from zero.
+                record = await self.store.update_container(replace(record, ha_failed="", ha_relocations=0))
             record = await self._want(record, DesiredState.RUNNING)
             agent = self._agent_for(record.node)
             if record.storage in _SHARED_STORAGES:
@@ -501,9 +520,9 @@ class Fleet:
 
     # -- reports from agents ---------------------------------------------------
 
-    async def observe(self, node: str, reported: list[Container]) -> list[str]:
+    async def observe(self, node: str, reported: list[Container]) -> NodeOrders:
         """Fold a node's report of its containers into the observed state (never the desired);
-        returns the HA containers the fleet places on that node (for its lease)."""
+        returns what that node's agent is to know of its HA containers (for its lease)."""
         records = {c.name: c for c in await self.store.list_containers(node)}
         known_unmanaged = {name for n, name, _ in await self.store.list_unmanaged() if n == node}
         now = time.time()
@@ -525,9 +544,69 @@ class Fleet:
                 continue  # another node's record, or a request is acting on it (it writes what it saw)
             if record.state != ct.state or record.init_pid != ct.init_pid:
                 await self.store.observe_container(ct.name, node, ct.state, ct.init_pid, now)
+            if ct.ha_restarts:
+                self._restarts[ct.name] = ct.ha_restarts
+            else:
+                self._restarts.pop(ct.name, None)
+            self._recover(record, ct)
         for gone in known_unmanaged - {ct.name for ct in reported}:
             await self.store.forget_unmanaged(node, gone)
-        return sorted(name for name, record in records.items() if record.ha)
+        return NodeOrders(
+            ha=sorted(name for name, record in records.items() if record.ha),
+            keep_running=sorted(name for name, record in records.items()
+                                if keeps_running(record) and self.locks.holder(name) is None),
+        )  # fmt: skip
+
+    def _recover(self, record: Container, reported: Container) -> None:
+        """An HA container its host gave up restarting: moved to another node, or failed."""
+        decision = recovery_for(record, reported, self.recovery)
+        if decision.kind == RecoveryKind.NOTHING or record.name in self._recovering:
+            return
+        self._recovering.add(record.name)
+
+        async def recover() -> None:
+            try:
+                if decision.kind == RecoveryKind.RELOCATE:
+                    await self._relocate(record.name, decision.reason)
+                else:
+                    await self._mark_failed(record.name, decision.reason)
+            except CorralError as exc:
+                log.warning("recovering an HA container failed", container=record.name, error=exc.message)
+                self.engine.events.emit("ha-recovery-failed", f"recovering {record.name} failed: {exc.message}",
+                                        container=record.name)  # fmt: skip
+            finally:
+                self._recovering.discard(record.name)
+
+        task = asyncio.create_task(recover())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _relocate(self, name: str, why: str) -> None:
+        """Move a stopped HA container to another ready node (a cold migration: its shared volume
+        changes hands) and start it there; the relocation is counted before it begins."""
+        record = await self._record(name)
+        others = [c for c in await self.store.list_containers() if c.node != record.node]
+        choice = plan_failover([record], await self.list_nodes(), others, self.policy)[0]
+        if choice.target is None:
+            await self._mark_failed(name, f"{why}; no node can take it: {choice.reason}")
+            return
+        await self.store.update_container(replace(record, ha_relocations=record.ha_relocations + 1))
+        self.engine.events.emit("ha-relocate", f"relocating {name} from {record.node} to {choice.target}: {why} "
+                                f"({choice.reason})", container=name, node=record.node, target=choice.target)  # fmt: skip
+        op = await self.migrate(name, choice.target, live=False, postcopy=False, fallback_cold=False)
+        op = await self.engine.wait(op.id)
+        if op.state != OpState.SUCCEEDED:
+            raise FailedPrecondition(f"its move to {choice.target} did not succeed ({op.state.value}: {op.error})")
+        await self.start(name, operator=False)
+
+    async def _mark_failed(self, name: str, why: str) -> None:
+        with self.locks.hold(name, "marking it failed"):
+            record = await self._record(name)
+            if not keeps_running(record):
+                return
+            await self.store.update_container(replace(record, ha_failed=why))
+        log.error("HA container failed: it waits for the operator", container=name, why=why)
+        self.engine.events.emit("ha-failed", f"{name} failed: {why}", container=name, node=record.node)
 
     async def _stale_copy(self, node: str, record: Container, copy: Container) -> None:
         """A node reports a copy of a shared-storage container that lives elsewhere (it was failed

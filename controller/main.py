@@ -37,7 +37,7 @@ async def serve(config: ControllerConfig) -> None:
     await nodes.load()
     agents = AgentPool(config.tls)
     engine = Engine(store, operation_plans(store, nodes, agents), events=events)
-    fleet = Fleet(store, nodes, agents, config.addresses, engine, config.placement)
+    fleet = Fleet(store, nodes, agents, config.addresses, engine, config.placement, config.recovery)
 
     server = make_server(controller_policy)
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(

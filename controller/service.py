@@ -103,17 +103,20 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             raise FailedPrecondition(why)
         self._refused.pop(facts.name, None)
         await self.nodes.register(facts)
-        ha = await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
+        orders = await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
         return cpb.RegisterNodeResponse(heartbeat_interval_seconds=self.heartbeat_interval,
-                                        lease_seconds=self.nodes.policy.lease, ha_containers=ha)  # fmt: skip
+                                        lease_seconds=self.nodes.policy.lease, ha_containers=orders.ha)  # fmt: skip
 
     async def Heartbeat(self, request, context):
         facts = facts_from_pb(request.facts)
         _require_self(facts.name)
         if not self.nodes.heartbeat(facts):
             return cpb.HeartbeatResponse(reregister=True)
-        ha = await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
-        return cpb.HeartbeatResponse(lease_seconds=self.nodes.policy.lease, ha_containers=ha)
+        orders = await self.fleet.observe(facts.name, [container_from_pb(c) for c in request.containers])
+        recovery = self.fleet.recovery
+        return cpb.HeartbeatResponse(lease_seconds=self.nodes.policy.lease, ha_containers=orders.ha,
+                                     ha_keep_running=orders.keep_running, ha_max_restart=recovery.max_restart,
+                                     ha_restart_window_seconds=recovery.restart_window)  # fmt: skip
 
     async def ListNodes(self, request, context):
         return cpb.ListNodesResponse(nodes=[node_to_pb(n) for n in await self.fleet.list_nodes()])

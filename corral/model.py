@@ -103,6 +103,12 @@ class Container:
     ha: bool = False
     ha_priority: int = 0
     ha_group: str = ""
+    # Observed: restarts its host made after it stopped unasked, in the host's restart window.
+    ha_restarts: int = 0
+    # Desired side: moves to another node after its host gave up restarting it, and why it
+    # now waits for the operator once those ran out too ("" while it does not).
+    ha_relocations: int = 0
+    ha_failed: str = ""
 
 
 @dataclass(frozen=True)

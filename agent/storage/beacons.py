@@ -38,7 +38,7 @@ from corral.names import validate_name
 log = structlog.get_logger("agent.storage.beacons")
 
 INTERVAL = 1.0
-GIVE_UP = 4.0  # the holder's side: no beacon written for this long, let go of the volumes
+GIVE_UP = 3.0  # the holder's side: no beacon written for this long, let go of the volumes
 GONE_AFTER = GIVE_UP + 2.0  # a peer's side: its beacon still for this long, it holds nothing
 _IO_TIMEOUT = 5.0  # a write or read on a hung shared storage must not hold the loop's tasks forever
 

@@ -62,10 +62,16 @@ def _show(obj, ct) -> None:
         observed += f" (reported {max(0.0, time.time() - ct.observed_at):.0f}s ago)"
     wanted = [] if ct.desired_state.value == ct.state.value else [("desired", ct.desired_state.value)]
     doubt = [("in doubt", ct.in_doubt), ("may run on", ", ".join(ct.doubt_nodes) or ct.node)] if ct.in_doubt else []
+    failed = [("failed", ct.ha_failed)] if ct.ha_failed else []
+    ha = "no"
+    if ct.ha:
+        ha = f"yes, priority {ct.ha_priority}" + (f", group {ct.ha_group}" if ct.ha_group else "")
+        ha += f"; restarted {ct.ha_restarts}x here lately" if ct.ha_restarts else ""
+        ha += f"; relocated {ct.ha_relocations}x" if ct.ha_relocations else ""
     output.print_fields([
-        ("name", ct.name), ("state", observed), *wanted, *doubt, ("node", ct.node), ("template", ct.template),
-        ("ipv4", ct.network.ipv4 or "-"), ("mac", ct.network.mac or "-"), ("storage", ct.storage),
-        ("ha", (f"yes, priority {ct.ha_priority}" + (f", group {ct.ha_group}" if ct.ha_group else "")) if ct.ha else "no"),
+        ("name", ct.name), ("state", observed), *wanted, *doubt, *failed, ("node", ct.node),
+        ("template", ct.template), ("ipv4", ct.network.ipv4 or "-"), ("mac", ct.network.mac or "-"),
+        ("storage", ct.storage), ("ha", ha),
         ("init pid", ct.init_pid or "-"), ("memory", format_size(ct.limits.memory_bytes)),
         ("cpus", format_cpus(ct.limits.cpu_millis)), ("cpu shares", ct.limits.cpu_shares or "-"),
         ("pids", ct.limits.pids_max or "-"), ("disk", format_size(ct.limits.disk_bytes)),

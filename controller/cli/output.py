@@ -203,6 +203,8 @@ def state_label(c: Container) -> str:
     """The observed state, flagged where it is not what was asked for or cannot be trusted."""
     if c.in_doubt:
         return "in-doubt"
+    if c.ha_failed:
+        return "failed"  # HA: kept stopping after its restarts and relocations (ct show says why)
     label = c.state.value
     wanted = c.desired_state.value
     if label in ("running", "stopped") and label != wanted:

@@ -76,6 +76,8 @@ _ADDED_COLUMNS = {
         ("ha", "INTEGER NOT NULL DEFAULT 0"),
         ("ha_priority", "INTEGER NOT NULL DEFAULT 0"),
         ("ha_group", "TEXT NOT NULL DEFAULT ''"),
+        ("ha_relocations", "INTEGER NOT NULL DEFAULT 0"),
+        ("ha_failed", "TEXT NOT NULL DEFAULT ''"),
     ],
     "operations": [("revision", "INTEGER NOT NULL DEFAULT 0")],
 }
@@ -83,7 +85,8 @@ _ADDED_COLUMNS = {
 _ACTIVE = ("pending", "running", "rolling-back")
 # Desired-state columns: written only by update_container (compare-and-set on revision).
 _SPEC = ("node", "template", "limits", "network", "storage", "created_at", "message", "volume_generation",
-         "desired_state", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group")  # fmt: skip
+         "desired_state", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_relocations",
+         "ha_failed")  # fmt: skip
 _COLUMNS = ("name", "state", "init_pid", "observed_at", "revision") + _SPEC
 
 
@@ -359,6 +362,8 @@ def _values(c: Container) -> dict[str, object]:
         "ha": int(c.ha),
         "ha_priority": c.ha_priority,
         "ha_group": c.ha_group,
+        "ha_relocations": c.ha_relocations,
+        "ha_failed": c.ha_failed,
     }
 
 
@@ -384,4 +389,6 @@ def _container(row) -> Container:
         ha=bool(v["ha"]),
         ha_priority=v["ha_priority"],
         ha_group=v["ha_group"],
+        ha_relocations=v["ha_relocations"],
+        ha_failed=v["ha_failed"],
     )

@@ -58,6 +58,9 @@ def container_to_pb(ct: Container) -> pb.Container:
         ha=ct.ha,
         ha_priority=ct.ha_priority,
         ha_group=ct.ha_group,
+        ha_restarts=ct.ha_restarts,
+        ha_relocations=ct.ha_relocations,
+        ha_failed=ct.ha_failed,
     )
 
 
@@ -82,6 +85,9 @@ def container_from_pb(msg: pb.Container) -> Container:
         ha=msg.ha,
         ha_priority=msg.ha_priority,
         ha_group=msg.ha_group,
+        ha_restarts=msg.ha_restarts,
+        ha_relocations=msg.ha_relocations,
+        ha_failed=msg.ha_failed,
     )
 
 

@@ -65,14 +65,20 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ..., facts: _Optional[_Union[_types_pb2.NodeFacts, _Mapping]] = ..., containers: _Optional[_Iterable[_Union[_types_pb2.Container, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister", "lease_seconds", "ha_containers")
+    __slots__ = ("reregister", "lease_seconds", "ha_containers", "ha_keep_running", "ha_max_restart", "ha_restart_window_seconds")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HA_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    HA_KEEP_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    HA_MAX_RESTART_FIELD_NUMBER: _ClassVar[int]
+    HA_RESTART_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     lease_seconds: float
     ha_containers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, reregister: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., ha_containers: _Optional[_Iterable[str]] = ...) -> None: ...
+    ha_keep_running: _containers.RepeatedScalarFieldContainer[str]
+    ha_max_restart: int
+    ha_restart_window_seconds: float
+    def __init__(self, reregister: _Optional[bool] = ..., lease_seconds: _Optional[float] = ..., ha_containers: _Optional[_Iterable[str]] = ..., ha_keep_running: _Optional[_Iterable[str]] = ..., ha_max_restart: _Optional[int] = ..., ha_restart_window_seconds: _Optional[float] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ()

@@ -78,7 +78,7 @@ class NetworkAttachment(_message.Message):
     def __init__(self, ipv4_cidr: _Optional[str] = ..., gateway: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation", "desired_state", "observed_at", "revision", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group")
+    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation", "desired_state", "observed_at", "revision", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_restarts", "ha_relocations", "ha_failed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,9 @@ class Container(_message.Message):
     HA_FIELD_NUMBER: _ClassVar[int]
     HA_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     HA_GROUP_FIELD_NUMBER: _ClassVar[int]
+    HA_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    HA_RELOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    HA_FAILED_FIELD_NUMBER: _ClassVar[int]
     name: str
     node: str
     template: str
@@ -117,7 +120,10 @@ class Container(_message.Message):
     ha: bool
     ha_priority: int
     ha_group: str
-    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ...) -> None: ...
+    ha_restarts: int
+    ha_relocations: int
+    ha_failed: str
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ..., ha_restarts: _Optional[int] = ..., ha_relocations: _Optional[int] = ..., ha_failed: _Optional[str] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable", "unavailable")
