@@ -8,7 +8,9 @@ checks the node is lost, the container is not in doubt nor busy, and picks the
 target, on every request, so a wrong or duplicated daemon cannot start a copy
 twice. Several daemons may run: one acts at a time, holding the "failoverd" lease
 (renewed every third of its ttl; it stops acting when it could not renew in time,
-counting from when it asked).
+counting from when it asked). What to ask for is a pure decision
+(`failover_requests`), and the clock is injectable: the scenario simulator
+runs this daemon on simulated time.
 """
 
 from __future__ import annotations
@@ -21,30 +23,46 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import structlog
 
 from corral import log as corral_log
 from corral.errors import CorralError
+from corral.model import Container, Node
 
 log = structlog.get_logger("corral.failoverd")
 
 LEASE = "failoverd"
 LOST = ("fenced",)  # a dead node is not enough: its containers may run until it is fenced
+LEAD_MARGIN = 1.0  # seconds the leader stops acting before the controller's count of its lease ends
+
+
+def lost_nodes(nodes: Iterable[Node]) -> list[str]:
+    """The nodes whose HA containers this daemon asks to move: proven off."""
+    return [n.facts.name for n in nodes if n.state.value in LOST]
+
+
+def failover_requests(lost: Sequence[Container]) -> list[Container]:
+    """Of the containers on lost nodes, those to ask a failover for, in the order to ask:
+    HA and not in doubt (the controller would refuse it), highest priority first."""
+    return sorted((c for c in lost if c.ha and not c.in_doubt), key=lambda c: (-c.ha_priority, c.name))
 
 
 class FailoverDaemon:
-    def __init__(self, client, holder: str, ttl: float = 10.0, sweep_every: float = 3.0) -> None:
+    def __init__(self, client, holder: str, ttl: float = 10.0, sweep_every: float = 3.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.client = client
         self.holder = holder
         self.ttl = ttl
         self.sweep_every = sweep_every
-        self._leader_until = 0.0  # monotonic
+        self.clock = clock
+        self._leader_until = 0.0  # on `clock`
         self._wake = asyncio.Event()
 
     @property
     def leading(self) -> bool:
-        return time.monotonic() < self._leader_until
+        return self.clock() < self._leader_until
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -54,12 +72,12 @@ class FailoverDaemon:
 
     async def _keep_lease(self) -> None:
         while True:
-            asked = time.monotonic()
+            asked = self.clock()
             try:
                 reply = await self.client.acquire_lease(LEASE, self.holder, self.ttl)
                 was = self.leading
                 if reply.granted:
-                    self._leader_until = asked + self.ttl - 1.0  # given up before the controller's count ends
+                    self._leader_until = asked + self.ttl - LEAD_MARGIN
                     if not was:
                         log.info("leading: this daemon acts on lost nodes", holder=self.holder)
                         self._wake.set()
@@ -101,18 +119,18 @@ class FailoverDaemon:
 
     async def sweep(self) -> int:
         """Ask for the failover of every HA container on a lost node; returns how many were asked."""
-        lost = [n.facts.name for n in await self.client.list_nodes() if n.state.value in LOST]
+        on_lost = [ct for node in lost_nodes(await self.client.list_nodes())
+                   for ct in await self.client.list_containers(node)]  # fmt: skip
         asked = 0
-        for node in lost:
-            for ct in sorted(await self.client.list_containers(node), key=lambda c: (-c.ha_priority, c.name)):
-                if not ct.ha or ct.in_doubt or not self.leading:
-                    continue
-                try:
-                    op = await self.client.failover(ct.name)
-                    asked += 1
-                    log.warning("failing over", container=ct.name, node=node, op=op.id)
-                except CorralError as exc:
-                    log.info("failover not started", container=ct.name, node=node, why=exc.message)
+        for ct in failover_requests(on_lost):
+            if not self.leading:
+                break  # the lease lapsed meanwhile: another daemon may act now
+            try:
+                op = await self.client.failover(ct.name)
+                asked += 1
+                log.warning("failing over", container=ct.name, node=ct.node, op=op.id)
+            except CorralError as exc:
+                log.info("failover not started", container=ct.name, node=ct.node, why=exc.message)
         return asked
 
 

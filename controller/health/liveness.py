@@ -49,3 +49,26 @@ def describe(state: NodeState, silent_for: float, policy: HealthPolicy) -> str:
     if state == NodeState.FENCED:
         return "proven off: its HA containers may run elsewhere; it reports what it holds when it is back"
     return ""
+
+
+def why_not_lost(name: str, state: NodeState, silent_for: float, policy: HealthPolicy) -> str | None:
+    """None if node `name` is proven unable to run anything: fenced. A dead node is not enough on
+    its own: a host whose agent died cannot fence itself, and its containers may still run."""
+    if state == NodeState.FENCED:
+        return None
+    if state == NodeState.READY:
+        return f"it is ready (heard {silent_for:.1f}s ago)"
+    if state == NodeState.SUSPECT:
+        return (f"it is suspect: silent for {silent_for:.1f}s, maybe only cut off; its lease and margin "
+                f"run {policy.dead_after:g}s")  # fmt: skip
+    return ("it is dead but not fenced: its agent may have died with its containers still running. "
+            f"Power it off, then `corral node fenced {name}`")
+
+
+def next_change(silent_for: float, policy: HealthPolicy) -> float | None:
+    """Seconds until a node silent for `silent_for` turns suspect or dead if it stays silent
+    (None: it is dead already). `assess` compares strictly: the change is due just after."""
+    for threshold in (policy.suspect_after, policy.dead_after):
+        if silent_for <= threshold:
+            return threshold - silent_for
+    return None

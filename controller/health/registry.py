@@ -3,7 +3,11 @@
 Heartbeats are frequent (1 s per host), so they touch memory only; a node's
 facts are written to the store when it registers. How long a silence makes a
 node suspect, then dead, is decided by controller.health.liveness; each change
-of state is an event.
+of state is an event, and is told at once to whoever subscribed (the Fencer
+starts fencing a node the moment it turns dead). `watch` wakes at the next
+moment a silent node's state is due to change, so a node is declared dead on
+time, not up to a poll later. Both clocks are injectable (the scenario
+simulator runs this code on simulated time).
 """
 
 from __future__ import annotations
@@ -11,16 +15,31 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import structlog
 
 from controller.events import EventBus
-from controller.health.liveness import HealthPolicy, assess, describe
+from controller.health.liveness import HealthPolicy, assess, describe, next_change, why_not_lost
 from controller.store.base import Store
 from corral.errors import FailedPrecondition, NotFound
 from corral.model import Node, NodeFacts, NodeState
 
 log = structlog.get_logger("corral.controller.nodes")
+
+DUE_SLACK = 0.001  # seconds past a deadline at which watch looks: the state has changed by then
+
+Clock = Callable[[], float]
+StateListener = Callable[[str, NodeState], None]
+
+
+# Looked up at each call rather than bound at import: tests patch time.monotonic.
+def default_clock() -> float:
+    return time.monotonic()
+
+
+def default_wall_clock() -> float:
+    return time.time()
 
 
 @dataclass
@@ -28,22 +47,40 @@ class _Entry:
     facts: NodeFacts
     state: NodeState
     last_heartbeat: float  # wall clock, for display
-    last_seen: float  # monotonic, for liveness
+    last_seen: float  # on the registry's monotonic clock, for liveness
 
 
 class NodeRegistry:
-    def __init__(self, store: Store, policy: HealthPolicy | float, events: EventBus | None = None) -> None:
+    def __init__(self, store: Store, policy: HealthPolicy | float, events: EventBus | None = None,
+                 clock: Clock = default_clock, wall_clock: Clock = default_wall_clock) -> None:  # fmt: skip
         self.store = store
         # A bare number: the silence before a node is suspect (its lease and margin as defaults).
         self.policy = policy if isinstance(policy, HealthPolicy) else HealthPolicy(suspect_after=policy)
         self.events = events or EventBus()
+        self.clock = clock
+        self._wall = wall_clock
         self._nodes: dict[str, _Entry] = {}
         self._registered_this_run: set[str] = set()
+        self._listeners: list[StateListener] = []
+        self._changed = asyncio.Event()  # a heartbeat or registration moved a deadline: watch recomputes
+
+    def subscribe(self, listener: StateListener) -> Callable[[], None]:
+        """Call `listener(node, new_state)` on every change of a node's state, synchronously (it must
+        not block: set a flag, wake a task). Returns the function that unsubscribes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _tell(self, name: str, state: NodeState) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(name, state)
+            except Exception:  # a listener's bug must not stop liveness for the others
+                log.exception("a node-state listener failed", node=name, state=state.value)
 
     async def load(self) -> None:
         """Nodes known from before a controller restart are suspect until they beat: their leases
         are counted from now (a restarted controller cannot know when it last heard them)."""
-        now = time.monotonic()
+        now = self.clock()
         for facts in await self.store.list_nodes():
             self._nodes[facts.name] = _Entry(facts, NodeState.SUSPECT, 0.0, now)
 
@@ -54,13 +91,15 @@ class NodeRegistry:
         why = describe(state, silent_for, self.policy) or f"heartbeats again (was {previous.value})"
         self.events.emit("node-state", f"node {name} is {state.value}: {why}", node=name, state=state.value,
                          previous=previous.value)  # fmt: skip
+        self._tell(name, state)
 
     async def register(self, facts: NodeFacts) -> None:
         await self.store.put_node(facts)
         previous = self._nodes.get(facts.name)
-        entry = _Entry(facts, previous.state if previous else NodeState.SUSPECT, time.time(), time.monotonic())
+        entry = _Entry(facts, previous.state if previous else NodeState.SUSPECT, self._wall(), self.clock())
         self._nodes[facts.name] = entry
         self._registered_this_run.add(facts.name)
+        self._changed.set()
         self._set_state(facts.name, entry, NodeState.READY)
 
     def heartbeat(self, facts: NodeFacts) -> bool:
@@ -69,8 +108,8 @@ class NodeRegistry:
         if entry is None or facts.name not in self._registered_this_run:
             return False
         entry.facts = facts
-        entry.last_heartbeat = time.time()
-        entry.last_seen = time.monotonic()
+        entry.last_heartbeat = self._wall()
+        entry.last_seen = self.clock()
         if entry.state == NodeState.FENCED:
             # Powered back on after a fence: it reports what it holds; nothing of it resumes by itself.
             log.warning("a fenced node heartbeats again", node=facts.name)
@@ -79,7 +118,7 @@ class NodeRegistry:
 
     def check_liveness(self) -> list[str]:
         """Move silent nodes on to suspect, then dead; returns the names whose state changed."""
-        now = time.monotonic()
+        now = self.clock()
         changed = []
         for name, entry in self._nodes.items():
             if entry.state == NodeState.FENCED:
@@ -92,21 +131,11 @@ class NodeRegistry:
         return changed
 
     def why_not_lost(self, name: str) -> str | None:
-        """None if `name` is proven unable to run anything: fenced. A dead node is not enough on
-        its own: a host whose agent died cannot fence itself, and its containers may still run."""
+        """None if `name` is proven unable to run anything (fenced); else why not (liveness.why_not_lost)."""
         entry = self._nodes.get(name)
         if entry is None:
             return f"node {name} is not registered: nothing is known of it"
-        if entry.state == NodeState.FENCED:
-            return None
-        silent_for = time.monotonic() - entry.last_seen
-        if entry.state == NodeState.READY:
-            return f"it is ready (heard {silent_for:.1f}s ago)"
-        if entry.state == NodeState.SUSPECT:
-            return (f"it is suspect: silent for {silent_for:.1f}s, maybe only cut off; its lease and margin "
-                    f"run {self.policy.dead_after:g}s")  # fmt: skip
-        return ("it is dead but not fenced: its agent may have died with its containers still running. "
-                f"Power it off, then `corral node fenced {name}`")
+        return why_not_lost(name, entry.state, self.clock() - entry.last_seen, self.policy)
 
     def mark_fenced(self, name: str, how: str) -> None:
         """The node is proven off (a fence command succeeded, or the operator says it is)."""
@@ -118,16 +147,32 @@ class NodeRegistry:
         entry.state, previous = NodeState.FENCED, entry.state
         self.events.emit("node-state", f"node {name} is fenced: {how}", node=name, state="fenced",
                          previous=previous.value)  # fmt: skip
+        self._tell(name, NodeState.FENCED)
 
     def health(self, name: str) -> str:
         entry = self._nodes.get(name)
         if entry is None:
             return ""
-        return describe(entry.state, time.monotonic() - entry.last_seen, self.policy)
+        return describe(entry.state, self.clock() - entry.last_seen, self.policy)
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the earliest change of state a silence could bring (None: none pending)."""
+        now = self.clock()
+        due = [next_change(now - e.last_seen, self.policy) for e in self._nodes.values() if e.state != NodeState.FENCED]
+        return min((d for d in due if d is not None), default=None)
 
     async def watch(self, interval: float = 0.5) -> None:
+        """Check liveness at each due change (just past it: `assess` is strict), and at least every
+        `interval`; a registration wakes it to count the new node's deadline."""
         while True:
-            await asyncio.sleep(interval)
+            due = self.next_deadline()
+            wait = interval if due is None else min(interval, due + DUE_SLACK)
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
             self.check_liveness()
 
     async def wait_ready(self, name: str, timeout: float) -> bool:
