@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.watchdog import check_device
 from corral.config import TlsFiles, load_document, parse_address
 from corral.log import parse_level
 from corral.names import validate_name
@@ -27,6 +28,8 @@ class AgentConfig:
     heartbeat_interval: float
     log_level: str
     transfer_port: int
+    watchdog_device: Path | None = None  # the kernel watchdog, petted while the lease holds (agent/watchdog.py)
+    watchdog_timeout: int = 10  # seconds without a pet before the host is reset
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -34,6 +37,7 @@ class AgentConfig:
         doc.check_keys({
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
             "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
+            "watchdog_device", "watchdog_timeout",
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
         heartbeat = doc.get("heartbeat_interval", float, 1.0)
@@ -63,6 +67,8 @@ class AgentConfig:
             heartbeat_interval=heartbeat,
             log_level=doc.get("log_level", str, "info", parse=parse_level),
             transfer_port=doc.get("transfer_port", int, 7702, parse=_port),
+            watchdog_device=doc.get("watchdog_device", str, "", parse=lambda v: check_device(v) if v else None),
+            watchdog_timeout=doc.get("watchdog_timeout", int, 10, parse=_watchdog_timeout),
         )
 
 
@@ -71,6 +77,12 @@ def _volume_group(value: str) -> str:
     if not value or len(value) > 127 or value.startswith("-") or value in (".", "..") or \
             not all(c.isalnum() or c in "._+-" for c in value):  # fmt: skip
         raise ValueError(f"{value!r} is not a volume group name (letters, digits, . _ + -; at most 127)")
+    return value
+
+
+def _watchdog_timeout(value: int) -> int:
+    if not 2 <= value <= 600:
+        raise ValueError(f"{value} is not between 2 and 600 seconds")
     return value
 
 

@@ -91,6 +91,11 @@ class Lease:
     def remaining(self) -> float | None:
         return None if self.expires is None else self.expires - self.now()
 
+    def valid(self) -> bool:
+        """Held and not run out: what the kernel watchdog is petted on (agent/watchdog.py)."""
+        left = self.remaining()
+        return left is not None and left > 0 and not self.fenced
+
     async def guard(self) -> None:
         """Fence when the lease runs out; runs until cancelled."""
         while True:

@@ -29,6 +29,7 @@ from agent.storage.image import ImageStorage
 from agent.transfer import client as transfer_client
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
+from agent.watchdog import KernelWatchdog, Watchdog
 from corral import log as corral_log
 from corral import programs
 from corral.api.server import make_server
@@ -96,6 +97,10 @@ async def serve(config: AgentConfig) -> None:
     log.info("agent serving", node=config.node, listen=config.listen, lxc_path=str(config.lxc_path))
 
     lease = Lease(config.state_dir / "lease.json", containers.fence)
+    watchdog = None
+    if config.watchdog_device is not None:
+        watchdog = Watchdog(KernelWatchdog(config.watchdog_device, config.watchdog_timeout), lease.valid,
+                            config.watchdog_timeout)  # fmt: skip
     membership = Membership(config.controller, config.tls, facts, containers, config.heartbeat_interval, lease)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,6 +109,7 @@ async def serve(config: AgentConfig) -> None:
     async with asyncio.TaskGroup() as tg:
         beat = tg.create_task(membership.run())
         guard = tg.create_task(lease.guard())
+        petting = tg.create_task(watchdog.run()) if watchdog is not None else None
         sweeper = tg.create_task(migrations.run_sweeper())
         # The fence at the data: re-check what is mounted here, beacons (agent/storage/beacons.py).
         image = storages.get("image")
@@ -112,12 +118,16 @@ async def serve(config: AgentConfig) -> None:
         log.info("agent stopping; containers keep running")
         beat.cancel()
         guard.cancel()
+        if petting is not None:
+            petting.cancel()
         sweeper.cancel()
         for watcher in watchers:
             watcher.cancel()
         await server.stop(grace=2)
         await migrations.close()
         await transfer.close()
+        if watchdog is not None:
+            watchdog.close()  # a clean stop: disarmed, no reset (a crash or a hang leaves it counting)
 
 
 def _make_private_dirs(config: AgentConfig) -> None:
