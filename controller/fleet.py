@@ -26,7 +26,13 @@ from controller.model import Operation, OpState
 from controller.network.ipam import AddressPool
 from controller.operations.engine import Engine
 from controller.operations.migrate import POST_COPY, SHARED_STORAGES as _SHARED_STORAGES, choose_strategy
-from controller.operations.params import CreateParams, DestroyParams, FailoverParams, MigrateParams
+from controller.operations.params import (
+    CreateParams,
+    DestroyParams,
+    FailoverParams,
+    MigrateParams,
+    StaleCopyParams,
+)
 from controller.operations.reach import Reach
 from controller.operations.steps import OpKind
 from controller.scheduler.failover import plan_failover
@@ -36,6 +42,7 @@ from controller.store.base import Store
 from controller.vocabulary import STORAGE_NAMES, TEMPLATES, storage_driver
 from corral.errors import (
     AlreadyExists,
+    Conflict,
     CorralError,
     FailedPrecondition,
     InvalidArgument,
@@ -118,7 +125,6 @@ class Fleet:
         # Placement and address choice read then write: one at a time.
         self._placement_lock = asyncio.Lock()
         self._settling: set[str] = set()
-        self._cleaning: set[tuple[str, str]] = set()  # (node, container): stale copies being removed
         self._settle_tried: dict[str, float] = {}  # container -> monotonic time of the last attempt
         self._tasks: set[asyncio.Task] = set()
 
@@ -610,30 +616,19 @@ class Fleet:
 
     async def _stale_copy(self, node: str, record: Container, copy: Container) -> None:
         """A node reports a copy of a shared-storage container that lives elsewhere (it was failed
-        over while the node was lost). Stopped: its leftovers go. Running: two copies may run."""
+        over while the node was lost). Stopped: removed, as an operation. Running: two copies may run."""
         if copy.state == ContainerState.RUNNING:
             why = f"{node} came back running a copy of it, while it runs on {record.node}"
             await self.store.update_container(replace(record, in_doubt=why, doubt_nodes=(node,)))
             self.engine.events.emit("container-doubt", f"{record.name} is in doubt: {why}", container=record.name,
                                     node=node)  # fmt: skip
             return
-        if copy.state != ContainerState.STOPPED or (node, record.name) in self._cleaning:
+        if copy.state != ContainerState.STOPPED:
             return
-        self._cleaning.add((node, record.name))
-
-        async def clean() -> None:
-            try:
-                await self.reach.agent(node).release(f"stale-{secrets.token_hex(4)}", record.name)
-                self.engine.events.emit("stale-copy", f"removed the stopped copy of {record.name} left on {node} "
-                                        f"(it lives on {record.node})", container=record.name, node=node)  # fmt: skip
-            except CorralError as exc:
-                log.warning("could not remove a stale copy", container=record.name, node=node, error=exc.message)
-            finally:
-                self._cleaning.discard((node, record.name))
-
-        task = asyncio.create_task(clean())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        try:
+            await self.engine.submit(OpKind.REMOVE_STALE_COPY, record.name, StaleCopyParams(node).to_dict())
+        except Conflict:
+            pass  # a request holds the container: the node's next report tries again
 
     def _settle_soon(self, name: str) -> None:
         now = time.monotonic()

@@ -107,6 +107,7 @@ async def test_a_dead_hosts_ha_container_fails_over_and_runs_once_throughout(cor
     events = [e["message"] for e in await events_of(corral)]
     assert any(m.startswith("failover of ha2 succeeded") for m in events)
     assert any(m.startswith("removed the stopped copy of ha2 left on n3") for m in events)
+    assert any(m.startswith("remove-stale-copy of ha2 succeeded") for m in events)  # a recorded operation
 
 
 async def test_the_failover_daemon_moves_a_lost_hosts_ha_containers_and_only_one_daemon_acts(corral, cleanup, lab):

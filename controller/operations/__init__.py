@@ -17,6 +17,7 @@ def operation_plans(store: "Store", nodes: "NodeRegistry", agents: "AgentPool") 
     from controller.operations.lifecycle import CreatePlan, DestroyPlan
     from controller.operations.migrate import MigrationPlan
     from controller.operations.reach import Reach
+    from controller.operations.stale_copy import StaleCopyPlan
     from controller.operations.steps import OpKind
 
     reach = Reach(nodes, agents)
@@ -25,4 +26,5 @@ def operation_plans(store: "Store", nodes: "NodeRegistry", agents: "AgentPool") 
         OpKind.DESTROY: lambda op: DestroyPlan(op, store, reach),
         OpKind.MIGRATE: lambda op: MigrationPlan(op, store, nodes, agents),
         OpKind.FAILOVER: lambda op: FailoverPlan(op, store, reach, nodes.why_not_lost),
+        OpKind.REMOVE_STALE_COPY: lambda op: StaleCopyPlan(op, store, reach),
     }

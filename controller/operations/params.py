@@ -53,6 +53,11 @@ class DestroyParams(_Params):
 
 
 @dataclass(frozen=True)
+class StaleCopyParams(_Params):
+    node: str  # where the stopped stale copy is
+
+
+@dataclass(frozen=True)
 class FailoverParams(_Params):
     source: str  # the lost node
     target: str

@@ -10,6 +10,7 @@ class OpKind(enum.StrEnum):
     DESTROY = "destroy"
     MIGRATE = "migrate"
     FAILOVER = "failover"
+    REMOVE_STALE_COPY = "remove-stale-copy"
 
 
 class StepName(enum.StrEnum):
@@ -47,6 +48,8 @@ class StepName(enum.StrEnum):
     MARK_IN_DOUBT = "mark-in-doubt"
     # failover
     TAKEOVER = "takeover"  # the target takes the volume over from the lost node, at a newer generation
+    # remove a stale copy
+    RELEASE_STALE = "release-stale"
     # migrate from a kept checkpoint
     STOP_TARGET = "stop-target"
     RESTORE_KEPT = "restore-kept"
