@@ -83,6 +83,20 @@ async def _last_seq(client: ControllerClient) -> int:
     return max([e.seq for e in await _events_after(client, 0)] or [0])
 
 
+async def _events_until_done(client: ControllerClient, since: int, wait: float = 2.0) -> list:
+    """The events after `since`, once the failover's end is among them (the container can be
+    seen running a moment before the operation's last event), or after `wait` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        events = await _events_after(client, since)
+        done = any(e.kind == "operation" and e.container == CONTAINER and e.message.startswith("failover of")
+                   and " succeeded" in e.message for e in events)  # fmt: skip
+        if done or loop.time() >= deadline:
+            return events
+        await asyncio.sleep(0.1)
+
+
 async def _inject(fault: str, lab: str, node: str) -> None:
     if fault == "partition":
         await corral_lab.partition(lab, node)
@@ -116,7 +130,7 @@ async def _trial(client: ControllerClient, lab, fault: str, sampler: CopySampler
                 await asyncio.sleep(0.1)
     except TimeoutError:
         trial.error = f"not running elsewhere after {TRIAL_TIMEOUT_S:g} s"
-    for e in await _events_after(client, since):
+    for e in await _events_until_done(client, since):
         at = e.at - t0
         if e.kind == "node-state" and e.node == victim:
             state = e.fields.get("state")

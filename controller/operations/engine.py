@@ -329,7 +329,7 @@ class Engine:
         took = f" in {(op.updated_at - op.created_at) * 1000:.0f} ms" if op.created_at else ""
         self.events.emit("operation", f"{op.kind} of {op.container} {state.value}{took}"
                          + (f": {op.error}" if op.error else ""), container=op.container, op=op.id,
-                         op_kind=op.kind, state=state.value)  # fmt: skip
+                         op_kind=op.kind, state=state.value, timings_ms=dict(op.timings))  # fmt: skip
 
     # -- bookkeeping ----------------------------------------------------------------
 
