@@ -59,6 +59,16 @@ class EventBus:
                 self._watchers.discard(queue)  # it drains what it has, then hears it lagged
         return event
 
+    def recent(self, *, node: str, limit: int = 8) -> list[Event]:
+        """The last `limit` kept events about `node`, oldest first."""
+        found: list[Event] = []
+        for event in reversed(self._kept):
+            if event.node == node:
+                found.append(event)
+                if len(found) == limit:
+                    break
+        return found[::-1]
+
     async def watch(self, since: int = 0, follow: bool = True) -> AsyncIterator[Event]:
         """Kept events after `since`, then (with `follow`) new ones as they come. Raises Lagged
         if this watcher falls behind by more than its queue."""

@@ -154,7 +154,9 @@ class Fleet:
         node = next((n for n in await self.list_nodes() if n.name == name), None)
         if node is None:
             raise NotFound(f"node {name!r} is not registered")
-        return node
+        history = tuple(f"{time.strftime('%H:%M:%S', time.gmtime(e.at))} {e.message}"
+                        for e in self.engine.events.recent(node=name))  # fmt: skip
+        return replace(node, history=history)
 
     def _agent_for(self, node_name: str) -> AgentClient:
         return self.agents.ready(self.nodes, node_name)

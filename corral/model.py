@@ -141,6 +141,7 @@ class Node:
     container_count: int = 0
     unmanaged_containers: tuple[str, ...] = ()  # held by the node, unknown to the fleet's records
     health: str = ""  # why it is not ready, for the operator
+    history: tuple[str, ...] = ()  # what happened to it lately, oldest first
 
     @property
     def name(self) -> str:

@@ -57,6 +57,9 @@ async def test_a_cut_off_host_kills_its_ha_containers_before_it_is_counted_dead(
         return (await corral.json("node", "show", "n3"))["state"] == "ready"
 
     await until(n3_ready, 30)
+    history = (await corral.json("node", "show", "n3"))["history"]  # node show says what happened
+    assert [w for w in ("is suspect", "is dead", "is fenced", "is ready") if any(w in line for line in history)] == \
+        ["is suspect", "is dead", "is fenced", "is ready"], history  # fmt: skip
     await asyncio.sleep(2)  # a few heartbeats later: nothing came back by itself
     assert await running_copies(lab, "ha1") == []
     shown = await corral.json("ct", "show", "ha1")

@@ -68,7 +68,8 @@ def print_node(n) -> None:
         ("live migration", ", ".join(f.live_strategies) or "none"),
     ] + ([("unmanaged", ", ".join(n.unmanaged_containers) + " (no record here; their addresses stay taken)")]
          if n.unmanaged_containers else []) + [(f"  no {strategy}", reason) for strategy, reason in sorted(f.live_unavailable.items())]
-      + [(f"no {capability}", reason) for capability, reason in sorted(getattr(f, "unavailable", {}).items())])  # fmt: skip
+      + [(f"no {capability}", reason) for capability, reason in sorted(getattr(f, "unavailable", {}).items())]
+      + [("history" if i == 0 else "", line) for i, line in enumerate(getattr(n, "history", ()))])  # fmt: skip
 
 
 @node.command("fenced", examples=[

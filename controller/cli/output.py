@@ -172,7 +172,7 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, no_hea
 def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
-        click.echo(f"{key + ':':<{width + 1}} {value}")
+        click.echo(f"{key + ':' if key else '':<{width + 1}} {value}")  # no key: the line before goes on
 
 
 def nodes_table(nodes: Sequence[Node], *, no_headers: bool = False) -> None:

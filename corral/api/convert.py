@@ -124,6 +124,7 @@ def node_to_pb(node: Node) -> pb.Node:
         container_count=node.container_count,
         unmanaged_containers=list(node.unmanaged_containers),
         health=node.health,
+        history=list(node.history),
     )
 
 
@@ -136,6 +137,7 @@ def node_from_pb(msg: pb.Node) -> Node:
         container_count=msg.container_count,
         unmanaged_containers=tuple(msg.unmanaged_containers),
         health=msg.health,
+        history=tuple(msg.history),
     )
 
 

@@ -178,7 +178,7 @@ class NodeFacts(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., live_strategies: _Optional[_Iterable[str]] = ..., live_unavailable: _Optional[_Mapping[str, str]] = ..., unavailable: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers", "health")
+    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers", "health", "history")
     FACTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class Node(_message.Message):
     CONTAINER_COUNT_FIELD_NUMBER: _ClassVar[int]
     UNMANAGED_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     facts: NodeFacts
     state: NodeState
     last_heartbeat: float
@@ -193,7 +194,8 @@ class Node(_message.Message):
     container_count: int
     unmanaged_containers: _containers.RepeatedScalarFieldContainer[str]
     health: str
-    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ..., unmanaged_containers: _Optional[_Iterable[str]] = ..., health: _Optional[str] = ...) -> None: ...
+    history: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ..., unmanaged_containers: _Optional[_Iterable[str]] = ..., health: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("seq", "at", "kind", "message", "node", "container", "operation", "fields")
