@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.watchdog import check_device
 from corral.config import TlsFiles, load_document, parse_address
+from corral.errors import CorralError
+from corral.labels import check_labels
 from corral.log import parse_level
 from corral.names import validate_name
 
@@ -30,6 +32,7 @@ class AgentConfig:
     transfer_port: int
     watchdog_device: Path | None = None  # the kernel watchdog, petted while the lease holds (agent/watchdog.py)
     watchdog_timeout: int = 10  # seconds without a pet before the host is reset
+    labels: dict[str, str] = field(default_factory=dict)  # the operator's, for placement constraints
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -37,7 +40,7 @@ class AgentConfig:
         doc.check_keys({
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
             "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
-            "watchdog_device", "watchdog_timeout",
+            "watchdog_device", "watchdog_timeout", "labels",
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
         heartbeat = doc.get("heartbeat_interval", float, 1.0)
@@ -69,6 +72,7 @@ class AgentConfig:
             transfer_port=doc.get("transfer_port", int, 7702, parse=_port),
             watchdog_device=doc.get("watchdog_device", str, "", parse=lambda v: check_device(v) if v else None),
             watchdog_timeout=doc.get("watchdog_timeout", int, 10, parse=_watchdog_timeout),
+            labels=doc.get("labels", dict, {}, parse=_labels),
         )
 
 
@@ -78,6 +82,13 @@ def _volume_group(value: str) -> str:
             not all(c.isalnum() or c in "._+-" for c in value):  # fmt: skip
         raise ValueError(f"{value!r} is not a volume group name (letters, digits, . _ + -; at most 127)")
     return value
+
+
+def _labels(value: dict) -> dict[str, str]:
+    try:
+        return check_labels(value)
+    except CorralError as exc:
+        raise ValueError(exc.message) from None
 
 
 def _watchdog_timeout(value: int) -> int:

@@ -67,8 +67,8 @@ class HostFacts:
     """Static facts measured once at start; memory and disk refreshed on each call."""
 
     def __init__(self, node: str, address: str, storage_dir: Path, storage_drivers: tuple[str, ...],
-                 unavailable: dict[str, str] | None = None) -> None:  # fmt: skip
-        self._base = NodeFacts(name=node, address=address, storage_drivers=storage_drivers)
+                 unavailable: dict[str, str] | None = None, labels: dict[str, str] | None = None) -> None:  # fmt: skip
+        self._base = NodeFacts(name=node, address=address, storage_drivers=storage_drivers, labels=dict(labels or {}))
         self._storage_dir = storage_dir
         self._known_unavailable = dict(unavailable or {})  # found by the caller (e.g. storage-lvm: no device-mapper)
 

@@ -64,7 +64,7 @@ async def serve(config: AgentConfig) -> None:
         template_cache=config.template_cache,
         cgroups=CgroupLayout.detect(),
     )
-    facts = HostFacts(config.node, config.advertise, config.storage_dir, tuple(storages), unavailable)
+    facts = HostFacts(config.node, config.advertise, config.storage_dir, tuple(storages), unavailable, config.labels)
     live = await facts.probe()
     if await asyncio.to_thread(bridge_mac_pinned, config.bridge) is False:
         log.warning("the containers' bridge has no MAC address of its own: containers migrated in can change "

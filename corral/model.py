@@ -130,6 +130,7 @@ class NodeFacts:
     live_strategies: tuple[str, ...] = ()
     live_unavailable: dict[str, str] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)  # capability -> why not (corral/programs.py)
+    labels: dict[str, str] = field(default_factory=dict)  # the operator's, from the agent's config (zone: a)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def container_from_pb(msg: pb.Container) -> Container:
     )
 
 
-_COLLECTIONS = ("storage_drivers", "live_strategies", "live_unavailable", "unavailable")
+_COLLECTIONS = ("storage_drivers", "live_strategies", "live_unavailable", "unavailable", "labels")
 _FACT_FIELDS = [f for f in NodeFacts.__dataclass_fields__ if f not in _COLLECTIONS]
 
 
@@ -102,6 +102,7 @@ def facts_to_pb(facts: NodeFacts) -> pb.NodeFacts:
         live_strategies=list(facts.live_strategies),
         live_unavailable=dict(facts.live_unavailable),
         unavailable=dict(facts.unavailable),
+        labels=dict(facts.labels),
     )
 
 
@@ -112,6 +113,7 @@ def facts_from_pb(msg: pb.NodeFacts) -> NodeFacts:
         live_strategies=tuple(msg.live_strategies),
         live_unavailable=dict(msg.live_unavailable),
         unavailable=dict(msg.unavailable),
+        labels=dict(msg.labels),
     )
 
 

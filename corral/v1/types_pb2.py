@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63orral/v1/types.proto\x12\tcorral.v1\"l\n\x06Limits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x12\n\ncpu_millis\x18\x02 \x01(\r\x12\x12\n\ncpu_shares\x18\x03 \x01(\r\x12\x10\n\x08pids_max\x18\x04 \x01(\r\x12\x12\n\ndisk_bytes\x18\x05 \x01(\x04\"D\n\x11NetworkAttachment\x12\x11\n\tipv4_cidr\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0b\n\x03mac\x18\x03 \x01(\t\"\x89\x04\n\tContainer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.corral.v1.ContainerState\x12!\n\x06limits\x18\x05 \x01(\x0b\x32\x11.corral.v1.Limits\x12-\n\x07network\x18\x06 \x01(\x0b\x32\x1c.corral.v1.NetworkAttachment\x12\x0f\n\x07storage\x18\x07 \x01(\t\x12\x10\n\x08init_pid\x18\x08 \x01(\x03\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x0f\n\x07message\x18\n \x01(\t\x12\x19\n\x11volume_generation\x18\x0b \x01(\x04\x12.\n\rdesired_state\x18\x0c \x01(\x0e\x32\x17.corral.v1.DesiredState\x12\x13\n\x0bobserved_at\x18\r \x01(\x01\x12\x10\n\x08revision\x18\x0e \x01(\x04\x12\x10\n\x08in_doubt\x18\x0f \x01(\t\x12\x13\n\x0b\x64oubt_nodes\x18\x10 \x03(\t\x12\n\n\x02ha\x18\x11 \x01(\x08\x12\x13\n\x0bha_priority\x18\x12 \x01(\x05\x12\x10\n\x08ha_group\x18\x13 \x01(\t\x12\x13\n\x0bha_restarts\x18\x14 \x01(\r\x12\x16\n\x0eha_relocations\x18\x15 \x01(\r\x12\x11\n\tha_failed\x18\x16 \x01(\t\"\xb2\x04\n\tNodeFacts\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06kernel\x18\x08 \x01(\t\x12\x13\n\x0blxc_version\x18\t \x01(\t\x12\x14\n\x0c\x63riu_version\x18\n \x01(\t\x12\x0f\n\x07\x63riu_ok\x18\x0b \x01(\x08\x12\x13\n\x0b\x63riu_detail\x18\x0c \x01(\t\x12\x15\n\ragent_version\x18\r \x01(\t\x12\x17\n\x0fstorage_drivers\x18\x0e \x03(\t\x12\x17\n\x0flive_strategies\x18\x0f \x03(\t\x12\x43\n\x10live_unavailable\x18\x10 \x03(\x0b\x32).corral.v1.NodeFacts.LiveUnavailableEntry\x12:\n\x0bunavailable\x18\x11 \x03(\x0b\x32%.corral.v1.NodeFacts.UnavailableEntry\x1a\x36\n\x14LiveUnavailableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10UnavailableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x04Node\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.corral.v1.NodeState\x12\x16\n\x0elast_heartbeat\x18\x03 \x01(\x01\x12$\n\tallocated\x18\x04 \x01(\x0b\x32\x11.corral.v1.Limits\x12\x17\n\x0f\x63ontainer_count\x18\x05 \x01(\r\x12\x1c\n\x14unmanaged_containers\x18\x06 \x03(\t\x12\x0e\n\x06health\x18\x07 \x01(\t\x12\x0f\n\x07history\x18\x08 \x03(\t\"\xd0\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x11\n\tcontainer\x18\x06 \x01(\t\x12\x11\n\toperation\x18\x07 \x01(\t\x12,\n\x06\x66ields\x18\x08 \x03(\x0b\x32\x1c.corral.v1.Event.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x04\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x30\n\x06params\x18\x05 \x03(\x0b\x32 .corral.v1.Operation.ParamsEntry\x12\'\n\x05steps\x18\x06 \x03(\x0b\x32\x18.corral.v1.OperationStep\x12.\n\x08progress\x18\x07 \x01(\x0b\x32\x1c.corral.v1.OperationProgress\x12\x37\n\ntimings_ms\x18\x08 \x03(\x0b\x32#.corral.v1.Operation.TimingsMsEntry\x12\x30\n\x06result\x18\t \x03(\x0b\x32 .corral.v1.Operation.ResultEntry\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x0b \x01(\x08\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x12\n\nupdated_at\x18\r \x01(\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bResultEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\rOperationStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"}\n\x11OperationProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x10\n\x08rate_bps\x18\x04 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t*\xb9\x02\n\x0e\x43ontainerState\x12\x1f\n\x1b\x43ONTAINER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONTAINER_STATE_CREATING\x10\x01\x12\x1b\n\x17\x43ONTAINER_STATE_STOPPED\x10\x02\x12\x1c\n\x18\x43ONTAINER_STATE_STARTING\x10\x03\x12\x1b\n\x17\x43ONTAINER_STATE_RUNNING\x10\x04\x12\x1c\n\x18\x43ONTAINER_STATE_STOPPING\x10\x05\x12\x1a\n\x16\x43ONTAINER_STATE_FROZEN\x10\x06\x12\x1e\n\x1a\x43ONTAINER_STATE_DESTROYING\x10\x07\x12\x1b\n\x17\x43ONTAINER_STATE_UNKNOWN\x10\x08\x12\x19\n\x15\x43ONTAINER_STATE_ERROR\x10\t*c\n\x0c\x44\x65siredState\x12\x1d\n\x19\x44\x45SIRED_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45SIRED_STATE_RUNNING\x10\x01\x12\x19\n\x15\x44\x45SIRED_STATE_STOPPED\x10\x02*\x81\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x02\x12\x13\n\x0fNODE_STATE_DEAD\x10\x03\x12\x15\n\x11NODE_STATE_FENCED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63orral/v1/types.proto\x12\tcorral.v1\"l\n\x06Limits\x12\x14\n\x0cmemory_bytes\x18\x01 \x01(\x04\x12\x12\n\ncpu_millis\x18\x02 \x01(\r\x12\x12\n\ncpu_shares\x18\x03 \x01(\r\x12\x10\n\x08pids_max\x18\x04 \x01(\r\x12\x12\n\ndisk_bytes\x18\x05 \x01(\x04\"D\n\x11NetworkAttachment\x12\x11\n\tipv4_cidr\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0b\n\x03mac\x18\x03 \x01(\t\"\x89\x04\n\tContainer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x10\n\x08template\x18\x03 \x01(\t\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.corral.v1.ContainerState\x12!\n\x06limits\x18\x05 \x01(\x0b\x32\x11.corral.v1.Limits\x12-\n\x07network\x18\x06 \x01(\x0b\x32\x1c.corral.v1.NetworkAttachment\x12\x0f\n\x07storage\x18\x07 \x01(\t\x12\x10\n\x08init_pid\x18\x08 \x01(\x03\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x0f\n\x07message\x18\n \x01(\t\x12\x19\n\x11volume_generation\x18\x0b \x01(\x04\x12.\n\rdesired_state\x18\x0c \x01(\x0e\x32\x17.corral.v1.DesiredState\x12\x13\n\x0bobserved_at\x18\r \x01(\x01\x12\x10\n\x08revision\x18\x0e \x01(\x04\x12\x10\n\x08in_doubt\x18\x0f \x01(\t\x12\x13\n\x0b\x64oubt_nodes\x18\x10 \x03(\t\x12\n\n\x02ha\x18\x11 \x01(\x08\x12\x13\n\x0bha_priority\x18\x12 \x01(\x05\x12\x10\n\x08ha_group\x18\x13 \x01(\t\x12\x13\n\x0bha_restarts\x18\x14 \x01(\r\x12\x16\n\x0eha_relocations\x18\x15 \x01(\r\x12\x11\n\tha_failed\x18\x16 \x01(\t\"\x93\x05\n\tNodeFacts\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04\x63pus\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x17\n\x0f\x64isk_free_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06kernel\x18\x08 \x01(\t\x12\x13\n\x0blxc_version\x18\t \x01(\t\x12\x14\n\x0c\x63riu_version\x18\n \x01(\t\x12\x0f\n\x07\x63riu_ok\x18\x0b \x01(\x08\x12\x13\n\x0b\x63riu_detail\x18\x0c \x01(\t\x12\x15\n\ragent_version\x18\r \x01(\t\x12\x17\n\x0fstorage_drivers\x18\x0e \x03(\t\x12\x17\n\x0flive_strategies\x18\x0f \x03(\t\x12\x43\n\x10live_unavailable\x18\x10 \x03(\x0b\x32).corral.v1.NodeFacts.LiveUnavailableEntry\x12:\n\x0bunavailable\x18\x11 \x03(\x0b\x32%.corral.v1.NodeFacts.UnavailableEntry\x12\x30\n\x06labels\x18\x12 \x03(\x0b\x32 .corral.v1.NodeFacts.LabelsEntry\x1a\x36\n\x14LiveUnavailableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10UnavailableEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x04Node\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.corral.v1.NodeState\x12\x16\n\x0elast_heartbeat\x18\x03 \x01(\x01\x12$\n\tallocated\x18\x04 \x01(\x0b\x32\x11.corral.v1.Limits\x12\x17\n\x0f\x63ontainer_count\x18\x05 \x01(\r\x12\x1c\n\x14unmanaged_containers\x18\x06 \x03(\t\x12\x0e\n\x06health\x18\x07 \x01(\t\x12\x0f\n\x07history\x18\x08 \x03(\t\"\xd0\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x0c\n\x04node\x18\x05 \x01(\t\x12\x11\n\tcontainer\x18\x06 \x01(\t\x12\x11\n\toperation\x18\x07 \x01(\t\x12,\n\x06\x66ields\x18\x08 \x03(\x0b\x32\x1c.corral.v1.Event.FieldsEntry\x1a-\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9e\x04\n\tOperation\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tcontainer\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x30\n\x06params\x18\x05 \x03(\x0b\x32 .corral.v1.Operation.ParamsEntry\x12\'\n\x05steps\x18\x06 \x03(\x0b\x32\x18.corral.v1.OperationStep\x12.\n\x08progress\x18\x07 \x01(\x0b\x32\x1c.corral.v1.OperationProgress\x12\x37\n\ntimings_ms\x18\x08 \x03(\x0b\x32#.corral.v1.Operation.TimingsMsEntry\x12\x30\n\x06result\x18\t \x03(\x0b\x32 .corral.v1.Operation.ResultEntry\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x0b \x01(\x08\x12\x12\n\ncreated_at\x18\x0c \x01(\x01\x12\x12\n\nupdated_at\x18\r \x01(\x01\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eTimingsMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bResultEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\rOperationStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"}\n\x11OperationProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\nbytes_done\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x10\n\x08rate_bps\x18\x04 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t*\xb9\x02\n\x0e\x43ontainerState\x12\x1f\n\x1b\x43ONTAINER_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONTAINER_STATE_CREATING\x10\x01\x12\x1b\n\x17\x43ONTAINER_STATE_STOPPED\x10\x02\x12\x1c\n\x18\x43ONTAINER_STATE_STARTING\x10\x03\x12\x1b\n\x17\x43ONTAINER_STATE_RUNNING\x10\x04\x12\x1c\n\x18\x43ONTAINER_STATE_STOPPING\x10\x05\x12\x1a\n\x16\x43ONTAINER_STATE_FROZEN\x10\x06\x12\x1e\n\x1a\x43ONTAINER_STATE_DESTROYING\x10\x07\x12\x1b\n\x17\x43ONTAINER_STATE_UNKNOWN\x10\x08\x12\x19\n\x15\x43ONTAINER_STATE_ERROR\x10\t*c\n\x0c\x44\x65siredState\x12\x1d\n\x19\x44\x45SIRED_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44\x45SIRED_STATE_RUNNING\x10\x01\x12\x19\n\x15\x44\x45SIRED_STATE_STOPPED\x10\x02*\x81\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_STATE_READY\x10\x01\x12\x16\n\x12NODE_STATE_SUSPECT\x10\x02\x12\x13\n\x0fNODE_STATE_DEAD\x10\x03\x12\x15\n\x11NODE_STATE_FENCED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEFACTS_LIVEUNAVAILABLEENTRY']._serialized_options = b'8\001'
   _globals['_NODEFACTS_UNAVAILABLEENTRY']._loaded_options = None
   _globals['_NODEFACTS_UNAVAILABLEENTRY']._serialized_options = b'8\001'
+  _globals['_NODEFACTS_LABELSENTRY']._loaded_options = None
+  _globals['_NODEFACTS_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_EVENT_FIELDSENTRY']._loaded_options = None
   _globals['_EVENT_FIELDSENTRY']._serialized_options = b'8\001'
   _globals['_OPERATION_PARAMSENTRY']._loaded_options = None
@@ -44,12 +46,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPERATION_TIMINGSMSENTRY']._serialized_options = b'8\001'
   _globals['_OPERATION_RESULTENTRY']._loaded_options = None
   _globals['_OPERATION_RESULTENTRY']._serialized_options = b'8\001'
-  _globals['_CONTAINERSTATE']._serialized_start=2525
-  _globals['_CONTAINERSTATE']._serialized_end=2838
-  _globals['_DESIREDSTATE']._serialized_start=2840
-  _globals['_DESIREDSTATE']._serialized_end=2939
-  _globals['_NODESTATE']._serialized_start=2942
-  _globals['_NODESTATE']._serialized_end=3071
+  _globals['_CONTAINERSTATE']._serialized_start=2622
+  _globals['_CONTAINERSTATE']._serialized_end=2935
+  _globals['_DESIREDSTATE']._serialized_start=2937
+  _globals['_DESIREDSTATE']._serialized_end=3036
+  _globals['_NODESTATE']._serialized_start=3039
+  _globals['_NODESTATE']._serialized_end=3168
   _globals['_LIMITS']._serialized_start=36
   _globals['_LIMITS']._serialized_end=144
   _globals['_NETWORKATTACHMENT']._serialized_start=146
@@ -57,27 +59,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTAINER']._serialized_start=217
   _globals['_CONTAINER']._serialized_end=738
   _globals['_NODEFACTS']._serialized_start=741
-  _globals['_NODEFACTS']._serialized_end=1303
-  _globals['_NODEFACTS_LIVEUNAVAILABLEENTRY']._serialized_start=1197
-  _globals['_NODEFACTS_LIVEUNAVAILABLEENTRY']._serialized_end=1251
-  _globals['_NODEFACTS_UNAVAILABLEENTRY']._serialized_start=1253
-  _globals['_NODEFACTS_UNAVAILABLEENTRY']._serialized_end=1303
-  _globals['_NODE']._serialized_start=1306
-  _globals['_NODE']._serialized_end=1536
-  _globals['_EVENT']._serialized_start=1539
-  _globals['_EVENT']._serialized_end=1747
-  _globals['_EVENT_FIELDSENTRY']._serialized_start=1702
-  _globals['_EVENT_FIELDSENTRY']._serialized_end=1747
-  _globals['_OPERATION']._serialized_start=1750
-  _globals['_OPERATION']._serialized_end=2292
-  _globals['_OPERATION_PARAMSENTRY']._serialized_start=2150
-  _globals['_OPERATION_PARAMSENTRY']._serialized_end=2195
-  _globals['_OPERATION_TIMINGSMSENTRY']._serialized_start=2197
-  _globals['_OPERATION_TIMINGSMSENTRY']._serialized_end=2245
-  _globals['_OPERATION_RESULTENTRY']._serialized_start=2247
-  _globals['_OPERATION_RESULTENTRY']._serialized_end=2292
-  _globals['_OPERATIONSTEP']._serialized_start=2294
-  _globals['_OPERATIONSTEP']._serialized_end=2395
-  _globals['_OPERATIONPROGRESS']._serialized_start=2397
-  _globals['_OPERATIONPROGRESS']._serialized_end=2522
+  _globals['_NODEFACTS']._serialized_end=1400
+  _globals['_NODEFACTS_LIVEUNAVAILABLEENTRY']._serialized_start=1247
+  _globals['_NODEFACTS_LIVEUNAVAILABLEENTRY']._serialized_end=1301
+  _globals['_NODEFACTS_UNAVAILABLEENTRY']._serialized_start=1303
+  _globals['_NODEFACTS_UNAVAILABLEENTRY']._serialized_end=1353
+  _globals['_NODEFACTS_LABELSENTRY']._serialized_start=1355
+  _globals['_NODEFACTS_LABELSENTRY']._serialized_end=1400
+  _globals['_NODE']._serialized_start=1403
+  _globals['_NODE']._serialized_end=1633
+  _globals['_EVENT']._serialized_start=1636
+  _globals['_EVENT']._serialized_end=1844
+  _globals['_EVENT_FIELDSENTRY']._serialized_start=1799
+  _globals['_EVENT_FIELDSENTRY']._serialized_end=1844
+  _globals['_OPERATION']._serialized_start=1847
+  _globals['_OPERATION']._serialized_end=2389
+  _globals['_OPERATION_PARAMSENTRY']._serialized_start=2247
+  _globals['_OPERATION_PARAMSENTRY']._serialized_end=2292
+  _globals['_OPERATION_TIMINGSMSENTRY']._serialized_start=2294
+  _globals['_OPERATION_TIMINGSMSENTRY']._serialized_end=2342
+  _globals['_OPERATION_RESULTENTRY']._serialized_start=2344
+  _globals['_OPERATION_RESULTENTRY']._serialized_end=2389
+  _globals['_OPERATIONSTEP']._serialized_start=2391
+  _globals['_OPERATIONSTEP']._serialized_end=2492
+  _globals['_OPERATIONPROGRESS']._serialized_start=2494
+  _globals['_OPERATIONPROGRESS']._serialized_end=2619
 # @@protoc_insertion_point(module_scope)

@@ -126,7 +126,7 @@ class Container(_message.Message):
     def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ..., ha_restarts: _Optional[int] = ..., ha_relocations: _Optional[int] = ..., ha_failed: _Optional[str] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
-    __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable", "unavailable")
+    __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable", "unavailable", "labels")
     class LiveUnavailableEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,13 @@ class NodeFacts(_message.Message):
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     class UnavailableEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +165,7 @@ class NodeFacts(_message.Message):
     LIVE_STRATEGIES_FIELD_NUMBER: _ClassVar[int]
     LIVE_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     cpus: int
@@ -175,7 +183,8 @@ class NodeFacts(_message.Message):
     live_strategies: _containers.RepeatedScalarFieldContainer[str]
     live_unavailable: _containers.ScalarMap[str, str]
     unavailable: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., live_strategies: _Optional[_Iterable[str]] = ..., live_unavailable: _Optional[_Mapping[str, str]] = ..., unavailable: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., live_strategies: _Optional[_Iterable[str]] = ..., live_unavailable: _Optional[_Mapping[str, str]] = ..., unavailable: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Node(_message.Message):
     __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers", "health", "history")
