@@ -79,6 +79,10 @@ class Lease:
         """A heartbeat sent at `sent_at` (on this lease's clock) was acknowledged."""
         if lease_seconds <= 0:
             return  # a controller that grants no lease
+        if (left := self.remaining()) is not None and left <= 0 and not self.fenced:
+            # Run out before the guard saw it (an agent restarted, or stalled): a late renewal does
+            # not mend a lease that lapsed, so what it covered is fenced first.
+            await self._fence_now()
         self.expires = max(self.expires or 0.0, sent_at + lease_seconds - MARGIN)
         self.ha = sorted(ha)
         if self.fenced:

@@ -69,22 +69,21 @@ class Fencer:
         self.clock = clock
         self._tried: dict[str, float] = {}  # node -> when its last attempt began, on `clock`
         self._fencing: dict[str, asyncio.Task] = {}  # node -> its attempt in progress
+        self._wake = asyncio.Event()  # a node died, or an attempt ended (a retry may be due at once)
 
     async def run(self, poll: float = POLL) -> None:
-        wake = asyncio.Event()
-
         def changed(node: str, state: NodeState) -> None:
             if state == NodeState.DEAD:
-                wake.set()
+                self._wake.set()
 
         unsubscribe = self.nodes.subscribe(changed)
         try:
             while True:
-                wake.clear()
+                self._wake.clear()
                 wait = min(poll, self._start_due())
                 try:
                     async with asyncio.timeout(wait):
-                        await wake.wait()
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         finally:
@@ -110,8 +109,12 @@ class Fencer:
             self._tried[name] = now
             task = asyncio.create_task(self.fence(name))
             self._fencing[name] = task
-            task.add_done_callback(lambda _, name=name: self._fencing.pop(name, None))
+            task.add_done_callback(lambda _, name=name: self._ended(name))
         return next_retry
+
+    def _ended(self, node: str) -> None:
+        self._fencing.pop(node, None)
+        self._wake.set()
 
     async def fence(self, node: str) -> bool:
         began = self.clock()
