@@ -70,7 +70,7 @@ class AgentConfig:
             heartbeat_interval=heartbeat,
             log_level=doc.get("log_level", str, "info", parse=parse_level),
             transfer_port=doc.get("transfer_port", int, 7702, parse=_port),
-            watchdog_device=doc.get("watchdog_device", str, "", parse=lambda v: check_device(v) if v else None),
+            watchdog_device=doc.get("watchdog_device", str, None, parse=lambda v: check_device(v) if v else None),
             watchdog_timeout=doc.get("watchdog_timeout", int, 10, parse=_watchdog_timeout),
             labels=doc.get("labels", dict, {}, parse=_labels),
         )
