@@ -148,7 +148,7 @@ async def _do(world: World, command: tuple[str, ...]) -> None:
         host.hang()
         world.log(f"{host.name}'s agent hangs")
     elif verb == "kill_agent":
-        host._stop_agent("dead")
+        host.kill_agent()
         world.log(f"{host.name}'s agent died; its containers keep running")
     elif verb == "start_agent":
         host.start_agent()

@@ -138,6 +138,10 @@ class Host:
     def hang(self) -> None:
         self._stop_agent("hung")
 
+    def kill_agent(self) -> None:
+        """SIGKILL: its containers are not its children, they keep running."""
+        self._stop_agent("dead")
+
     async def _self_fence(self, names: list[str]) -> None:
         for name in names:
             copy = self.copies.get(name)
