@@ -507,6 +507,25 @@ SCENARIOS = [
         running="db@n2",
     ),
     Scenario(
+        "a controller outage past the lease: every host fences its HA containers, and nothing fails over "
+        "(the lease comes from the controller alone until it is replicated)",
+        containers="db@n1 web@n2",
+        script="""
+            at 2: stop controller
+            at 12: start controller
+        """,
+        expect="""
+            controller stopped
+            db self-fenced on n1
+            web self-fenced on n2
+            controller started
+            n1 ready
+            n2 ready
+            n3 ready
+        """,
+        running="db@- web@-",
+    ),
+    Scenario(
         "two failover daemons at once: only the one holding the lease acts",
         containers="db@n1 web@n1",
         daemons="d1 d2",

@@ -21,7 +21,7 @@ rule 1 breaks, and AssertionError with the whole log when the story differs.
 Script commands (times in seconds from the scenario's start):
   power_off N | power_on N | partition N | heal N | hang N (the agent hangs) |
   kill_agent N (it dies, its containers keep running) | start_agent N |
-  fence N works|fails|hangs | restart controller | operator failover CT |
+  fence N works|fails|hangs | restart|stop|start controller | operator failover CT |
   operator fenced N | start_daemon D [heedless] | stop_daemon D |
   flap N down S up S times K
 """
@@ -155,9 +155,13 @@ async def _do(world: World, command: tuple[str, ...]) -> None:
     elif verb == "fence":
         host.fence_agent = args[1]
     elif verb == "restart" and args == ("controller",):
+        await _do(world, ("stop", "controller"))
+        await asyncio.sleep(RESTART_DOWN)
+        await _do(world, ("start", "controller"))
+    elif verb == "stop" and args == ("controller",):
         world.stop_controller()
         world.log("controller stopped")
-        await asyncio.sleep(RESTART_DOWN)
+    elif verb == "start" and args == ("controller",):
         await world.start_controller()
         world.log("controller started")
     elif verb == "operator" and args[0] == "failover":
