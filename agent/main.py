@@ -33,6 +33,7 @@ from agent.watchdog import KernelWatchdog, Watchdog
 from corral import log as corral_log
 from corral import programs
 from corral.api.server import make_server
+from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
 from corral.errors import CorralError, Unavailable
 from corral.v1 import agent_pb2_grpc
@@ -88,12 +89,14 @@ async def serve(config: AgentConfig) -> None:
         log.exception("sweeping the leftovers of earlier operations failed")
 
     server = make_server(AGENT_POLICY)
+    standard = await add_standard_services(server, AGENT_POLICY)  # health, reflection
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(containers, facts, migrations), server)
     try:
         server.add_secure_port(config.listen, server_credentials(config.tls))
     except RuntimeError:
         raise Unavailable(f"cannot listen on {config.listen} (in use, or not an address of this host)") from None
     await server.start()
+    await standard.serving()  # up, registered or not (corral.api.standard)
     log.info("agent serving", node=config.node, listen=config.listen, lxc_path=str(config.lxc_path))
 
     lease = Lease(config.state_dir / "lease.json", containers.fence)
@@ -116,6 +119,7 @@ async def serve(config: AgentConfig) -> None:
         watchers = [tg.create_task(image.watch(containers.kill))] if isinstance(image, ImageStorage) else []
         await stop.wait()
         log.info("agent stopping; containers keep running")
+        await standard.stopping()
         beat.cancel()
         guard.cancel()
         if petting is not None:

@@ -24,6 +24,7 @@ from corral.api.convert import (
     network_from_pb,
 )
 from corral.api.server import ServicePolicy, container, node, operation, reads, writes
+from corral.api.standard import STANDARD_TABLES
 from corral.errors import InvalidArgument
 from corral.model import validate_limits
 from corral.v1 import agent_pb2 as apb
@@ -62,6 +63,7 @@ AGENT_POLICY = ServicePolicy(
     # from using up the descriptors the agent needs for LXC, CRIU and loop devices.
     max_concurrent_rpcs=256,
     max_connections=128,
+    standard=STANDARD_TABLES,  # health and reflection, to every certificate of the fleet
 )
 
 

@@ -22,6 +22,7 @@ from controller.service import ControllerServicer, controller_policy
 from controller.store.sqlite import SqliteStore
 from corral import log as corral_log
 from corral.api.server import make_server
+from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
 from corral.errors import CorralError, Unavailable
 from corral.v1 import controller_pb2_grpc
@@ -40,6 +41,7 @@ async def serve(config: ControllerConfig) -> None:
     fleet = Fleet(store, nodes, agents, config.addresses, engine, config.placement, config.recovery)
 
     server = make_server(controller_policy)
+    standard = await add_standard_services(server, controller_policy)  # health, reflection
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(
         ControllerServicer(fleet, nodes, engine, config.heartbeat_interval, events), server
     )
@@ -51,6 +53,7 @@ async def serve(config: ControllerConfig) -> None:
             raise Unavailable(f"cannot listen on {address} (in use, or not an address of this host)") from None
     await server.start()
     await engine.start()
+    await standard.serving()
     log.info("controller serving", listen=list(config.listen), store=str(config.store_path))
 
     stop = asyncio.Event()
@@ -64,6 +67,7 @@ async def serve(config: ControllerConfig) -> None:
                 if config.fence_command else None  # fmt: skip
             await stop.wait()
             log.info("controller stopping")
+            await standard.stopping()
             watcher.cancel()
             if fencer is not None:
                 fencer.cancel()

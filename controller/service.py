@@ -26,6 +26,7 @@ from corral.api.convert import (
     operation_to_pb,
 )
 from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
+from corral.api.standard import STANDARD_TABLES
 from corral.compat import agent_compatibility, controller_version
 from corral.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from corral.names import validate_name
@@ -67,6 +68,7 @@ CONTROLLER_POLICY = ServicePolicy(
     # Every agent holds a connection (heartbeats), users and services one each.
     max_concurrent_rpcs=2000,
     max_connections=4000,
+    standard=STANDARD_TABLES,  # health and reflection, to every certificate of the fleet
 )
 controller_policy = CONTROLLER_POLICY  # the name controller.main imports
 

@@ -2,12 +2,18 @@
 
 Every error a user can see is a `CorralError` subclass. Each class carries the
 gRPC status code it travels as and the exit code the CLI returns for it; the
-mapping lives here and nowhere else (`to_grpc_code`, `from_grpc_code`).
+mapping lives here and nowhere else (`to_grpc_code`, `from_grpc_code`). On the wire a
+Corral error also carries a `google.rpc.Status` with an `ErrorInfo` detail (domain
+`ERROR_DOMAIN`, reason `error_reason(kind)`), which clients in any language can read.
 """
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+ERROR_DOMAIN = "corral"  # google.rpc.ErrorInfo.domain of the errors Corral servers send
 
 
 class CorralError(Exception):
@@ -126,10 +132,17 @@ def to_grpc_code(error: CorralError) -> grpc.StatusCode:
     return error.grpc_code
 
 
+def error_reason(kind: str) -> str:
+    """The `ErrorInfo.reason` of an error kind, UPPER_SNAKE_CASE as gRPC's error model asks:
+    `NoCapacity` -> `NO_CAPACITY`, `CorralError` -> `CORRAL_ERROR`. A reason stays as it is."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", kind).upper()
+
+
 def from_grpc_code(code: grpc.StatusCode, message: str, kind: str = "") -> CorralError:
-    """Turn a gRPC status received from a peer back into our own error. `kind`: the class name
-    a Corral peer sent with it (empty when gRPC itself failed the call)."""
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and kind != NoCapacity.__name__:
+    """Turn a gRPC status received from a peer back into our own error. `kind`: what a Corral
+    peer said the error was, its class name or its ErrorInfo reason (empty when gRPC itself
+    failed the call)."""
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_reason(kind) != error_reason(NoCapacity.__name__):
         # gRPC's own limits (message size, concurrent calls) travel as RESOURCE_EXHAUSTED too.
         return LimitExceeded(message)
     return _BY_CODE.get(code, CorralError)(message)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
-from corral.errors import CorralError, DeadlineExceeded, Unavailable, from_grpc_code
+from corral.errors import ERROR_DOMAIN, CorralError, DeadlineExceeded, Unavailable, from_grpc_code
 
 ERROR_MARK = "corral-error"  # see corral.api.server
 
@@ -21,8 +23,9 @@ async def call(rpc: Callable[..., Awaitable[Any]], request: Any, *, timeout: flo
 
 def rpc_error(exc: grpc.aio.AioRpcError, peer: str) -> CorralError:
     code, details = exc.code(), exc.details() or ""
+    info = error_info(exc)
     metadata = exc.trailing_metadata() or ()
-    kind = next((value for key, value in metadata if key == ERROR_MARK), None)
+    kind = info.reason if info is not None else next((value for key, value in metadata if key == ERROR_MARK), None)
     if kind is not None:
         return from_grpc_code(code, details, str(kind))  # the peer's own error, passed on as it said it
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -32,3 +35,17 @@ def rpc_error(exc: grpc.aio.AioRpcError, peer: str) -> CorralError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a message too large, or the server's call limit
         return from_grpc_code(code, f"the call to {peer} hit a gRPC limit: {details}")
     return from_grpc_code(code, details)
+
+
+def error_info(call: grpc.Call) -> error_details_pb2.ErrorInfo | None:
+    """The `google.rpc.ErrorInfo` a Corral server attached to a failed call (its `reason` is the
+    error's kind, `error_reason`), or None: another server, an older one, or gRPC's own error."""
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:  # a status whose code or message disagrees with the call's: not ours
+        return None
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            return info
+    return None

@@ -4,11 +4,14 @@ Each service has a `ServicePolicy`, a table with one `Rule` per method: the role
 call it, whether it changes anything, and which request fields name a container, a node
 or an operation. Deny by default: a method without a rule is refused to everyone, and
 `make_server` refuses to start when the table and the service's generated descriptor
-disagree. `GuardInterceptor` wraps every handler (all four kinds) once: it reads the
+disagree. gRPC's standard services served beside it (health, reflection: corral.api.standard)
+have tables of their own in the policy (`ServicePolicy.standard`), checked the same way.
+`GuardInterceptor` wraps every handler (all four kinds) once: it reads the
 caller's identity from its client certificate (role in OU, name in CN), refuses roles the
 rule does not allow, validates the named fields before the servicer sees the request, logs
 calls that change something with their caller, and turns `CorralError` into the matching
-gRPC status. The servicers stay thin and never deal with status codes themselves.
+gRPC status, with a `google.rpc.Status` whose `ErrorInfo` names the error's kind (`_abort`).
+The servicers stay thin and never deal with status codes themselves.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from typing import Any, AsyncIterator, Mapping
 
 import grpc
 import structlog
+from google.protobuf import any_pb2
 from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from corral.api.client import ERROR_MARK
-from corral.errors import CorralError, PermissionDenied, Unauthenticated
+from corral.errors import ERROR_DOMAIN, CorralError, PermissionDenied, Unauthenticated, error_reason
 from corral.names import validate_name
 from corral.pki import Identity, identity_from_pem
 
@@ -79,13 +85,11 @@ class AccessTableError(CorralError):
 
 
 @dataclass(frozen=True)
-class ServicePolicy:
-    """Who may call what on one service, and the server's limits."""
+class AccessTable:
+    """Who may call what on one service: a rule per method."""
 
     service: ServiceDescriptor
     rules: Mapping[str, Rule]
-    max_concurrent_rpcs: int = 1000  # more calls at once get RESOURCE_EXHAUSTED
-    max_connections: int = 1000  # open connections, handshaking ones included
 
     def check(self) -> None:
         """Every method of the service has a rule and every rule is a method, with fields its
@@ -102,6 +106,24 @@ class ServicePolicy:
     def rule(self, full_method: str) -> Rule | None:
         service, _, method = full_method.lstrip("/").rpartition("/")
         return self.rules.get(method) if service == self.service.full_name else None
+
+
+@dataclass(frozen=True)
+class ServicePolicy(AccessTable):
+    """Who may call what on one server: its Corral service's table, the tables of the gRPC
+    standard services it also serves (`standard`, corral.api.standard), and its limits."""
+
+    max_concurrent_rpcs: int = 1000  # more calls at once get RESOURCE_EXHAUSTED
+    max_connections: int = 1000  # open connections, handshaking ones included
+    standard: tuple[AccessTable, ...] = ()
+
+    def check(self) -> None:
+        for table in (self, *self.standard):
+            AccessTable.check(table)
+
+    def rule(self, full_method: str) -> Rule | None:
+        tables = (AccessTable.rule(t, full_method) for t in (self, *self.standard))
+        return next((rule for rule in tables if rule is not None), None)
 
 
 def _field_problem(method, field: Field) -> str | None:
@@ -140,6 +162,7 @@ class _Guard:
     def __init__(self, full_method: str, rule: Rule | None) -> None:
         self.method = full_method.rsplit("/", 1)[-1]
         self.rule = rule
+        self.named: dict[str, str] = {}  # the call's checked names, by log key (for its error's details)
 
     def admit(self, context) -> Identity:
         identity = peer_identity(context)
@@ -155,7 +178,7 @@ class _Guard:
 
     def check(self, request: Any, identity: Identity, context) -> None:
         """Validate the named fields (before anything is touched), then log a change with its caller."""
-        named: dict[str, str] = {}
+        named = self.named
         for field in self.rule.fields:
             value = _get(request, field.path)
             if value == "" and field.optional:
@@ -204,7 +227,7 @@ def _guarded(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHan
                 guard.check(request, guard.admit(context), context)
                 return await inner(request, context)
             except CorralError as exc:
-                await _abort(context, method, exc)
+                await _abort(context, guard, exc)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
 
@@ -216,7 +239,7 @@ def _guarded(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHan
                 identity = guard.admit(context)
                 return await inner(guard.checked_stream(requests, identity, context), context)
             except CorralError as exc:
-                await _abort(context, method, exc)
+                await _abort(context, guard, exc)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
 
@@ -243,7 +266,7 @@ def _guarded(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHan
                 async for item in inner(admitted(request, context), context):
                     yield item
             except CorralError as exc:
-                await _abort(context, method, exc)
+                await _abort(context, guard, exc)
 
     else:
 
@@ -251,18 +274,27 @@ def _guarded(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHan
             try:
                 return await inner(admitted(request, context), context)
             except CorralError as exc:
-                await _abort(context, method, exc)
+                await _abort(context, guard, exc)
 
     make = grpc.stream_stream_rpc_method_handler if request_stream else grpc.unary_stream_rpc_method_handler
     return make(streaming, **codec)
 
 
-# Trailing metadata marking an error raised by Corral itself (not by the transport),
-# so a client does not mistake "the controller could not reach an agent" for
-# "the client could not reach the controller".
-async def _abort(context, method: str, exc: CorralError) -> None:
-    log.info("request refused", method=method, code=exc.grpc_code.name, error=exc.message)
-    await context.abort(exc.grpc_code, exc.message, trailing_metadata=((ERROR_MARK, type(exc).__name__),))
+async def _abort(context, guard: _Guard, exc: CorralError) -> None:
+    """End the call with the error's code and message, and two marks of an error raised by
+    Corral itself (not by the transport), so a client does not mistake "the controller could
+    not reach an agent" for "the client could not reach the controller": the `google.rpc.Status`
+    any gRPC client can read (an `ErrorInfo`: domain `corral`, reason the error's kind, metadata
+    the method and the names it was called with), and, for Corral's older clients, the kind in
+    `ERROR_MARK` metadata."""
+    log.info("request refused", method=guard.method, code=exc.grpc_code.name, error=exc.message)
+    kind = type(exc).__name__
+    info = error_details_pb2.ErrorInfo(reason=error_reason(kind), domain=ERROR_DOMAIN,
+                                       metadata={"method": guard.method, **guard.named})  # fmt: skip
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = rpc_status.to_status(status_pb2.Status(code=exc.grpc_code.value[0], message=exc.message, details=[detail]))
+    await context.abort(status.code, status.details, trailing_metadata=(*status.trailing_metadata, (ERROR_MARK, kind)))
 
 
 def make_server(policy: ServicePolicy) -> grpc.aio.Server:
