@@ -258,12 +258,15 @@ async def test_reflection_v1_answers_like_v1alpha(controller, certs):
                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)  # fmt: skip
         requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="corral.v1.ControllerService")]  # fmt: skip
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="corral.v1.ControllerService"),
+                    # what grpcurl asks to print an error's details
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="google.rpc.ErrorInfo")]  # fmt: skip
         replies = [r async for r in info(iter(requests), timeout=5)]
         v1alpha = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter(requests[:1]), timeout=5)
         assert [r async for r in v1alpha][0].list_services_response == replies[0].list_services_response
     assert {s.name for s in replies[0].list_services_response.service} == {"corral.v1.ControllerService", *STANDARD_SERVICES}
     assert replies[1].file_descriptor_response.file_descriptor_proto  # the file and what it imports
+    assert replies[2].file_descriptor_response.file_descriptor_proto, replies[2]
 
 
 # -- errors ------------------------------------------------------------------------------------
