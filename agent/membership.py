@@ -20,13 +20,14 @@ from corral.api.client import call
 from corral.api.convert import container_to_pb, facts_to_pb
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
-from corral.errors import CorralError
+from corral.errors import CorralError, Unavailable
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
 
 log = structlog.get_logger("corral.agent.membership")
 
-RPC_TIMEOUT = 5.0
+MIN_DEADLINE = 1.0  # a register or heartbeat unanswered this long is retried on a fresh connection
+RETRY_SOON = 0.2
 RETRY_DELAY = 1.0
 
 
@@ -45,17 +46,29 @@ class Membership:
         self.restarts = LocalRestarts(containers, lease)
 
     async def run(self) -> None:
-        channel = secure_channel(self.controller, self.tls, server_name="controller", role="controller")
-        stub = controller_pb2_grpc.ControllerServiceStub(channel)
+        channel = None
         try:
             last_failure, logged_at = "", 0.0
             while True:
+                if channel is None:
+                    channel = secure_channel(self.controller, self.tls, server_name="controller", role="controller")
+                    stub = controller_pb2_grpc.ControllerServiceStub(channel)
                 try:
                     await self._register(stub)
                     await self._heartbeat_until_reregister(stub)
-                except CorralError as exc:
+                except Unavailable as exc:
+                    # Unanswered within the short deadline: after a cut, the connection may sit in
+                    # TCP's retransmission back-off for seconds, longer than the lease lasts. Dial
+                    # afresh and try again soon, so that a brief flap never costs the lease.
                     self.registered.clear()
                     log.warning("controller unreachable, retrying", controller=self.controller, error=exc.message)
+                    await channel.close(grace=0)
+                    channel = None
+                    await asyncio.sleep(RETRY_SOON)
+                except CorralError as exc:
+                    self.registered.clear()
+                    log.error("controller refused this agent, retrying", controller=self.controller,
+                              error=exc.message)  # fmt: skip
                     await asyncio.sleep(RETRY_DELAY)
                 except Exception as exc:
                     # A bug or a bad file on this host must not end the heartbeats, and with them
@@ -67,7 +80,12 @@ class Membership:
                         last_failure, logged_at = failure, now
                     await asyncio.sleep(RETRY_DELAY)
         finally:
-            await channel.close()
+            if channel is not None:
+                await channel.close()
+
+    def _deadline(self) -> float:
+        """Each call's deadline: short, so that a lost one is retried well within the lease."""
+        return max(MIN_DEADLINE, self.interval)
 
     async def _snapshot(self):
         containers = [replace(c, ha_restarts=self.restarts.count(c.name)) for c in await self.containers.list()]
@@ -79,7 +97,7 @@ class Membership:
         reply = await call(
             stub.RegisterNode,
             cpb.RegisterNodeRequest(facts=facts, containers=containers),
-            timeout=RPC_TIMEOUT,
+            timeout=self._deadline(),
             peer=f"controller {self.controller}",
         )
         if self.lease:
@@ -100,7 +118,7 @@ class Membership:
             reply = await call(
                 stub.Heartbeat,
                 cpb.HeartbeatRequest(node=facts.name, facts=facts, containers=containers),
-                timeout=RPC_TIMEOUT,
+                timeout=self._deadline(),
                 peer=f"controller {self.controller}",
             )
             if reply.reregister:

@@ -43,11 +43,6 @@ def _node_states(events: list[dict], node: str) -> list[str]:
     return [e["fields"]["state"] for e in events if e["kind"] == "node-state" and e.get("node") == node]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: a 2 s link cut makes the agent fence itself (the container is killed and stays stopped). "
-    "agent/membership.py waits for one heartbeat at a time (RPC timeout 5 s); the one lost in the cut is "
-    "retransmitted by TCP only at its next backoff (~3 s after it was sent), past the lease the agent keeps "
-    "(acknowledged send + 5 s - 1 s margin, counted from the heartbeat before). Seen twice in 4 flaps."))
 async def test_a_flapping_link_neither_fences_nor_fails_over(corral, cleanup, lab):
     await _create_ha(corral, cleanup, "flap1", "n3")
     await asyncio.sleep(1.5)  # a heartbeat tells n3's agent that flap1 is HA
