@@ -32,39 +32,12 @@ from corral.api.tls import CHANNEL_OPTIONS, channel_credentials, secure_channel,
 from corral.config import TlsFiles
 from corral.errors import NotFound, PermissionDenied
 from corral.v1 import agent_pb2, agent_pb2_grpc, controller_pb2, controller_pb2_grpc
+from test_authz_table import Fleet, fleet  # noqa: F401  (the fixture: a fleet's CA and certificates, no lab)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FLEET_CALLERS = ("user", "agent", "controller")
 STANDARD_SERVICES = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
-
-
-@dataclasses.dataclass
-class Pki:
-    dir: Path
-    tls: dict[str, TlsFiles]  # by caller; "foreign": a user certificate of another CA
-
-    def server(self, role: str, name: str) -> TlsFiles:
-        return _tls(self.dir, role, name)
-
-
-def _tls(d: Path, role: str, name: str) -> TlsFiles:
-    return TlsFiles(ca=d / "ca.crt", cert=d / f"{role}-{name}.crt", key=d / f"{role}-{name}.key")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Pki:
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "controller", "controller", hosts=["127.0.0.1"])
-    pki.issue(d, "agent", "n1")
-    pki.issue(d, "user", "admin")
-    foreign = tmp_path_factory.mktemp("foreign")
-    pki.init_ca(foreign, "Foreign CA")
-    pki.issue(foreign, "user", "admin")
-    tls = {"user": _tls(d, "user", "admin"), "agent": _tls(d, "agent", "n1"), "controller": _tls(d, "controller", "controller"),
-           "foreign": TlsFiles(ca=d / "ca.crt", cert=foreign / "user-admin.crt", key=foreign / "user-admin.key")}  # fmt: skip
-    return Pki(d, tls)
 
 
 def _free_port() -> int:
@@ -76,10 +49,10 @@ def _free_port() -> int:
 class Controller:
     """A real `corral-controller` process (controller/main.py) on a free local port."""
 
-    def __init__(self, certs: Pki, work: Path) -> None:
+    def __init__(self, fleet: Fleet, work: Path) -> None:
         self.address = f"127.0.0.1:{_free_port()}"
         self.config = work / "controller.yaml"
-        tls = certs.server("controller", "controller")
+        tls = fleet.server("controller", "controller")
         self.config.write_text(yaml.safe_dump({
             "listen": [self.address],
             "store": {"backend": "sqlite", "path": str(work / "state.db")},
@@ -103,11 +76,11 @@ class Controller:
 
 
 @pytest.fixture(scope="module")
-async def controller(certs, tmp_path_factory):
-    ctl = Controller(certs, tmp_path_factory.mktemp("controller"))
+async def controller(fleet, tmp_path_factory):
+    ctl = Controller(fleet, tmp_path_factory.mktemp("controller"))
     await ctl.start()
     try:
-        async with secure_channel(ctl.address, certs.tls["user"], "controller") as ch:
+        async with secure_channel(ctl.address, fleet.tls["user"], "controller") as ch:
             await _until_serving(ch, ctl)
         yield ctl
     finally:
@@ -140,9 +113,9 @@ async def _first_watched(channel: grpc.aio.Channel, service: str = ""):
 # -- health ------------------------------------------------------------------------------------
 
 
-async def test_controller_health_answers_every_fleet_certificate(controller, certs):
+async def test_controller_health_answers_every_fleet_certificate(controller, fleet):
     for caller in FLEET_CALLERS:
-        async with secure_channel(controller.address, certs.tls[caller], "controller") as ch:
+        async with secure_channel(controller.address, fleet.tls[caller], "controller") as ch:
             assert await _check(ch) == SERVING, caller
             assert await _check(ch, "corral.v1.ControllerService") == SERVING, caller
             assert await _first_watched(ch) == SERVING, caller
@@ -150,17 +123,17 @@ async def test_controller_health_answers_every_fleet_certificate(controller, cer
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await _check(ch, "corral.v1.NoSuchService")
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    async with secure_channel(controller.address, certs.tls["foreign"], "controller") as ch:
+    async with secure_channel(controller.address, fleet.tls["foreign"], "controller") as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:  # mutual TLS refuses another CA's certificate
             await _check(ch)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_controller_says_not_serving_when_it_stops(certs, tmp_path):
-    ctl = Controller(certs, tmp_path)
+async def test_controller_says_not_serving_when_it_stops(fleet, tmp_path):
+    ctl = Controller(fleet, tmp_path)
     await ctl.start()
     try:
-        async with secure_channel(ctl.address, certs.tls["user"], "controller") as ch:
+        async with secure_channel(ctl.address, fleet.tls["user"], "controller") as ch:
             await _until_serving(ch, ctl)
             seen = []
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=20)
@@ -175,25 +148,25 @@ async def test_controller_says_not_serving_when_it_stops(certs, tmp_path):
         assert await ctl.stop() == 0, ctl.log.read_text()
 
 
-def _agent_server(certs: Pki):
+def _agent_server(fleet: Fleet):
     server = make_server(AGENT_POLICY)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(agent_pb2_grpc.AgentServiceServicer(), server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(certs.server("agent", "n1")))
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(fleet.server("agent", "n1")))
     return server, f"127.0.0.1:{port}"
 
 
-async def test_agent_health_follows_its_server(certs):
+async def test_agent_health_follows_its_server(fleet):
     """As agent/main.py: NOT_SERVING until its server is up, SERVING, NOT_SERVING at shutdown;
     the controller and users may ask (a user may call nothing else on an agent)."""
-    server, address = _agent_server(certs)
+    server, address = _agent_server(fleet)
     standard = await add_standard_services(server, AGENT_POLICY)
     await server.start()
     try:
-        async with secure_channel(address, certs.tls["user"], "n1", "agent") as ch:
+        async with secure_channel(address, fleet.tls["user"], "n1", "agent") as ch:
             assert await _check(ch) == NOT_SERVING
             await standard.serving()
             for caller in FLEET_CALLERS:
-                async with secure_channel(address, certs.tls[caller], "n1", "agent") as other:
+                async with secure_channel(address, fleet.tls[caller], "n1", "agent") as other:
                     assert await _check(other, "corral.v1.AgentService") == SERVING, caller
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="corral.v1.AgentService"))
             assert (await watch.read()).status == SERVING
@@ -229,31 +202,31 @@ def _reflect(address: str, tls: TlsFiles, role: str, name: str, method: str):
         return services, found.full_name, found.input_type.full_name, [f.name for f in found.input_type.fields]
 
 
-async def test_controller_reflection_lists_and_resolves(controller, certs):
+async def test_controller_reflection_lists_and_resolves(controller, fleet):
     for caller in FLEET_CALLERS:
         services, method, request, fields = await asyncio.to_thread(
-            _reflect, controller.address, certs.tls[caller], "controller", "controller", "corral.v1.ControllerService.GetContainer")
+            _reflect, controller.address, fleet.tls[caller], "controller", "controller", "corral.v1.ControllerService.GetContainer")
         assert services == {"corral.v1.ControllerService", *STANDARD_SERVICES}, caller
         assert (method, request) == ("corral.v1.ControllerService.GetContainer", "corral.v1.ContainerRef")
         assert "name" in fields
 
 
-async def test_agent_reflection_lists_and_resolves(certs):
-    server, address = _agent_server(certs)
+async def test_agent_reflection_lists_and_resolves(fleet):
+    server, address = _agent_server(fleet)
     await add_standard_services(server, AGENT_POLICY)
     await server.start()
     try:
         services, method, request, _ = await asyncio.to_thread(
-            _reflect, address, certs.tls["user"], "agent", "n1", "corral.v1.AgentService.ReleaseContainer")
+            _reflect, address, fleet.tls["user"], "agent", "n1", "corral.v1.AgentService.ReleaseContainer")
         assert services == {"corral.v1.AgentService", *STANDARD_SERVICES}
         assert method == "corral.v1.AgentService.ReleaseContainer" and request == "corral.v1.ReleaseContainerRequest"
     finally:
         await server.stop(None)
 
 
-async def test_reflection_v1_answers_like_v1alpha(controller, certs):
+async def test_reflection_v1_answers_like_v1alpha(controller, fleet):
     """grpc.reflection.v1, which newer clients (grpcurl among them) ask first, on the same wire."""
-    async with secure_channel(controller.address, certs.tls["agent"], "controller") as ch:
+    async with secure_channel(controller.address, fleet.tls["agent"], "controller") as ch:
         info = ch.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
                                 request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)  # fmt: skip
@@ -281,8 +254,8 @@ def _error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     return info
 
 
-async def test_errors_carry_a_google_rpc_status(controller, certs):
-    async with secure_channel(controller.address, certs.tls["user"], "controller") as ch:
+async def test_errors_carry_a_google_rpc_status(controller, fleet):
+    async with secure_channel(controller.address, fleet.tls["user"], "controller") as ch:
         stub = controller_pb2_grpc.ControllerServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.GetContainer(controller_pb2.ContainerRef(name="nosuch"), timeout=5)
@@ -300,7 +273,7 @@ async def test_errors_carry_a_google_rpc_status(controller, certs):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (_error_info(err.value).reason, dict(_error_info(err.value).metadata)) == ("INVALID_ARGUMENT", {"method": "GetContainer"})
 
-    async with secure_channel(controller.address, certs.tls["agent"], "controller") as ch:
+    async with secure_channel(controller.address, fleet.tls["agent"], "controller") as ch:
         stub = controller_pb2_grpc.ControllerServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.ListContainers(controller_pb2.ListContainersRequest(), timeout=5)
@@ -309,12 +282,12 @@ async def test_errors_carry_a_google_rpc_status(controller, certs):
             await call(stub.ListContainers, controller_pb2.ListContainersRequest(), timeout=5, peer="controller")
 
 
-async def test_a_call_without_details_still_maps_by_code(certs):
+async def test_a_call_without_details_still_maps_by_code(fleet):
     """gRPC's own failures (here UNIMPLEMENTED past the guard) carry no Corral details."""
-    server, address = _agent_server(certs)
+    server, address = _agent_server(fleet)
     await server.start()
     try:
-        async with secure_channel(address, certs.tls["controller"], "n1", "agent") as ch:
+        async with secure_channel(address, fleet.tls["controller"], "n1", "agent") as ch:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await agent_pb2_grpc.AgentServiceStub(ch).GetNodeFacts(agent_pb2.GetNodeFactsRequest(), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and error_info(err.value) is None
