@@ -26,8 +26,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from corral.api.server import AccessTable, AccessTableError, ServicePolicy, reads
@@ -80,7 +79,7 @@ class StandardServices:
     """Health and reflection on one server (`add_standard_services`)."""
 
     def __init__(self, policy: ServicePolicy) -> None:
-        self.health = HealthServicer()
+        self.health = health.aio.HealthServicer()
         self.services = ("", policy.service.full_name)  # the statuses it keeps
 
     async def serving(self) -> None:
