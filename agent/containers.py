@@ -30,6 +30,8 @@ from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from corral.model import Container, ContainerState, Limits, NetworkAttachment
 from corral.names import validate_name
 
+SELF_FENCED = "self-fenced"  # an intent: killed when this host's lease ran out
+
 log = structlog.get_logger("corral.agent.containers")
 
 _TOMBSTONE = ".destroying"  # beside the records: a destroy whose volume is still being removed
@@ -62,7 +64,7 @@ class ContainerManager:
         # stopped, killed or dumped it (False). One it started that is stopped now stopped unasked;
         # one it knows nothing of (stopped before this agent started: a power cut, a fence) is
         # left alone, since a host coming back restarts nothing by itself.
-        self._intent: dict[str, bool] = {}
+        self._intent: dict[str, bool | str] = {}  # True, False, or SELF_FENCED
         self._removing: set[asyncio.Task] = set()  # volumes of destroyed containers being removed
 
     # -- queries ---------------------------------------------------------
@@ -189,11 +191,39 @@ class ContainerManager:
     async def stopped_unasked(self, name: str) -> bool:
         """Stopped, though this agent started it (or found it running) and did nothing since that
         stops it, and no request is acting on it."""
-        if not self._intent.get(name) or self._locks[name].locked():
+        if self._intent.get(name) is not True or self._locks[name].locked():
             return False
         if self.records.load(name) is None or not self.runtime.exists(name):
             return False
         return name not in self.runtime.running_names()
+
+    def self_fenced(self, name: str) -> bool:
+        """Killed by this host's self-fencing (its lease ran out) and not touched since."""
+        return self._intent.get(name) == SELF_FENCED and not self._locks[name].locked()
+
+    async def restart_after_fence(self, name: str) -> bool:
+        """Start again a container this host fenced, once the fleet places it here again (the lease
+        is back and nothing took it over): its shared volume taken again at the generation it held.
+        False if another host owns the volume now."""
+        async with self._locks[name]:
+            if self._intent.get(name) != SELF_FENCED:
+                return False
+            record = self._record(name)
+            driver = self.storages[record.storage]
+            if driver.shared:
+                owner = await asyncio.to_thread(driver.ownership, name)
+                if owner is None or owner.node != self.node:
+                    self._intent[name] = False
+                    log.warning("not restarting a fenced container: its volume has another owner now",
+                                container=name, owner=owner.node if owner else None)  # fmt: skip
+                    return False
+                await driver.attach(name, owner.generation)
+            if name not in self.runtime.running_names():
+                await self.runtime.start(name)
+            self._intent[name] = True
+            log.warning("container fenced here started again: the lease is back and the fleet places it here",
+                        container=name)  # fmt: skip
+            return True
 
     async def stop(self, name: str, *, force: bool, timeout: int) -> Container:
         async with self._locks[name]:
@@ -351,7 +381,7 @@ class ContainerManager:
                     record = self.records.load(name)
                     if record is None:
                         continue  # not here (any more)
-                    self._intent[name] = False
+                    self._intent[name] = SELF_FENCED
                     await self.runtime.stop(name, force=True, timeout=0)
                     driver = self.storages.get(record.storage)
                     if driver is not None and driver.shared and driver.is_attached(name):

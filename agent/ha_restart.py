@@ -6,7 +6,9 @@ is stopped although this agent did not stop it (ContainerManager.stopped_unasked
 started again, within that budget, and only while this host holds its lease: without
 it, the container may be running elsewhere by now. Past the budget it stays stopped;
 the heartbeat reports the restarts made (Container.ha_restarts) and the controller
-relocates it (controller/scheduler/recovery.py).
+relocates it (controller/scheduler/recovery.py). One this host killed when its
+lease ran out (self-fencing) is started again, outside that budget, once the lease
+is back and the fleet still lists it here: then nothing else can be running it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ class LocalRestarts:
         for name in keep_running:
             if not self._lease_held():
                 return
+            if self.containers.self_fenced(name):
+                # Killed when the lease ran out, and the fleet still places it here now that the
+                # lease is back (a cut shorter than the dead threshold): nothing else runs it.
+                try:
+                    await self.containers.restart_after_fence(name)
+                except CorralError as exc:
+                    log.error("restarting a fenced HA container failed", container=name, error=exc.message)
+                continue
             if not await self.containers.stopped_unasked(name):
                 continue
             made = self.count(name)

@@ -90,3 +90,44 @@ async def _restarts(corral, n: int):
 async def _moved_from(corral, node: str):
     shown = await corral.json("ct", "show", "hr1")
     return shown if shown["node"] != node and shown["state"] == "running" else None
+
+
+async def test_a_cut_between_lease_and_death_fences_then_runs_again_where_it_was(corral, cleanup, lab):
+    """Cut off for 5.5 s: longer than the agent's lease (it kills its HA container), shorter than
+    the dead threshold (nothing moves it). Once the lease is back and the fleet still places it
+    there, the host starts it again: it does not stay down, and it never runs twice."""
+    cleanup.append("hr3")
+    await corral("ct", "create", "hr3", "-t", "busybox", "--storage", "shared", "--ha", "--node", "n3", "--start")
+    await asyncio.sleep(1.5)
+    before = (await corral.json("ct", "show", "hr3"))["init_pid"]
+    counts: list[int] = []
+
+    async def sample():
+        while True:
+            counts.append(len(await running_copies(lab, "hr3")))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        await corral_lab.partition(lab.name, "n3")
+        try:
+            await until(lambda: _gone(lab, "hr3"), 6)  # the agent fenced it when its lease ran out
+            await asyncio.sleep(1)
+        finally:
+            await corral_lab.heal(lab.name, "n3")
+
+        async def back():
+            shown = await corral.json("ct", "show", "hr3")
+            return shown if shown["state"] == "running" and shown["init_pid"] != before else None
+
+        shown = await until(back, 15)
+        assert shown["node"] == "n3" and shown["ha_restarts"] == 0  # not a crash: no restart counted
+    finally:
+        sampler.cancel()
+    assert counts and max(counts) <= 1 and 0 in counts, counts
+    states = [e["fields"]["state"] for e in await events_of(corral) if e["kind"] == "node-state" and e["node"] == "n3"]
+    assert "dead" not in states and "fenced" not in states
+
+
+async def _gone(lab, name: str) -> bool:
+    return await running_copies(lab, name) == []
