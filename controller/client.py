@@ -35,6 +35,15 @@ class ExecResult:
     timed_out: bool = False
 
 
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Where the scheduler would put a container, why, and why not each other node."""
+
+    node: str
+    reason: str
+    rejected: Mapping[str, str]
+
+
 class ControllerClient:
     def __init__(self, address: str, tls: TlsFiles, timeout: float = 900.0) -> None:
         self.address = address
@@ -59,6 +68,18 @@ class ControllerClient:
         req = cpb.MarkNodeFencedRequest(name=name, how=how)
         return node_from_pb(await self._call(self.stub.MarkNodeFenced, req, 30))
 
+    async def set_node_cordon(self, name: str, cordoned: bool) -> Node:
+        req = cpb.SetNodeCordonRequest(name=name, cordoned=cordoned)
+        return node_from_pb(await self._call(self.stub.SetNodeCordon, req, 30))
+
+    async def plan_placement(self, name: str, *, existing: bool = False, node: str = "", limits: Limits = Limits(),
+                             storage: str = "", constraints: Sequence[str] = (), group: str = "") -> PlacementPlan:  # fmt: skip
+        """Where the scheduler would place a new container (or move `name`, existing): nothing changes."""
+        req = cpb.PlanPlacementRequest(name=name, existing=existing, node=node, limits=limits_to_pb(limits),
+                                       storage=storage, constraints=list(constraints), group=group)  # fmt: skip
+        plan = await self._call(self.stub.PlanPlacement, req, 30)
+        return PlacementPlan(plan.node, plan.reason, dict(plan.rejected))
+
     async def get_node(self, name: str) -> Node:
         return node_from_pb(await self._call(self.stub.GetNode, cpb.GetNodeRequest(name=name), 30))
 
@@ -74,10 +95,12 @@ class ControllerClient:
         ha: bool = False,
         ha_priority: int = 0,
         ha_group: str = "",
+        constraints: Sequence[str] = (),
+        group: str = "",
     ) -> Container:
         req = cpb.CreateContainerRequest(
             name=name, template=template, node=node, limits=limits_to_pb(limits), storage=storage, start=start,
-            ha=ha, ha_priority=ha_priority, ha_group=ha_group,
+            ha=ha, ha_priority=ha_priority, ha_group=ha_group, constraints=list(constraints), group=group,
         )  # fmt: skip
         return container_from_pb(await self._call(self.stub.CreateContainer, req))
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from controller.health.liveness import HealthPolicy
 from controller.network.ipam import AddressPool
-from controller.scheduler.placement import PlacementPolicy
+from controller.scheduler.placement import PlacementPolicy, Strategy
+from corral.model import Limits
 from controller.scheduler.recovery import RecoveryPolicy
 from corral.config import TlsFiles, load_document, parse_address
 from corral.log import parse_level
@@ -90,11 +91,16 @@ class ControllerConfig:
         placement = doc.section("placement", required=False)
         policy = PlacementPolicy()
         if placement is not None:
-            placement.check_keys({"cpu_overcommit", "memory_overcommit"})
+            placement.check_keys({"cpu_overcommit", "memory_overcommit", "strategy", "reserved_memory",
+                                  "reserved_cpus"})  # fmt: skip
             policy = PlacementPolicy(
                 cpu_overcommit=placement.get("cpu_overcommit", float, policy.cpu_overcommit, parse=_overcommit),
                 memory_overcommit=placement.get("memory_overcommit", float, policy.memory_overcommit,
                                                 parse=_overcommit),  # fmt: skip
+                strategy=placement.get("strategy", str, "spread", parse=_strategy),
+                # Kept for the host itself: reserved_memory: 2G, reserved_cpus: 1 (or 500m).
+                reserved=Limits(memory_bytes=placement.get("reserved_memory", object, 0, parse=_size),
+                                cpu_millis=placement.get("reserved_cpus", object, 0, parse=_cpus)),  # fmt: skip
             )
         return cls(
             listen=tuple(listen),
@@ -117,6 +123,26 @@ def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value}")
     return value
+
+
+def _strategy(value: str) -> Strategy:
+    try:
+        return Strategy(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a strategy (spread: the least loaded node; binpack: the most "
+                         "loaded that fits)") from None
+
+
+def _size(value: object) -> int:
+    from corral.units import parse_size
+
+    return parse_size(str(value), "reserved memory")
+
+
+def _cpus(value: object) -> int:
+    from corral.units import parse_cpus
+
+    return parse_cpus(str(value))
 
 
 def _count(value: int) -> int:

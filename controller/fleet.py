@@ -20,6 +20,7 @@ from typing import AsyncIterator, Mapping, Sequence
 import structlog
 
 from controller.agents import AgentClient, AgentPool
+from controller.health.guard import CopyVerdict, StaleCopy, failover_refusal, in_doubt_refusal, stale_copy
 from controller.health.registry import NodeRegistry
 from controller.locks import ContainerLocks
 from controller.model import Operation, OpState
@@ -36,7 +37,7 @@ from controller.operations.params import (
 from controller.operations.reach import Reach
 from controller.operations.steps import OpKind
 from controller.scheduler.failover import plan_failover
-from controller.scheduler.placement import PlacementPolicy, PlacementRequest, place
+from controller.scheduler.placement import Placement, PlacementPolicy, PlacementRequest, Snapshot, decide, place
 from controller.scheduler.recovery import RecoveryKind, RecoveryPolicy, keeps_running, recovery_for
 from controller.store.base import Store
 from controller.vocabulary import STORAGE_NAMES, TEMPLATES, storage_driver
@@ -51,6 +52,7 @@ from corral.errors import (
     Unavailable,
 )
 from corral.model import Container, ContainerState, DesiredState, Limits, Node, NodeState, validate_limits
+from corral.labels import Constraint
 from corral.names import validate_name
 from corral.proc import EXEC_MAX_TIMEOUT, Exited, Output, validate_command
 
@@ -80,6 +82,29 @@ class HaSettings:
             raise InvalidArgument(f"HA needs shared storage (--storage shared), not {storage}: a local disk "
                                   "is lost with its host, so the container could not run elsewhere")  # fmt: skip
         return self
+
+
+@dataclass(frozen=True)
+class PlacementWish:
+    """Where a container may go: label constraints its node must meet, its anti-affinity group."""
+
+    constraints: tuple[str, ...] = ()
+    group: str = ""
+
+    def check(self) -> "PlacementWish":
+        parsed = tuple(str(Constraint.parse(c)) for c in self.constraints)
+        if self.group:
+            validate_name(self.group, "placement group")
+        return PlacementWish(tuple(dict.fromkeys(parsed)), self.group)
+
+    def request(self, name: str, limits: Limits, node: str, storage: str,
+                exclude: frozenset[str] = frozenset()) -> PlacementRequest:  # fmt: skip
+        return PlacementRequest(name, limits, node, storage, tuple(Constraint.parse(c) for c in self.constraints),
+                                self.group, exclude)  # fmt: skip
+
+    @classmethod
+    def of(cls, record: Container) -> "PlacementWish":
+        return cls(record.constraints, record.group)
 
 
 @dataclass(frozen=True)
@@ -146,7 +171,8 @@ class Fleet:
         unmanaged: dict[str, list[str]] = {}
         for node, name, _ in await self.store.list_unmanaged():
             unmanaged.setdefault(node, []).append(name)
-        return [replace(n, unmanaged_containers=tuple(unmanaged.get(n.name, ())))
+        cordoned = await self.store.cordoned_nodes()
+        return [replace(n, unmanaged_containers=tuple(unmanaged.get(n.name, ())), cordoned=n.name in cordoned)
                 for n in self.nodes.with_allocations(self.nodes.all(), allocated)]  # fmt: skip
 
     async def get_node(self, name: str) -> Node:
@@ -172,13 +198,8 @@ class Fleet:
 
     @staticmethod
     def _refuse_in_doubt(record: Container, action: str) -> None:
-        if record.in_doubt:
-            where = ", ".join(record.doubt_nodes) or record.node
-            raise FailedPrecondition(
-                f"container {record.name!r} is in doubt ({record.in_doubt}): it may run on {where}. "
-                f"It cannot {action} until that is settled: automatically when those nodes report, or "
-                f"`corral ct resolve {record.name} --on NODE`"
-            )
+        if (why := in_doubt_refusal(record, action)) is not None:
+            raise FailedPrecondition(why)
 
     def _observed(self, ct: Container) -> Container:
         if ct.name in self._restarts:
@@ -214,9 +235,10 @@ class Fleet:
 
     async def create(
         self, name: str, template: str, node: str, limits: Limits, storage: str, start: bool,
-        ha: HaSettings = HaSettings(),
+        ha: HaSettings = HaSettings(), wish: PlacementWish = PlacementWish(),
     ) -> Container:  # fmt: skip
         validate_name(name)
+        wish = wish.check()
         if template not in TEMPLATES:
             raise InvalidArgument(f"unknown template {template!r} (available: {', '.join(TEMPLATES)})")
         if storage_driver(storage) is None:
@@ -228,17 +250,16 @@ class Fleet:
             if await self.store.get_container(name) is not None:
                 raise AlreadyExists(f"container {name!r} already exists")
             nodes = await self.list_nodes()
-            # The concrete driver: `shared` is the one the candidate nodes offer.
-            storage = storage_driver(storage, [n.facts.storage_drivers for n in nodes
-                                               if n.state == NodeState.READY and (not node or n.name == node)])
+            storage = self._concrete_storage(storage, node, nodes)
             ha.check(storage)
-            placement = place(PlacementRequest(name, limits, node, storage), nodes, self.policy)
+            placement = decide(wish.request(name, limits, node, storage), nodes, self.policy, await self._snapshot())
             network = self.addresses.allocate(await self._addresses_in_use())
             record = Container(
                 name=name, node=placement.node, template=template, state=ContainerState.CREATING,
                 limits=limits, network=network, storage=storage, created_at=time.time(),
                 desired_state=DesiredState.RUNNING if start else DesiredState.STOPPED,
                 ha=ha.ha, ha_priority=ha.priority, ha_group=ha.group,
+                constraints=wish.constraints, group=wish.group,
             )  # fmt: skip
             params = CreateParams(placement.node, template, storage, start, limits.__dict__.copy())
             # The record (its address, its share of the node) and the operation commit together.
@@ -248,6 +269,46 @@ class Fleet:
                  ip=network.ipv4)  # fmt: skip
         await self.engine.outcome(op.id)
         return await self._record(name)
+
+    @staticmethod
+    def _concrete_storage(storage: str, node: str, nodes: Sequence[Node]) -> str:
+        """The concrete driver: `shared` is the one the candidate nodes offer."""
+        return storage_driver(storage, [n.facts.storage_drivers for n in nodes
+                                        if n.state == NodeState.READY and (not node or n.name == node)])  # fmt: skip
+
+    async def _snapshot(self, moving: str = "") -> Snapshot:
+        """What placement needs beyond the nodes: the groups each node holds (but `moving`'s own
+        place), and the cordoned nodes."""
+        groups: dict[str, set[str]] = {}
+        for ct in await self.store.list_containers():
+            if ct.group and ct.name != moving:
+                groups.setdefault(ct.node, set()).add(ct.group)
+        return Snapshot({n: frozenset(g) for n, g in groups.items()}, frozenset(await self.store.cordoned_nodes()))
+
+    async def plan_placement(self, name: str, *, existing: bool, node: str = "", limits: Limits = Limits(),
+                             storage: str = "", wish: PlacementWish = PlacementWish()) -> Placement:  # fmt: skip
+        """Where the scheduler would put a new container, or move `name` (existing): changes nothing."""
+        validate_name(name)
+        if node:
+            validate_name(node, "node name")
+        nodes = await self.list_nodes()
+        if existing:
+            record = await self._record(name)
+            request = PlacementWish.of(record).request(name, record.limits, node, record.storage,
+                                                       exclude=frozenset({record.node}))  # fmt: skip
+            return decide(request, nodes, self.policy, await self._snapshot(moving=name))
+        validate_limits(limits)
+        if storage_driver(storage) is None:
+            raise InvalidArgument(f"unknown storage {storage!r} (available: {', '.join(STORAGES)})")
+        storage = self._concrete_storage(storage, node, nodes)
+        return decide(wish.check().request(name, limits, node, storage), nodes, self.policy, await self._snapshot())
+
+    async def cordon(self, node: str, cordoned: bool) -> Node:
+        validate_name(node, "node name")
+        await self.store.set_cordoned(node, cordoned)
+        self.engine.events.emit("node-cordon", f"node {node} is {'cordoned: no new placements' if cordoned else 'uncordoned'}",
+                                node=node, cordoned=cordoned)  # fmt: skip
+        return await self.get_node(node)
 
     async def _addresses_in_use(self) -> list[str]:
         used = [c.network.ipv4 for c in await self.store.list_containers()]
@@ -339,9 +400,8 @@ class Fleet:
     ) -> Operation:
         """Validate a migration request and hand it to the operations engine."""
         validate_name(name)
-        if not target:
-            raise InvalidArgument("no target node given (--to NODE)")
-        validate_name(target, "node name")
+        if target:
+            validate_name(target, "node name")
         if postcopy and not live:
             raise InvalidArgument("--postcopy is a kind of live migration: add --live")
         if fallback_cold and not live:
@@ -354,7 +414,11 @@ class Fleet:
         self._refuse_in_doubt(record, "migrate")
         if record.node == target:
             raise InvalidArgument(f"container {name!r} is already on node {target!r}")
+        if not target and from_checkpoint:
+            raise InvalidArgument("--from-checkpoint needs the node the checkpoint is on (--to NODE)")
         async with self._placement_lock:  # room checked and held on the target at once
+            if not target:
+                target = (await self.plan_placement(name, existing=True)).node
             return await self._submit_migration(record, target, live, postcopy, fallback_cold, from_checkpoint)
 
     async def _submit_migration(self, record: Container, target: str, live: bool, postcopy: bool,
@@ -372,8 +436,10 @@ class Fleet:
             # Its source serves pages until the last has moved, holding the volume the target needs to restore.
             raise FailedPrecondition(f"post-copy cannot move a container on {record.storage} storage (its volume "
                                      "changes hands before the restore): migrate it --live without --postcopy")  # fmt: skip
-        # The target must have room for the container (its own share is already counted on the source).
-        place(PlacementRequest(name, record.limits, target, record.storage), [nodes[target]], self.policy)
+        # The target must have room for the container (its own share is already counted on the source),
+        # and meet its constraints.
+        request = PlacementWish.of(record).request(name, record.limits, target, record.storage)
+        decide(request, [nodes[target]], self.policy, await self._snapshot(moving=name))
         strategy = "cold"
         if live:
             try:
@@ -396,13 +462,8 @@ class Fleet:
         if target:
             validate_name(target, "node name")
         record = await self._record(name)
-        self._refuse_in_doubt(record, "fail over")
-        if record.storage not in _SHARED_STORAGES:
-            raise FailedPrecondition(f"{name!r} is on {record.storage} storage: its disk is lost with its node")
-        why_not = self.nodes.why_not_lost(record.node)
-        if why_not is not None:
-            raise FailedPrecondition(f"{name!r} cannot fail over: {record.node} is not proven unable to run it "
-                                     f"({why_not})")  # fmt: skip
+        if (why := failover_refusal(record, self.nodes.why_not_lost(record.node))) is not None:
+            raise FailedPrecondition(why)
         async with self._placement_lock:
             nodes = await self.list_nodes()
             if target:
@@ -410,7 +471,8 @@ class Fleet:
                 reason = "requested with --to"
             else:
                 others = [c for c in await self.store.list_containers() if c.node != record.node]
-                choice = plan_failover([record], nodes, others, self.policy)[0]
+                cordoned = frozenset(await self.store.cordoned_nodes())
+                choice = plan_failover([record], nodes, others, self.policy, cordoned)[0]
                 if choice.target is None:
                     raise NoCapacity(f"{name!r} cannot fail over: {choice.reason}")
                 target, reason = choice.target, choice.reason
@@ -545,9 +607,8 @@ class Fleet:
                 continue
             if record.in_doubt and node in (record.node, *record.doubt_nodes):
                 self._settle_soon(ct.name)
-            if record.node != node and record.storage in _SHARED_STORAGES and not record.in_doubt \
-                    and self.locks.holder(ct.name) is None:  # fmt: skip
-                await self._stale_copy(node, record, ct)
+            if (verdict := stale_copy(node, record, ct.state)) is not None and self.locks.holder(ct.name) is None:
+                await self._stale_copy(node, record, verdict)
             if record.node != node or self.locks.holder(ct.name) is not None:
                 continue  # another node's record, or a request is acting on it (it writes what it saw)
             if record.state != ct.state or record.init_pid != ct.init_pid:
@@ -594,7 +655,8 @@ class Fleet:
         changes hands) and start it there; the relocation is counted before it begins."""
         record = await self._record(name)
         others = [c for c in await self.store.list_containers() if c.node != record.node]
-        choice = plan_failover([record], await self.list_nodes(), others, self.policy)[0]
+        cordoned = frozenset(await self.store.cordoned_nodes())
+        choice = plan_failover([record], await self.list_nodes(), others, self.policy, cordoned)[0]
         if choice.target is None:
             await self._mark_failed(name, f"{why}; no node can take it: {choice.reason}")
             return
@@ -616,16 +678,14 @@ class Fleet:
         log.error("HA container failed: it waits for the operator", container=name, why=why)
         self.engine.events.emit("ha-failed", f"{name} failed: {why}", container=name, node=record.node)
 
-    async def _stale_copy(self, node: str, record: Container, copy: Container) -> None:
+    async def _stale_copy(self, node: str, record: Container, copy: StaleCopy) -> None:
         """A node reports a copy of a shared-storage container that lives elsewhere (it was failed
-        over while the node was lost). Stopped: removed, as an operation. Running: two copies may run."""
-        if copy.state == ContainerState.RUNNING:
-            why = f"{node} came back running a copy of it, while it runs on {record.node}"
-            await self.store.update_container(replace(record, in_doubt=why, doubt_nodes=(node,)))
-            self.engine.events.emit("container-doubt", f"{record.name} is in doubt: {why}", container=record.name,
+        over while the node was lost): a stopped one is removed, as an operation; a running one
+        puts the container in doubt (controller/health/guard.py decides which)."""
+        if copy.verdict == CopyVerdict.DOUBT:
+            await self.store.update_container(replace(record, in_doubt=copy.why, doubt_nodes=(node,)))
+            self.engine.events.emit("container-doubt", f"{record.name} is in doubt: {copy.why}", container=record.name,
                                     node=node)  # fmt: skip
-            return
-        if copy.state != ContainerState.STOPPED:
             return
         try:
             await self.engine.submit(OpKind.REMOVE_STALE_COPY, record.name, StaleCopyParams(node).to_dict())

@@ -12,7 +12,7 @@ import time
 import contextlib
 
 from controller.events import EventBus, Lagged
-from controller.fleet import Fleet, HaSettings
+from controller.fleet import Fleet, HaSettings, PlacementWish
 from controller.operations.engine import Engine
 from controller.health.registry import NodeRegistry
 from corral.api.convert import (
@@ -44,6 +44,8 @@ CONTROLLER_POLICY = ServicePolicy(
         "ListNodes": reads(_USER),
         "GetNode": reads(_USER, node()),
         "MarkNodeFenced": writes(_USER, node()),
+        "SetNodeCordon": writes(_USER, node()),
+        "PlanPlacement": reads(_USER, container(), node("node", optional=True)),
         "CreateContainer": writes(_USER, container(), node("node", optional=True)),
         "StartContainer": writes(_USER, container()),
         "StopContainer": writes(_USER, container()),
@@ -136,8 +138,19 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         ct = await self.fleet.create(
             request.name, request.template, request.node, limits_from_pb(request.limits), request.storage, request.start,
             ha=HaSettings(request.ha, request.ha_priority, request.ha_group),
+            wish=PlacementWish(tuple(request.constraints), request.group),
         )
         return container_to_pb(ct)
+
+    async def PlanPlacement(self, request: cpb.PlanPlacementRequest, context):
+        plan = await self.fleet.plan_placement(
+            request.name, existing=request.existing, node=request.node, limits=limits_from_pb(request.limits),
+            storage=request.storage, wish=PlacementWish(tuple(request.constraints), request.group),
+        )
+        return cpb.PlacementPlan(node=plan.node, reason=plan.reason, rejected=dict(plan.rejected))
+
+    async def SetNodeCordon(self, request: cpb.SetNodeCordonRequest, context):
+        return node_to_pb(await self.fleet.cordon(request.name, request.cordoned))
 
     async def StartContainer(self, request, context):
         return container_to_pb(await self.fleet.start(request.name))

@@ -109,6 +109,9 @@ class Container:
     # now waits for the operator once those ran out too ("" while it does not).
     ha_relocations: int = 0
     ha_failed: str = ""
+    # Placement: label constraints ("zone=a", "ssd!=yes") its node must meet; its anti-affinity group.
+    constraints: tuple[str, ...] = ()
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class Node:
     unmanaged_containers: tuple[str, ...] = ()  # held by the node, unknown to the fleet's records
     health: str = ""  # why it is not ready, for the operator
     history: tuple[str, ...] = ()  # what happened to it lately, oldest first
+    cordoned: bool = False  # no new placements
 
     @property
     def name(self) -> str:

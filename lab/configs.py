@@ -59,6 +59,8 @@ def agent_config(paths: LabPaths, net: Addressing, index: int) -> dict[str, Any]
             "key": str(pki / f"agent-{host.node}.key"),
         },
         "heartbeat_interval": HEARTBEAT_INTERVAL,
+        # Two zones, so that placement constraints (--constraint zone=a) mean something in a lab.
+        "labels": {"zone": "a" if index % 2 else "b"},
     }
 
 

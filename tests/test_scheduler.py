@@ -144,3 +144,23 @@ def test_placing_many_never_overfills_a_node_nor_needlessly_joins_a_group(nodes,
         fleet[chosen.name] = chosen
         if group:
             groups.setdefault(chosen.name, set()).add(group)
+
+
+def test_placement_settings_in_the_controller_config(tmp_path):
+    from controller.config import ControllerConfig
+    from corral.config import ConfigError
+
+    for name in ("ca.pem", "c.pem", "c.key"):
+        (tmp_path / name).write_text("")
+    base = ('listen: ["127.0.0.1:7000"]\nstore: {path: /tmp/x.db}\ntls: {ca: ca.pem, cert: c.pem, key: c.key}\n'
+            "network: {subnet: 10.9.0.0/24, gateway: 10.9.0.1, range_start: 10.9.0.10, range_end: 10.9.0.20}\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(base)
+    assert ControllerConfig.load(path).placement == PlacementPolicy()
+    path.write_text(base + "placement: {strategy: binpack, reserved_memory: 1G, reserved_cpus: 1}\n")
+    policy = ControllerConfig.load(path).placement
+    assert (policy.strategy, policy.reserved) == (Strategy.BINPACK, Limits(memory_bytes=GB, cpu_millis=1000))
+    for bad in ("{strategy: random}", "{reserved_memory: lots}", "{reserved_cpus: -1}", "{spread: yes}"):
+        path.write_text(base + f"placement: {bad}\n")
+        with pytest.raises(ConfigError):
+            ControllerConfig.load(path)

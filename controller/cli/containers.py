@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -99,11 +100,15 @@ def ct() -> None:
                    "(a volume on the fleet's shared storage, handed over without a copy); or a driver: "
                    "dir, image, lvm")  # fmt: skip
 @click.option("--start", is_flag=True, help="start it once created")
+@click.option("--constraint", "constraints", multiple=True, metavar="LABEL=VALUE",
+              help="place only on nodes whose label matches (LABEL!=VALUE: does not); repeatable")
+@click.option("--group", default="", help="keep apart from other members of this group where possible")
+@click.option("--dry-run", is_flag=True, help="say where it would go and why, and why not elsewhere; create nothing")
 @limit_options
 @ha_options
 @click.pass_obj
-def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_shares, pids, disk, ha, ha_priority,
-              ha_group) -> None:  # fmt: skip
+def ct_create(obj, name, template, node, storage, start, constraints, group, dry_run, memory, cpus, cpu_shares, pids,
+              disk, ha, ha_priority, ha_group) -> None:  # fmt: skip
     """Create a container on a node that fits it.
 
     The first debian container on a host builds its template first (minutes); on a terminal a
@@ -115,12 +120,18 @@ def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_share
     async def go():
         limits = _limits(memory, cpus, cpu_shares, pids, disk)
         async with obj.client() as fleet:
+            if dry_run:
+                plan = await fleet.plan_placement(name, node=node, limits=limits, storage=storage,
+                                                  constraints=constraints, group=group)  # fmt: skip
+                _print_plan(obj, name, plan)
+                return
             what = f"the controller to create {name} ({template})"
             hint = "a host's first debian container builds the template: minutes" if template == "debian" else ""
             async with waiting(obj, what, hint=hint):
                 created = await fleet.create_container(name, template, node=node, limits=limits, storage=storage,
                                                        start=start, ha=bool(ha), ha_priority=ha_priority or 0,
-                                                       ha_group=ha_group or "")  # fmt: skip
+                                                       ha_group=ha_group or "", constraints=constraints,
+                                                       group=group)  # fmt: skip
         if obj.machine:
             output.emit(obj, created)
         else:
@@ -129,6 +140,15 @@ def ct_create(obj, name, template, node, storage, start, memory, cpus, cpu_share
                 click.echo(f"note: {created.message}")
 
     go()
+
+
+def _print_plan(obj, name: str, plan) -> None:
+    if obj.machine:
+        output.emit(obj, {"container": name, "node": plan.node, "reason": plan.reason, "rejected": dict(plan.rejected)})
+        return
+    click.echo(f"{name} would go to {plan.node}: {plan.reason}")
+    for node, why in sorted(plan.rejected.items()):
+        click.echo(f"  not {node}: {why}")
 
 
 def _simple(verb: str, help_text: str):
@@ -413,9 +433,12 @@ def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk, ha, ha_priority, ha_
     "corral ct migrate web1 --to n2 --live --fallback cold",
     "corral ct migrate web1 --to n2 --live --postcopy",
     "corral ct migrate web1 --to n2 --detach   # prints the operation id; follow with `corral ops watch ID`",
+    "corral ct migrate web1 --live --dry-run   # where the scheduler would move it, and why",
 ])
 @click.argument("name", shell_complete=complete_containers)
-@click.option("--to", "target", required=True, shell_complete=complete_nodes, help="the node to move it to")
+@click.option("--to", "target", default="", shell_complete=complete_nodes,
+              help="the node to move it to  [default: the scheduler chooses]")
+@click.option("--dry-run", is_flag=True, help="say where it would go and why, and why not elsewhere; move nothing")
 @click.option("--live", is_flag=True, help="keep processes, memory, PIDs and address (CRIU)")
 @click.option("--postcopy", is_flag=True, help="live: resume on the target at once, pull memory on demand")
 @click.option("--fallback", type=click.Choice(["cold"]), help="live: migrate cold if CRIU's pre-flight fails")
@@ -423,7 +446,7 @@ def ct_set(obj, name, memory, cpus, cpu_shares, pids, disk, ha, ha_priority, ha_
               help="after post-copy OP failed: back to its source, from the checkpoint kept there")
 @click.option("--detach", "-d", is_flag=True, help="print the operation id and return at once")
 @click.pass_context
-def ct_migrate(ctx, name, target, live, postcopy, fallback, from_checkpoint, detach) -> None:
+def ct_migrate(ctx, name, target, dry_run, live, postcopy, fallback, from_checkpoint, detach) -> None:
     """Move a container to another node, cold (stop, move, start) or --live.
 
     Exits 0 when the migration succeeded, 1 when it failed (rolled back), 9 when cancelled.
@@ -434,9 +457,13 @@ def ct_migrate(ctx, name, target, live, postcopy, fallback, from_checkpoint, det
 
     @run
     async def go():
+        if dry_run:
+            async with obj.client() as fleet:
+                _print_plan(obj, name, await fleet.plan_placement(name, existing=True, node=target))
+            return 0
         if postcopy and live:
             # Said before anything starts: the risk is the operator's to take.
-            click.echo(POSTCOPY_WARNING.format(name=name, target=target), err=True)
+            click.echo(POSTCOPY_WARNING.format(name=name, target=target or "the node the scheduler picks"), err=True)
         async with obj.client() as fleet:
             op = await fleet.migrate(name, target, live=live or bool(from_checkpoint), postcopy=postcopy,
                                      fallback_cold=fallback == "cold", from_checkpoint=from_checkpoint or "")  # fmt: skip
@@ -445,7 +472,8 @@ def ct_migrate(ctx, name, target, live, postcopy, fallback, from_checkpoint, det
                 return 0
             if not obj.machine:
                 mode = "from its kept checkpoint" if from_checkpoint else "live" if live else "cold"
-                click.echo(f"operation {op.id}: migrating {name} to {target} ({mode})", err=True)
+                chosen = json.loads(op.params["target"]) if "target" in op.params else target
+                click.echo(f"operation {op.id}: migrating {name} to {chosen} ({mode})", err=True)
             return await watch_with_progress(fleet, op.id, obj)
 
     ctx.exit(go())

@@ -57,7 +57,9 @@ def print_node(n) -> None:
 
     f = n.facts
     output.print_fields([
-        ("name", f.name), ("state", n.state.value), *([("health", n.health)] if n.health else []),
+        ("name", f.name), ("state", n.state.value + (", cordoned" if getattr(n, "cordoned", False) else "")),
+        *([("health", n.health)] if n.health else []),
+        *([("labels", ", ".join(f"{k}={v}" for k, v in sorted(f.labels.items())))] if getattr(f, "labels", None) else []),
         ("address", f.address), ("cpus", f.cpus),
         ("memory", f"{format_size(f.memory_bytes)} ({format_size(f.memory_available_bytes)} available)"),
         ("allocated memory", format_size(n.allocated.memory_bytes)),
@@ -70,6 +72,30 @@ def print_node(n) -> None:
          if n.unmanaged_containers else []) + [(f"  no {strategy}", reason) for strategy, reason in sorted(f.live_unavailable.items())]
       + [(f"no {capability}", reason) for capability, reason in sorted(getattr(f, "unavailable", {}).items())]
       + [("history" if i == 0 else "", line) for i, line in enumerate(getattr(n, "history", ()))])  # fmt: skip
+
+
+def _cordon_command(verb: str, cordoned: bool, help_text: str):
+    @node.command(verb, help=help_text, examples=[f"corral node {verb} n2"])
+    @click.argument("name", shell_complete=complete_nodes)
+    @click.pass_obj
+    def command(obj, name: str) -> None:
+        @run
+        async def go():
+            async with obj.client() as fleet:
+                n = await fleet.set_node_cordon(name, cordoned)
+            if obj.machine:
+                output.emit(obj, n)
+            else:
+                click.echo(f"node {n.name} {'cordoned: no new placements' if n.cordoned else 'takes placements again'}"
+                           f" ({n.container_count} container(s) stay where they are)")  # fmt: skip
+
+        go()
+
+    return command
+
+
+node_cordon = _cordon_command("cordon", True, "Place nothing new on a node (what runs there stays): before maintenance.")
+node_uncordon = _cordon_command("uncordon", False, "Let the scheduler place containers on a node again.")
 
 
 @node.command("fenced", examples=[

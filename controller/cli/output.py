@@ -184,7 +184,7 @@ def nodes_table(nodes: Sequence[Node], *, no_headers: bool = False) -> None:
         [
             [
                 n.name,
-                n.state.value,
+                n.state.value + (",cordoned" if getattr(n, "cordoned", False) else ""),  # one token
                 n.facts.address,
                 n.facts.cpus,
                 format_size(n.facts.memory_bytes),

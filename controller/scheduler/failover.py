@@ -14,6 +14,7 @@ from typing import Sequence
 
 from controller.scheduler.placement import PlacementPolicy, PlacementRequest, Snapshot, decide
 from corral.errors import NoCapacity
+from corral.labels import Constraint
 from corral.model import Container, Node
 
 
@@ -25,9 +26,11 @@ class FailoverChoice:
 
 
 def plan_failover(
-    lost: Sequence[Container], nodes: Sequence[Node], placed: Sequence[Container], policy: PlacementPolicy
+    lost: Sequence[Container], nodes: Sequence[Node], placed: Sequence[Container], policy: PlacementPolicy,
+    cordoned: frozenset[str] = frozenset(),
 ) -> list[FailoverChoice]:
-    """`lost`: the HA containers to move; `placed`: every container on the other nodes (for groups)."""
+    """`lost`: the HA containers to move; `placed`: every container on the other nodes (for groups);
+    `cordoned`: nodes that take no new placements."""
     groups: dict[str, set[str]] = {}  # node -> HA groups it already holds
     for ct in placed:
         if ct.ha_group:
@@ -36,8 +39,9 @@ def plan_failover(
     fleet = {n.name: n for n in nodes if n.name not in lost_nodes}
     plan = []
     for ct in sorted(lost, key=lambda c: (-c.ha_priority, c.name)):
-        request = PlacementRequest(ct.name, ct.limits, "", ct.storage, group=ct.ha_group)
-        snapshot = Snapshot(groups={n: frozenset(g) for n, g in groups.items()})
+        constraints = tuple(Constraint.parse(c) for c in ct.constraints)
+        request = PlacementRequest(ct.name, ct.limits, "", ct.storage, constraints, group=ct.ha_group)
+        snapshot = Snapshot(groups={n: frozenset(g) for n, g in groups.items()}, cordoned=cordoned)
         try:
             chosen = decide(request, list(fleet.values()), policy, snapshot)
         except NoCapacity as exc:

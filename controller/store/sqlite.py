@@ -78,7 +78,10 @@ _ADDED_COLUMNS = {
         ("ha_group", "TEXT NOT NULL DEFAULT ''"),
         ("ha_relocations", "INTEGER NOT NULL DEFAULT 0"),
         ("ha_failed", "TEXT NOT NULL DEFAULT ''"),
+        ("constraints", "TEXT NOT NULL DEFAULT '[]'"),
+        ("placement_group", "TEXT NOT NULL DEFAULT ''"),
     ],
+    "nodes": [("cordoned", "INTEGER NOT NULL DEFAULT 0")],
     "operations": [("revision", "INTEGER NOT NULL DEFAULT 0")],
 }
 
@@ -86,7 +89,7 @@ _ACTIVE = ("pending", "running", "rolling-back")
 # Desired-state columns: written only by update_container (compare-and-set on revision).
 _SPEC = ("node", "template", "limits", "network", "storage", "created_at", "message", "volume_generation",
          "desired_state", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_relocations",
-         "ha_failed")  # fmt: skip
+         "ha_failed", "constraints", "placement_group")  # fmt: skip
 _COLUMNS = ("name", "state", "init_pid", "observed_at", "revision") + _SPEC
 
 
@@ -296,7 +299,17 @@ class SqliteStore:
         async with self.transaction() as tx:
             return await tx.acquire_lease(name, holder, ttl, now)
 
+    async def set_cordoned(self, node: str, cordoned: bool) -> None:
+        async with self.transaction() as tx:
+            cur = await tx.db.execute("UPDATE nodes SET cordoned=? WHERE name=?", (int(cordoned), node))
+            if cur.rowcount == 0:
+                raise NotFound(f"node {node!r} is not registered")
+
     # -- reads -----------------------------------------------------------------------------------
+
+    async def cordoned_nodes(self) -> set[str]:
+        async with self._read() as db, db.execute("SELECT name FROM nodes WHERE cordoned != 0") as cur:
+            return {row[0] for row in await cur.fetchall()}
 
     async def list_nodes(self) -> list[NodeFacts]:
         async with self._read() as db, db.execute("SELECT facts FROM nodes ORDER BY name") as cur:
@@ -364,6 +377,8 @@ def _values(c: Container) -> dict[str, object]:
         "ha_group": c.ha_group,
         "ha_relocations": c.ha_relocations,
         "ha_failed": c.ha_failed,
+        "constraints": json.dumps(list(c.constraints)),
+        "placement_group": c.group,
     }
 
 
@@ -391,4 +406,6 @@ def _container(row) -> Container:
         ha_group=v["ha_group"],
         ha_relocations=v["ha_relocations"],
         ha_failed=v["ha_failed"],
+        constraints=tuple(json.loads(v["constraints"])),
+        group=v["placement_group"],
     )

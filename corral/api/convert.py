@@ -61,6 +61,8 @@ def container_to_pb(ct: Container) -> pb.Container:
         ha_restarts=ct.ha_restarts,
         ha_relocations=ct.ha_relocations,
         ha_failed=ct.ha_failed,
+        constraints=list(ct.constraints),
+        group=ct.group,
     )
 
 
@@ -88,6 +90,8 @@ def container_from_pb(msg: pb.Container) -> Container:
         ha_restarts=msg.ha_restarts,
         ha_relocations=msg.ha_relocations,
         ha_failed=msg.ha_failed,
+        constraints=tuple(msg.constraints),
+        group=msg.group,
     )
 
 
@@ -127,6 +131,7 @@ def node_to_pb(node: Node) -> pb.Node:
         unmanaged_containers=list(node.unmanaged_containers),
         health=node.health,
         history=list(node.history),
+        cordoned=node.cordoned,
     )
 
 
@@ -140,6 +145,7 @@ def node_from_pb(msg: pb.Node) -> Node:
         unmanaged_containers=tuple(msg.unmanaged_containers),
         health=msg.health,
         history=tuple(msg.history),
+        cordoned=msg.cordoned,
     )
 
 

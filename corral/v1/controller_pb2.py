@@ -26,13 +26,15 @@ _sym_db = _symbol_database.Default()
 from corral.v1 import types_pb2 as corral_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orral/v1/controller.proto\x12\tcorral.v1\x1a\x15\x63orral/v1/types.proto\"H\n\x13\x41\x63quireLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"M\n\x14\x41\x63quireLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x14\n\x0cseconds_left\x18\x03 \x01(\x01\"3\n\x12WatchEventsRequest\x12\r\n\x05since\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"d\n\x13RegisterNodeRequest\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x02 \x03(\x0b\x32\x14.corral.v1.Container\"h\n\x14RegisterNodeResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x15\n\rha_containers\x18\x03 \x03(\t\"o\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12#\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x03 \x03(\x0b\x32\x14.corral.v1.Container\"\xa9\x01\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x15\n\rha_containers\x18\x03 \x03(\t\x12\x17\n\x0fha_keep_running\x18\x04 \x03(\t\x12\x16\n\x0eha_max_restart\x18\x05 \x01(\r\x12!\n\x19ha_restart_window_seconds\x18\x06 \x01(\x01\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.corral.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x15MarkNodeFencedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03how\x18\x02 \x01(\t\"\x1c\n\x0c\x43ontainerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xbc\x01\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12!\n\x06limits\x18\x04 \x01(\x0b\x32\x11.corral.v1.Limits\x12\x0f\n\x07storage\x18\x05 \x01(\t\x12\r\n\x05start\x18\x06 \x01(\x08\x12\n\n\x02ha\x18\x07 \x01(\x08\x12\x13\n\x0bha_priority\x18\x08 \x01(\x05\x12\x10\n\x08ha_group\x18\t \x01(\t\"X\n\x15SetContainerHaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ha\x18\x02 \x01(\x08\x12\x13\n\x0bha_priority\x18\x03 \x01(\x05\x12\x10\n\x08ha_group\x18\x04 \x01(\t\"L\n\x14StopContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\"6\n\x17\x44\x65stroyContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1a\n\x18\x44\x65stroyContainerResponse\"%\n\x15ListContainersRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"B\n\x16ListContainersResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.corral.v1.Container\"\xbd\x01\n\x14\x45xecContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x35\n\x03\x65nv\x18\x03 \x03(\x0b\x32(.corral.v1.ExecContainerRequest.EnvEntry\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\r\x12\r\n\x05stdin\x18\x05 \x01(\x0c\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x01\n\x15\x45xecContainerResponse\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x35\n\x04\x65xit\x18\x03 \x01(\x0b\x32%.corral.v1.ExecContainerResponse.ExitH\x00\x1a,\n\x04\x45xit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x11\n\ttimed_out\x18\x02 \x01(\x08\x42\x07\n\x05\x65vent\"L\n\x19SetContainerLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.corral.v1.Limits\"=\n\x18\x46\x61iloverContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\"F\n\x17ResolveContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"d\n\x18ResolveContainerResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\t\x12\x0e\n\x06remove\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\x8c\x01\n\x17MigrateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x10\n\x08postcopy\x18\x04 \x01(\x08\x12\x15\n\rfallback_cold\x18\x05 \x01(\x08\x12\x17\n\x0f\x66rom_checkpoint\x18\x06 \x01(\t\"?\n\x15ListOperationsRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\"B\n\x16ListOperationsResponse\x12(\n\noperations\x18\x01 \x03(\x0b\x32\x14.corral.v1.Operation\"\x1a\n\x0cOperationRef\x12\n\n\x02id\x18\x01 \x01(\t2\xd3\r\n\x11\x43ontrollerService\x12O\n\x0cRegisterNode\x12\x1e.corral.v1.RegisterNodeRequest\x1a\x1f.corral.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.corral.v1.HeartbeatRequest\x1a\x1c.corral.v1.HeartbeatResponse\x12\x46\n\tListNodes\x12\x1b.corral.v1.ListNodesRequest\x1a\x1c.corral.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x19.corral.v1.GetNodeRequest\x1a\x0f.corral.v1.Node\x12\x43\n\x0eMarkNodeFenced\x12 .corral.v1.MarkNodeFencedRequest\x1a\x0f.corral.v1.Node\x12J\n\x0f\x43reateContainer\x12!.corral.v1.CreateContainerRequest\x1a\x14.corral.v1.Container\x12?\n\x0eStartContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12\x46\n\rStopContainer\x12\x1f.corral.v1.StopContainerRequest\x1a\x14.corral.v1.Container\x12[\n\x10\x44\x65stroyContainer\x12\".corral.v1.DestroyContainerRequest\x1a#.corral.v1.DestroyContainerResponse\x12=\n\x0cGetContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12U\n\x0eListContainers\x12 .corral.v1.ListContainersRequest\x1a!.corral.v1.ListContainersResponse\x12T\n\rExecContainer\x12\x1f.corral.v1.ExecContainerRequest\x1a .corral.v1.ExecContainerResponse0\x01\x12P\n\x12SetContainerLimits\x12$.corral.v1.SetContainerLimitsRequest\x1a\x14.corral.v1.Container\x12H\n\x0eSetContainerHa\x12 .corral.v1.SetContainerHaRequest\x1a\x14.corral.v1.Container\x12[\n\x10ResolveContainer\x12\".corral.v1.ResolveContainerRequest\x1a#.corral.v1.ResolveContainerResponse\x12L\n\x10MigrateContainer\x12\".corral.v1.MigrateContainerRequest\x1a\x14.corral.v1.Operation\x12N\n\x11\x46\x61iloverContainer\x12#.corral.v1.FailoverContainerRequest\x1a\x14.corral.v1.Operation\x12U\n\x0eListOperations\x12 .corral.v1.ListOperationsRequest\x1a!.corral.v1.ListOperationsResponse\x12=\n\x0cGetOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation\x12\x41\n\x0eWatchOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation0\x01\x12@\n\x0f\x43\x61ncelOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation\x12O\n\x0c\x41\x63quireLease\x12\x1e.corral.v1.AcquireLeaseRequest\x1a\x1f.corral.v1.AcquireLeaseResponse\x12@\n\x0bWatchEvents\x12\x1d.corral.v1.WatchEventsRequest\x1a\x10.corral.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63orral/v1/controller.proto\x12\tcorral.v1\x1a\x15\x63orral/v1/types.proto\"H\n\x13\x41\x63quireLeaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"M\n\x14\x41\x63quireLeaseResponse\x12\x0f\n\x07granted\x18\x01 \x01(\x08\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x14\n\x0cseconds_left\x18\x03 \x01(\x01\"3\n\x12WatchEventsRequest\x12\r\n\x05since\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"d\n\x13RegisterNodeRequest\x12#\n\x05\x66\x61\x63ts\x18\x01 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x02 \x03(\x0b\x32\x14.corral.v1.Container\"h\n\x14RegisterNodeResponse\x12\"\n\x1aheartbeat_interval_seconds\x18\x01 \x01(\x01\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x15\n\rha_containers\x18\x03 \x03(\t\"o\n\x10HeartbeatRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12#\n\x05\x66\x61\x63ts\x18\x02 \x01(\x0b\x32\x14.corral.v1.NodeFacts\x12(\n\ncontainers\x18\x03 \x03(\x0b\x32\x14.corral.v1.Container\"\xa9\x01\n\x11HeartbeatResponse\x12\x12\n\nreregister\x18\x01 \x01(\x08\x12\x15\n\rlease_seconds\x18\x02 \x01(\x01\x12\x15\n\rha_containers\x18\x03 \x03(\t\x12\x17\n\x0fha_keep_running\x18\x04 \x03(\t\x12\x16\n\x0eha_max_restart\x18\x05 \x01(\r\x12!\n\x19ha_restart_window_seconds\x18\x06 \x01(\x01\"\x12\n\x10ListNodesRequest\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.corral.v1.Node\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"2\n\x15MarkNodeFencedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03how\x18\x02 \x01(\t\"\x1c\n\x0c\x43ontainerRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xe0\x01\n\x16\x43reateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08template\x18\x02 \x01(\t\x12\x0c\n\x04node\x18\x03 \x01(\t\x12!\n\x06limits\x18\x04 \x01(\x0b\x32\x11.corral.v1.Limits\x12\x0f\n\x07storage\x18\x05 \x01(\t\x12\r\n\x05start\x18\x06 \x01(\x08\x12\n\n\x02ha\x18\x07 \x01(\x08\x12\x13\n\x0bha_priority\x18\x08 \x01(\x05\x12\x10\n\x08ha_group\x18\t \x01(\t\x12\x13\n\x0b\x63onstraints\x18\n \x03(\t\x12\r\n\x05group\x18\x0b \x01(\t\"6\n\x14SetNodeCordonRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63ordoned\x18\x02 \x01(\x08\"\x9c\x01\n\x14PlanPlacementRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\x12\x0c\n\x04node\x18\x03 \x01(\t\x12!\n\x06limits\x18\x04 \x01(\x0b\x32\x11.corral.v1.Limits\x12\x0f\n\x07storage\x18\x05 \x01(\t\x12\x13\n\x0b\x63onstraints\x18\x06 \x03(\t\x12\r\n\x05group\x18\x07 \x01(\t\"\x98\x01\n\rPlacementPlan\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x38\n\x08rejected\x18\x03 \x03(\x0b\x32&.corral.v1.PlacementPlan.RejectedEntry\x1a/\n\rRejectedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x15SetContainerHaRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ha\x18\x02 \x01(\x08\x12\x13\n\x0bha_priority\x18\x03 \x01(\x05\x12\x10\n\x08ha_group\x18\x04 \x01(\t\"L\n\x14StopContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\r\"6\n\x17\x44\x65stroyContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1a\n\x18\x44\x65stroyContainerResponse\"%\n\x15ListContainersRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"B\n\x16ListContainersResponse\x12(\n\ncontainers\x18\x01 \x03(\x0b\x32\x14.corral.v1.Container\"\xbd\x01\n\x14\x45xecContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x35\n\x03\x65nv\x18\x03 \x03(\x0b\x32(.corral.v1.ExecContainerRequest.EnvEntry\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\r\x12\r\n\x05stdin\x18\x05 \x01(\x0c\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa9\x01\n\x15\x45xecContainerResponse\x12\x10\n\x06stdout\x18\x01 \x01(\x0cH\x00\x12\x10\n\x06stderr\x18\x02 \x01(\x0cH\x00\x12\x35\n\x04\x65xit\x18\x03 \x01(\x0b\x32%.corral.v1.ExecContainerResponse.ExitH\x00\x1a,\n\x04\x45xit\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x11\n\ttimed_out\x18\x02 \x01(\x08\x42\x07\n\x05\x65vent\"L\n\x19SetContainerLimitsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x06limits\x18\x02 \x01(\x0b\x32\x11.corral.v1.Limits\"=\n\x18\x46\x61iloverContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\"F\n\x17ResolveContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"d\n\x18ResolveContainerResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\t\x12\x0e\n\x06remove\x18\x03 \x03(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\"\x8c\x01\n\x17MigrateContainerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x10\n\x08postcopy\x18\x04 \x01(\x08\x12\x15\n\rfallback_cold\x18\x05 \x01(\x08\x12\x17\n\x0f\x66rom_checkpoint\x18\x06 \x01(\t\"?\n\x15ListOperationsRequest\x12\x11\n\tcontainer\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_only\x18\x02 \x01(\x08\"B\n\x16ListOperationsResponse\x12(\n\noperations\x18\x01 \x03(\x0b\x32\x14.corral.v1.Operation\"\x1a\n\x0cOperationRef\x12\n\n\x02id\x18\x01 \x01(\t2\xe2\x0e\n\x11\x43ontrollerService\x12O\n\x0cRegisterNode\x12\x1e.corral.v1.RegisterNodeRequest\x1a\x1f.corral.v1.RegisterNodeResponse\x12\x46\n\tHeartbeat\x12\x1b.corral.v1.HeartbeatRequest\x1a\x1c.corral.v1.HeartbeatResponse\x12\x46\n\tListNodes\x12\x1b.corral.v1.ListNodesRequest\x1a\x1c.corral.v1.ListNodesResponse\x12\x35\n\x07GetNode\x12\x19.corral.v1.GetNodeRequest\x1a\x0f.corral.v1.Node\x12\x43\n\x0eMarkNodeFenced\x12 .corral.v1.MarkNodeFencedRequest\x1a\x0f.corral.v1.Node\x12\x41\n\rSetNodeCordon\x12\x1f.corral.v1.SetNodeCordonRequest\x1a\x0f.corral.v1.Node\x12J\n\rPlanPlacement\x12\x1f.corral.v1.PlanPlacementRequest\x1a\x18.corral.v1.PlacementPlan\x12J\n\x0f\x43reateContainer\x12!.corral.v1.CreateContainerRequest\x1a\x14.corral.v1.Container\x12?\n\x0eStartContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12\x46\n\rStopContainer\x12\x1f.corral.v1.StopContainerRequest\x1a\x14.corral.v1.Container\x12[\n\x10\x44\x65stroyContainer\x12\".corral.v1.DestroyContainerRequest\x1a#.corral.v1.DestroyContainerResponse\x12=\n\x0cGetContainer\x12\x17.corral.v1.ContainerRef\x1a\x14.corral.v1.Container\x12U\n\x0eListContainers\x12 .corral.v1.ListContainersRequest\x1a!.corral.v1.ListContainersResponse\x12T\n\rExecContainer\x12\x1f.corral.v1.ExecContainerRequest\x1a .corral.v1.ExecContainerResponse0\x01\x12P\n\x12SetContainerLimits\x12$.corral.v1.SetContainerLimitsRequest\x1a\x14.corral.v1.Container\x12H\n\x0eSetContainerHa\x12 .corral.v1.SetContainerHaRequest\x1a\x14.corral.v1.Container\x12[\n\x10ResolveContainer\x12\".corral.v1.ResolveContainerRequest\x1a#.corral.v1.ResolveContainerResponse\x12L\n\x10MigrateContainer\x12\".corral.v1.MigrateContainerRequest\x1a\x14.corral.v1.Operation\x12N\n\x11\x46\x61iloverContainer\x12#.corral.v1.FailoverContainerRequest\x1a\x14.corral.v1.Operation\x12U\n\x0eListOperations\x12 .corral.v1.ListOperationsRequest\x1a!.corral.v1.ListOperationsResponse\x12=\n\x0cGetOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation\x12\x41\n\x0eWatchOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation0\x01\x12@\n\x0f\x43\x61ncelOperation\x12\x17.corral.v1.OperationRef\x1a\x14.corral.v1.Operation\x12O\n\x0c\x41\x63quireLease\x12\x1e.corral.v1.AcquireLeaseRequest\x1a\x1f.corral.v1.AcquireLeaseResponse\x12@\n\x0bWatchEvents\x12\x1d.corral.v1.WatchEventsRequest\x1a\x10.corral.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.v1.controller_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PLACEMENTPLAN_REJECTEDENTRY']._loaded_options = None
+  _globals['_PLACEMENTPLAN_REJECTEDENTRY']._serialized_options = b'8\001'
   _globals['_EXECCONTAINERREQUEST_ENVENTRY']._loaded_options = None
   _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_options = b'8\001'
   _globals['_ACQUIRELEASEREQUEST']._serialized_start=64
@@ -60,43 +62,51 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTAINERREF']._serialized_start=920
   _globals['_CONTAINERREF']._serialized_end=948
   _globals['_CREATECONTAINERREQUEST']._serialized_start=951
-  _globals['_CREATECONTAINERREQUEST']._serialized_end=1139
-  _globals['_SETCONTAINERHAREQUEST']._serialized_start=1141
-  _globals['_SETCONTAINERHAREQUEST']._serialized_end=1229
-  _globals['_STOPCONTAINERREQUEST']._serialized_start=1231
-  _globals['_STOPCONTAINERREQUEST']._serialized_end=1307
-  _globals['_DESTROYCONTAINERREQUEST']._serialized_start=1309
-  _globals['_DESTROYCONTAINERREQUEST']._serialized_end=1363
-  _globals['_DESTROYCONTAINERRESPONSE']._serialized_start=1365
-  _globals['_DESTROYCONTAINERRESPONSE']._serialized_end=1391
-  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1393
-  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1430
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1432
-  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=1498
-  _globals['_EXECCONTAINERREQUEST']._serialized_start=1501
-  _globals['_EXECCONTAINERREQUEST']._serialized_end=1690
-  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_start=1648
-  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_end=1690
-  _globals['_EXECCONTAINERRESPONSE']._serialized_start=1693
-  _globals['_EXECCONTAINERRESPONSE']._serialized_end=1862
-  _globals['_EXECCONTAINERRESPONSE_EXIT']._serialized_start=1809
-  _globals['_EXECCONTAINERRESPONSE_EXIT']._serialized_end=1853
-  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_start=1864
-  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_end=1940
-  _globals['_FAILOVERCONTAINERREQUEST']._serialized_start=1942
-  _globals['_FAILOVERCONTAINERREQUEST']._serialized_end=2003
-  _globals['_RESOLVECONTAINERREQUEST']._serialized_start=2005
-  _globals['_RESOLVECONTAINERREQUEST']._serialized_end=2075
-  _globals['_RESOLVECONTAINERRESPONSE']._serialized_start=2077
-  _globals['_RESOLVECONTAINERRESPONSE']._serialized_end=2177
-  _globals['_MIGRATECONTAINERREQUEST']._serialized_start=2180
-  _globals['_MIGRATECONTAINERREQUEST']._serialized_end=2320
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=2322
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=2385
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=2387
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=2453
-  _globals['_OPERATIONREF']._serialized_start=2455
-  _globals['_OPERATIONREF']._serialized_end=2481
-  _globals['_CONTROLLERSERVICE']._serialized_start=2484
-  _globals['_CONTROLLERSERVICE']._serialized_end=4231
+  _globals['_CREATECONTAINERREQUEST']._serialized_end=1175
+  _globals['_SETNODECORDONREQUEST']._serialized_start=1177
+  _globals['_SETNODECORDONREQUEST']._serialized_end=1231
+  _globals['_PLANPLACEMENTREQUEST']._serialized_start=1234
+  _globals['_PLANPLACEMENTREQUEST']._serialized_end=1390
+  _globals['_PLACEMENTPLAN']._serialized_start=1393
+  _globals['_PLACEMENTPLAN']._serialized_end=1545
+  _globals['_PLACEMENTPLAN_REJECTEDENTRY']._serialized_start=1498
+  _globals['_PLACEMENTPLAN_REJECTEDENTRY']._serialized_end=1545
+  _globals['_SETCONTAINERHAREQUEST']._serialized_start=1547
+  _globals['_SETCONTAINERHAREQUEST']._serialized_end=1635
+  _globals['_STOPCONTAINERREQUEST']._serialized_start=1637
+  _globals['_STOPCONTAINERREQUEST']._serialized_end=1713
+  _globals['_DESTROYCONTAINERREQUEST']._serialized_start=1715
+  _globals['_DESTROYCONTAINERREQUEST']._serialized_end=1769
+  _globals['_DESTROYCONTAINERRESPONSE']._serialized_start=1771
+  _globals['_DESTROYCONTAINERRESPONSE']._serialized_end=1797
+  _globals['_LISTCONTAINERSREQUEST']._serialized_start=1799
+  _globals['_LISTCONTAINERSREQUEST']._serialized_end=1836
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_start=1838
+  _globals['_LISTCONTAINERSRESPONSE']._serialized_end=1904
+  _globals['_EXECCONTAINERREQUEST']._serialized_start=1907
+  _globals['_EXECCONTAINERREQUEST']._serialized_end=2096
+  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_start=2054
+  _globals['_EXECCONTAINERREQUEST_ENVENTRY']._serialized_end=2096
+  _globals['_EXECCONTAINERRESPONSE']._serialized_start=2099
+  _globals['_EXECCONTAINERRESPONSE']._serialized_end=2268
+  _globals['_EXECCONTAINERRESPONSE_EXIT']._serialized_start=2215
+  _globals['_EXECCONTAINERRESPONSE_EXIT']._serialized_end=2259
+  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_start=2270
+  _globals['_SETCONTAINERLIMITSREQUEST']._serialized_end=2346
+  _globals['_FAILOVERCONTAINERREQUEST']._serialized_start=2348
+  _globals['_FAILOVERCONTAINERREQUEST']._serialized_end=2409
+  _globals['_RESOLVECONTAINERREQUEST']._serialized_start=2411
+  _globals['_RESOLVECONTAINERREQUEST']._serialized_end=2481
+  _globals['_RESOLVECONTAINERRESPONSE']._serialized_start=2483
+  _globals['_RESOLVECONTAINERRESPONSE']._serialized_end=2583
+  _globals['_MIGRATECONTAINERREQUEST']._serialized_start=2586
+  _globals['_MIGRATECONTAINERREQUEST']._serialized_end=2726
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=2728
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=2791
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=2793
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=2859
+  _globals['_OPERATIONREF']._serialized_start=2861
+  _globals['_OPERATIONREF']._serialized_end=2887
+  _globals['_CONTROLLERSERVICE']._serialized_start=2890
+  _globals['_CONTROLLERSERVICE']._serialized_end=4780
 # @@protoc_insertion_point(module_scope)

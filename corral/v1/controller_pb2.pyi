@@ -111,7 +111,7 @@ class ContainerRef(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("name", "template", "node", "limits", "storage", "start", "ha", "ha_priority", "ha_group")
+    __slots__ = ("name", "template", "node", "limits", "storage", "start", "ha", "ha_priority", "ha_group", "constraints", "group")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,8 @@ class CreateContainerRequest(_message.Message):
     HA_FIELD_NUMBER: _ClassVar[int]
     HA_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     HA_GROUP_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     template: str
     node: str
@@ -130,7 +132,52 @@ class CreateContainerRequest(_message.Message):
     ha: bool
     ha_priority: int
     ha_group: str
-    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., node: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ..., storage: _Optional[str] = ..., start: _Optional[bool] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ...) -> None: ...
+    constraints: _containers.RepeatedScalarFieldContainer[str]
+    group: str
+    def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., node: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ..., storage: _Optional[str] = ..., start: _Optional[bool] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ..., constraints: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ...) -> None: ...
+
+class SetNodeCordonRequest(_message.Message):
+    __slots__ = ("name", "cordoned")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    cordoned: bool
+    def __init__(self, name: _Optional[str] = ..., cordoned: _Optional[bool] = ...) -> None: ...
+
+class PlanPlacementRequest(_message.Message):
+    __slots__ = ("name", "existing", "node", "limits", "storage", "constraints", "group")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXISTING_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    existing: bool
+    node: str
+    limits: _types_pb2.Limits
+    storage: str
+    constraints: _containers.RepeatedScalarFieldContainer[str]
+    group: str
+    def __init__(self, name: _Optional[str] = ..., existing: _Optional[bool] = ..., node: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ..., storage: _Optional[str] = ..., constraints: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ...) -> None: ...
+
+class PlacementPlan(_message.Message):
+    __slots__ = ("node", "reason", "rejected")
+    class RejectedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    reason: str
+    rejected: _containers.ScalarMap[str, str]
+    def __init__(self, node: _Optional[str] = ..., reason: _Optional[str] = ..., rejected: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SetContainerHaRequest(_message.Message):
     __slots__ = ("name", "ha", "ha_priority", "ha_group")

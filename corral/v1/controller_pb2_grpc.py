@@ -61,6 +61,16 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.MarkNodeFencedRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Node.FromString,
                 _registered_method=True)
+        self.SetNodeCordon = channel.unary_unary(
+                '/corral.v1.ControllerService/SetNodeCordon',
+                request_serializer=corral_dot_v1_dot_controller__pb2.SetNodeCordonRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Node.FromString,
+                _registered_method=True)
+        self.PlanPlacement = channel.unary_unary(
+                '/corral.v1.ControllerService/PlanPlacement',
+                request_serializer=corral_dot_v1_dot_controller__pb2.PlanPlacementRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.PlacementPlan.FromString,
+                _registered_method=True)
         self.CreateContainer = channel.unary_unary(
                 '/corral.v1.ControllerService/CreateContainer',
                 request_serializer=corral_dot_v1_dot_controller__pb2.CreateContainerRequest.SerializeToString,
@@ -185,6 +195,21 @@ class ControllerServiceServicer:
     def MarkNodeFenced(self, request, context):
         """The operator says a lost node is off (powered down, cut from its storage): its HA containers
         may then run elsewhere. Refused for a node that heartbeats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetNodeCordon(self, request, context):
+        """Cordon (no new placements on it) or uncordon a node; what runs there stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanPlacement(self, request, context):
+        """Where the scheduler would place a new container, or move an existing one (`--dry-run`):
+        the node, why, and why not each other node. Changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -338,6 +363,16 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.MarkNodeFenced,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.MarkNodeFencedRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Node.SerializeToString,
+            ),
+            'SetNodeCordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNodeCordon,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.SetNodeCordonRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Node.SerializeToString,
+            ),
+            'PlanPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanPlacement,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.PlanPlacementRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.PlacementPlan.SerializeToString,
             ),
             'CreateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateContainer,
@@ -565,6 +600,60 @@ class ControllerService:
             '/corral.v1.ControllerService/MarkNodeFenced',
             corral_dot_v1_dot_controller__pb2.MarkNodeFencedRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNodeCordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/SetNodeCordon',
+            corral_dot_v1_dot_controller__pb2.SetNodeCordonRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/PlanPlacement',
+            corral_dot_v1_dot_controller__pb2.PlanPlacementRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.PlacementPlan.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,7 +78,7 @@ class NetworkAttachment(_message.Message):
     def __init__(self, ipv4_cidr: _Optional[str] = ..., gateway: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation", "desired_state", "observed_at", "revision", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_restarts", "ha_relocations", "ha_failed")
+    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation", "desired_state", "observed_at", "revision", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_restarts", "ha_relocations", "ha_failed", "constraints", "group")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class Container(_message.Message):
     HA_RESTARTS_FIELD_NUMBER: _ClassVar[int]
     HA_RELOCATIONS_FIELD_NUMBER: _ClassVar[int]
     HA_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     name: str
     node: str
     template: str
@@ -123,7 +125,9 @@ class Container(_message.Message):
     ha_restarts: int
     ha_relocations: int
     ha_failed: str
-    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ..., ha_restarts: _Optional[int] = ..., ha_relocations: _Optional[int] = ..., ha_failed: _Optional[str] = ...) -> None: ...
+    constraints: _containers.RepeatedScalarFieldContainer[str]
+    group: str
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ..., ha_restarts: _Optional[int] = ..., ha_relocations: _Optional[int] = ..., ha_failed: _Optional[str] = ..., constraints: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable", "unavailable", "labels")
@@ -187,7 +191,7 @@ class NodeFacts(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., disk_free_bytes: _Optional[int] = ..., kernel: _Optional[str] = ..., lxc_version: _Optional[str] = ..., criu_version: _Optional[str] = ..., criu_ok: _Optional[bool] = ..., criu_detail: _Optional[str] = ..., agent_version: _Optional[str] = ..., storage_drivers: _Optional[_Iterable[str]] = ..., live_strategies: _Optional[_Iterable[str]] = ..., live_unavailable: _Optional[_Mapping[str, str]] = ..., unavailable: _Optional[_Mapping[str, str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers", "health", "history")
+    __slots__ = ("facts", "state", "last_heartbeat", "allocated", "container_count", "unmanaged_containers", "health", "history", "cordoned")
     FACTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +200,7 @@ class Node(_message.Message):
     UNMANAGED_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    CORDONED_FIELD_NUMBER: _ClassVar[int]
     facts: NodeFacts
     state: NodeState
     last_heartbeat: float
@@ -204,7 +209,8 @@ class Node(_message.Message):
     unmanaged_containers: _containers.RepeatedScalarFieldContainer[str]
     health: str
     history: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ..., unmanaged_containers: _Optional[_Iterable[str]] = ..., health: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ...) -> None: ...
+    cordoned: bool
+    def __init__(self, facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_heartbeat: _Optional[float] = ..., allocated: _Optional[_Union[Limits, _Mapping]] = ..., container_count: _Optional[int] = ..., unmanaged_containers: _Optional[_Iterable[str]] = ..., health: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., cordoned: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("seq", "at", "kind", "message", "node", "container", "operation", "fields")

@@ -120,6 +120,12 @@ class CrashingStore:
     async def list_unmanaged(self):
         return await self.inner.list_unmanaged()
 
+    async def cordoned_nodes(self):
+        return await self.inner.cordoned_nodes()
+
+    async def set_cordoned(self, node, cordoned):
+        return await self._write("set_cordoned", node, cordoned)
+
     async def get_operation(self, op_id):
         return await self.inner.get_operation(op_id)
 
