@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import AsyncIterator, Mapping, Sequence
 
 import structlog
@@ -31,12 +31,15 @@ from controller.operations.params import (
     CreateParams,
     DestroyParams,
     FailoverParams,
+    MaintenanceParams,
     MigrateParams,
     StaleCopyParams,
 )
 from controller.operations.reach import Reach
 from controller.operations.steps import OpKind
+from controller.operations.maintenance import MovesPlan
 from controller.scheduler.failover import plan_failover
+from controller.scheduler.maintenance import MovePlan, NodeCheck, check_n_plus_1, plan_evacuation, plan_rebalance
 from controller.scheduler.placement import Placement, PlacementPolicy, PlacementRequest, Snapshot, decide, place
 from controller.scheduler.recovery import RecoveryKind, RecoveryPolicy, keeps_running, recovery_for
 from controller.store.base import Store
@@ -152,6 +155,9 @@ class Fleet:
         self._settling: set[str] = set()
         self._settle_tried: dict[str, float] = {}  # container -> monotonic time of the last attempt
         self._tasks: set[asyncio.Task] = set()
+        # Evacuations and rebalances are plans of migrations: their plans need the fleet itself.
+        engine.plans[OpKind.EVACUATE] = lambda op: MovesPlan(op, store, self, engine)
+        engine.plans[OpKind.REBALANCE] = lambda op: MovesPlan(op, store, self, engine)
 
     # -- nodes -------------------------------------------------------------
 
@@ -309,6 +315,41 @@ class Fleet:
         self.engine.events.emit("node-cordon", f"node {node} is {'cordoned: no new placements' if cordoned else 'uncordoned'}",
                                 node=node, cordoned=cordoned)  # fmt: skip
         return await self.get_node(node)
+
+    # -- maintenance -------------------------------------------------------------
+
+    async def evacuate(self, node: str, *, allow_cold: bool, dry_run: bool) -> tuple[MovePlan, Operation | None]:
+        """Move every container off `node` (cordoned first, and left cordoned: uncordon it after
+        the maintenance), as an operation of migrations; `dry_run`: the plan only."""
+        validate_name(node, "node name")
+        nodes = await self.list_nodes()
+        if node not in {n.name for n in nodes}:
+            raise NotFound(f"node {node!r} is not registered")
+        containers = await self.store.list_containers()
+        plan = plan_evacuation(node, nodes, containers, self.policy, allow_cold=allow_cold,
+                               cordoned=frozenset(await self.store.cordoned_nodes()))  # fmt: skip
+        if dry_run:
+            return plan, None
+        if not any(n.cordoned for n in nodes if n.name == node):
+            await self.cordon(node, True)
+        params = MaintenanceParams(node, allow_cold, [asdict(m) for m in plan.moves], [asdict(s) for s in plan.stuck])
+        return plan, await self.engine.submit(OpKind.EVACUATE, f"node:{node}", params.to_dict())
+
+    async def rebalance(self, *, apply: bool, band: float = 0.15) -> tuple[MovePlan, Operation | None]:
+        """The fewest live moves that bring node loads within `band` of the mean; `apply` starts them."""
+        if not 0.01 <= band <= 1:
+            raise InvalidArgument(f"band {band} out of range 0.01..1 (a fraction of a node's capacity)")
+        plan = plan_rebalance(await self.list_nodes(), await self.store.list_containers(), self.policy, band=band,
+                              cordoned=frozenset(await self.store.cordoned_nodes()))  # fmt: skip
+        if not apply or not plan.moves:
+            return plan, None
+        params = MaintenanceParams("", False, [asdict(m) for m in plan.moves])
+        return plan, await self.engine.submit(OpKind.REBALANCE, "fleet", params.to_dict())
+
+    async def check(self) -> list[NodeCheck]:
+        """N+1: for each node, would its HA containers fit on the others if it died now?"""
+        return check_n_plus_1(await self.list_nodes(), await self.store.list_containers(), self.policy,
+                              frozenset(await self.store.cordoned_nodes()))  # fmt: skip
 
     async def _addresses_in_use(self) -> list[str]:
         used = [c.network.ipv4 for c in await self.store.list_containers()]

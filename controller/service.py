@@ -46,6 +46,9 @@ CONTROLLER_POLICY = ServicePolicy(
         "MarkNodeFenced": writes(_USER, node()),
         "SetNodeCordon": writes(_USER, node()),
         "PlanPlacement": reads(_USER, container(), node("node", optional=True)),
+        "EvacuateNode": writes(_USER, node()),
+        "RebalanceFleet": writes(_USER),
+        "CheckFleet": reads(_USER),
         "CreateContainer": writes(_USER, container(), node("node", optional=True)),
         "StartContainer": writes(_USER, container()),
         "StopContainer": writes(_USER, container()),
@@ -73,6 +76,17 @@ CONTROLLER_POLICY = ServicePolicy(
     standard=STANDARD_TABLES,  # health and reflection, to every certificate of the fleet
 )
 controller_policy = CONTROLLER_POLICY  # the name controller.main imports
+
+
+def _moves_reply(plan, op) -> cpb.MovesReply:
+    reply = cpb.MovesReply(
+        moves=[cpb.Move(container=m.container, source=m.source, target=m.target, live=m.live, reason=m.reason)
+               for m in plan.moves],
+        stuck=[cpb.Stuck(container=s.container, reason=s.reason) for s in plan.stuck],
+    )  # fmt: skip
+    if op is not None:
+        reply.operation.CopyFrom(operation_to_pb(op))
+    return reply
 
 
 def _require_self(node: str) -> None:
@@ -148,6 +162,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
             storage=request.storage, wish=PlacementWish(tuple(request.constraints), request.group),
         )
         return cpb.PlacementPlan(node=plan.node, reason=plan.reason, rejected=dict(plan.rejected))
+
+    async def EvacuateNode(self, request: cpb.EvacuateNodeRequest, context):
+        plan, op = await self.fleet.evacuate(request.name, allow_cold=request.allow_cold, dry_run=request.dry_run)
+        return _moves_reply(plan, op)
+
+    async def RebalanceFleet(self, request: cpb.RebalanceFleetRequest, context):
+        plan, op = await self.fleet.rebalance(apply=request.apply, band=request.band or 0.15)
+        return _moves_reply(plan, op)
+
+    async def CheckFleet(self, request, context):
+        return cpb.CheckFleetResponse(nodes=[cpb.NodeCheck(node=c.node, ok=c.ok, detail=c.detail)
+                                             for c in await self.fleet.check()])  # fmt: skip
 
     async def SetNodeCordon(self, request: cpb.SetNodeCordonRequest, context):
         return node_to_pb(await self.fleet.cordon(request.name, request.cordoned))

@@ -53,6 +53,16 @@ class DestroyParams(_Params):
 
 
 @dataclass(frozen=True)
+class MaintenanceParams(_Params):
+    """An evacuation's or a rebalance's plan, made before it starts."""
+
+    node: str = ""  # the node evacuated ("" for a rebalance)
+    allow_cold: bool = False
+    moves: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # container, source, target, live, reason
+    stuck: list[dict[str, str]] = dataclasses.field(default_factory=list)  # container, reason
+
+
+@dataclass(frozen=True)
 class StaleCopyParams(_Params):
     node: str  # where the stopped stale copy is
 

@@ -11,6 +11,8 @@ class OpKind(enum.StrEnum):
     MIGRATE = "migrate"
     FAILOVER = "failover"
     REMOVE_STALE_COPY = "remove-stale-copy"
+    EVACUATE = "evacuate"
+    REBALANCE = "rebalance"
 
 
 class StepName(enum.StrEnum):
@@ -48,6 +50,8 @@ class StepName(enum.StrEnum):
     MARK_IN_DOUBT = "mark-in-doubt"
     # failover
     TAKEOVER = "takeover"  # the target takes the volume over from the lost node, at a newer generation
+    # evacuate, rebalance: one step per container moved (move_step)
+    MOVE = "move"
     # remove a stale copy
     RELEASE_STALE = "release-stale"
     # migrate from a kept checkpoint
@@ -58,3 +62,8 @@ class StepName(enum.StrEnum):
 
 # Steps after which the target may run its copy (rule 1: proven gone before the source runs again).
 TARGET_MAY_RUN = (StepName.RESTORE, StepName.START_TARGET, StepName.LAZY_RESTORE)
+
+
+def move_step(container: str) -> str:
+    """The step of an evacuation or rebalance that moves `container` (one per container)."""
+    return f"{StepName.MOVE}:{container}"

@@ -162,6 +162,76 @@ class PlanPlacementRequest(_message.Message):
     group: str
     def __init__(self, name: _Optional[str] = ..., existing: _Optional[bool] = ..., node: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ..., storage: _Optional[str] = ..., constraints: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ...) -> None: ...
 
+class EvacuateNodeRequest(_message.Message):
+    __slots__ = ("name", "allow_cold", "dry_run")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_COLD_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    allow_cold: bool
+    dry_run: bool
+    def __init__(self, name: _Optional[str] = ..., allow_cold: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class RebalanceFleetRequest(_message.Message):
+    __slots__ = ("apply", "band")
+    APPLY_FIELD_NUMBER: _ClassVar[int]
+    BAND_FIELD_NUMBER: _ClassVar[int]
+    apply: bool
+    band: float
+    def __init__(self, apply: _Optional[bool] = ..., band: _Optional[float] = ...) -> None: ...
+
+class Move(_message.Message):
+    __slots__ = ("container", "source", "target", "live", "reason")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    source: str
+    target: str
+    live: bool
+    reason: str
+    def __init__(self, container: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., live: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Stuck(_message.Message):
+    __slots__ = ("container", "reason")
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    container: str
+    reason: str
+    def __init__(self, container: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class MovesReply(_message.Message):
+    __slots__ = ("moves", "stuck", "operation")
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    STUCK_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    moves: _containers.RepeatedCompositeFieldContainer[Move]
+    stuck: _containers.RepeatedCompositeFieldContainer[Stuck]
+    operation: _types_pb2.Operation
+    def __init__(self, moves: _Optional[_Iterable[_Union[Move, _Mapping]]] = ..., stuck: _Optional[_Iterable[_Union[Stuck, _Mapping]]] = ..., operation: _Optional[_Union[_types_pb2.Operation, _Mapping]] = ...) -> None: ...
+
+class CheckFleetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeCheck(_message.Message):
+    __slots__ = ("node", "ok", "detail")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    ok: bool
+    detail: str
+    def __init__(self, node: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class CheckFleetResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeCheck]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeCheck, _Mapping]]] = ...) -> None: ...
+
 class PlacementPlan(_message.Message):
     __slots__ = ("node", "reason", "rejected")
     class RejectedEntry(_message.Message):

@@ -71,6 +71,21 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.PlanPlacementRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_controller__pb2.PlacementPlan.FromString,
                 _registered_method=True)
+        self.EvacuateNode = channel.unary_unary(
+                '/corral.v1.ControllerService/EvacuateNode',
+                request_serializer=corral_dot_v1_dot_controller__pb2.EvacuateNodeRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.MovesReply.FromString,
+                _registered_method=True)
+        self.RebalanceFleet = channel.unary_unary(
+                '/corral.v1.ControllerService/RebalanceFleet',
+                request_serializer=corral_dot_v1_dot_controller__pb2.RebalanceFleetRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.MovesReply.FromString,
+                _registered_method=True)
+        self.CheckFleet = channel.unary_unary(
+                '/corral.v1.ControllerService/CheckFleet',
+                request_serializer=corral_dot_v1_dot_controller__pb2.CheckFleetRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.CheckFleetResponse.FromString,
+                _registered_method=True)
         self.CreateContainer = channel.unary_unary(
                 '/corral.v1.ControllerService/CreateContainer',
                 request_serializer=corral_dot_v1_dot_controller__pb2.CreateContainerRequest.SerializeToString,
@@ -210,6 +225,29 @@ class ControllerServiceServicer:
     def PlanPlacement(self, request, context):
         """Where the scheduler would place a new container, or move an existing one (`--dry-run`):
         the node, why, and why not each other node. Changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvacuateNode(self, request, context):
+        """Move every container off a node (cordoned first): an operation of migrations, live
+        where the hosts can (cold only with allow_cold); with dry_run, the plan only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RebalanceFleet(self, request, context):
+        """The fewest live moves that bring node loads within a band of the mean; with
+        apply, an operation that makes them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckFleet(self, request, context):
+        """N+1: for each node, would its HA containers fit on the others if it died now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -373,6 +411,21 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.PlanPlacement,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.PlanPlacementRequest.FromString,
                     response_serializer=corral_dot_v1_dot_controller__pb2.PlacementPlan.SerializeToString,
+            ),
+            'EvacuateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvacuateNode,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.EvacuateNodeRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.MovesReply.SerializeToString,
+            ),
+            'RebalanceFleet': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebalanceFleet,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.RebalanceFleetRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.MovesReply.SerializeToString,
+            ),
+            'CheckFleet': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckFleet,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.CheckFleetRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.CheckFleetResponse.SerializeToString,
             ),
             'CreateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateContainer,
@@ -654,6 +707,87 @@ class ControllerService:
             '/corral.v1.ControllerService/PlanPlacement',
             corral_dot_v1_dot_controller__pb2.PlanPlacementRequest.SerializeToString,
             corral_dot_v1_dot_controller__pb2.PlacementPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvacuateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/EvacuateNode',
+            corral_dot_v1_dot_controller__pb2.EvacuateNodeRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.MovesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebalanceFleet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/RebalanceFleet',
+            corral_dot_v1_dot_controller__pb2.RebalanceFleetRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.MovesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckFleet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/CheckFleet',
+            corral_dot_v1_dot_controller__pb2.CheckFleetRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.CheckFleetResponse.FromString,
             options,
             channel_credentials,
             insecure,
