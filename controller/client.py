@@ -80,6 +80,16 @@ class ControllerClient:
         plan = await self._call(self.stub.PlanPlacement, req, 30)
         return PlacementPlan(plan.node, plan.reason, dict(plan.rejected))
 
+    async def evacuate_node(self, name: str, *, allow_cold: bool = False, dry_run: bool = False) -> cpb.MovesReply:
+        req = cpb.EvacuateNodeRequest(name=name, allow_cold=allow_cold, dry_run=dry_run)
+        return await self._call(self.stub.EvacuateNode, req, 60)
+
+    async def rebalance_fleet(self, *, apply: bool = False, band: float = 0.0) -> cpb.MovesReply:
+        return await self._call(self.stub.RebalanceFleet, cpb.RebalanceFleetRequest(apply=apply, band=band), 60)
+
+    async def check_fleet(self) -> list[cpb.NodeCheck]:
+        return list((await self._call(self.stub.CheckFleet, cpb.CheckFleetRequest(), 60)).nodes)
+
     async def get_node(self, name: str) -> Node:
         return node_from_pb(await self._call(self.stub.GetNode, cpb.GetNodeRequest(name=name), 30))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from controller.cli import containers, contexts_cmd, events, lab, nodes, operations, pki
+from controller.cli import containers, contexts_cmd, events, fleet, lab, nodes, operations, pki
 from controller.cli.command import CorralGroup
 from controller.cli.completion import SHELLS, completion_script
 from controller.cli.context import Ctx
@@ -75,6 +75,7 @@ cli.add_command(contexts_cmd.context)
 cli.add_command(lab.lab)
 cli.add_command(pki.pki)
 cli.add_command(events.events)
+cli.add_command(fleet.fleet)
 
 
 def main() -> None:

@@ -98,6 +98,33 @@ node_cordon = _cordon_command("cordon", True, "Place nothing new on a node (what
 node_uncordon = _cordon_command("uncordon", False, "Let the scheduler place containers on a node again.")
 
 
+@node.command("evacuate", examples=[
+    "corral node evacuate n2 --dry-run   # what would move where, live or cold, and what stays",
+    "corral node evacuate n2             # cordon it, move everything live (an operation)",
+    "corral node evacuate n2 --allow-cold --detach",
+])  # fmt: skip
+@click.argument("name", shell_complete=complete_nodes)
+@click.option("--allow-cold", is_flag=True, help="move running containers cold (stopped for the move) where live cannot")
+@click.option("--dry-run", is_flag=True, help="the plan only: nothing moves, the node is not cordoned")
+@click.option("--detach", "-d", is_flag=True, help="print the operation id and return at once")
+@click.pass_obj
+def node_evacuate(obj, name, allow_cold, dry_run, detach) -> None:
+    """Move every container off a node before maintenance; the node is cordoned first and stays so.
+
+    Exits 0 when everything moved, 1 when a move failed, 6 when something had to stay.
+    """
+    from controller.cli.fleet import follow_moves
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            reply = await fleet.evacuate_node(name, allow_cold=allow_cold, dry_run=dry_run)
+            code = await follow_moves(obj, fleet, reply, detach, nothing=f"node {name} holds no containers")
+            return code if code or not reply.stuck else 6
+
+    sys.exit(go())
+
+
 @node.command("fenced", examples=[
     "corral node fenced n3 --yes --how 'powered off at the PDU'",
 ])  # fmt: skip
