@@ -32,6 +32,7 @@ from agent.transfer.server import TransferServer
 from agent.watchdog import KernelWatchdog, Watchdog
 from corral import log as corral_log
 from corral import programs
+from corral import systemd
 from corral.api.server import make_server
 from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
@@ -98,6 +99,7 @@ async def serve(config: AgentConfig) -> None:
     await server.start()
     await standard.serving()  # up, registered or not (corral.api.standard)
     log.info("agent serving", node=config.node, listen=config.listen, lxc_path=str(config.lxc_path))
+    systemd.ready(f"serving on {config.listen}")  # Type=notify (deploy/systemd/corral-agent.service)
 
     lease = Lease(config.state_dir / "lease.json", containers.fence)
     watchdog = None
@@ -119,6 +121,7 @@ async def serve(config: AgentConfig) -> None:
         watchers = [tg.create_task(image.watch(containers.kill))] if isinstance(image, ImageStorage) else []
         await stop.wait()
         log.info("agent stopping; containers keep running")
+        systemd.stopping()
         await standard.stopping()
         beat.cancel()
         guard.cancel()
@@ -149,7 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="corral-agent", description=__doc__)
     parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", type=Path, default=Path("/etc/corral/agent.yaml"))
+    parser.add_argument("--check-config", action="store_true", help="check the config and its certificates, "
+                        "print `config OK: ...` or the error (exit 78); start nothing")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.check_config:
+        sys.exit(systemd.check_config("corral-agent", args.config, AgentConfig.load, lambda c: systemd.Checked(
+            c.tls, [c.listen], "agent", c.node, f"node {c.node}, listen {c.listen}, advertise {c.advertise}, "
+            f"controller {c.controller}, storage: dir{', image' if c.shared_dir else ''}"
+            f"{', lvm' if c.shared_volume_group else ''}")))  # fmt: skip
     corral_log.configure(json_output=True)
     try:
         config = AgentConfig.load(args.config)

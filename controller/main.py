@@ -21,6 +21,7 @@ from controller.operations import operation_plans
 from controller.service import ControllerServicer, controller_policy
 from controller.store.sqlite import SqliteStore
 from corral import log as corral_log
+from corral import systemd
 from corral.api.server import make_server
 from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
@@ -55,6 +56,7 @@ async def serve(config: ControllerConfig) -> None:
     await engine.start()
     await standard.serving()
     log.info("controller serving", listen=list(config.listen), store=str(config.store_path))
+    systemd.ready(f"serving on {', '.join(config.listen)}")  # Type=notify (deploy/systemd/)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -67,6 +69,7 @@ async def serve(config: ControllerConfig) -> None:
                 if config.fence_command else None  # fmt: skip
             await stop.wait()
             log.info("controller stopping")
+            systemd.stopping()
             await standard.stopping()
             watcher.cancel()
             if fencer is not None:
@@ -84,7 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="corral-controller", description=__doc__)
     parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--config", type=Path, default=Path("/etc/corral/controller.yaml"))
+    parser.add_argument("--check-config", action="store_true", help="check the config and its certificates, "
+                        "print `config OK: ...` or the error (exit 78); start nothing")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.check_config:
+        sys.exit(systemd.check_config("corral-controller", args.config, ControllerConfig.load, lambda c: (
+            systemd.Checked(c.tls, c.listen, "controller", "controller", f"listen {', '.join(c.listen)}, store "
+                            f"{c.store_path}, network {c.addresses.subnet}, fence_command "
+                            f"{' '.join(c.fence_command) or 'none'}"))))  # fmt: skip
     corral_log.configure(json_output=True)
     try:
         config = ControllerConfig.load(args.config)
