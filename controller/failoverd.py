@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import structlog
 
 from corral import log as corral_log
+from corral import systemd
 from corral.errors import CorralError
 from corral.model import Container, Node
 
@@ -59,6 +60,7 @@ class FailoverDaemon:
         self.clock = clock
         self._leader_until = 0.0  # on `clock`
         self._wake = asyncio.Event()
+        self._connected = False
 
     @property
     def leading(self) -> bool:
@@ -75,6 +77,9 @@ class FailoverDaemon:
             asked = self.clock()
             try:
                 reply = await self.client.acquire_lease(LEASE, self.holder, self.ttl)
+                if not self._connected:  # the controller answers, the watch runs: ready (Type=notify)
+                    self._connected = True
+                    systemd.ready(f"connected to the controller as {self.holder}")
                 was = self.leading
                 if reply.granted:
                     self._leader_until = asked + self.ttl - LEAD_MARGIN
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 loop.add_signal_handler(sig, stop.set)
             runner = asyncio.create_task(daemon.run())
             await stop.wait()
+            systemd.stopping()
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
 
