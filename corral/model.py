@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 class ContainerState(enum.Enum):
@@ -169,3 +170,89 @@ def validate_limits(limits: Limits) -> Limits:
     if limits.disk_bytes and limits.disk_bytes < MIN_MEMORY_BYTES:
         raise InvalidArgument(f"disk size {limits.disk_bytes} bytes is below the minimum of 16M")
     return limits
+
+
+# -- operations and events as API clients see them (corral.client; corral.api.convert) --------
+
+OPERATION_FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class OperationStep:
+    name: str
+    state: str  # started, done, failed, undone
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class OperationProgress:
+    phase: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    rate_bps: float = 0.0
+    eta_s: float = -1.0  # seconds left, -1 when unknown
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Operation:
+    """A long action (create, migrate, evacuate, failover) as the controller reports it.
+    `params` and `result` hold the decoded JSON values the API carries."""
+
+    id: str
+    kind: str
+    container: str
+    state: str  # pending, running, rolling-back, succeeded, failed, cancelled
+    params: dict[str, Any] = field(default_factory=dict)
+    steps: tuple[OperationStep, ...] = ()
+    progress: OperationProgress = field(default_factory=OperationProgress)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    cancel_requested: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in OPERATION_FINISHED
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "succeeded"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened in the fleet; `seq` numbers events from the controller's start."""
+
+    seq: int
+    at: float
+    kind: str  # node-state, operation, container-doubt, ...
+    message: str
+    node: str = ""
+    container: str = ""
+    operation: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A named lease's answer: granted to the asker or not, who holds it, for how long."""
+
+    granted: bool
+    holder: str
+    seconds_left: float
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """How a container in doubt is (or would be) settled: the copy kept, those removed."""
+
+    name: str
+    keep: str
+    remove: tuple[str, ...]
+    reason: str
+    done: bool

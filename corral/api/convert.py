@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from corral.errors import CorralError
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
+from corral.model import Event, Lease, Operation, OperationProgress, OperationStep, Resolution
 from corral.proc import STDERR, STDOUT, Exited, Output
 from corral.v1 import types_pb2 as pb
 
@@ -199,3 +202,57 @@ def exec_event_from_pb(msg) -> Output | Exited:
 def event_to_pb(event) -> pb.Event:
     return pb.Event(seq=event.seq, at=event.at, kind=event.kind, message=event.message, node=event.node,
                     container=event.container, operation=event.op, fields=event.fields)  # fmt: skip
+
+
+# -- for API clients (corral.client): operations, events, leases, resolutions as dataclasses --
+
+
+def operation_from_pb(msg: pb.Operation) -> Operation:
+    """protobuf -> corral.model.Operation (params/result JSON-decoded; a value that is not
+    JSON stays the string it was)."""
+    return Operation(
+        id=msg.id,
+        kind=msg.kind,
+        container=msg.container,
+        state=msg.state,
+        params={k: _json_value(v) for k, v in msg.params.items()},
+        steps=tuple(
+            OperationStep(name=s.name, state=s.state, started_at=s.started_at, finished_at=s.finished_at,
+                          detail=s.detail)  # fmt: skip
+            for s in msg.steps
+        ),
+        progress=OperationProgress(
+            phase=msg.progress.phase, bytes_done=msg.progress.bytes_done, bytes_total=msg.progress.bytes_total,
+            rate_bps=msg.progress.rate_bps, eta_s=msg.progress.eta_s, message=msg.progress.message,
+        ),  # fmt: skip
+        timings_ms=dict(msg.timings_ms),
+        result={k: _json_value(v) for k, v in msg.result.items()},
+        error=msg.error,
+        cancel_requested=msg.cancel_requested,
+        created_at=msg.created_at,
+        updated_at=msg.updated_at,
+    )
+
+
+def _json_value(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def event_from_pb(msg: pb.Event) -> Event:
+    return Event(seq=msg.seq, at=msg.at, kind=msg.kind, message=msg.message, node=msg.node,
+                 container=msg.container, operation=msg.operation, fields=dict(msg.fields))  # fmt: skip
+
+
+def lease_from_pb(msg) -> Lease:
+    """controller's AcquireLeaseResponse -> Lease."""
+    return Lease(granted=msg.granted, holder=msg.holder, seconds_left=msg.seconds_left)
+
+
+def resolution_from_pb(msg) -> Resolution:
+    """controller's ResolveContainerResponse -> Resolution."""
+    return Resolution(name=msg.name, keep=msg.keep, remove=tuple(msg.remove), reason=msg.reason, done=msg.done)
