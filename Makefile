@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup host venv proto demo test bench lab-down clean
+.PHONY: setup host venv proto api-docs demo test bench lab-down clean
 
 setup: host venv
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml
 
 proto: venv
 	$(PY) proto/generate.py
+
+# docs/api.md, the API reference, from the .proto files (tests/test_api_reference.py checks it).
+api-docs: venv
+	$(PY) proto/reference.py
 
 demo: setup
 	bash deploy/demo.sh
