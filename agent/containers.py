@@ -381,7 +381,10 @@ class ContainerManager:
                     record = self.records.load(name)
                     if record is None:
                         continue  # not here (any more)
-                    self._intent[name] = SELF_FENCED
+                    if name in self.runtime.running_names():
+                        # Only what it kills now may start again with the lease back: a container
+                        # already stopped (a power cut, an agent restarted late) stays stopped.
+                        self._intent[name] = SELF_FENCED
                     await self.runtime.stop(name, force=True, timeout=0)
                     driver = self.storages.get(record.storage)
                     if driver is not None and driver.shared and driver.is_attached(name):
