@@ -99,7 +99,6 @@ async def serve(config: AgentConfig) -> None:
     await server.start()
     await standard.serving()  # up, registered or not (corral.api.standard)
     log.info("agent serving", node=config.node, listen=config.listen, lxc_path=str(config.lxc_path))
-    systemd.ready(f"serving on {config.listen}")  # Type=notify (deploy/systemd/corral-agent.service)
 
     lease = Lease(config.state_dir / "lease.json", containers.fence)
     watchdog = None
@@ -111,6 +110,8 @@ async def serve(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Type=notify (deploy/systemd/); after the handlers: a stop asked for at once is a clean one.
+    systemd.ready(f"serving on {config.listen}")
     async with asyncio.TaskGroup() as tg:
         beat = tg.create_task(membership.run())
         guard = tg.create_task(lease.guard())

@@ -56,12 +56,13 @@ async def serve(config: ControllerConfig) -> None:
     await engine.start()
     await standard.serving()
     log.info("controller serving", listen=list(config.listen), store=str(config.store_path))
-    systemd.ready(f"serving on {', '.join(config.listen)}")  # Type=notify (deploy/systemd/)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Type=notify (deploy/systemd/); after the handlers: a stop asked for at once is a clean one.
+    systemd.ready(f"serving on {', '.join(config.listen)}")
     try:
         async with asyncio.TaskGroup() as tg:
             watcher = tg.create_task(nodes.watch())
