@@ -13,7 +13,13 @@
 #     without CAP_SYS_RESOURCE (shared/DESIGN.md, "Post-copy");
 #   - the loopback interface up (CRIU's start-up probe connects to 127.0.0.1).
 #
-#   - a self-check at the end: every declared program of those roles is found.
+#   - a self-check at the end: every declared program of those roles is found;
+#   - only when asked (CORRAL_SETUP_UNITS, e.g. "agent controller failoverd"; not
+#     by default, not in CI): those systemd units from deploy/systemd/ into
+#     /etc/systemd/system, their commands pointed at CORRAL_BIN_DIR (default this
+#     checkout's .venv/bin), and each one's example config into /etc/corral/
+#     where none is there yet; then `systemctl daemon-reload`. Nothing is
+#     enabled or started (deploy/GUIDE.md says what to do next).
 #
 # Idempotent, needs no input; a second run with everything present takes
 # well under 5 s.
@@ -28,6 +34,9 @@ readonly ROLES
 readonly APT_MAX_AGE_HOURS=${CORRAL_APT_MAX_AGE_HOURS:-6}
 readonly PIPE_MAX_SIZE_MIN=4194304
 readonly SYSCTL_FILE=/etc/sysctl.d/60-corral.conf
+read -r -a UNITS <<<"${CORRAL_SETUP_UNITS:-}"
+readonly UNITS
+readonly BIN_DIR=${CORRAL_BIN_DIR:-$(cd "$SCRIPT_DIR/.." && pwd)/.venv/bin}
 
 # Packages that bring no program of ours but that what we run needs: lxc-start
 # loads the profile that /etc/lxc/default.conf asks for (`lxc.apparmor.profile =
@@ -141,6 +150,34 @@ ensure_loopback_up() {
     fi
 }
 
+# The systemd units in UNITS (agent, controller, failoverd), their ExecStart pointed at
+# BIN_DIR; an example config where there is none. Enables and starts nothing.
+install_units() {
+    local unit src text config
+    for unit in "${UNITS[@]}"; do
+        src="$SCRIPT_DIR/systemd/corral-$unit.service"
+        [[ -f "$src" ]] || die "no unit $src (CORRAL_SETUP_UNITS: agent, controller, failoverd)"
+        text=$(sed "s#/opt/corral/bin/#$BIN_DIR/#g" "$src")
+        if [[ "$(cat "/etc/systemd/system/corral-$unit.service" 2>/dev/null)" != "$text" ]]; then
+            printf '%s\n' "$text" >"/etc/systemd/system/.corral-$unit.service.tmp"
+            chmod 0644 "/etc/systemd/system/.corral-$unit.service.tmp"
+            mv -f "/etc/systemd/system/.corral-$unit.service.tmp" "/etc/systemd/system/corral-$unit.service"
+            log "installed /etc/systemd/system/corral-$unit.service (not enabled)"
+        fi
+        case $unit in agent) config=agent.yaml ;; controller) config=controller.yaml ;; *) config=cli.yaml ;; esac
+        if [[ ! -e "/etc/corral/$config" ]]; then
+            install -d -m 0755 /etc/corral
+            install -m 0640 "$SCRIPT_DIR/examples/$config" "/etc/corral/$config"
+            log "wrote the example /etc/corral/$config: edit it, then --check-config (deploy/GUIDE.md)"
+        fi
+    done
+    if [[ -d /run/systemd/system ]]; then
+        systemctl daemon-reload || warn "systemctl daemon-reload failed"
+    else
+        warn "systemd is not running here: units installed, not loaded"
+    fi
+}
+
 main() {
     [[ $(id -u) -eq 0 ]] || die "must run as root"
     [[ -r /etc/debian_version ]] || die "this script is for Debian 12 (no /etc/debian_version)"
@@ -156,6 +193,7 @@ main() {
     ensure_loopback_up
     bash "$SCRIPT_DIR/install-criu.sh" || die "deploy/install-criu.sh failed"
     ensure_pipe_max_size
+    ((${#UNITS[@]} == 0)) || install_units
 
     local lxc_version criu_bin criu_version criu_check
     lxc_version=$(lxc-start --version 2>/dev/null || echo '?')
