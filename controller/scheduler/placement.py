@@ -68,10 +68,17 @@ class Snapshot:
 
 def capacity(node: Node, policy: PlacementPolicy) -> Limits:
     """What containers may be allocated on `node` in all (not what is left)."""
-    f = node.facts
-    memory = max(0, f.memory_bytes - policy.reserved.memory_bytes)
-    cpu = max(0, f.cpus * 1000 - policy.reserved.cpu_millis)
-    return Limits(memory_bytes=int(memory * policy.memory_overcommit), cpu_millis=int(cpu * policy.cpu_overcommit))
+    memory, cpu = _room(node, policy)
+    return Limits(memory_bytes=memory, cpu_millis=cpu)
+
+
+def _room(node: Node, policy: PlacementPolicy) -> tuple[int, int]:
+    # capacity() without building a Limits: placement calls it for every node of every decision.
+    f, reserved = node.facts, policy.reserved
+    memory = f.memory_bytes - reserved.memory_bytes
+    cpu = f.cpus * 1000 - reserved.cpu_millis
+    return (int(memory * policy.memory_overcommit) if memory > 0 else 0,
+            int(cpu * policy.cpu_overcommit) if cpu > 0 else 0)  # fmt: skip
 
 
 def why_not(node: Node, request: PlacementRequest, policy: PlacementPolicy,
@@ -87,19 +94,19 @@ def why_not(node: Node, request: PlacementRequest, policy: PlacementPolicy,
     if request.storage and facts.storage_drivers and request.storage not in facts.storage_drivers:
         why = facts.unavailable.get(f"storage-{request.storage}")  # the agent's reason (corral/programs.py)
         return f"no {request.storage!r} storage" + (f" ({why})" if why else "")
-    labels = getattr(facts, "labels", {}) or {}
+    labels = facts.labels
     for c in request.constraints:
         if not c.allows(labels):
             has = labels.get(c.key)
             return f"constraint {c} not met ({c.key}={has} here)" if has is not None else \
                 f"constraint {c} not met (no {c.key} label)"  # fmt: skip
-    room = capacity(node, policy)
-    memory_free = room.memory_bytes - node.allocated.memory_bytes
+    room_memory, room_cpu = _room(node, policy)
+    memory_free = room_memory - node.allocated.memory_bytes
     if want.memory_bytes > memory_free:
         return f"needs {format_size(want.memory_bytes)} memory, {format_size(max(memory_free, 0))} unallocated"
     if want.cpu_millis > facts.cpus * 1000:
         return f"needs {format_cpus(want.cpu_millis)} CPUs, has {facts.cpus}"
-    cpu_free = room.cpu_millis - node.allocated.cpu_millis
+    cpu_free = room_cpu - node.allocated.cpu_millis
     if want.cpu_millis > cpu_free:
         return f"needs {format_cpus(want.cpu_millis)} CPUs, {format_cpus(max(cpu_free, 0))} unallocated"
     if want.disk_bytes > facts.disk_free_bytes:
@@ -109,9 +116,9 @@ def why_not(node: Node, request: PlacementRequest, policy: PlacementPolicy,
 
 def load_with(node: Node, want: Limits, policy: PlacementPolicy) -> float:
     """The node's load once `want` is added: the larger of its memory and CPU fractions."""
-    room = capacity(node, policy)
-    memory = (node.allocated.memory_bytes + want.memory_bytes) / room.memory_bytes if room.memory_bytes else 1.0
-    cpu = (node.allocated.cpu_millis + want.cpu_millis) / room.cpu_millis if room.cpu_millis else 1.0
+    room_memory, room_cpu = _room(node, policy)
+    memory = (node.allocated.memory_bytes + want.memory_bytes) / room_memory if room_memory else 1.0
+    cpu = (node.allocated.cpu_millis + want.cpu_millis) / room_cpu if room_cpu else 1.0
     return max(memory, cpu)
 
 
@@ -129,10 +136,10 @@ def decide(request: PlacementRequest, nodes: Sequence[Node], policy: PlacementPo
         raise NoCapacity(f"no node can take {request.container!r}: {detail}")
     pool, apart = fits, ""
     if request.group:
-        alone = [n for n in fits if request.group not in snapshot.groups.get(n.name, frozenset())]
+        alone = [n for n in fits if request.group not in snapshot.groups.get(n.name, ())]
         if alone:
             for n in fits:
-                if n not in alone:
+                if request.group in snapshot.groups.get(n.name, ()):
                     rejected[n.name] = f"already holds a member of group {request.group}"
             pool, apart = alone, f", none holding group {request.group}"
         else:
