@@ -8,6 +8,7 @@ except the HA ones once the lease each acknowledged heartbeat renews has run out
 from __future__ import annotations
 
 import asyncio
+import random
 from dataclasses import replace
 
 import structlog
@@ -29,6 +30,11 @@ log = structlog.get_logger("corral.agent.membership")
 MIN_DEADLINE = 1.0  # a register or heartbeat unanswered this long is retried on a fresh connection
 RETRY_SOON = 0.2
 RETRY_DELAY = 1.0
+
+
+def _jittered(delay: float) -> float:
+    """delay +-50%: after a controller restart a thousand agents do not retry in lock-step."""
+    return delay * random.uniform(0.5, 1.5)
 
 
 class Membership:
@@ -64,12 +70,12 @@ class Membership:
                     log.warning("controller unreachable, retrying", controller=self.controller, error=exc.message)
                     await channel.close(grace=0)
                     channel = None
-                    await asyncio.sleep(RETRY_SOON)
+                    await asyncio.sleep(_jittered(RETRY_SOON))
                 except CorralError as exc:
                     self.registered.clear()
                     log.error("controller refused this agent, retrying", controller=self.controller,
                               error=exc.message)  # fmt: skip
-                    await asyncio.sleep(RETRY_DELAY)
+                    await asyncio.sleep(_jittered(RETRY_DELAY))
                 except Exception as exc:
                     # A bug or a bad file on this host must not end the heartbeats, and with them
                     # the agent (its TaskGroup): report it and go on. The traceback once a minute.
@@ -78,7 +84,7 @@ class Membership:
                     if failure != last_failure or now - logged_at >= 60:
                         log.exception("heartbeat failed unexpectedly, retrying", controller=self.controller)
                         last_failure, logged_at = failure, now
-                    await asyncio.sleep(RETRY_DELAY)
+                    await asyncio.sleep(_jittered(RETRY_DELAY))
         finally:
             if channel is not None:
                 await channel.close()
