@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from controller.client import ControllerClient, ExecResult, PlacementPlan
-from corral.api.convert import event_from_pb, lease_from_pb, operation_from_pb, resolution_from_pb
+from controller.scheduler.maintenance import Move, Stuck
+from corral.api.convert import (
+    event_from_pb,
+    lease_from_pb,
+    node_check_from_pb,
+    operation_from_pb,
+    resolution_from_pb,
+)
 from corral.config import TlsFiles
 from corral.errors import (
     AlreadyExists,
@@ -64,6 +71,7 @@ from corral.model import (
     Limits,
     NetworkAttachment,
     Node,
+    NodeCheck,
     NodeFacts,
     NodeState,
     Operation,
@@ -72,18 +80,38 @@ from corral.model import (
     Resolution,
 )
 from corral.proc import Exited, Output
+from corral.v1 import controller_pb2 as cpb
 
 __all__ = [
     "CALLS", "CallPolicy", "Client", "TlsFiles",
     # what calls return
-    "Container", "ContainerState", "DesiredState", "Event", "ExecResult", "Exited", "Lease", "Limits",
-    "NetworkAttachment", "Node", "NodeFacts", "NodeState", "Operation", "OperationProgress", "OperationStep",
-    "Output", "PlacementPlan", "Resolution",
+    "Container", "ContainerState", "DesiredState", "Event", "ExecResult", "Exited", "Lease", "Limits", "Move",
+    "Moves", "NetworkAttachment", "Node", "NodeCheck", "NodeFacts", "NodeState", "Operation", "OperationProgress",
+    "OperationStep", "Output", "PlacementPlan", "Resolution", "Stuck",
     # what calls raise
     "AlreadyExists", "Cancelled", "ConfigError", "Conflict", "CorralError", "DeadlineExceeded",
     "FailedPrecondition", "InvalidArgument", "LimitExceeded", "NoCapacity", "NotFound", "PermissionDenied",
     "RuntimeFailure", "Unauthenticated", "Unavailable",
 ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Moves:
+    """An evacuation's or a rebalancing's plan (the scheduler's `Move` and `Stuck`), and the
+    operation carrying it out (None for a dry run or when nothing moves)."""
+
+    moves: tuple[Move, ...]
+    stuck: tuple[Stuck, ...]
+    operation: Operation | None = None
+
+
+def moves_from_pb(msg: cpb.MovesReply) -> Moves:
+    return Moves(
+        moves=tuple(Move(m.container, m.source, m.target, m.live, m.reason) for m in msg.moves),
+        stuck=tuple(Stuck(s.container, s.reason) for s in msg.stuck),
+        operation=operation_from_pb(msg.operation) if msg.HasField("operation") else None,
+    )
+
 
 DEFAULT_TIMEOUT = 900.0  # seconds: the deadline of calls that do work on a host (create, start, stop...)
 
@@ -107,6 +135,11 @@ CALLS: dict[str, CallPolicy] = {
     "MarkNodeFenced": CallPolicy("30 s", "safe: it records a state (only for a node that really is off)"),
     "SetNodeCordon": CallPolicy("30 s", "safe: it sets the flag to the value given"),
     "PlanPlacement": CallPolicy("30 s", "safe: it changes nothing"),
+    "EvacuateNode": CallPolicy("60 s (the answer is the plan and its operation)",
+                               "dry_run: safe; otherwise ListOperations(active_only) first"),  # fmt: skip
+    "RebalanceFleet": CallPolicy("60 s (the answer is the plan and its operation)",
+                                 "without apply: safe; with it, ListOperations(active_only) first"),  # fmt: skip
+    "CheckFleet": CallPolicy("60 s", _READ),
     "CreateContainer": CallPolicy(_TIMEOUT, _LOOK_FIRST + "GetContainer first (a repeat fails with AlreadyExists)"),
     "StartContainer": CallPolicy(_TIMEOUT, "safe: it asks for a state (a running container stays running)"),
     "StopContainer": CallPolicy(_TIMEOUT, "safe: it asks for a state (a stopped container stays stopped)"),
@@ -219,6 +252,23 @@ class Client:
         why, and why not each other node. Raises NoCapacity when no node fits."""
         return await self._wire.plan_placement(name, existing=existing, node=node, limits=limits, storage=storage,
                                                constraints=constraints, group=group)  # fmt: skip
+
+    @_policy("EvacuateNode")
+    async def evacuate_node(self, name: str, *, allow_cold: bool = False, dry_run: bool = False) -> Moves:
+        """Move every container off a node (cordoned first), live where the hosts can (cold
+        only with `allow_cold`): the plan, and the operation making it (None with `dry_run`)."""
+        return moves_from_pb(await self._wire.evacuate_node(name, allow_cold=allow_cold, dry_run=dry_run))
+
+    @_policy("RebalanceFleet")
+    async def rebalance_fleet(self, *, apply: bool = False, band: float = 0.0) -> Moves:
+        """The fewest live moves that bring node loads within `band` of the mean (0: 0.15 of a
+        node's capacity); with `apply`, the operation that makes them."""
+        return moves_from_pb(await self._wire.rebalance_fleet(apply=apply, band=band))
+
+    @_policy("CheckFleet")
+    async def check_fleet(self) -> list[NodeCheck]:
+        """N+1: for each node, would its HA containers fit on the others if it died now."""
+        return [node_check_from_pb(check) for check in await self._wire.check_fleet()]
 
     # -- containers ------------------------------------------------------------------------
 

@@ -256,3 +256,12 @@ class Resolution:
     remove: tuple[str, ...]
     reason: str
     done: bool
+
+
+@dataclass(frozen=True)
+class NodeCheck:
+    """N+1 for one node: would its HA containers fit on the others if it died now."""
+
+    node: str
+    ok: bool
+    detail: str

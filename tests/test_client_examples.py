@@ -90,7 +90,7 @@ async def test_migrate_example_follows_the_operation_to_its_end(lab, corral, cle
 
 
 async def test_errors_are_corral_errors_and_results_are_dataclasses(lab):
-    from corral.client import Client, NotFound, Operation
+    from corral.client import Client, Moves, NodeCheck, NotFound, Operation
 
     async with Client.from_config(lab.cli_config) as fleet:
         with pytest.raises(NotFound):
@@ -101,3 +101,7 @@ async def test_errors_are_corral_errors_and_results_are_dataclasses(lab):
         assert all(isinstance(op, Operation) for op in ops)
         events = [e async for e in fleet.watch_events(0, follow=False)]
         assert events and events[-1].seq >= events[0].seq
+        checks = await fleet.check_fleet()
+        assert {c.node for c in checks} == {"n1", "n2", "n3"} and all(isinstance(c, NodeCheck) for c in checks)
+        plan = await fleet.rebalance_fleet()
+        assert isinstance(plan, Moves) and plan.operation is None

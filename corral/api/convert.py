@@ -6,7 +6,7 @@ from typing import Any
 
 from corral.errors import CorralError
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
-from corral.model import Event, Lease, Operation, OperationProgress, OperationStep, Resolution
+from corral.model import Event, Lease, NodeCheck, Operation, OperationProgress, OperationStep, Resolution
 from corral.proc import STDERR, STDOUT, Exited, Output
 from corral.v1 import types_pb2 as pb
 
@@ -256,3 +256,7 @@ def lease_from_pb(msg) -> Lease:
 def resolution_from_pb(msg) -> Resolution:
     """controller's ResolveContainerResponse -> Resolution."""
     return Resolution(name=msg.name, keep=msg.keep, remove=tuple(msg.remove), reason=msg.reason, done=msg.done)
+
+
+def node_check_from_pb(msg) -> NodeCheck:
+    return NodeCheck(node=msg.node, ok=msg.ok, detail=msg.detail)
