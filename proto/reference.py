@@ -63,14 +63,14 @@ Package `corral.v1`, gRPC over mutual TLS.
 """
 
 
-def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
-    """The .proto files as protoc parses them, with their comments."""
+def descriptor_set(proto_root: Path = PROTO_ROOT) -> descriptor_pb2.FileDescriptorSet:
+    """The .proto files under `proto_root` as protoc parses them, with their comments."""
     from grpc_tools import protoc
 
-    sources = sorted((PROTO_ROOT / "corral" / "v1").glob("*.proto"))
+    sources = sorted((proto_root / "corral" / "v1").glob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "api.pb"
-        args = ["protoc", f"-I{PROTO_ROOT}", f"--descriptor_set_out={out}", "--include_source_info",
+        args = ["protoc", f"-I{proto_root}", f"--descriptor_set_out={out}", "--include_source_info",
                 *[str(s) for s in sources]]  # fmt: skip
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
@@ -188,16 +188,21 @@ def _enum(enum, path, comments, outer: str) -> list[str]:
     return out
 
 
-def reference() -> str:
+def reference(proto_root: Path = PROTO_ROOT) -> str:
     """docs/api.md as the .proto files and corral.client's deadlines make it now."""
     sys.path.insert(0, str(REPO_ROOT))
     from corral.client import CALLS
 
-    return render(descriptor_set(), CALLS)
+    return render(descriptor_set(proto_root), CALLS)
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else OUTPUT
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(reference())
-    print(target)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", nargs="?", type=Path, default=OUTPUT, help="default: docs/api.md")
+    parser.add_argument("--protos", type=Path, default=PROTO_ROOT, help="the directory holding corral/v1/*.proto")
+    args = parser.parse_args()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(reference(args.protos))
+    print(args.output)
