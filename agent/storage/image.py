@@ -134,6 +134,8 @@ class ImageStorage:
             await self._kill(container, kill)
         try:
             await unmount(rootfs)
+            # Its loop device too, before the beacon says this host let go of the volume.
+            await self._busy_loops(self.image_path(container), settle=_AUTOCLEAR_SETTLE)
         except CorralError as e:
             log.error("cannot unmount a lost volume", container=container, error=e.message)
 
@@ -263,7 +265,9 @@ class ImageStorage:
                 if current is None or (current.generation, current.attached) != (generation, True):
                     await asyncio.to_thread(marker.write, claimed)
                 return rootfs
-            if await self._busy_loops(image, settle=0):
+            # Taken from a host that just let go: its loop device may take a moment to be freed.
+            settle = _AUTOCLEAR_SETTLE if current is not None and current.node != self.node else 0
+            if await self._busy_loops(image, settle=settle):
                 raise FailedPrecondition(f"volume {container} is still in use on this host (a loop device "
                                          "backing it is held open); it cannot be mounted again")
             await asyncio.to_thread(marker.write, claimed)
