@@ -22,6 +22,7 @@ from corral.api.convert import (
     facts_to_pb,
     limits_from_pb,
     network_from_pb,
+    stats_to_pb,
 )
 from corral.api.server import ServicePolicy, container, node, operation, reads, writes
 from corral.api.standard import STANDARD_TABLES
@@ -44,6 +45,7 @@ AGENT_POLICY = ServicePolicy(
         "ListContainers": reads(_CONTROLLER),
         "Exec": writes(_CONTROLLER, container()),
         "SetLimits": writes(_CONTROLLER, container()),
+        "GetContainerStats": reads(_CONTROLLER),  # names checked by the container manager
         "PrepareReceive": writes(_CONTROLLER, container("container"), operation()),
         "FinishReceive": writes(_CONTROLLER, operation()),
         "SendFiles": writes(_CONTROLLER, container("container"), operation()),
@@ -115,6 +117,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def SetLimits(self, request, context):
         ct = await self.containers.set_limits(request.name, validate_limits(limits_from_pb(request.limits)))
         return container_to_pb(ct)
+
+    async def GetContainerStats(self, request: apb.AgentContainerStatsRequest, context):
+        stats = await self.containers.stats(list(request.names))
+        return apb.AgentContainerStatsResponse(stats=[stats_to_pb(s) for s in stats])
 
     # -- migration -----------------------------------------------------------------
 

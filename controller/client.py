@@ -12,12 +12,12 @@ from typing import AsyncIterator, Mapping, Sequence
 import grpc
 
 from corral.api.client import call, rpc_error
-from corral.api.convert import container_from_pb, exec_event_from_pb, limits_to_pb, node_from_pb
+from corral.api.convert import container_from_pb, exec_event_from_pb, limits_to_pb, node_from_pb, stats_from_pb
 from corral.v1 import types_pb2
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
 from corral.errors import Unavailable
-from corral.model import Container, Limits, Node
+from corral.model import Container, ContainerStats, Limits, Node
 from corral.proc import EXEC_DEFAULT_TIMEOUT, STDOUT, Exited, Output
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
@@ -130,6 +130,13 @@ class ControllerClient:
     async def list_containers(self, node: str = "") -> list[Container]:
         reply = await self._call(self.stub.ListContainers, cpb.ListContainersRequest(node=node), 30)
         return [container_from_pb(c) for c in reply.containers]
+
+    async def container_stats(self, name: str = "", node: str = "") -> tuple[list[ContainerStats], dict[str, str]]:
+        """What one container (or every container, of `node` if given) uses and how often it hit its
+        limits; and, for all, why each node that did not answer did not."""
+        req = cpb.GetContainerStatsRequest(name=name, node=node)
+        reply = await self._call(self.stub.GetContainerStats, req, 30)
+        return [stats_from_pb(s) for s in reply.stats], dict(reply.unanswered)
 
     async def exec_stream(
         self,

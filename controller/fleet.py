@@ -54,9 +54,12 @@ from corral.errors import (
     NotFound,
     Unavailable,
 )
-from corral.model import Container, ContainerState, DesiredState, Limits, Node, NodeState, validate_limits
+from corral.model import Container, ContainerState, ContainerStats, DesiredState, Limits, Node, NodeState, validate_limits
 from corral.labels import Constraint
 from corral.names import validate_name
+from corral.api.client import call
+from corral.api.convert import stats_from_pb
+from corral.v1 import agent_pb2 as apb
 from corral.proc import EXEC_MAX_TIMEOUT, Exited, Output, validate_command
 
 log = structlog.get_logger("corral.controller.fleet")
@@ -65,6 +68,7 @@ STORAGES = STORAGE_NAMES  # local|shared, or a driver: dir|image|lvm (see contro
 # What an operation in progress shows as the container's state.
 _PHASE_OF = {OpKind.CREATE: ContainerState.CREATING, OpKind.DESTROY: ContainerState.DESTROYING}
 SETTLE_TIMEOUT = 10.0
+STATS_TIMEOUT = 10.0  # each node's answer to a stats request
 SETTLE_INTERVAL = 5.0  # at most one attempt per container this often (heartbeats come every second)
 
 
@@ -238,6 +242,43 @@ class Fleet:
         if node:
             validate_name(node, "node name")
         return [self._observed(c) for c in await self.store.list_containers(node or None)]
+
+    async def stats(self, name: str = "", node: str = "",
+                    timeout: float = STATS_TIMEOUT) -> tuple[list[ContainerStats], dict[str, str]]:  # fmt: skip
+        """What containers use and how often they hit their limits: one container (its node's agent
+        asked), or every container of the ready nodes (of `node` only, if given), all asked at once,
+        each within `timeout`. Returns the stats, and why each node that did not answer did not (one
+        container: its node's failure is raised). Copies a node holds that the fleet does not place
+        there (a migration's other half, strays) are left out."""
+        if name:
+            targets = {(await self._record(name)).node: [name]}
+        else:
+            if node:
+                validate_name(node, "node name")
+            targets = {n.name: [] for n in self.nodes.all()
+                       if n.state == NodeState.READY and node in ("", n.name)}  # fmt: skip
+
+        async def ask(node_name: str, names: list[str]) -> list[ContainerStats]:
+            agent = self._agent_for(node_name)
+            reply = await call(agent.stub.GetContainerStats, apb.AgentContainerStatsRequest(names=names),
+                               timeout=timeout, peer=agent.peer)  # fmt: skip
+            return [stats_from_pb(s) for s in reply.stats]
+
+        answers = await asyncio.gather(*(ask(n, names) for n, names in targets.items()), return_exceptions=True)
+        if name:
+            if isinstance(answers[0], BaseException):
+                raise answers[0]
+            return answers[0], {}
+        placed = {(c.name, c.node) for c in await self.store.list_containers(node or None)}
+        found, unanswered = [], {}
+        for node_name, answer in zip(targets, answers):
+            if isinstance(answer, CorralError):
+                unanswered[node_name] = answer.message
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                found += [s for s in answer if (s.name, s.node) in placed]
+        return sorted(found, key=lambda s: s.name), unanswered
 
     async def create(
         self, name: str, template: str, node: str, limits: Limits, storage: str, start: bool,

@@ -24,6 +24,7 @@ from corral.api.convert import (
     limits_from_pb,
     node_to_pb,
     operation_to_pb,
+    stats_to_pb,
 )
 from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
 from corral.api.standard import STANDARD_TABLES
@@ -55,6 +56,7 @@ CONTROLLER_POLICY = ServicePolicy(
         "DestroyContainer": writes(_USER, container()),
         "GetContainer": reads(_USER, container()),
         "ListContainers": reads(_USER, node("node", optional=True)),
+        "GetContainerStats": reads(_USER, container("name", optional=True), node("node", optional=True)),
         "ExecContainer": writes(_USER, container()),
         "SetContainerLimits": writes(_USER, container()),
         "ResolveContainer": writes(_USER, container(), node("node")),
@@ -193,6 +195,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
     async def ListContainers(self, request, context):
         return cpb.ListContainersResponse(containers=[container_to_pb(c) for c in await self.fleet.list(request.node)])
+
+    async def GetContainerStats(self, request: cpb.GetContainerStatsRequest, context):
+        stats, unanswered = await self.fleet.stats(request.name, request.node)
+        return cpb.GetContainerStatsResponse(stats=[stats_to_pb(s) for s in stats], unanswered=unanswered)
 
     async def ExecContainer(self, request: cpb.ExecContainerRequest, context):
         # Relayed as it comes: each yield waits for the caller to take it (gRPC flow control),

@@ -265,3 +265,37 @@ class NodeCheck:
     node: str
     ok: bool
     detail: str
+
+
+@dataclass(frozen=True)
+class ContainerStats:
+    """What one container uses and how often it hit its limits, from its host's cgroup counters
+    (cumulative since it started) and its storage driver; limits 0 = not limited."""
+
+    name: str
+    node: str
+    state: ContainerState
+    sampled_at: float  # wall clock of its host
+    cpu_usage_usec: int = 0
+    cpu_throttled_count: int = 0  # periods held back by the CPU quota
+    cpu_throttled_usec: int = 0
+    cpu_limit_millis: int = 0
+    memory_bytes: int = 0
+    memory_limit_bytes: int = 0
+    memory_high_events: int = 0  # reached memory.high (cgroup v2)
+    memory_max_events: int = 0  # reached the limit (v2 memory.events max; v1 memory.failcnt)
+    memory_oom_events: int = 0
+    memory_oom_kill_events: int = 0
+    pids: int = 0
+    pids_limit: int = 0
+    pids_max_events: int = 0  # forks refused at the limit
+    disk_used_bytes: int = 0
+    disk_limit_bytes: int = 0
+    message: str = ""  # what could not be measured, and why
+
+    def cpu_rate(self, earlier: "ContainerStats") -> float | None:
+        """CPUs used on average between `earlier` and this sample (1.0 = one CPU), or None."""
+        elapsed = self.sampled_at - earlier.sampled_at
+        if elapsed <= 0 or self.cpu_usage_usec < earlier.cpu_usage_usec:
+            return None
+        return (self.cpu_usage_usec - earlier.cpu_usage_usec) / 1e6 / elapsed

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from corral.errors import CorralError
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
-from corral.model import Event, Lease, NodeCheck, Operation, OperationProgress, OperationStep, Resolution
+from corral.model import ContainerStats, Event, Lease, NodeCheck, Operation, OperationProgress, OperationStep, Resolution
 from corral.proc import STDERR, STDOUT, Exited, Output
 from corral.v1 import types_pb2 as pb
 
@@ -260,3 +261,13 @@ def resolution_from_pb(msg) -> Resolution:
 
 def node_check_from_pb(msg) -> NodeCheck:
     return NodeCheck(node=msg.node, ok=msg.ok, detail=msg.detail)
+
+
+def stats_to_pb(stats: ContainerStats) -> pb.ContainerStats:
+    values = {f.name: getattr(stats, f.name) for f in fields(ContainerStats)}
+    return pb.ContainerStats(**{**values, "state": _STATE_TO_PB[stats.state]})
+
+
+def stats_from_pb(msg: pb.ContainerStats) -> ContainerStats:
+    values = {f.name: getattr(msg, f.name) for f in fields(ContainerStats)}
+    return ContainerStats(**{**values, "state": _STATE_FROM_PB.get(msg.state, ContainerState.UNKNOWN)})

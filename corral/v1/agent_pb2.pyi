@@ -151,6 +151,18 @@ class ExecResponse(_message.Message):
     exit: ExecResponse.Exit
     def __init__(self, stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exit: _Optional[_Union[ExecResponse.Exit, _Mapping]] = ...) -> None: ...
 
+class AgentContainerStatsRequest(_message.Message):
+    __slots__ = ("names",)
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AgentContainerStatsResponse(_message.Message):
+    __slots__ = ("stats",)
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    stats: _containers.RepeatedCompositeFieldContainer[_types_pb2.ContainerStats]
+    def __init__(self, stats: _Optional[_Iterable[_Union[_types_pb2.ContainerStats, _Mapping]]] = ...) -> None: ...
+
 class AgentSetLimitsRequest(_message.Message):
     __slots__ = ("name", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]

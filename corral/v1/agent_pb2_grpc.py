@@ -81,6 +81,11 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.AgentSetLimitsRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
                 _registered_method=True)
+        self.GetContainerStats = channel.unary_unary(
+                '/corral.v1.AgentService/GetContainerStats',
+                request_serializer=corral_dot_v1_dot_agent__pb2.AgentContainerStatsRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.AgentContainerStatsResponse.FromString,
+                _registered_method=True)
         self.PrepareReceive = channel.unary_unary(
                 '/corral.v1.AgentService/PrepareReceive',
                 request_serializer=corral_dot_v1_dot_agent__pb2.PrepareReceiveRequest.SerializeToString,
@@ -202,6 +207,13 @@ class AgentServiceServicer:
 
     def SetLimits(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContainerStats(self, request, context):
+        """What containers use and how often they hit their limits (cgroup counters, disk usage).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -347,6 +359,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.SetLimits,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.AgentSetLimitsRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'GetContainerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContainerStats,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AgentContainerStatsRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.AgentContainerStatsResponse.SerializeToString,
             ),
             'PrepareReceive': grpc.unary_unary_rpc_method_handler(
                     servicer.PrepareReceive,
@@ -657,6 +674,33 @@ class AgentService:
             '/corral.v1.AgentService/SetLimits',
             corral_dot_v1_dot_agent__pb2.AgentSetLimitsRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContainerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/GetContainerStats',
+            corral_dot_v1_dot_agent__pb2.AgentContainerStatsRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.AgentContainerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -295,6 +295,29 @@ class ListContainersResponse(_message.Message):
     containers: _containers.RepeatedCompositeFieldContainer[_types_pb2.Container]
     def __init__(self, containers: _Optional[_Iterable[_Union[_types_pb2.Container, _Mapping]]] = ...) -> None: ...
 
+class GetContainerStatsRequest(_message.Message):
+    __slots__ = ("name", "node")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node: str
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class GetContainerStatsResponse(_message.Message):
+    __slots__ = ("stats", "unanswered")
+    class UnansweredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    UNANSWERED_FIELD_NUMBER: _ClassVar[int]
+    stats: _containers.RepeatedCompositeFieldContainer[_types_pb2.ContainerStats]
+    unanswered: _containers.ScalarMap[str, str]
+    def __init__(self, stats: _Optional[_Iterable[_Union[_types_pb2.ContainerStats, _Mapping]]] = ..., unanswered: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class ExecContainerRequest(_message.Message):
     __slots__ = ("name", "argv", "env", "timeout_seconds", "stdin")
     class EnvEntry(_message.Message):

@@ -116,6 +116,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.ListContainersRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_controller__pb2.ListContainersResponse.FromString,
                 _registered_method=True)
+        self.GetContainerStats = channel.unary_unary(
+                '/corral.v1.ControllerService/GetContainerStats',
+                request_serializer=corral_dot_v1_dot_controller__pb2.GetContainerStatsRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.GetContainerStatsResponse.FromString,
+                _registered_method=True)
         self.ExecContainer = channel.unary_stream(
                 '/corral.v1.ControllerService/ExecContainer',
                 request_serializer=corral_dot_v1_dot_controller__pb2.ExecContainerRequest.SerializeToString,
@@ -290,6 +295,14 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetContainerStats(self, request, context):
+        """What containers use and how often they hit their limits (corral ct stats, corral top): one
+        container, or every container of the ready nodes (of `node`, if given), the nodes asked at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExecContainer(self, request, context):
         """Run a command in a running container: its output as it is written, then how it ended.
         """
@@ -456,6 +469,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.ListContainers,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.ListContainersRequest.FromString,
                     response_serializer=corral_dot_v1_dot_controller__pb2.ListContainersResponse.SerializeToString,
+            ),
+            'GetContainerStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContainerStats,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.GetContainerStatsRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.GetContainerStatsResponse.SerializeToString,
             ),
             'ExecContainer': grpc.unary_stream_rpc_method_handler(
                     servicer.ExecContainer,
@@ -950,6 +968,33 @@ class ControllerService:
             '/corral.v1.ControllerService/ListContainers',
             corral_dot_v1_dot_controller__pb2.ListContainersRequest.SerializeToString,
             corral_dot_v1_dot_controller__pb2.ListContainersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContainerStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/GetContainerStats',
+            corral_dot_v1_dot_controller__pb2.GetContainerStatsRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.GetContainerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

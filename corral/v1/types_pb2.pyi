@@ -319,3 +319,47 @@ class OperationProgress(_message.Message):
     eta_s: float
     message: str
     def __init__(self, phase: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bps: _Optional[float] = ..., eta_s: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ContainerStats(_message.Message):
+    __slots__ = ("name", "node", "state", "sampled_at", "cpu_usage_usec", "cpu_throttled_count", "cpu_throttled_usec", "cpu_limit_millis", "memory_bytes", "memory_limit_bytes", "memory_high_events", "memory_max_events", "memory_oom_events", "memory_oom_kill_events", "pids", "pids_limit", "pids_max_events", "disk_used_bytes", "disk_limit_bytes", "message")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_AT_FIELD_NUMBER: _ClassVar[int]
+    CPU_USAGE_USEC_FIELD_NUMBER: _ClassVar[int]
+    CPU_THROTTLED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CPU_THROTTLED_USEC_FIELD_NUMBER: _ClassVar[int]
+    CPU_LIMIT_MILLIS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_HIGH_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OOM_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OOM_KILL_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    PIDS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PIDS_MAX_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    DISK_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    node: str
+    state: ContainerState
+    sampled_at: float
+    cpu_usage_usec: int
+    cpu_throttled_count: int
+    cpu_throttled_usec: int
+    cpu_limit_millis: int
+    memory_bytes: int
+    memory_limit_bytes: int
+    memory_high_events: int
+    memory_max_events: int
+    memory_oom_events: int
+    memory_oom_kill_events: int
+    pids: int
+    pids_limit: int
+    pids_max_events: int
+    disk_used_bytes: int
+    disk_limit_bytes: int
+    message: str
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., sampled_at: _Optional[float] = ..., cpu_usage_usec: _Optional[int] = ..., cpu_throttled_count: _Optional[int] = ..., cpu_throttled_usec: _Optional[int] = ..., cpu_limit_millis: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_high_events: _Optional[int] = ..., memory_max_events: _Optional[int] = ..., memory_oom_events: _Optional[int] = ..., memory_oom_kill_events: _Optional[int] = ..., pids: _Optional[int] = ..., pids_limit: _Optional[int] = ..., pids_max_events: _Optional[int] = ..., disk_used_bytes: _Optional[int] = ..., disk_limit_bytes: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
