@@ -119,6 +119,8 @@ PROGRAMS: tuple[Program, ...] = (
     _p("dpkg", "dpkg", BENCH, roles=(BENCH,)),
     # The peer the CLI is measured against (bookworm-backports), where an operator installed it.
     _p("incus", "incus", BENCH, roles=(BENCH,), optional=True),
+    # Checks the systemd units (deploy/systemd) where systemd is installed; skipped elsewhere.
+    _p("systemd-analyze", "systemd", TESTS, roles=(TESTS,), optional=True),
 )
 
 BY_NAME: dict[str, Program] = {p.name: p for p in PROGRAMS}
