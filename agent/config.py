@@ -33,6 +33,7 @@ class AgentConfig:
     watchdog_device: Path | None = None  # the kernel watchdog, petted while the lease holds (agent/watchdog.py)
     watchdog_timeout: int = 10  # seconds without a pet before the host is reset
     labels: dict[str, str] = field(default_factory=dict)  # the operator's, for placement constraints
+    metrics_listen: str | None = None  # HOST:PORT of /metrics (plain HTTP; README, Observing); None = off
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -40,7 +41,7 @@ class AgentConfig:
         doc.check_keys({
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
             "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
-            "watchdog_device", "watchdog_timeout", "labels",
+            "watchdog_device", "watchdog_timeout", "labels", "metrics_listen",
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
         heartbeat = doc.get("heartbeat_interval", float, 1.0)
@@ -54,6 +55,9 @@ class AgentConfig:
             raise doc.error("advertise" if "advertise" in doc.values else "listen",
                             f"{advertise} is a wildcard address: set `advertise` to the HOST:PORT other "
                             "hosts reach this agent on")  # fmt: skip
+        metrics = doc.get("metrics_listen", str, None, parse=parse_address)
+        if metrics is not None and metrics == listen:
+            raise doc.error("metrics_listen", f"{metrics} is the agent's gRPC address (listen): give another port")
         return cls(
             node=doc.get("node", str, parse=lambda v: validate_name(v, "node name")),
             listen=listen,
@@ -73,6 +77,7 @@ class AgentConfig:
             watchdog_device=doc.get("watchdog_device", str, None, parse=lambda v: check_device(v) if v else None),
             watchdog_timeout=doc.get("watchdog_timeout", int, 10, parse=_watchdog_timeout),
             labels=doc.get("labels", dict, {}, parse=_labels),
+            metrics_listen=metrics,
         )
 
 

@@ -16,6 +16,7 @@ from agent.containers import ContainerManager
 from agent.host_facts import HostFacts, bridge_mac_pinned
 from agent.lease import Lease
 from agent.membership import Membership
+from agent.metrics import AgentMetrics
 from agent.records import RecordStore
 from agent.runtime.cgroups import CgroupLayout
 from agent.runtime.lxc import LxcRuntime
@@ -37,6 +38,7 @@ from corral.api.server import make_server
 from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
 from corral.errors import CorralError, Unavailable
+from corral.metrics import MetricsServer
 from corral.v1 import agent_pb2_grpc
 
 log = structlog.get_logger("corral.agent")
@@ -106,6 +108,9 @@ async def serve(config: AgentConfig) -> None:
         watchdog = Watchdog(KernelWatchdog(config.watchdog_device, config.watchdog_timeout), lease.valid,
                             config.watchdog_timeout)  # fmt: skip
     membership = Membership(config.controller, config.tls, facts, containers, config.heartbeat_interval, lease)
+    metrics = None
+    if config.metrics_listen is not None:  # README, Observing
+        metrics = MetricsServer(config.metrics_listen, AgentMetrics(config.node, facts, containers).gather)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +137,8 @@ async def serve(config: AgentConfig) -> None:
         for watcher in watchers:
             watcher.cancel()
         await server.stop(grace=2)
+        if metrics is not None:
+            await asyncio.to_thread(metrics.close)
         await migrations.close()
         await transfer.close()
         if watchdog is not None:

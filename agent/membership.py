@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import replace
 
 import structlog
@@ -17,6 +18,7 @@ from agent.containers import ContainerManager
 from agent.ha_restart import LocalRestarts
 from agent.host_facts import HostFacts
 from agent.lease import Lease
+from agent.metrics import HEARTBEAT_SECONDS
 from corral.api.client import call
 from corral.api.convert import container_to_pb, facts_to_pb
 from corral.api.tls import secure_channel
@@ -121,12 +123,14 @@ class Membership:
             await asyncio.sleep(max(0.0, next_beat - loop.time()))
             facts, containers = await self._snapshot()
             sent = self.lease.now() if self.lease else 0.0
+            began = time.perf_counter()
             reply = await call(
                 stub.Heartbeat,
                 cpb.HeartbeatRequest(node=facts.name, facts=facts, containers=containers),
                 timeout=self._deadline(),
                 peer=f"controller {self.controller}",
             )
+            HEARTBEAT_SECONDS.observe(time.perf_counter() - began)  # answered ones: a failure raised above
             if reply.reregister:
                 return
             if self.lease:

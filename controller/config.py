@@ -34,13 +34,14 @@ class ControllerConfig:
     addresses: AddressPool
     placement: PlacementPolicy
     log_level: str
+    metrics_listen: str | None = None  # HOST:PORT of /metrics (plain HTTP; README, Observing); None = off
 
     @classmethod
     def load(cls, path: Path) -> "ControllerConfig":
         doc = load_document(path)
         doc.check_keys({"listen", "store", "tls", "heartbeat_timeout", "heartbeat_interval", "lease", "lease_margin",
                         "fence_command", "fence_timeout", "ha_max_restart", "ha_max_relocate", "ha_restart_window",
-                        "network", "placement", "log_level"})  # fmt: skip
+                        "network", "placement", "log_level", "metrics_listen"})  # fmt: skip
         listen = doc.get("listen", list)
         if not listen:
             raise doc.error("listen", "give at least one HOST:PORT to listen on")
@@ -51,6 +52,9 @@ class ControllerConfig:
                 parse_address(item)
             except ValueError as exc:
                 raise doc.error("listen", str(exc)) from None
+        metrics = doc.get("metrics_listen", str, None, parse=parse_address)
+        if metrics is not None and metrics in listen:
+            raise doc.error("metrics_listen", f"{metrics} is a gRPC address of the controller (listen): give another port")
         store = doc.section("store")
         store.check_keys({"backend", "path"})
         backend = store.get("backend", str, "sqlite")
@@ -116,6 +120,7 @@ class ControllerConfig:
             addresses=addresses,
             placement=policy,
             log_level=doc.get("log_level", str, "info", parse=parse_level),
+            metrics_listen=metrics,
         )
 
 

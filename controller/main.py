@@ -16,6 +16,7 @@ from controller.events import EventBus
 from controller.fleet import Fleet
 from controller.health.fencing import Fencer
 from controller.health.registry import NodeRegistry
+from controller.metrics import ControllerMetrics
 from controller.operations.engine import Engine
 from controller.operations import operation_plans
 from controller.service import ControllerServicer, controller_policy
@@ -26,6 +27,7 @@ from corral.api.server import make_server
 from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
 from corral.errors import CorralError, Unavailable
+from corral.metrics import MetricsServer
 from corral.v1 import controller_pb2_grpc
 
 log = structlog.get_logger("corral.controller")
@@ -55,6 +57,8 @@ async def serve(config: ControllerConfig) -> None:
     await server.start()
     await engine.start()
     await standard.serving()
+    metrics = ControllerMetrics(fleet, nodes, engine, events)
+    server_of_metrics = MetricsServer(config.metrics_listen, metrics.gather) if config.metrics_listen else None
     log.info("controller serving", listen=list(config.listen), store=str(config.store_path))
 
     stop = asyncio.Event()
@@ -66,6 +70,7 @@ async def serve(config: ControllerConfig) -> None:
     try:
         async with asyncio.TaskGroup() as tg:
             watcher = tg.create_task(nodes.watch())
+            counting = tg.create_task(metrics.follow())
             fencer = tg.create_task(Fencer(nodes, config.fence_command, config.fence_timeout).run()) \
                 if config.fence_command else None  # fmt: skip
             await stop.wait()
@@ -73,6 +78,9 @@ async def serve(config: ControllerConfig) -> None:
             systemd.stopping()
             await standard.stopping()
             watcher.cancel()
+            counting.cancel()
+            if server_of_metrics is not None:
+                await asyncio.to_thread(server_of_metrics.close)
             if fencer is not None:
                 fencer.cancel()
             await server.stop(grace=2)

@@ -13,6 +13,7 @@ import contextlib
 
 from controller.events import EventBus, Lagged
 from controller.fleet import Fleet, HaSettings, PlacementWish
+from controller.metrics import HEARTBEAT_SECONDS, HEARTBEATS
 from controller.operations.engine import Engine
 from controller.health.registry import NodeRegistry
 from corral.api.convert import (
@@ -128,6 +129,11 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
                                         lease_seconds=self.nodes.policy.lease, ha_containers=orders.ha)  # fmt: skip
 
     async def Heartbeat(self, request, context):
+        HEARTBEATS.inc()
+        with HEARTBEAT_SECONDS.time():
+            return await self._heartbeat(request)
+
+    async def _heartbeat(self, request):
         facts = facts_from_pb(request.facts)
         _require_self(facts.name)
         if not self.nodes.heartbeat(facts):

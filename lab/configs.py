@@ -12,6 +12,9 @@ from lab.layout import HOST_BRIDGE, TEMPLATE_CACHE, Addressing, LabPaths
 
 HEARTBEAT_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 1.0
+# /metrics (README, Observing): the controller's and each agent's gRPC host, these ports.
+CONTROLLER_METRICS_PORT = 7709
+AGENT_METRICS_PORT = 7708
 
 
 def controller_config(paths: LabPaths, net: Addressing, name: str, *, fence: bool = True) -> dict[str, Any]:
@@ -31,6 +34,7 @@ def controller_config(paths: LabPaths, net: Addressing, name: str, *, fence: boo
             "key": str(pki / "controller-controller.key"),
         },
         "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+        "metrics_listen": f"{net.gateway}:{CONTROLLER_METRICS_PORT}",
         "network": {
             "subnet": str(net.subnet),
             "gateway": net.gateway,
@@ -59,6 +63,7 @@ def agent_config(paths: LabPaths, net: Addressing, index: int) -> dict[str, Any]
             "key": str(pki / f"agent-{host.node}.key"),
         },
         "heartbeat_interval": HEARTBEAT_INTERVAL,
+        "metrics_listen": f"{net.host_address(index)}:{AGENT_METRICS_PORT}",
         # Two zones, so that placement constraints (--constraint zone=a) mean something in a lab.
         "labels": {"zone": "a" if index % 2 else "b"},
     }

@@ -143,7 +143,7 @@ def container_cgroups(pid: int, mountinfo: Path = Path("/proc/self/mountinfo")) 
     for mount, fstype, options, path in _memberships(pid, mountinfo):
         directory = mount / path.lstrip("/")
         top = next((d for d in (directory, *directory.parents) if d.name.startswith("lxc.payload.")), directory)
-        for controller in ([""] if fstype == "cgroup2" else options):
+        for controller in ([""] if fstype == "cgroup2" else options - {"rw", "ro"}):
             found.setdefault(controller, top)
     return found
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from controller.cli import containers, contexts_cmd, events, fleet, lab, nodes, operations, pki
+from controller.cli import containers, contexts_cmd, events, fleet, lab, nodes, operations, pki, stats
 from controller.cli.command import CorralGroup
 from controller.cli.completion import SHELLS, completion_script
 from controller.cli.context import Ctx
@@ -76,6 +76,7 @@ cli.add_command(lab.lab)
 cli.add_command(pki.pki)
 cli.add_command(events.events)
 cli.add_command(fleet.fleet)
+cli.add_command(stats.top)
 
 
 def main() -> None:
