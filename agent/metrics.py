@@ -61,7 +61,8 @@ class AgentMetrics:
             out.append(GaugeMetricFamily(name, help_text, labels=["node"]))
             out[-1].add_metric(node, value)
         by_state = Counter(s.state for s in stats)
-        states = GaugeMetricFamily("corral_node_containers", "Containers of this host by state", labels=["node", "state"])
+        states = GaugeMetricFamily("corral_node_containers", "Containers of this host by state",
+                                   labels=["node", "state"])  # fmt: skip
         for state in (ContainerState.RUNNING, ContainerState.STOPPED, ContainerState.FROZEN):
             states.add_metric([self.node, state.value], by_state.pop(state, 0))
         for state, count in by_state.items():

@@ -54,7 +54,8 @@ class ControllerConfig:
                 raise doc.error("listen", str(exc)) from None
         metrics = doc.get("metrics_listen", str, None, parse=parse_address)
         if metrics is not None and metrics in listen:
-            raise doc.error("metrics_listen", f"{metrics} is a gRPC address of the controller (listen): give another port")
+            raise doc.error("metrics_listen", f"{metrics} is a gRPC address of the controller (listen): "
+                                              "give another port")  # fmt: skip
         store = doc.section("store")
         store.check_keys({"backend", "path"})
         backend = store.get("backend", str, "sqlite")

@@ -54,7 +54,8 @@ from corral.errors import (
     NotFound,
     Unavailable,
 )
-from corral.model import Container, ContainerState, ContainerStats, DesiredState, Limits, Node, NodeState, validate_limits
+from corral.model import Container, ContainerState, ContainerStats, DesiredState, Limits, Node, NodeState
+from corral.model import validate_limits
 from corral.labels import Constraint
 from corral.names import validate_name
 from corral.api.client import call

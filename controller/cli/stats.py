@@ -99,7 +99,8 @@ def top_rows(samples, earlier: dict) -> list[list]:
 
 @command("top", examples=["corral top", "corral top --once", "corral top --node n2 --interval 5",
                           "corral top --once -o json | jq '.stats[] | {name, memory_bytes}'"])  # fmt: skip
-@click.option("--node", "-n", default="", shell_complete=complete_nodes, help="only the containers of this node")
+@click.option("--node", "-n", default="", show_default=False, shell_complete=complete_nodes,
+              help="only the containers of this node  [default: all]")
 @click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True,
               help="seconds between refreshes (CPU rates are taken over it)")
 @click.option("--once", is_flag=True, help="print one table (after one interval, for the CPU rates) and exit")

@@ -7,7 +7,8 @@ from typing import Any
 
 from corral.errors import CorralError
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
-from corral.model import ContainerStats, Event, Lease, NodeCheck, Operation, OperationProgress, OperationStep, Resolution
+from corral.model import ContainerStats, Event, Lease, NodeCheck, Operation, OperationProgress, OperationStep
+from corral.model import Resolution
 from corral.proc import STDERR, STDOUT, Exited, Output
 from corral.v1 import types_pb2 as pb
 
