@@ -2,6 +2,7 @@
 state, one transaction per logical change, and no write reported committed that was not."""
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -128,3 +129,18 @@ async def test_one_controller_per_store(store, tmp_path):
     await store.close()
     await second.open()  # free once the first has let go (or died: the kernel drops its lock)
     await second.close()
+
+
+async def test_a_write_cancelled_at_its_start_leaves_the_store_usable(store):
+    """A request past its deadline is cancelled, maybe while its BEGIN runs: the store must not be
+    left inside a transaction (every later write would fail until a restart)."""
+    from corral.model import NodeFacts
+
+    for delay in (0, 0.0001, 0.001, 0.005):
+        task = asyncio.create_task(store.put_node(NodeFacts("n1", "10.0.0.1:7701")))
+        await asyncio.sleep(delay)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.put_node(NodeFacts("n2", "10.0.0.2:7701"))  # a later write goes through
+    assert "n2" in {n.name for n in await store.list_nodes()}

@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 import aiosqlite
 
@@ -91,6 +91,21 @@ _SPEC = ("node", "template", "limits", "network", "storage", "created_at", "mess
          "desired_state", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_relocations",
          "ha_failed", "constraints", "placement_group")  # fmt: skip
 _COLUMNS = ("name", "state", "init_pid", "observed_at", "revision") + _SPEC
+
+
+T = TypeVar("T")
+
+
+async def _to_the_end(statement: Awaitable[T]) -> T:
+    """Await `statement`; if cancelled meanwhile, wait for it to finish first, then re-raise, so that
+    the connection's transaction state is what the caller's error handling reads."""
+    task = asyncio.ensure_future(statement)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 class _Writer:
@@ -243,15 +258,17 @@ class SqliteStore:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Writer]:
+        # BEGIN, COMMIT and ROLLBACK each run to their end even when the caller is cancelled (a
+        # request past its deadline): a BEGIN left open would fail every later write.
         async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
             try:
+                await _to_the_end(self.db.execute("BEGIN IMMEDIATE"))
                 yield _Writer(self.db)
             except BaseException:
                 if self.db.in_transaction:  # SQLite has already rolled back after some errors (disk full)
-                    await self.db.execute("ROLLBACK")
+                    await _to_the_end(self.db.execute("ROLLBACK"))
                 raise
-            await self.db.execute("COMMIT")
+            await _to_the_end(self.db.execute("COMMIT"))
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
