@@ -30,6 +30,7 @@ from corral.v1 import controller_pb2_grpc
 log = structlog.get_logger("corral.agent.membership")
 
 MIN_DEADLINE = 1.0  # a register or heartbeat unanswered this long is retried on a fresh connection
+MAX_DEADLINE = 3.5  # however slow the controller has been: still within the lease (5 s, less 1 s margin)
 RETRY_SOON = 0.2
 RETRY_DELAY = 1.0
 
@@ -52,6 +53,7 @@ class Membership:
         self.interval = interval
         self.registered = asyncio.Event()
         self.restarts = LocalRestarts(containers, lease)
+        self._answer_time = 0.0  # recent time the controller took to answer (moving average)
 
     async def run(self) -> None:
         channel = None
@@ -62,14 +64,19 @@ class Membership:
                     channel = secure_channel(self.controller, self.tls, server_name="controller", role="controller")
                     stub = controller_pb2_grpc.ControllerServiceStub(channel)
                 try:
-                    await self._register(stub)
+                    if not self.registered.is_set():
+                        await self._register(stub)
                     await self._heartbeat_until_reregister(stub)
+                    self.registered.clear()  # the controller forgot this node (it restarted): register
                 except Unavailable as exc:
-                    # Unanswered within the short deadline: after a cut, the connection may sit in
-                    # TCP's retransmission back-off for seconds, longer than the lease lasts. Dial
-                    # afresh and try again soon, so that a brief flap never costs the lease.
-                    self.registered.clear()
+                    # Unanswered within the deadline: after a cut, the connection may sit in TCP's
+                    # retransmission back-off for seconds, longer than the lease lasts. Dial afresh
+                    # and try again soon (heartbeats again, not a new registration: the controller
+                    # says if it needs one), so that a brief flap never costs the lease.
                     log.warning("controller unreachable, retrying", controller=self.controller, error=exc.message)
+                    # The next call waits the longest deadline: a controller just (re)starting, or busy,
+                    # may need it, and a connection dialled afresh gets through in it once a cut heals.
+                    self._answer_time = max(self._answer_time, MAX_DEADLINE / 4)
                     await channel.close(grace=0)
                     channel = None
                     await asyncio.sleep(_jittered(RETRY_SOON))
@@ -92,8 +99,13 @@ class Membership:
                 await channel.close()
 
     def _deadline(self) -> float:
-        """Each call's deadline: short, so that a lost one is retried well within the lease."""
-        return max(MIN_DEADLINE, self.interval)
+        """Each call's deadline: short, so that one lost in a cut is retried well within the lease,
+        but a few times the controller's recent answer time, so that a busy controller is waited
+        for rather than flooded with retries on fresh connections."""
+        return min(MAX_DEADLINE, max(MIN_DEADLINE, self.interval, 4 * self._answer_time))
+
+    def _answered(self, seconds: float) -> None:
+        self._answer_time = seconds if self._answer_time == 0 else 0.7 * self._answer_time + 0.3 * seconds
 
     async def _snapshot(self):
         containers = [replace(c, ha_restarts=self.restarts.count(c.name)) for c in await self.containers.list()]
@@ -102,12 +114,14 @@ class Membership:
     async def _register(self, stub) -> None:
         facts, containers = await self._snapshot()
         sent = self.lease.now() if self.lease else 0.0
+        began = time.perf_counter()
         reply = await call(
             stub.RegisterNode,
             cpb.RegisterNodeRequest(facts=facts, containers=containers),
             timeout=self._deadline(),
             peer=f"controller {self.controller}",
         )
+        self._answered(time.perf_counter() - began)
         if self.lease:
             await self.lease.renewed(sent, reply.lease_seconds, list(reply.ha_containers))
         if reply.heartbeat_interval_seconds > 0:
@@ -130,7 +144,9 @@ class Membership:
                 timeout=self._deadline(),
                 peer=f"controller {self.controller}",
             )
-            HEARTBEAT_SECONDS.observe(time.perf_counter() - began)  # answered ones: a failure raised above
+            answered = time.perf_counter() - began
+            HEARTBEAT_SECONDS.observe(answered)  # answered ones: a failure raised above
+            self._answered(answered)
             if reply.reregister:
                 return
             if self.lease:

@@ -11,10 +11,15 @@ happen (heartbeats, operations) live in the default registry beside them, with t
 from __future__ import annotations
 
 import asyncio
+import socket
+import socketserver
+import threading
 from typing import Awaitable, Callable, Iterable
+from wsgiref.simple_server import make_server
 
 import structlog
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics_core import Metric
 
 from corral.errors import Unavailable
@@ -34,12 +39,46 @@ class LoopCollector:
         self.loop = loop
         self.timeout = timeout
 
+    def describe(self) -> Iterable[Metric]:
+        # Without it the registry calls collect() when the collector is registered, from the
+        # event loop's own thread: that waits on the loop it blocks (a 10 s stall at start-up).
+        return []
+
     def collect(self) -> Iterable[Metric]:
+        if _on_loop(self.loop):
+            log.error("metrics gathered from the event loop's own thread: skipped (it would wait on itself)")
+            return []
         try:
             return list(asyncio.run_coroutine_threadsafe(self.gather(), self.loop).result(self.timeout))
         except Exception:  # a scrape shows what it can; it never breaks the daemon
             log.exception("gathering metrics failed")
             return []
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+class _QuickBindServer(ThreadingWSGIServer):
+    """prometheus_client's server, bound without http.server's reverse DNS lookup of the address
+    (socket.getfqdn): with no resolver reachable (an isolated network) it stalls the daemon ~10 s."""
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+        self.setup_environ()
+
+
+def _serve(host: str, port: int) -> tuple[ThreadingWSGIServer, threading.Thread]:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsHTTPServer", (_QuickBindServer,), {"address_family": family})
+    httpd = make_server(host, port, make_wsgi_app(REGISTRY), server_class, handler_class=_SilentHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return httpd, thread
 
 
 class MetricsServer:
@@ -50,7 +89,7 @@ class MetricsServer:
         self.collector = LoopCollector(gather, asyncio.get_running_loop())
         REGISTRY.register(self.collector)
         try:
-            self._server, self._thread = start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
+            self._server, self._thread = _serve(host.strip("[]"), int(port))
         except OSError as exc:
             REGISTRY.unregister(self.collector)
             raise Unavailable(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None

@@ -140,7 +140,8 @@ async def test_metrics_match_ct_stats(lab, corral, cleanup):
         assert metric("corral_container_memory_events_total", event=event) == before[field] == after[field]
     assert metric("corral_container_pids_max_events_total") == before["pids_max_events"]
     cpu = metric("corral_container_cpu_usage_seconds_total")
-    assert 0 < before["cpu_usage_usec"] / 1e6 <= cpu <= after["cpu_usage_usec"] / 1e6  # monotone
+    eps = 1e-9  # the metric is usec * 1e-6, the check usec / 1e6: they may differ in the last bit
+    assert 0 < before["cpu_usage_usec"] / 1e6 <= cpu + eps and cpu <= after["cpu_usage_usec"] / 1e6 + eps  # monotone
     assert 0 < metric("corral_container_memory_bytes") < 48 << 20 and metric("corral_container_pids") >= 1
     assert metric("corral_container_disk_used_bytes") > 0 and before["disk_used_bytes"] > 0
     assert samples[("corral_node_containers", (("node", "n1"), ("state", "running")))] >= 1
