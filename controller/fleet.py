@@ -155,6 +155,9 @@ class Fleet:
         self.recovery = recovery
         self._recovering: set[str] = set()  # HA containers being relocated
         self._restarts: dict[str, int] = {}  # HA container -> restarts its host reports making lately
+        # node -> ((its report, store.changes, locks.changes), the orders answered) after a report
+        # that called for nothing: the same report while nothing changed gets the same answer.
+        self._quiet: dict[str, tuple[tuple, NodeOrders]] = {}
         # Placement and address choice read then write: one at a time.
         self._placement_lock = asyncio.Lock()
         self._settling: set[str] = set()
@@ -675,45 +678,66 @@ class Fleet:
 
     async def observe(self, node: str, reported: list[Container]) -> NodeOrders:
         """Fold a node's report of its containers into the observed state (never the desired);
-        returns what that node's agent is to know of its HA containers (for its lease)."""
+        returns what that node's agent is to know of its HA containers (for its lease).
+
+        In a quiet fleet a node reports the same thing every second: while neither its report,
+        the store nor the container locks changed since a report that called for nothing, the
+        answer is the same and nothing is read (1,000 nodes heartbeat every second)."""
+        key = tuple((c.name, c.state, c.init_pid, c.ha_restarts) for c in reported)
+        quiet = self._quiet.get(node)
+        if quiet is not None and quiet[0] == (key, self.store.changes, self.locks.changes):
+            return quiet[1]
+        self._quiet.pop(node, None)
+        seen_at = (key, self.store.changes, self.locks.changes)
         records = {c.name: c for c in await self.store.list_containers(node)}
         known_unmanaged = {name for n, name, _ in await self.store.list_unmanaged() if n == node}
+        acted = bool(known_unmanaged)
         now = time.time()
         for ct in reported:
             # A copy the record places elsewhere (a migration's, or one in doubt) is looked up alone: rare.
             record = records.get(ct.name) or await self.store.get_container(ct.name)
             if record is None:
+                acted = True
                 if ct.name not in known_unmanaged:
                     log.warning("node reports a container the fleet has no record of; its address stays "
                                 "taken", node=node, container=ct.name, ip=ct.network.ipv4)  # fmt: skip
                     await self.store.put_unmanaged(node, ct.name, ct.network, now)
                 continue
             if record.in_doubt and node in (record.node, *record.doubt_nodes):
+                acted = True
                 self._settle_soon(ct.name)
             if (verdict := stale_copy(node, record, ct.state)) is not None and self.locks.holder(ct.name) is None:
+                acted = True
                 await self._stale_copy(node, record, verdict)
             if record.node != node or self.locks.holder(ct.name) is not None:
-                continue  # another node's record, or a request is acting on it (it writes what it saw)
+                acted = True  # another node's record, or a request is acting on it (it writes what it saw)
+                continue
             if record.state != ct.state or record.init_pid != ct.init_pid:
                 await self.store.observe_container(ct.name, node, ct.state, ct.init_pid, now)
             if ct.ha_restarts:
                 self._restarts[ct.name] = ct.ha_restarts
             else:
                 self._restarts.pop(ct.name, None)
-            self._recover(record, ct)
+            acted |= self._recover(record, ct)
         for gone in known_unmanaged - {ct.name for ct in reported}:
             await self.store.forget_unmanaged(node, gone)
-        return NodeOrders(
+        orders = NodeOrders(
             ha=sorted(name for name, record in records.items() if record.ha),
             keep_running=sorted(name for name, record in records.items()
                                 if keeps_running(record) and self.locks.holder(name) is None),
         )  # fmt: skip
+        if not acted and (seen_at[1], seen_at[2]) == (self.store.changes, self.locks.changes):
+            self._quiet[node] = (seen_at, orders)
+        return orders
 
-    def _recover(self, record: Container, reported: Container) -> None:
-        """An HA container its host gave up restarting: moved to another node, or failed."""
+    def _recover(self, record: Container, reported: Container) -> bool:
+        """An HA container its host gave up restarting: moved to another node, or failed. True if
+        something is (being) done about it."""
         decision = recovery_for(record, reported, self.recovery)
-        if decision.kind == RecoveryKind.NOTHING or record.name in self._recovering:
-            return
+        if decision.kind == RecoveryKind.NOTHING:
+            return False
+        if record.name in self._recovering:
+            return True
         self._recovering.add(record.name)
 
         async def recover() -> None:
@@ -732,6 +756,7 @@ class Fleet:
         task = asyncio.create_task(recover())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _relocate(self, name: str, why: str) -> None:
         """Move a stopped HA container to another ready node (a cold migration: its shared volume

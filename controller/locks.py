@@ -16,6 +16,7 @@ from corral.errors import Conflict
 class ContainerLocks:
     def __init__(self) -> None:
         self._holders: dict[str, str] = {}
+        self.changes = 0  # grows with every take and release (for caches of what depends on them)
 
     def holder(self, name: str) -> str | None:
         """What holds `name` (e.g. "operation mig-... (migrate)"), or None."""
@@ -26,10 +27,12 @@ class ContainerLocks:
         if current is not None:
             raise Conflict(f"container {name!r} is busy with {current}")
         self._holders[name] = holder
+        self.changes += 1
 
     def release(self, name: str, holder: str) -> None:
         if self._holders.get(name) == holder:
             del self._holders[name]
+            self.changes += 1
 
     @contextlib.contextmanager
     def hold(self, name: str, holder: str) -> Iterator[None]:

@@ -64,6 +64,10 @@ class StoreWriter(Protocol):
 
 
 class Store(StoreWriter, Protocol):
+    # Grows with every committed change: what was read at one value is still true while it holds
+    # (the controller's heartbeat path skips its reads in a quiet fleet).
+    changes: int
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...

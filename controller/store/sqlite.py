@@ -206,6 +206,7 @@ class _Writer:
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.changes = 0  # committed transactions since open (Store.changes)
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._lock_fd: int | None = None
@@ -269,6 +270,7 @@ class SqliteStore:
                     await _to_the_end(self.db.execute("ROLLBACK"))
                 raise
             await _to_the_end(self.db.execute("COMMIT"))
+            self.changes += 1
 
     @contextlib.asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -120,6 +120,10 @@ class CrashingStore:
     async def list_unmanaged(self):
         return await self.inner.list_unmanaged()
 
+    @property
+    def changes(self) -> int:
+        return self.inner.changes
+
     async def cordoned_nodes(self):
         return await self.inner.cordoned_nodes()
 
