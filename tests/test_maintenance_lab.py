@@ -41,3 +41,23 @@ async def test_fleet_check_and_a_balanced_fleet(corral, cleanup):
     assert {c["node"] for c in check["nodes"]} == {"n1", "n2", "n3"} and all(c["ok"] for c in check["nodes"])
     shown = (await corral("fleet", "rebalance")).stdout
     assert "balanced" in shown
+
+
+async def test_rebalancing_a_skewed_fleet_moves_the_fewest_live_and_ends_balanced(corral, cleanup, lab):
+    names = ["rb1", "rb2", "rb3"]
+    cleanup.extend(names)
+    memory = min(n["facts"]["memory_bytes"] for n in await corral.json("node", "ls"))
+    share = f"{memory * 12 // 100 // (1 << 20)}M"  # three on n1: 36% of it, the others near 0
+    for name in names:
+        await corral("ct", "create", name, "-t", "busybox", "--node", "n1", "--memory", share, "--start")
+    plan = await corral.json("fleet", "rebalance")
+    ours = [m for m in plan["moves"] if m["container"] in names]
+    assert ours and all(m["source"] == "n1" for m in ours) and all(m["live"] for m in plan["moves"]), plan
+    done = await corral("fleet", "rebalance", "--apply")
+    assert done.returncode == 0, done
+    for move in plan["moves"]:
+        shown = await corral.json("ct", "show", move["container"])
+        assert (shown["node"], shown["state"]) == (move["target"], "running")
+    for name in names:
+        assert len(await running_copies(lab, name)) == 1  # each exactly once
+    assert "balanced" in (await corral("fleet", "rebalance")).stdout  # and nothing more to do
