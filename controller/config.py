@@ -97,7 +97,7 @@ class ControllerConfig:
         policy = PlacementPolicy()
         if placement is not None:
             placement.check_keys({"cpu_overcommit", "memory_overcommit", "strategy", "reserved_memory",
-                                  "reserved_cpus"})  # fmt: skip
+                                  "reserved_cpus", "keep_n_plus_1"})  # fmt: skip
             policy = PlacementPolicy(
                 cpu_overcommit=placement.get("cpu_overcommit", float, policy.cpu_overcommit, parse=_overcommit),
                 memory_overcommit=placement.get("memory_overcommit", float, policy.memory_overcommit,
@@ -106,6 +106,7 @@ class ControllerConfig:
                 # Kept for the host itself: reserved_memory: 2G, reserved_cpus: 1 (or 500m).
                 reserved=Limits(memory_bytes=placement.get("reserved_memory", object, 0, parse=_size),
                                 cpu_millis=placement.get("reserved_cpus", object, 0, parse=_cpus)),  # fmt: skip
+                keep_n_plus_1=placement.get("keep_n_plus_1", bool, False),
             )
         return cls(
             listen=tuple(listen),

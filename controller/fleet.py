@@ -39,7 +39,14 @@ from controller.operations.reach import Reach
 from controller.operations.steps import OpKind
 from controller.operations.maintenance import MovesPlan
 from controller.scheduler.failover import plan_failover
-from controller.scheduler.maintenance import MovePlan, NodeCheck, check_n_plus_1, plan_evacuation, plan_rebalance
+from controller.scheduler.maintenance import (
+    MovePlan,
+    NodeCheck,
+    check_n_plus_1,
+    place_keeping_n_plus_1,
+    plan_evacuation,
+    plan_rebalance,
+)
 from controller.scheduler.placement import Placement, PlacementPolicy, PlacementRequest, Snapshot, decide, place
 from controller.scheduler.recovery import RecoveryKind, RecoveryPolicy, keeps_running, recovery_for
 from controller.store.base import Store
@@ -303,7 +310,7 @@ class Fleet:
             nodes = await self.list_nodes()
             storage = self._concrete_storage(storage, node, nodes)
             ha.check(storage)
-            placement = decide(wish.request(name, limits, node, storage), nodes, self.policy, await self._snapshot())
+            placement = await self._decide(wish.request(name, limits, node, storage), ha.ha, nodes)
             network = self.addresses.allocate(await self._addresses_in_use())
             record = Container(
                 name=name, node=placement.node, template=template, state=ContainerState.CREATING,
@@ -336,6 +343,13 @@ class Fleet:
                 groups.setdefault(ct.node, set()).add(ct.group)
         return Snapshot({n: frozenset(g) for n, g in groups.items()}, frozenset(await self.store.cordoned_nodes()))
 
+    async def _decide(self, request: PlacementRequest, ha: bool, nodes: list[Node]) -> Placement:
+        """A new container's node: placement's decision, keeping N+1 where the policy says so."""
+        snapshot = await self._snapshot()
+        if not self.policy.keep_n_plus_1:
+            return decide(request, nodes, self.policy, snapshot)
+        return place_keeping_n_plus_1(request, ha, nodes, await self.store.list_containers(), self.policy, snapshot)
+
     async def plan_placement(self, name: str, *, existing: bool, node: str = "", limits: Limits = Limits(),
                              storage: str = "", wish: PlacementWish = PlacementWish()) -> Placement:  # fmt: skip
         """Where the scheduler would put a new container, or move `name` (existing): changes nothing."""
@@ -352,7 +366,7 @@ class Fleet:
         if storage_driver(storage) is None:
             raise InvalidArgument(f"unknown storage {storage!r} (available: {', '.join(STORAGES)})")
         storage = self._concrete_storage(storage, node, nodes)
-        return decide(wish.check().request(name, limits, node, storage), nodes, self.policy, await self._snapshot())
+        return await self._decide(wish.check().request(name, limits, node, storage), False, nodes)
 
     async def cordon(self, node: str, cordoned: bool) -> Node:
         validate_name(node, "node name")

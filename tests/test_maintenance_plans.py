@@ -109,3 +109,20 @@ def test_an_evacuation_plan_never_exceeds_a_node(sizes, n_nodes, allow_cold):
     for n in nodes:
         if n.name != "n1":
             assert placed[n.name] <= capacity(n, POLICY).memory_bytes
+
+
+def test_placement_can_keep_n_plus_1():
+    from controller.scheduler.maintenance import place_keeping_n_plus_1
+    from controller.scheduler.placement import PlacementRequest, Snapshot, decide
+    from corral.errors import NoCapacity
+    import pytest
+
+    cts = [ct("db", "n1", 6, ha=True, storage="image"), ct("a", "n2", 4)]
+    nodes = fleet([node("n1"), node("n2"), node("n3")], cts)
+    request = PlacementRequest("b", Limits(memory_bytes=4 * GB))
+    assert decide(request, nodes, POLICY, Snapshot()).node == "n3"  # spread alone: n1's db could not fail over
+    kept = place_keeping_n_plus_1(request, False, nodes, cts, POLICY, Snapshot())
+    assert kept.node == "n2" and "N+1 kept" in kept.reason and "would break N+1" in kept.rejected["n3"]
+    with pytest.raises(NoCapacity, match=r"would break N\+1"):
+        place_keeping_n_plus_1(PlacementRequest("c", Limits(memory_bytes=4 * GB), "n3"), False, nodes, cts, POLICY,
+                               Snapshot())  # fmt: skip

@@ -22,7 +22,14 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from controller.scheduler.failover import plan_failover
-from controller.scheduler.placement import PlacementPolicy, PlacementRequest, Snapshot, decide, load_with
+from controller.scheduler.placement import (
+    Placement,
+    PlacementPolicy,
+    PlacementRequest,
+    Snapshot,
+    decide,
+    load_with,
+)
 from corral.errors import NoCapacity
 from corral.labels import Constraint
 from corral.model import Container, ContainerState, Limits, Node, NodeState
@@ -212,3 +219,34 @@ def check_n_plus_1(nodes: Sequence[Node], containers: Sequence[Container], polic
             where = ", ".join(f"{c.container} -> {c.target}" for c in plan)
             checks.append(NodeCheck(node.name, True, f"{len(plan)} HA container(s) would fit: {where}"))
     return checks
+
+
+def place_keeping_n_plus_1(request: PlacementRequest, ha: bool, nodes: Sequence[Node],
+                           containers: Sequence[Container], policy: PlacementPolicy,
+                           snapshot: Snapshot) -> Placement:  # fmt: skip
+    """Placement's decision, skipping each node where the new container would leave some node
+    whose HA containers could not all fail over (checked with the container placed). A fleet
+    already short of N+1 is not made a reason to refuse: the check is about what this adds."""
+    if not all(c.ok for c in check_n_plus_1(nodes, containers, policy, snapshot.cordoned)):
+        return decide(request, nodes, policy, snapshot)
+    breaks: dict[str, str] = {}
+    while True:
+        candidates = [n for n in nodes if n.name not in breaks]
+        try:
+            chosen = decide(request, candidates, policy, snapshot)
+        except NoCapacity as exc:
+            if not breaks:
+                raise
+            why = "; ".join(f"{n}: {b}" for n, b in sorted(breaks.items()))
+            raise NoCapacity(f"{exc.message}; and {why}") from None
+        placed = replace(Container(request.container, chosen.node, "", ContainerState.RUNNING, limits=request.limits,
+                                   storage=request.storage, ha=ha, group=request.group),
+                         constraints=tuple(str(c) for c in request.constraints))  # fmt: skip
+        trial = [replace(n, allocated=n.allocated + request.limits, container_count=n.container_count + 1)
+                 if n.name == chosen.node else n for n in nodes]  # fmt: skip
+        broken = [c for c in check_n_plus_1(trial, [*containers, placed], policy, snapshot.cordoned) if not c.ok]
+        if not broken:
+            return replace(chosen, reason=f"{chosen.reason}; N+1 kept", rejected={**chosen.rejected, **breaks})
+        breaks[chosen.node] = f"would break N+1 (if {broken[0].node} died: {broken[0].detail})"
+        if request.node:
+            raise NoCapacity(f"node {request.node!r} cannot take {request.container!r}: {breaks[chosen.node]}")

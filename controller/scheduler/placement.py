@@ -49,6 +49,8 @@ class PlacementPolicy:
     strategy: Strategy = Strategy.SPREAD
     # Kept for the host itself on every node: never allocated to containers.
     reserved: Limits = field(default_factory=Limits)
+    # Refuse a placement that would leave a node whose HA containers could not all fail over.
+    keep_n_plus_1: bool = False
 
 
 @dataclass(frozen=True)
