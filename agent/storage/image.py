@@ -86,9 +86,18 @@ class ImageStorage:
         here and let go of those another host has claimed; then write this host's beacon (what it
         still has mounted) and read the peers'. A host that cannot write its beacon for GIVE_UP
         lets go of everything. `kill(container)` stops a container at once."""
+        last_mounted: list[str] = []
         while True:
             unwritten = self.beacons.unwritten_for()
-            for name in self.mounted_here():
+            # Off the loop, and bounded: it stats the images on the shared storage, which can hang
+            # (NFS); then the last list stands, so that GIVE_UP still lets go of what it names.
+            try:
+                async with asyncio.timeout(_RECHECK_TIMEOUT):
+                    mounted = await asyncio.to_thread(self.mounted_here)
+            except TimeoutError:
+                mounted = last_mounted
+            last_mounted = mounted
+            for name in mounted:
                 if unwritten >= GIVE_UP:
                     await self.let_go(name, kill, f"this host could not write its beacon for {unwritten:.1f} s")
                     continue
