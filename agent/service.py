@@ -44,6 +44,7 @@ AGENT_POLICY = ServicePolicy(
         "GetContainer": reads(_CONTROLLER, container()),
         "ListContainers": reads(_CONTROLLER),
         "Exec": writes(_CONTROLLER, container()),
+        "ExecInteractive": writes(_CONTROLLER, container("start.name")),
         "SetLimits": writes(_CONTROLLER, container()),
         "GetContainerStats": reads(_CONTROLLER),  # names checked by the container manager
         "PrepareReceive": writes(_CONTROLLER, container("container"), operation()),
@@ -60,6 +61,10 @@ AGENT_POLICY = ServicePolicy(
         "WaitPages": reads(_CONTROLLER, container("container"), operation()),
         "ResumeSource": writes(_CONTROLLER, container("container"), operation()),
         "KeepSource": writes(_CONTROLLER, container("container"), operation()),
+        "CreateSnapshot": writes(_CONTROLLER, container()),
+        "ListSnapshots": reads(_CONTROLLER, container()),
+        "RestoreSnapshot": writes(_CONTROLLER, container()),
+        "DeleteSnapshot": writes(_CONTROLLER, container()),
     },
     # One caller (the controller): a few connections suffice, and the cap keeps strangers
     # from using up the descriptors the agent needs for LXC, CRIU and loop devices.

@@ -62,7 +62,7 @@ async def inner(args) -> dict:
         await proc.run(["lxc-stop", "-P", str(raw_path), "-n", name, "-k"], timeout=60)
 
     async def agent_start():
-        await agent.StartContainer(apb.AgentContainerRef(name=name), timeout=60)
+        await agent.StartContainer(apb.AgentStartContainerRequest(name=name), timeout=60)
 
     async def agent_stop():
         await agent.StopContainer(apb.AgentStopContainerRequest(name=name, force=True), timeout=60)

@@ -125,7 +125,7 @@ class Inner:
         if op == "create":
             await self._agent_create(name)
         elif op == "start":
-            await self.agent.StartContainer(apb.AgentContainerRef(name=name), timeout=60)
+            await self.agent.StartContainer(apb.AgentStartContainerRequest(name=name), timeout=60)
         elif op == "exec_true":
             replies = [r async for r in self.agent.Exec(apb.ExecRequest(name=name, argv=["/bin/true"]), timeout=60)]
             assert replies[-1].exit.exit_code == 0, replies

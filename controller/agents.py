@@ -49,7 +49,7 @@ class AgentClient:
 
     async def start(self, name: str) -> Container:
         return container_from_pb(
-            await self._call(self.stub.StartContainer, apb.AgentContainerRef(name=name), LIFECYCLE_TIMEOUT)
+            await self._call(self.stub.StartContainer, apb.AgentStartContainerRequest(name=name), LIFECYCLE_TIMEOUT)
         )
 
     async def stop(self, name: str, force: bool, timeout: int) -> Container:

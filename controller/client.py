@@ -115,7 +115,7 @@ class ControllerClient:
         return container_from_pb(await self._call(self.stub.CreateContainer, req))
 
     async def start_container(self, name: str) -> Container:
-        return container_from_pb(await self._call(self.stub.StartContainer, cpb.ContainerRef(name=name)))
+        return container_from_pb(await self._call(self.stub.StartContainer, cpb.StartContainerRequest(name=name)))
 
     async def stop_container(self, name: str, *, force: bool = False, timeout: int = 0) -> Container:
         req = cpb.StopContainerRequest(name=name, force=force, timeout_seconds=timeout)

@@ -148,7 +148,13 @@ CALLS: dict[str, CallPolicy] = {
     "ListContainers": CallPolicy("30 s", _READ),
     "ExecContainer": CallPolicy("the exec's timeout (300 s unless given) + 60 s",
                                 "not safe: the command runs again"),  # fmt: skip
+    "ExecContainerInteractive": CallPolicy("none: the session lasts while the caller keeps the stream (the command's own "
+                                           "timeout if given)", "not safe: the command runs again"),
     "SetContainerLimits": CallPolicy(_TIMEOUT, "safe: it sets the limits given"),
+    "CreateSnapshot": CallPolicy(_TIMEOUT, _LOOK_FIRST + "ListSnapshots first (a repeat fails with AlreadyExists)"),
+    "ListSnapshots": CallPolicy("30 s", _READ),
+    "RestoreSnapshot": CallPolicy(_TIMEOUT, "safe: the container ends as the snapshot was"),
+    "DeleteSnapshot": CallPolicy(_TIMEOUT, "safe if NotFound on the repeat counts as done"),
     "SetContainerHa": CallPolicy(_TIMEOUT, "safe: it sets the three fields given"),
     "ResolveContainer": CallPolicy("120 s", "dry_run: safe; otherwise GetContainer first (in_doubt empty: done)"),
     "MigrateContainer": CallPolicy("60 s (the answer is the operation; follow it with WatchOperation)",

@@ -315,7 +315,7 @@ async def test_agent_refuses_bad_names_before_touching_anything(fleet, tmp_path)
                 (agent_pb2.RestoreRequest(op_id="op1", container="../victim", source=agent_pb2.RESTORE_SOURCE_LOCAL), stub.Restore),
                 (agent_pb2.AdoptContainerRequest(op_id="op1", container=types_pb2.Container(name="../../victim")), stub.AdoptContainer),
                 (agent_pb2.VolumeRequest(op_id="op1", name="../victim"), stub.DetachVolume),
-                (agent_pb2.AgentContainerRef(name="web\n"), stub.StartContainer),
+                (agent_pb2.AgentStartContainerRequest(name="web\n"), stub.StartContainer),
                 (agent_pb2.AgentCreateContainerRequest(name="web\n", template="busybox"), stub.CreateContainer),
             ]:  # fmt: skip
                 with pytest.raises(grpc.aio.AioRpcError) as err:

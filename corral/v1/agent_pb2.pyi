@@ -55,6 +55,34 @@ PAGES_STATE_DONE: PagesState
 PAGES_STATE_FAILED: PagesState
 PAGES_STATE_UNKNOWN: PagesState
 
+class AgentStartContainerRequest(_message.Message):
+    __slots__ = ("name", "stateless")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATELESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stateless: bool
+    def __init__(self, name: _Optional[str] = ..., stateless: _Optional[bool] = ...) -> None: ...
+
+class AgentSnapshotRequest(_message.Message):
+    __slots__ = ("name", "snapshot", "stateful")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    snapshot: str
+    stateful: bool
+    def __init__(self, name: _Optional[str] = ..., snapshot: _Optional[str] = ..., stateful: _Optional[bool] = ...) -> None: ...
+
+class AgentListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[_types_pb2.Snapshot]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[_types_pb2.Snapshot, _Mapping]]] = ...) -> None: ...
+
+class AgentDeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetNodeFactsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -82,14 +110,16 @@ class AgentCreateContainerRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., template: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ..., network: _Optional[_Union[_types_pb2.NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ...) -> None: ...
 
 class AgentStopContainerRequest(_message.Message):
-    __slots__ = ("name", "force", "timeout_seconds")
+    __slots__ = ("name", "force", "timeout_seconds", "stateful")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
     name: str
     force: bool
     timeout_seconds: int
-    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+    stateful: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., stateful: _Optional[bool] = ...) -> None: ...
 
 class AgentDestroyContainerRequest(_message.Message):
     __slots__ = ("name", "force")

@@ -48,7 +48,7 @@ class AgentServiceStub:
                 _registered_method=True)
         self.StartContainer = channel.unary_unary(
                 '/corral.v1.AgentService/StartContainer',
-                request_serializer=corral_dot_v1_dot_agent__pb2.AgentContainerRef.SerializeToString,
+                request_serializer=corral_dot_v1_dot_agent__pb2.AgentStartContainerRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
                 _registered_method=True)
         self.StopContainer = channel.unary_unary(
@@ -74,6 +74,11 @@ class AgentServiceStub:
         self.Exec = channel.unary_stream(
                 '/corral.v1.AgentService/Exec',
                 request_serializer=corral_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.ExecResponse.FromString,
+                _registered_method=True)
+        self.ExecInteractive = channel.stream_stream(
+                '/corral.v1.AgentService/ExecInteractive',
+                request_serializer=corral_dot_v1_dot_types__pb2.ExecInput.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.ExecResponse.FromString,
                 _registered_method=True)
         self.SetLimits = channel.unary_unary(
@@ -151,6 +156,26 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.PagesUpdate.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/corral.v1.AgentService/CreateSnapshot',
+                request_serializer=corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/corral.v1.AgentService/ListSnapshots',
+                request_serializer=corral_dot_v1_dot_agent__pb2.AgentContainerRef.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.AgentListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.RestoreSnapshot = channel.unary_unary(
+                '/corral.v1.AgentService/RestoreSnapshot',
+                request_serializer=corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/corral.v1.AgentService/DeleteSnapshot',
+                request_serializer=corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.AgentDeleteSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -169,7 +194,8 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartContainer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Start it; one stopped with --stateful is restored with its processes (unless stateless).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -200,6 +226,13 @@ class AgentServiceServicer:
 
     def Exec(self, request, context):
         """Run a command in a running container: its output as it is written, then how it ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExecInteractive(self, request_iterator, context):
+        """The same, interactive: stdin, terminal sizes and signals stream in as the command runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -312,6 +345,32 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """Snapshots of a container's disk (and processes, if stateful), kept on this host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSnapshot(self, request, context):
+        """Put the container back as the snapshot was (it must be stopped): running again if stateful.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -327,7 +386,7 @@ def add_AgentServiceServicer_to_server(servicer, server):
             ),
             'StartContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.StartContainer,
-                    request_deserializer=corral_dot_v1_dot_agent__pb2.AgentContainerRef.FromString,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AgentStartContainerRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
             ),
             'StopContainer': grpc.unary_unary_rpc_method_handler(
@@ -353,6 +412,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'Exec': grpc.unary_stream_rpc_method_handler(
                     servicer.Exec,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.ExecRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.ExecResponse.SerializeToString,
+            ),
+            'ExecInteractive': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecInteractive,
+                    request_deserializer=corral_dot_v1_dot_types__pb2.ExecInput.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.ExecResponse.SerializeToString,
             ),
             'SetLimits': grpc.unary_unary_rpc_method_handler(
@@ -429,6 +493,26 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.KeepSource,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.PagesUpdate.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Snapshot.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AgentContainerRef.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.AgentListSnapshotsResponse.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.AgentDeleteSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -510,7 +594,7 @@ class AgentService:
             request,
             target,
             '/corral.v1.AgentService/StartContainer',
-            corral_dot_v1_dot_agent__pb2.AgentContainerRef.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.AgentStartContainerRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Container.FromString,
             options,
             channel_credentials,
@@ -646,6 +730,33 @@ class AgentService:
             target,
             '/corral.v1.AgentService/Exec',
             corral_dot_v1_dot_agent__pb2.ExecRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.ExecResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecInteractive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/corral.v1.AgentService/ExecInteractive',
+            corral_dot_v1_dot_types__pb2.ExecInput.SerializeToString,
             corral_dot_v1_dot_agent__pb2.ExecResponse.FromString,
             options,
             channel_credentials,
@@ -1052,6 +1163,114 @@ class AgentService:
             '/corral.v1.AgentService/KeepSource',
             corral_dot_v1_dot_agent__pb2.ResumeSourceRequest.SerializeToString,
             corral_dot_v1_dot_agent__pb2.PagesUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/CreateSnapshot',
+            corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/ListSnapshots',
+            corral_dot_v1_dot_agent__pb2.AgentContainerRef.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.AgentListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/RestoreSnapshot',
+            corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/DeleteSnapshot',
+            corral_dot_v1_dot_agent__pb2.AgentSnapshotRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.AgentDeleteSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

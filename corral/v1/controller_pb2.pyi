@@ -261,15 +261,45 @@ class SetContainerHaRequest(_message.Message):
     ha_group: str
     def __init__(self, name: _Optional[str] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ...) -> None: ...
 
+class StartContainerRequest(_message.Message):
+    __slots__ = ("name", "stateless")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATELESS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    stateless: bool
+    def __init__(self, name: _Optional[str] = ..., stateless: _Optional[bool] = ...) -> None: ...
+
 class StopContainerRequest(_message.Message):
-    __slots__ = ("name", "force", "timeout_seconds")
+    __slots__ = ("name", "force", "timeout_seconds", "stateful")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
     name: str
     force: bool
     timeout_seconds: int
-    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+    stateful: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., stateful: _Optional[bool] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("name", "snapshot", "stateful")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    snapshot: str
+    stateful: bool
+    def __init__(self, name: _Optional[str] = ..., snapshot: _Optional[str] = ..., stateful: _Optional[bool] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[_types_pb2.Snapshot]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[_types_pb2.Snapshot, _Mapping]]] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class DestroyContainerRequest(_message.Message):
     __slots__ = ("name", "force")

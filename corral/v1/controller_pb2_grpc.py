@@ -93,7 +93,7 @@ class ControllerServiceStub:
                 _registered_method=True)
         self.StartContainer = channel.unary_unary(
                 '/corral.v1.ControllerService/StartContainer',
-                request_serializer=corral_dot_v1_dot_controller__pb2.ContainerRef.SerializeToString,
+                request_serializer=corral_dot_v1_dot_controller__pb2.StartContainerRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
                 _registered_method=True)
         self.StopContainer = channel.unary_unary(
@@ -126,6 +126,11 @@ class ControllerServiceStub:
                 request_serializer=corral_dot_v1_dot_controller__pb2.ExecContainerRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_controller__pb2.ExecContainerResponse.FromString,
                 _registered_method=True)
+        self.ExecContainerInteractive = channel.stream_stream(
+                '/corral.v1.ControllerService/ExecContainerInteractive',
+                request_serializer=corral_dot_v1_dot_types__pb2.ExecInput.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.ExecContainerResponse.FromString,
+                _registered_method=True)
         self.SetContainerLimits = channel.unary_unary(
                 '/corral.v1.ControllerService/SetContainerLimits',
                 request_serializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.SerializeToString,
@@ -140,6 +145,26 @@ class ControllerServiceStub:
                 '/corral.v1.ControllerService/ResolveContainer',
                 request_serializer=corral_dot_v1_dot_controller__pb2.ResolveContainerRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_controller__pb2.ResolveContainerResponse.FromString,
+                _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/corral.v1.ControllerService/CreateSnapshot',
+                request_serializer=corral_dot_v1_dot_controller__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/corral.v1.ControllerService/ListSnapshots',
+                request_serializer=corral_dot_v1_dot_controller__pb2.ContainerRef.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.RestoreSnapshot = channel.unary_unary(
+                '/corral.v1.ControllerService/RestoreSnapshot',
+                request_serializer=corral_dot_v1_dot_controller__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_types__pb2.Container.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/corral.v1.ControllerService/DeleteSnapshot',
+                request_serializer=corral_dot_v1_dot_controller__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_controller__pb2.DeleteSnapshotResponse.FromString,
                 _registered_method=True)
         self.MigrateContainer = channel.unary_unary(
                 '/corral.v1.ControllerService/MigrateContainer',
@@ -266,7 +291,8 @@ class ControllerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartContainer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Start it; one stopped with --stateful is restored with its processes (unless stateless).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -310,6 +336,14 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecContainerInteractive(self, request_iterator, context):
+        """The same, interactive (`corral ct exec -it`, `corral ct enter`): the first message names
+        the container and command; stdin, terminal sizes and signals follow as they come.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetContainerLimits(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -327,6 +361,32 @@ class ControllerServiceServicer:
         """Settle a container in doubt by the operator's word: keep its copy on `node`,
         stop and remove every other copy first (dry_run: only say what would be done).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSnapshot(self, request, context):
+        """Snapshots of a container (kept on its node): its disk, and its processes if stateful.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSnapshot(self, request, context):
+        """Put a stopped container back as the snapshot was; a stateful snapshot runs again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -447,7 +507,7 @@ def add_ControllerServiceServicer_to_server(servicer, server):
             ),
             'StartContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.StartContainer,
-                    request_deserializer=corral_dot_v1_dot_controller__pb2.ContainerRef.FromString,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.StartContainerRequest.FromString,
                     response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
             ),
             'StopContainer': grpc.unary_unary_rpc_method_handler(
@@ -480,6 +540,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     request_deserializer=corral_dot_v1_dot_controller__pb2.ExecContainerRequest.FromString,
                     response_serializer=corral_dot_v1_dot_controller__pb2.ExecContainerResponse.SerializeToString,
             ),
+            'ExecContainerInteractive': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecContainerInteractive,
+                    request_deserializer=corral_dot_v1_dot_types__pb2.ExecInput.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.ExecContainerResponse.SerializeToString,
+            ),
             'SetContainerLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.SetContainerLimits,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.SetContainerLimitsRequest.FromString,
@@ -494,6 +559,26 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.ResolveContainer,
                     request_deserializer=corral_dot_v1_dot_controller__pb2.ResolveContainerRequest.FromString,
                     response_serializer=corral_dot_v1_dot_controller__pb2.ResolveContainerResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.SnapshotRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Snapshot.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.ContainerRef.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.SnapshotRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_types__pb2.Container.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=corral_dot_v1_dot_controller__pb2.SnapshotRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_controller__pb2.DeleteSnapshotResponse.SerializeToString,
             ),
             'MigrateContainer': grpc.unary_unary_rpc_method_handler(
                     servicer.MigrateContainer,
@@ -858,7 +943,7 @@ class ControllerService:
             request,
             target,
             '/corral.v1.ControllerService/StartContainer',
-            corral_dot_v1_dot_controller__pb2.ContainerRef.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.StartContainerRequest.SerializeToString,
             corral_dot_v1_dot_types__pb2.Container.FromString,
             options,
             channel_credentials,
@@ -1033,6 +1118,33 @@ class ControllerService:
             _registered_method=True)
 
     @staticmethod
+    def ExecContainerInteractive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/corral.v1.ControllerService/ExecContainerInteractive',
+            corral_dot_v1_dot_types__pb2.ExecInput.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.ExecContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SetContainerLimits(request,
             target,
             options=(),
@@ -1103,6 +1215,114 @@ class ControllerService:
             '/corral.v1.ControllerService/ResolveContainer',
             corral_dot_v1_dot_controller__pb2.ResolveContainerRequest.SerializeToString,
             corral_dot_v1_dot_controller__pb2.ResolveContainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/CreateSnapshot',
+            corral_dot_v1_dot_controller__pb2.SnapshotRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/ListSnapshots',
+            corral_dot_v1_dot_controller__pb2.ContainerRef.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/RestoreSnapshot',
+            corral_dot_v1_dot_controller__pb2.SnapshotRequest.SerializeToString,
+            corral_dot_v1_dot_types__pb2.Container.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.ControllerService/DeleteSnapshot',
+            corral_dot_v1_dot_controller__pb2.SnapshotRequest.SerializeToString,
+            corral_dot_v1_dot_controller__pb2.DeleteSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

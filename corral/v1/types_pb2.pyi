@@ -78,7 +78,7 @@ class NetworkAttachment(_message.Message):
     def __init__(self, ipv4_cidr: _Optional[str] = ..., gateway: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
 
 class Container(_message.Message):
-    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation", "desired_state", "observed_at", "revision", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_restarts", "ha_relocations", "ha_failed", "constraints", "group")
+    __slots__ = ("name", "node", "template", "state", "limits", "network", "storage", "init_pid", "created_at", "message", "volume_generation", "desired_state", "observed_at", "revision", "in_doubt", "doubt_nodes", "ha", "ha_priority", "ha_group", "ha_restarts", "ha_relocations", "ha_failed", "constraints", "group", "stateful_stopped")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class Container(_message.Message):
     HA_FAILED_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_STOPPED_FIELD_NUMBER: _ClassVar[int]
     name: str
     node: str
     template: str
@@ -127,7 +128,63 @@ class Container(_message.Message):
     ha_failed: str
     constraints: _containers.RepeatedScalarFieldContainer[str]
     group: str
-    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ..., ha_restarts: _Optional[int] = ..., ha_relocations: _Optional[int] = ..., ha_failed: _Optional[str] = ..., constraints: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ...) -> None: ...
+    stateful_stopped: bool
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., template: _Optional[str] = ..., state: _Optional[_Union[ContainerState, str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., network: _Optional[_Union[NetworkAttachment, _Mapping]] = ..., storage: _Optional[str] = ..., init_pid: _Optional[int] = ..., created_at: _Optional[float] = ..., message: _Optional[str] = ..., volume_generation: _Optional[int] = ..., desired_state: _Optional[_Union[DesiredState, str]] = ..., observed_at: _Optional[float] = ..., revision: _Optional[int] = ..., in_doubt: _Optional[str] = ..., doubt_nodes: _Optional[_Iterable[str]] = ..., ha: _Optional[bool] = ..., ha_priority: _Optional[int] = ..., ha_group: _Optional[str] = ..., ha_restarts: _Optional[int] = ..., ha_relocations: _Optional[int] = ..., ha_failed: _Optional[str] = ..., constraints: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ..., stateful_stopped: _Optional[bool] = ...) -> None: ...
+
+class Snapshot(_message.Message):
+    __slots__ = ("name", "created_at", "stateful", "size_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATEFUL_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    created_at: float
+    stateful: bool
+    size_bytes: int
+    def __init__(self, name: _Optional[str] = ..., created_at: _Optional[float] = ..., stateful: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class ExecInput(_message.Message):
+    __slots__ = ("start", "stdin", "stdin_closed", "resize", "signal")
+    class TerminalSize(_message.Message):
+        __slots__ = ("rows", "cols")
+        ROWS_FIELD_NUMBER: _ClassVar[int]
+        COLS_FIELD_NUMBER: _ClassVar[int]
+        rows: int
+        cols: int
+        def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
+    class Start(_message.Message):
+        __slots__ = ("name", "argv", "env", "timeout_seconds", "tty", "size")
+        class EnvEntry(_message.Message):
+            __slots__ = ("key", "value")
+            KEY_FIELD_NUMBER: _ClassVar[int]
+            VALUE_FIELD_NUMBER: _ClassVar[int]
+            key: str
+            value: str
+            def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        ARGV_FIELD_NUMBER: _ClassVar[int]
+        ENV_FIELD_NUMBER: _ClassVar[int]
+        TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+        TTY_FIELD_NUMBER: _ClassVar[int]
+        SIZE_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        argv: _containers.RepeatedScalarFieldContainer[str]
+        env: _containers.ScalarMap[str, str]
+        timeout_seconds: int
+        tty: bool
+        size: ExecInput.TerminalSize
+        def __init__(self, name: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout_seconds: _Optional[int] = ..., tty: _Optional[bool] = ..., size: _Optional[_Union[ExecInput.TerminalSize, _Mapping]] = ...) -> None: ...
+    START_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    STDIN_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    start: ExecInput.Start
+    stdin: bytes
+    stdin_closed: bool
+    resize: ExecInput.TerminalSize
+    signal: int
+    def __init__(self, start: _Optional[_Union[ExecInput.Start, _Mapping]] = ..., stdin: _Optional[bytes] = ..., stdin_closed: _Optional[bool] = ..., resize: _Optional[_Union[ExecInput.TerminalSize, _Mapping]] = ..., signal: _Optional[int] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
     __slots__ = ("name", "address", "cpus", "memory_bytes", "memory_available_bytes", "disk_bytes", "disk_free_bytes", "kernel", "lxc_version", "criu_version", "criu_ok", "criu_detail", "agent_version", "storage_drivers", "live_strategies", "live_unavailable", "unavailable", "labels")
