@@ -12,6 +12,7 @@ import contextlib
 
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
+from agent.interactive import InteractiveExec
 from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, Sent
 from agent.postcopy import PagesState, PagesStatus, PageServerTls
 from agent.transfer.client import PushTarget, TransferProgress
@@ -24,7 +25,7 @@ from corral.api.convert import (
     network_from_pb,
     stats_to_pb,
 )
-from corral.api.server import ServicePolicy, container, node, operation, reads, writes
+from corral.api.server import ServicePolicy, serve_interactive_exec, container, node, operation, reads, writes
 from corral.api.standard import STANDARD_TABLES
 from corral.errors import InvalidArgument
 from corral.model import validate_limits
@@ -79,6 +80,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.containers = containers
         self.facts = facts
         self.migrations = migrations
+        self.interactive = InteractiveExec(containers)
 
     async def GetNodeFacts(self, request, context):
         return facts_to_pb(self.facts.current())
@@ -118,6 +120,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         async with contextlib.aclosing(events):
             async for event in events:
                 yield exec_event_to_pb(event, apb.ExecResponse)
+
+    async def ExecInteractive(self, request_iterator, context):
+        async for msg in serve_interactive_exec(request_iterator, self.interactive.run, apb.ExecResponse):
+            yield msg
 
     async def SetLimits(self, request, context):
         ct = await self.containers.set_limits(request.name, validate_limits(limits_from_pb(request.limits)))

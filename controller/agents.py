@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Mapping, Sequence
 
 import grpc
 
-from corral.api.client import call, rpc_error
+from corral.api.client import call, interactive_exec, rpc_error
 from corral.api.convert import container_from_pb, container_to_pb, exec_event_from_pb, limits_to_pb, network_to_pb
 from corral.errors import NotFound, Unavailable
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
+from corral.exec_session import ExecInputEvent, ExecStart
 from corral.model import Container, Limits, NetworkAttachment, NodeFacts, NodeState
 from corral.proc import EXEC_DEFAULT_TIMEOUT, Exited, Output
 from corral.v1 import agent_pb2 as apb
@@ -80,6 +81,10 @@ class AgentClient:
             raise rpc_error(exc, self.peer) from None
         finally:
             replies.cancel()  # a no-op once it has ended; else the agent kills the command
+
+    def exec_interactive(self, start: ExecStart, inputs: AsyncIterator[ExecInputEvent]) -> AsyncIterator[Output | Exited]:
+        """An interactive exec on this agent: `inputs` go as they come, the output comes back."""
+        return interactive_exec(self.stub.ExecInteractive, start, inputs, peer=self.peer, margin=EXEC_AGENT_MARGIN)
 
     async def set_limits(self, name: str, limits: Limits) -> Container:
         req = apb.AgentSetLimitsRequest(name=name, limits=limits_to_pb(limits))

@@ -11,12 +11,13 @@ from typing import AsyncIterator, Mapping, Sequence
 
 import grpc
 
-from corral.api.client import call, rpc_error
+from corral.api.client import call, interactive_exec, rpc_error
 from corral.api.convert import container_from_pb, exec_event_from_pb, limits_to_pb, node_from_pb, stats_from_pb
 from corral.v1 import types_pb2
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
 from corral.errors import Unavailable
+from corral.exec_session import ExecInputEvent, ExecStart
 from corral.model import Container, ContainerStats, Limits, Node
 from corral.proc import EXEC_DEFAULT_TIMEOUT, STDOUT, Exited, Output
 from corral.v1 import controller_pb2 as cpb
@@ -162,6 +163,13 @@ class ControllerClient:
             raise rpc_error(exc, f"controller {self.address}") from None
         finally:
             replies.cancel()  # a no-op once it has ended; else the command is killed
+
+    def exec_interactive(self, start: ExecStart, inputs: AsyncIterator[ExecInputEvent]) -> AsyncIterator[Output | Exited]:
+        """Run a command in a container, fed as it runs: `inputs` (stdin, terminal sizes,
+        signals; their end half-closes) go as they come; its output comes back, then `Exited`.
+        Leaving early kills the command."""
+        return interactive_exec(self.stub.ExecContainerInteractive, start, inputs, peer=f"controller {self.address}",
+                                margin=EXEC_MARGIN)  # fmt: skip
 
     async def exec(
         self,

@@ -64,6 +64,7 @@ from corral.errors import (
 from corral.model import Container, ContainerState, ContainerStats, DesiredState, Limits, Node, NodeState
 from corral.model import validate_limits
 from corral.labels import Constraint
+from corral.exec_session import ExecInputEvent, ExecStart, validate_start
 from corral.names import validate_name
 from corral.api.client import call
 from corral.api.convert import stats_from_pb
@@ -464,6 +465,17 @@ class Fleet:
             raise InvalidArgument(f"exec timeout must be between 0 and {EXEC_MAX_TIMEOUT} seconds")
         record = await self._record(name)
         events = self._agent_for(record.node).exec(name, argv, env, stdin, timeout)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+
+    async def exec_interactive(
+        self, start: ExecStart, inputs: AsyncIterator[ExecInputEvent]
+    ) -> AsyncIterator[Output | Exited]:
+        """An interactive exec, relayed to the container's agent both ways as it goes."""
+        validate_start(start)
+        record = await self._record(start.name)
+        events = self._agent_for(record.node).exec_interactive(start, inputs)
         async with contextlib.aclosing(events):
             async for event in events:
                 yield event

@@ -27,7 +27,7 @@ from corral.api.convert import (
     operation_to_pb,
     stats_to_pb,
 )
-from corral.api.server import ServicePolicy, container, current_identity, node, operation, reads, writes
+from corral.api.server import ServicePolicy, serve_interactive_exec, container, current_identity, node, operation, reads, writes
 from corral.api.standard import STANDARD_TABLES
 from corral.compat import agent_compatibility, controller_version
 from corral.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -220,6 +220,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         async with contextlib.aclosing(events):
             async for event in events:
                 yield exec_event_to_pb(event, cpb.ExecContainerResponse)
+
+    async def ExecContainerInteractive(self, request_iterator, context):
+        async for msg in serve_interactive_exec(request_iterator, self.fleet.exec_interactive, cpb.ExecContainerResponse):
+            yield msg
 
     async def SetContainerLimits(self, request, context):
         return container_to_pb(await self.fleet.set_limits(request.name, limits_from_pb(request.limits)))

@@ -19,8 +19,6 @@ CHUNK_SIZE = 64 * 1024
 # a caller's deadline is the timeout plus a margin for the kill and the last output.
 EXEC_DEFAULT_TIMEOUT = 300
 EXEC_MAX_TIMEOUT = 24 * 3600
-# `exec -i`: standard input goes whole in the request, under gRPC's 64 MiB message limit.
-EXEC_MAX_STDIN = 63 << 20
 # After a kill, how long output still held in the pipes is read before giving up on it
 # (a process that escaped the kill may keep them open).
 DRAIN_AFTER_KILL = 5.0
@@ -232,7 +230,7 @@ def _kill_tree(root: int) -> None:
     _signal_group(root, signal.SIGSTOP)
     stopped: set[int] = set()
     for _ in range(50):
-        new = (_descendants(root) | {root}) - stopped
+        new = (descendants(root) | {root}) - stopped
         if not new:
             break
         for pid in new:
@@ -252,7 +250,7 @@ def _signal(kill, pid: int, sig: int) -> None:
         kill(pid, sig)
 
 
-def _descendants(root: int) -> set[int]:
+def descendants(root: int) -> set[int]:
     """The processes descended from `root`, from /proc (the host's pid namespace sees those
     inside containers too, with their parents)."""
     children: dict[int, list[int]] = {}

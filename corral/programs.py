@@ -67,6 +67,9 @@ PROGRAMS: tuple[Program, ...] = (
     _p("lxc-info", "lxc", CONTAINERS),
     _p("lxc-cgroup", "lxc", CONTAINERS),
     _p("lxc-attach", "lxc", EXEC),
+    # `ct exec -t`, `ct enter`: makes the host side of the pseudo-terminal lxc-attach's
+    # controlling terminal (lxc-attach then passes window sizes into the container).
+    _p("setsid", "util-linux", EXEC, TESTS, roles=(AGENT, TESTS)),
     _p("lxc-ls", "lxc", LAB, roles=(LAB, TESTS)),
     _p("lxc-checkpoint", "lxc", LIVE_MIGRATION, POST_COPY, roles=(AGENT, BENCH)),
     # CRIU, and the network lock around a dump (CRIU's nftables lock is in-process;

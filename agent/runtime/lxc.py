@@ -149,12 +149,16 @@ class LxcRuntime:
         """Run a command in the container: its output as it comes, then how it ended. The
         command runs as lxc-attach's child, in its process group: a timeout (or the caller going
         away) kills it and what it started inside the container, not only lxc-attach."""
+        return proc.stream(self.attach_argv(name, argv, env), timeout=timeout, input=stdin, cwd="/")
+
+    def attach_argv(self, name: str, argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+        """The `lxc-attach` command line that runs `argv` in the container, with a clean
+        environment: a PATH, HOME, TERM (dumb unless given) and `env`."""
         cmd = ["lxc-attach", "-P", str(self.lxc_path), "-n", name, "--clear-env"]
         variables = {"PATH": DEFAULT_PATH, "HOME": "/root", "TERM": "dumb", **env}
         for key, value in variables.items():
             cmd += ["-v", f"{key}={value}"]
-        cmd += ["--", *argv]
-        return proc.stream(cmd, timeout=timeout, input=stdin, cwd="/")
+        return [*cmd, "--", *argv]
 
     @staticmethod
     def version_of(output: str) -> str:

@@ -291,6 +291,7 @@ def ct_ls(obj, node) -> None:
     "corral ct exec web1 ps -o pid,comm         # -o is ps's: it comes after the command's first word",
     "corral ct exec web1 -e LANG=C -- sh -c 'echo $LANG'",
     "echo hello | corral ct exec web1 -i -- cat",
+    "corral ct exec -it web1 -- top              # on a terminal: keys, resizes",
     "corral ct exec web1 --timeout 10 -- sleep 60   # killed after 10 s",
     "corral ct exec web1 -- tar -C /srv -c . > srv.tar   # output streams, any size",
 ])
@@ -298,11 +299,13 @@ def ct_ls(obj, node) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("--env", "-e", multiple=True, help="KEY=VALUE for the command's environment (repeatable)")
 @click.option("--timeout", type=click.IntRange(0, 86400), default=0,
-              help="kill the command after this many seconds; 0 = the agent's limit, 300 s")
+              help="kill the command after this many seconds; 0 = the agent's limit, 300 s (none with -i or -t)")
 @click.option("--interactive", "-i", is_flag=True,
-              help="pass standard input to the command (read to its end first; at most 63 MiB)")
+              help="pass standard input to the command as it is read (and corral's SIGINT, SIGTERM, SIGHUP)")
+@click.option("--tty", "-t", is_flag=True,
+              help="run it on a terminal (this one must be a terminal: with -i, every key goes to the command)")
 @click.pass_context
-def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
+def ct_exec(ctx, name, command, env, timeout, interactive, tty) -> None:
     """Run a command in a running container: corral ct exec NAME -- CMD ARGS...
 
     Exits with the command's exit code. Its stdout and stderr arrive here as it writes them,
@@ -322,21 +325,20 @@ def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
         import contextlib
 
         from corral.errors import DeadlineExceeded, Unavailable
-        from corral.proc import EXEC_DEFAULT_TIMEOUT, EXEC_MAX_STDIN, STDERR, STDOUT, Exited
+        from corral.proc import EXEC_DEFAULT_TIMEOUT, STDERR, STDOUT, Exited
 
-        variables = {}
-        for item in env:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise InvalidArgument(f"--env {item!r}: expected KEY=VALUE")
-            variables[key] = value
-        stdin = sys.stdin.buffer.read(EXEC_MAX_STDIN + 1) if interactive else b""
-        if len(stdin) > EXEC_MAX_STDIN:
-            raise InvalidArgument(f"--interactive: standard input is over {EXEC_MAX_STDIN >> 20} MiB, the most "
-                                  "exec passes (it goes whole, in the request)")  # fmt: skip
+        variables = parse_env(env)
+        if interactive or tty:
+            from controller.cli.interactive import attach, exit_code_of, interactive_start
+
+            if obj.machine:
+                raise InvalidArgument("-i and -t stream the command's input and output: they take no -o json/yaml")
+            start = interactive_start(name, command, variables, timeout, tty)
+            async with obj.client() as fleet:
+                return exit_code_of(await attach(fleet, start, send_stdin=interactive), start)
         exited = None
         async with obj.client() as fleet, contextlib.aclosing(
-            fleet.exec_stream(name, list(command), env=variables, stdin=stdin, timeout=timeout)
+            fleet.exec_stream(name, list(command), env=variables, timeout=timeout)
         ) as events:
             if obj.machine:
                 collected = {STDOUT: bytearray(), STDERR: bytearray()}
@@ -363,6 +365,19 @@ def ct_exec(ctx, name, command, env, timeout, interactive) -> None:
         return exited.returncode
 
     ctx.exit(go())
+
+
+def parse_env(items) -> dict[str, str]:
+    """--env KEY=VALUE options as a mapping (InvalidArgument for one without `=` or a key)."""
+    from corral.errors import InvalidArgument
+
+    variables = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"--env {item!r}: expected KEY=VALUE")
+        variables[key] = value
+    return variables
 
 
 async def _write_as_it_comes(events):

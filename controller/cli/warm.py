@@ -22,8 +22,8 @@ proxies, gRPC and Python settings: launcher.PROCESS_ENV) go to helpers of their
 own (the socket's name carries a hash of those values). Invocations it does not
 run (the launcher runs them in-process instead): those of another build (the
 helper then exits and a new one is started), the commands that work on local
-files or processes (`lab`, `pki`), and `ct exec -i` (it reads stdin in its
-coroutine, which here would hold up the shared loop). It exits after
+files or processes (`lab`, `pki`), and `ct exec -i/-t`, `ct enter`, `ct file` (a terminal's
+modes and signals, local files and stdin are the invoking process's own). It exits after
 CORRAL_HELPER_IDLE seconds (default 600) without work.
 """
 
@@ -52,7 +52,7 @@ IDLE_SECONDS = 600.0
 # Commands run by the launcher itself: they work on local files and processes (relative
 # paths, subprocesses inheriting the environment), where the helper would differ.
 LOCAL_COMMANDS = frozenset({"lab", "pki"})
-STDIN_HINTS = frozenset({"exec"})  # argv words worth a closer look for a command that reads stdin
+STDIN_HINTS = frozenset({"exec", "enter", "file"})  # argv words worth a closer look for a command that reads stdin
 CLONE_FS = 0x00000200
 
 _SO_PEERCRED = struct.Struct("3i")
@@ -461,7 +461,9 @@ def _runs_locally(args: list[str]) -> bool:
     from controller.cli.main import cli
 
     path, params = _resolve(cli, args)
-    return bool(path and path[0] in LOCAL_COMMANDS) or bool(params.get("interactive"))
+    if path[:2] in (["ct", "enter"], ["ct", "file"]):
+        return True  # a terminal's modes and signals, local files: this process's own
+    return bool(path and path[0] in LOCAL_COMMANDS) or bool(params.get("interactive") or params.get("tty"))
 
 
 def _resolve(group, args: list[str]) -> tuple[list[str], dict]:

@@ -1,14 +1,20 @@
-"""The client side of the gRPC edge: calls with deadlines, errors as CorralError."""
+"""The client side of the gRPC edge: calls with deadlines, errors as CorralError; the
+interactive exec's two-way stream."""
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from corral.api.convert import exec_event_from_pb, exec_input_to_pb, exec_start_to_pb
 from corral.errors import ERROR_DOMAIN, CorralError, DeadlineExceeded, Unavailable, from_grpc_code
+from corral.exec_session import ExecInputEvent, ExecStart
+from corral.proc import Exited, Output
 
 ERROR_MARK = "corral-error"  # see corral.api.server
 
@@ -49,3 +55,37 @@ def error_info(call: grpc.Call) -> error_details_pb2.ErrorInfo | None:
         if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
             return info
     return None
+
+
+async def interactive_exec(
+    method: Callable[..., Any], start: ExecStart, inputs: AsyncIterator[ExecInputEvent], *, peer: str,
+    margin: float,
+) -> AsyncIterator[Output | Exited]:  # fmt: skip
+    """One interactive exec over a bidirectional stream (`method`: the stub's ExecInteractive or
+    ExecContainerInteractive): the start, then `inputs` as they come (their end half-closes
+    the stream), while the command's output and end come back. Without a timeout of its own
+    the call has no deadline (it lasts as long as the caller reads); with one, that plus
+    `margin`. Leaving early cancels the call, which kills the command."""
+    call_ = method(timeout=start.timeout + margin if start.timeout else None)
+
+    async def send() -> None:
+        await call_.write(exec_start_to_pb(start))
+        async for event in inputs:
+            await call_.write(exec_input_to_pb(event))
+        await call_.done_writing()
+
+    sending = asyncio.create_task(send())
+    try:
+        async for msg in call_:
+            yield exec_event_from_pb(msg)
+        if sending.done() and not sending.cancelled() and sending.exception() is not None:
+            exc = sending.exception()
+            if not isinstance(exc, (grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+                raise exc
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(exc, peer) from None
+    finally:
+        sending.cancel()
+        with contextlib.suppress(BaseException):
+            await sending
+        call_.cancel()  # a no-op once it has ended

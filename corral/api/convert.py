@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from corral.errors import CorralError
+from corral.errors import CorralError, InvalidArgument
+from corral.exec_session import ExecInputEvent, ExecStart, Resize, SendSignal, StdinClosed, StdinData, TerminalSize
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
 from corral.model import ContainerStats, Event, Lease, NodeCheck, Operation, OperationProgress, OperationStep
 from corral.model import Resolution
@@ -272,3 +273,43 @@ def stats_to_pb(stats: ContainerStats) -> pb.ContainerStats:
 def stats_from_pb(msg: pb.ContainerStats) -> ContainerStats:
     values = {f.name: getattr(msg, f.name) for f in fields(ContainerStats)}
     return ContainerStats(**{**values, "state": _STATE_FROM_PB.get(msg.state, ContainerState.UNKNOWN)})
+
+
+def exec_start_to_pb(start: ExecStart) -> pb.ExecInput:
+    msg = pb.ExecInput.Start(name=start.name, argv=list(start.argv), env=dict(start.env),
+                             timeout_seconds=start.timeout, tty=start.tty)  # fmt: skip
+    if start.size is not None:
+        msg.size.CopyFrom(pb.ExecInput.TerminalSize(rows=start.size.rows, cols=start.size.cols))
+    return pb.ExecInput(start=msg)
+
+
+def exec_input_to_pb(event: ExecInputEvent) -> pb.ExecInput:
+    if isinstance(event, StdinData):
+        return pb.ExecInput(stdin=event.data)
+    if isinstance(event, StdinClosed):
+        return pb.ExecInput(stdin_closed=True)
+    if isinstance(event, Resize):
+        return pb.ExecInput(resize=pb.ExecInput.TerminalSize(rows=event.size.rows, cols=event.size.cols))
+    return pb.ExecInput(signal=event.signum)
+
+
+def exec_start_from_pb(msg: pb.ExecInput) -> ExecStart:
+    """The first message of an interactive exec: its start (InvalidArgument if it is not)."""
+    if msg.WhichOneof("event") != "start":
+        raise InvalidArgument("an interactive exec's first message must be its start")
+    s = msg.start
+    size = TerminalSize(s.size.rows, s.size.cols) if s.HasField("size") else None
+    return ExecStart(s.name, tuple(s.argv), dict(s.env), s.timeout_seconds, s.tty, size)
+
+
+def exec_input_from_pb(msg: pb.ExecInput) -> ExecInputEvent:
+    kind = msg.WhichOneof("event")
+    if kind == "stdin":
+        return StdinData(msg.stdin)
+    if kind == "stdin_closed":
+        return StdinClosed()
+    if kind == "resize":
+        return Resize(TerminalSize(msg.resize.rows, msg.resize.cols))
+    if kind == "signal":
+        return SendSignal(msg.signal)
+    raise InvalidArgument(f"an interactive exec got {'a second start' if kind == 'start' else 'an empty message'}")

@@ -16,11 +16,12 @@ The servicers stay thin and never deal with status codes themselves.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import grpc
 import structlog
@@ -30,7 +31,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from corral.api.client import ERROR_MARK
-from corral.errors import ERROR_DOMAIN, CorralError, PermissionDenied, Unauthenticated, error_reason
+from corral.api.convert import exec_event_to_pb, exec_input_from_pb, exec_start_from_pb
+from corral.errors import ERROR_DOMAIN, CorralError, InvalidArgument, PermissionDenied, Unauthenticated, error_reason
+from corral.exec_session import ExecInputEvent, ExecStart
 from corral.names import validate_name
 from corral.pki import Identity, identity_from_pem
 
@@ -308,3 +311,25 @@ def make_server(policy: ServicePolicy) -> grpc.aio.Server:
         options=server_options(policy.max_connections),
         maximum_concurrent_rpcs=policy.max_concurrent_rpcs,
     )
+
+
+async def serve_interactive_exec(
+    requests: AsyncIterator[Any], run: Callable[[ExecStart, AsyncIterator[ExecInputEvent]], AsyncIterator[Any]],
+    message_type: Any,
+) -> AsyncIterator[Any]:  # fmt: skip
+    """The server side of an interactive exec: the first message is its start, the others its
+    inputs (read as the command runs); `run` yields the command's events, sent as `message_type`
+    (the agent's ExecResponse or the controller's ExecContainerResponse)."""
+    requests = aiter(requests)
+    first = await anext(requests, None)
+    if first is None:
+        raise InvalidArgument("an interactive exec sent nothing")
+
+    async def inputs() -> AsyncIterator[ExecInputEvent]:
+        async for msg in requests:
+            yield exec_input_from_pb(msg)
+
+    events = run(exec_start_from_pb(first), inputs())
+    async with contextlib.aclosing(events):
+        async for event in events:
+            yield exec_event_to_pb(event, message_type)
