@@ -79,6 +79,7 @@ from corral.model import (
     OperationStep,
     Resolution,
 )
+from corral.exec_session import ExecInputEvent, ExecStart, Resize, SendSignal, StdinClosed, StdinData, TerminalSize
 from corral.proc import Exited, Output
 from corral.v1 import controller_pb2 as cpb
 
@@ -88,6 +89,8 @@ __all__ = [
     "Container", "ContainerState", "DesiredState", "Event", "ExecResult", "Exited", "Lease", "Limits", "Move",
     "Moves", "NetworkAttachment", "Node", "NodeCheck", "NodeFacts", "NodeState", "Operation", "OperationProgress",
     "OperationStep", "Output", "PlacementPlan", "Resolution", "Stuck",
+    # what an interactive exec sends
+    "ExecStart", "ExecInputEvent", "StdinData", "StdinClosed", "Resize", "SendSignal", "TerminalSize",
     # what calls raise
     "AlreadyExists", "Cancelled", "ConfigError", "Conflict", "CorralError", "DeadlineExceeded",
     "FailedPrecondition", "InvalidArgument", "LimitExceeded", "NoCapacity", "NotFound", "PermissionDenied",
@@ -342,6 +345,16 @@ class Client:
                    stdin: bytes = b"", timeout: int = 0) -> ExecResult:  # fmt: skip
         """`exec_stream`, collected: for commands whose output fits in memory."""
         return await self._wire.exec(name, argv, env=env, stdin=stdin, timeout=timeout)
+
+    @_policy("ExecContainerInteractive")
+    async def exec_interactive(self, start: ExecStart, inputs: AsyncIterator[ExecInputEvent]
+                               ) -> AsyncIterator[Output | Exited]:  # fmt: skip
+        """Run a command in a running container, fed as it runs: `inputs` (`StdinData`,
+        `StdinClosed`, `Resize` for a `tty` start, `SendSignal`) go as they come, and their end
+        closes its input; its output comes back (on a terminal, stdout only), then `Exited`.
+        No timeout unless `start.timeout`: closing the iterator kills the command."""
+        async for event in _closing(self._wire.exec_interactive(start, inputs)):
+            yield event
 
     # -- migrations, failovers and operations ----------------------------------------------
 

@@ -105,3 +105,11 @@ async def test_errors_are_corral_errors_and_results_are_dataclasses(lab):
         assert {c.node for c in checks} == {"n1", "n2", "n3"} and all(isinstance(c, NodeCheck) for c in checks)
         plan = await fleet.rebalance_fleet()
         assert isinstance(plan, Moves) and plan.operation is None
+
+
+async def test_converse_example_sends_each_line_after_the_last_answer(lab, corral, cleanup):
+    cleanup.append("exconv1")
+    await corral("ct", "create", "exconv1", "-t", "busybox", "--node", "n1", "--start")
+    out = ok((await example("converse.py", "exconv1", str(lab.cli_config), timeout=120))[0])
+    assert out.splitlines() == ["answer: 1 + 2 = 3", "answer: 20 + 22 = 42", "answer: 300 + 400 = 700",
+                                "answer: bye", "exit code 0"]  # fmt: skip
