@@ -23,11 +23,13 @@ from typing import AsyncIterator, Sequence
 import structlog
 
 from corral.exec_session import TerminalSize
-from corral.proc import CHUNK_SIZE, STDERR, STDOUT, Exited, Output, check_argv, descendants, kill_tree
+from corral.proc import STDERR, STDOUT, Exited, Output, check_argv, descendants, kill_tree
 
 log = structlog.get_logger("corral.agent.terminal")
 
 DEFAULT_SIZE = TerminalSize(24, 80)
+PIPE_SIZE = 1 << 20  # within /proc/sys/fs/pipe-max-size's default
+READ_SIZE = 1 << 20
 
 
 def _set_size(fd: int, size: TerminalSize) -> None:
@@ -73,6 +75,9 @@ class AttachedCommand:
                     start_new_session=True,
                 )  # fmt: skip
                 outputs, stdin = [(STDOUT, pipes[1][0]), (STDERR, pipes[2][0])], pipes[0][1]
+                for fd in (pipes[0][1], pipes[1][0]):  # fewer, larger pieces for bulk data (ct file)
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -200,7 +205,7 @@ async def _read(fd: int) -> bytes:
     once the last holder of its slave has closed it)."""
     while True:
         try:
-            return os.read(fd, CHUNK_SIZE)
+            return os.read(fd, READ_SIZE)
         except BlockingIOError:
             await _ready(fd, writable=False)
         except OSError as exc:
