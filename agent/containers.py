@@ -34,6 +34,8 @@ SELF_FENCED = "self-fenced"  # an intent: killed when this host's lease ran out
 
 log = structlog.get_logger("corral.agent.containers")
 
+SAVED_STATE = "corral-saved"  # in the container's LXC directory: its processes, saved by a stateful stop
+SNAPSHOTS = "corral-snapshots"  # in the container's LXC directory: one directory a snapshot
 _TOMBSTONE = ".destroying"  # beside the records: a destroy whose volume is still being removed
 DEFAULT_STOP_TIMEOUT = 30
 DEFAULT_EXEC_TIMEOUT = proc.EXEC_DEFAULT_TIMEOUT
@@ -83,6 +85,17 @@ class ContainerManager:
         record = self._record(name)
         return self.storages[record.storage].rootfs(name)
 
+    def saved_state_dir(self, name: str) -> Path:
+        """Where a stateful stop keeps the container's processes (CRIU images) until its next
+        start. In its LXC directory: a destroy or a release removes it with the container."""
+        return self.runtime.container_dir(name) / SAVED_STATE
+
+    def stateful_stopped(self, name: str) -> bool:
+        return (self.saved_state_dir(name) / "inventory.img").is_file()
+
+    def snapshots_dir(self, name: str) -> Path:
+        return self.runtime.container_dir(name) / SNAPSHOTS
+
     def _record(self, name: str) -> ContainerRecord:
         validate_name(name)
         record = self.records.load(name)
@@ -102,6 +115,7 @@ class ContainerManager:
             init_pid=pid,
             created_at=record.created_at,
             message=message,
+            stateful_stopped=state == ContainerState.STOPPED and self.stateful_stopped(record.name),
         )
 
     async def get(self, name: str, wait_idle: bool = False) -> Container:

@@ -15,6 +15,8 @@ from agent.host_facts import HostFacts
 from agent.interactive import InteractiveExec
 from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, Sent
 from agent.postcopy import PagesState, PagesStatus, PageServerTls
+from agent.snapshots import Snapshots
+from agent.stateful import StatefulLifecycle
 from agent.transfer.client import PushTarget, TransferProgress
 from corral.api.convert import (
     container_from_pb,
@@ -23,6 +25,7 @@ from corral.api.convert import (
     facts_to_pb,
     limits_from_pb,
     network_from_pb,
+    snapshot_to_pb,
     stats_to_pb,
 )
 from corral.api.server import ServicePolicy, serve_interactive_exec, container, node, operation, reads, writes
@@ -81,6 +84,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.facts = facts
         self.migrations = migrations
         self.interactive = InteractiveExec(containers)
+        self.lifecycle = StatefulLifecycle(containers, migrations.checkpointer)
+        self.snapshots = Snapshots(containers, migrations.checkpointer)
 
     async def GetNodeFacts(self, request, context):
         return facts_to_pb(self.facts.current())
@@ -95,11 +100,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
         return container_to_pb(ct)
 
-    async def StartContainer(self, request, context):
-        return container_to_pb(await self.containers.start(request.name))
+    async def StartContainer(self, request: apb.AgentStartContainerRequest, context):
+        return container_to_pb(await self.lifecycle.start(request.name, stateless=request.stateless))
 
-    async def StopContainer(self, request, context):
-        ct = await self.containers.stop(request.name, force=request.force, timeout=request.timeout_seconds)
+    async def StopContainer(self, request: apb.AgentStopContainerRequest, context):
+        ct = await self.lifecycle.stop(request.name, force=request.force, timeout=request.timeout_seconds,
+                                       stateful=request.stateful)  # fmt: skip
         return container_to_pb(ct)
 
     async def DestroyContainer(self, request, context):
@@ -132,6 +138,21 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def GetContainerStats(self, request: apb.AgentContainerStatsRequest, context):
         stats = await self.containers.stats(list(request.names))
         return apb.AgentContainerStatsResponse(stats=[stats_to_pb(s) for s in stats])
+
+    # -- snapshots -----------------------------------------------------------------
+
+    async def CreateSnapshot(self, request: apb.AgentSnapshotRequest, context):
+        return snapshot_to_pb(await self.snapshots.create(request.name, request.snapshot, stateful=request.stateful))
+
+    async def ListSnapshots(self, request: apb.AgentContainerRef, context):
+        return apb.AgentListSnapshotsResponse(snapshots=[snapshot_to_pb(s) for s in await self.snapshots.list(request.name)])
+
+    async def RestoreSnapshot(self, request: apb.AgentSnapshotRequest, context):
+        return container_to_pb(await self.snapshots.restore(request.name, request.snapshot))
+
+    async def DeleteSnapshot(self, request: apb.AgentSnapshotRequest, context):
+        await self.snapshots.delete(request.name, request.snapshot)
+        return apb.AgentDeleteSnapshotResponse()
 
     # -- migration -----------------------------------------------------------------
 

@@ -9,11 +9,12 @@ import grpc
 
 from corral.api.client import call, interactive_exec, rpc_error
 from corral.api.convert import container_from_pb, container_to_pb, exec_event_from_pb, limits_to_pb, network_to_pb
+from corral.api.convert import snapshot_from_pb
 from corral.errors import NotFound, Unavailable
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
 from corral.exec_session import ExecInputEvent, ExecStart
-from corral.model import Container, Limits, NetworkAttachment, NodeFacts, NodeState
+from corral.model import Container, Limits, NetworkAttachment, NodeFacts, NodeState, Snapshot
 from corral.proc import EXEC_DEFAULT_TIMEOUT, Exited, Output
 from corral.v1 import agent_pb2 as apb
 from corral.v1 import agent_pb2_grpc
@@ -26,6 +27,9 @@ CREATE_TIMEOUT = 900.0
 LIFECYCLE_TIMEOUT = 120.0
 QUICK_TIMEOUT = 15.0
 EXEC_AGENT_MARGIN = 30.0
+# A stateful stop or start: CRIU writes or reads the whole memory (agent/stateful.py's own deadline + a margin).
+STATEFUL_TIMEOUT = 360.0
+SNAPSHOT_TIMEOUT = 3700.0  # a snapshot copies the container's whole disk on its host
 
 
 class AgentClient:
@@ -48,14 +52,32 @@ class AgentClient:
         )
         return container_from_pb(await self._call(self.stub.CreateContainer, req, CREATE_TIMEOUT))
 
-    async def start(self, name: str) -> Container:
-        return container_from_pb(
-            await self._call(self.stub.StartContainer, apb.AgentStartContainerRequest(name=name), LIFECYCLE_TIMEOUT)
-        )
+    async def start(self, name: str, *, stateless: bool = False) -> Container:
+        req = apb.AgentStartContainerRequest(name=name, stateless=stateless)
+        return container_from_pb(await self._call(self.stub.StartContainer, req, STATEFUL_TIMEOUT))
 
-    async def stop(self, name: str, force: bool, timeout: int) -> Container:
-        req = apb.AgentStopContainerRequest(name=name, force=force, timeout_seconds=timeout)
-        return container_from_pb(await self._call(self.stub.StopContainer, req, LIFECYCLE_TIMEOUT + timeout))
+    async def stop(self, name: str, force: bool, timeout: int, *, stateful: bool = False) -> Container:
+        req = apb.AgentStopContainerRequest(name=name, force=force, timeout_seconds=timeout, stateful=stateful)
+        deadline = STATEFUL_TIMEOUT if stateful else LIFECYCLE_TIMEOUT + timeout
+        return container_from_pb(await self._call(self.stub.StopContainer, req, deadline))
+
+    # -- snapshots (agent/snapshots.py) --
+
+    async def create_snapshot(self, name: str, snapshot: str, stateful: bool) -> Snapshot:
+        req = apb.AgentSnapshotRequest(name=name, snapshot=snapshot, stateful=stateful)
+        return snapshot_from_pb(await self._call(self.stub.CreateSnapshot, req, SNAPSHOT_TIMEOUT))
+
+    async def list_snapshots(self, name: str) -> list[Snapshot]:
+        reply = await self._call(self.stub.ListSnapshots, apb.AgentContainerRef(name=name), QUICK_TIMEOUT)
+        return [snapshot_from_pb(s) for s in reply.snapshots]
+
+    async def restore_snapshot(self, name: str, snapshot: str) -> Container:
+        req = apb.AgentSnapshotRequest(name=name, snapshot=snapshot)
+        return container_from_pb(await self._call(self.stub.RestoreSnapshot, req, SNAPSHOT_TIMEOUT))
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> None:
+        req = apb.AgentSnapshotRequest(name=name, snapshot=snapshot)
+        await self._call(self.stub.DeleteSnapshot, req, LIFECYCLE_TIMEOUT)
 
     async def destroy(self, name: str, force: bool) -> None:
         req = apb.AgentDestroyContainerRequest(name=name, force=force)

@@ -13,12 +13,13 @@ import grpc
 
 from corral.api.client import call, interactive_exec, rpc_error
 from corral.api.convert import container_from_pb, exec_event_from_pb, limits_to_pb, node_from_pb, stats_from_pb
+from corral.api.convert import snapshot_from_pb
 from corral.v1 import types_pb2
 from corral.api.tls import secure_channel
 from corral.config import TlsFiles
 from corral.errors import Unavailable
 from corral.exec_session import ExecInputEvent, ExecStart
-from corral.model import Container, ContainerStats, Limits, Node
+from corral.model import Container, ContainerStats, Limits, Node, Snapshot
 from corral.proc import EXEC_DEFAULT_TIMEOUT, STDOUT, Exited, Output
 from corral.v1 import controller_pb2 as cpb
 from corral.v1 import controller_pb2_grpc
@@ -115,12 +116,29 @@ class ControllerClient:
         )  # fmt: skip
         return container_from_pb(await self._call(self.stub.CreateContainer, req))
 
-    async def start_container(self, name: str) -> Container:
-        return container_from_pb(await self._call(self.stub.StartContainer, cpb.StartContainerRequest(name=name)))
+    async def start_container(self, name: str, *, stateless: bool = False) -> Container:
+        req = cpb.StartContainerRequest(name=name, stateless=stateless)
+        return container_from_pb(await self._call(self.stub.StartContainer, req))
 
-    async def stop_container(self, name: str, *, force: bool = False, timeout: int = 0) -> Container:
-        req = cpb.StopContainerRequest(name=name, force=force, timeout_seconds=timeout)
+    async def stop_container(self, name: str, *, force: bool = False, timeout: int = 0,
+                             stateful: bool = False) -> Container:  # fmt: skip
+        req = cpb.StopContainerRequest(name=name, force=force, timeout_seconds=timeout, stateful=stateful)
         return container_from_pb(await self._call(self.stub.StopContainer, req))
+
+    async def create_snapshot(self, name: str, snapshot: str, *, stateful: bool = False) -> Snapshot:
+        req = cpb.SnapshotRequest(name=name, snapshot=snapshot, stateful=stateful)
+        return snapshot_from_pb(await self._call(self.stub.CreateSnapshot, req))
+
+    async def list_snapshots(self, name: str) -> list[Snapshot]:
+        reply = await self._call(self.stub.ListSnapshots, cpb.ContainerRef(name=name), 30)
+        return [snapshot_from_pb(s) for s in reply.snapshots]
+
+    async def restore_snapshot(self, name: str, snapshot: str) -> Container:
+        req = cpb.SnapshotRequest(name=name, snapshot=snapshot)
+        return container_from_pb(await self._call(self.stub.RestoreSnapshot, req))
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> None:
+        await self._call(self.stub.DeleteSnapshot, cpb.SnapshotRequest(name=name, snapshot=snapshot))
 
     async def destroy_container(self, name: str, *, force: bool = False) -> None:
         await self._call(self.stub.DestroyContainer, cpb.DestroyContainerRequest(name=name, force=force))

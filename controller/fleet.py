@@ -62,7 +62,7 @@ from corral.errors import (
     Unavailable,
 )
 from corral.model import Container, ContainerState, ContainerStats, DesiredState, Limits, Node, NodeState
-from corral.model import validate_limits
+from corral.model import Snapshot as ContainerSnapshot, validate_limits
 from corral.labels import Constraint
 from corral.exec_session import ExecInputEvent, ExecStart, validate_start
 from corral.names import validate_name
@@ -163,6 +163,7 @@ class Fleet:
         self.recovery = recovery
         self._recovering: set[str] = set()  # HA containers being relocated
         self._restarts: dict[str, int] = {}  # HA container -> restarts its host reports making lately
+        self._stateful: set[str] = set()  # containers their host reports stopped with processes saved
         # node -> ((its report, store.changes, locks.changes), the orders answered) after a report
         # that called for nothing: the same report while nothing changed gets the same answer.
         self._quiet: dict[str, tuple[tuple, NodeOrders]] = {}
@@ -226,6 +227,8 @@ class Fleet:
     def _observed(self, ct: Container) -> Container:
         if ct.name in self._restarts:
             ct = replace(ct, ha_restarts=self._restarts[ct.name])
+        if ct.name in self._stateful and ct.state == ContainerState.STOPPED:
+            ct = replace(ct, stateful_stopped=True)
         op = self.engine.active_for(ct.name)
         if op is not None and op.kind in _PHASE_OF:
             return replace(ct, state=_PHASE_OF[OpKind(op.kind)])
@@ -248,7 +251,7 @@ class Fleet:
             return replace(record, state=ContainerState.UNKNOWN, message=f"node {record.node} has no such container")
         except Unavailable as exc:  # not yet noticed as silent: show the record, say why it is not live
             return replace(record, state=ContainerState.UNKNOWN, message=exc.message)
-        return replace(record, state=live.state, init_pid=live.init_pid)
+        return replace(record, state=live.state, init_pid=live.init_pid, stateful_stopped=live.stateful_stopped)
 
     async def list(self, node: str = "") -> list[Container]:
         if node:
@@ -416,8 +419,9 @@ class Fleet:
         # Containers hosts report that the fleet has no record of keep theirs (a rebuilt controller).
         return used + [net.ipv4 for _, _, net in await self.store.list_unmanaged()]
 
-    async def start(self, name: str, *, operator: bool = True) -> Container:
-        """`operator`: the operator's start, a fresh go for an HA container (not a relocation's)."""
+    async def start(self, name: str, *, operator: bool = True, stateless: bool = False) -> Container:
+        """`operator`: the operator's start, a fresh go for an HA container (not a relocation's).
+        One stopped with its processes saved resumes them, unless `stateless` (they are dropped)."""
         validate_name(name)
         with self.locks.hold(name, "a start"):
             record = await self._record(name)
@@ -431,18 +435,52 @@ class Fleet:
                 # Its host may have let go of the volume (it fenced itself when it lost its lease):
                 # take it again at the generation the record holds (a no-op while it is attached).
                 await agent.attach_volume(f"start-{secrets.token_hex(4)}", name, record.volume_generation)
-            observed = await agent.start(name)
+            observed = await agent.start(name, stateless=stateless)
             return await self._save_observed(record, observed)
 
-    async def stop(self, name: str, force: bool, timeout: int) -> Container:
+    async def stop(self, name: str, force: bool, timeout: int, *, stateful: bool = False) -> Container:
+        """`stateful`: save its processes on its node (CRIU) instead; the next start resumes them."""
         if timeout < 0 or timeout > 3600:
             raise InvalidArgument("stop timeout must be between 0 and 3600 seconds")
         validate_name(name)
         with self.locks.hold(name, "a stop"):
             record = await self._record(name)
             record = await self._want(record, DesiredState.STOPPED)
-            observed = await self._agent_for(record.node).stop(name, force, timeout)
+            observed = await self._agent_for(record.node).stop(name, force, timeout, stateful=stateful)
             return await self._save_observed(record, observed)
+
+    # -- snapshots (kept on the container's node: agent/snapshots.py) ------------------------
+
+    async def create_snapshot(self, name: str, snapshot: str, stateful: bool) -> ContainerSnapshot:
+        validate_name(name)
+        validate_name(snapshot, "snapshot name")
+        with self.locks.hold(name, "a snapshot"):
+            record = await self._record(name)
+            self._refuse_in_doubt(record, "be snapshotted")
+            return await self._agent_for(record.node).create_snapshot(name, snapshot, stateful)
+
+    async def list_snapshots(self, name: str) -> list[ContainerSnapshot]:
+        validate_name(name)
+        record = await self._record(name)
+        return await self._agent_for(record.node).list_snapshots(name)
+
+    async def restore_snapshot(self, name: str, snapshot: str) -> Container:
+        validate_name(name)
+        validate_name(snapshot, "snapshot name")
+        with self.locks.hold(name, "a snapshot restore"):
+            record = await self._record(name)
+            self._refuse_in_doubt(record, "be restored")
+            observed = await self._agent_for(record.node).restore_snapshot(name, snapshot)
+            if observed.state == ContainerState.RUNNING:  # a stateful snapshot: its processes run again
+                record = await self._want(record, DesiredState.RUNNING)
+            return await self._save_observed(record, observed)
+
+    async def delete_snapshot(self, name: str, snapshot: str) -> None:
+        validate_name(name)
+        validate_name(snapshot, "snapshot name")
+        with self.locks.hold(name, "a snapshot removal"):
+            record = await self._record(name)
+            await self._agent_for(record.node).delete_snapshot(name, snapshot)
 
     async def _want(self, record: Container, desired: DesiredState) -> Container:
         if record.desired_state == desired:
@@ -616,8 +654,9 @@ class Fleet:
         now = time.time()
         await self.store.observe_container(record.name, record.node, observed.state, observed.init_pid, now,
                                            observed.message)  # fmt: skip
+        (self._stateful.add if observed.stateful_stopped else self._stateful.discard)(record.name)
         return replace(record, state=observed.state, init_pid=observed.init_pid, message=observed.message,
-                       observed_at=now)  # fmt: skip
+                       observed_at=now, stateful_stopped=observed.stateful_stopped)  # fmt: skip
 
     # -- in doubt ------------------------------------------------------------------
 
@@ -709,7 +748,7 @@ class Fleet:
         In a quiet fleet a node reports the same thing every second: while neither its report,
         the store nor the container locks changed since a report that called for nothing, the
         answer is the same and nothing is read (1,000 nodes heartbeat every second)."""
-        key = tuple((c.name, c.state, c.init_pid, c.ha_restarts) for c in reported)
+        key = tuple((c.name, c.state, c.init_pid, c.ha_restarts, c.stateful_stopped) for c in reported)
         quiet = self._quiet.get(node)
         if quiet is not None and quiet[0] == (key, self.store.changes, self.locks.changes):
             return quiet[1]
@@ -740,6 +779,7 @@ class Fleet:
                 continue
             if record.state != ct.state or record.init_pid != ct.init_pid:
                 await self.store.observe_container(ct.name, node, ct.state, ct.init_pid, now)
+            (self._stateful.add if ct.stateful_stopped else self._stateful.discard)(ct.name)
             if ct.ha_restarts:
                 self._restarts[ct.name] = ct.ha_restarts
             else:

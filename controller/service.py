@@ -25,6 +25,7 @@ from corral.api.convert import (
     limits_from_pb,
     node_to_pb,
     operation_to_pb,
+    snapshot_to_pb,
     stats_to_pb,
 )
 from corral.api.server import ServicePolicy, serve_interactive_exec, container, current_identity, node, operation, reads, writes
@@ -191,11 +192,25 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def SetNodeCordon(self, request: cpb.SetNodeCordonRequest, context):
         return node_to_pb(await self.fleet.cordon(request.name, request.cordoned))
 
-    async def StartContainer(self, request, context):
-        return container_to_pb(await self.fleet.start(request.name))
+    async def StartContainer(self, request: cpb.StartContainerRequest, context):
+        return container_to_pb(await self.fleet.start(request.name, stateless=request.stateless))
 
-    async def StopContainer(self, request, context):
-        return container_to_pb(await self.fleet.stop(request.name, request.force, request.timeout_seconds))
+    async def StopContainer(self, request: cpb.StopContainerRequest, context):
+        ct = await self.fleet.stop(request.name, request.force, request.timeout_seconds, stateful=request.stateful)
+        return container_to_pb(ct)
+
+    async def CreateSnapshot(self, request: cpb.SnapshotRequest, context):
+        return snapshot_to_pb(await self.fleet.create_snapshot(request.name, request.snapshot, request.stateful))
+
+    async def ListSnapshots(self, request: cpb.ContainerRef, context):
+        return cpb.ListSnapshotsResponse(snapshots=[snapshot_to_pb(s) for s in await self.fleet.list_snapshots(request.name)])
+
+    async def RestoreSnapshot(self, request: cpb.SnapshotRequest, context):
+        return container_to_pb(await self.fleet.restore_snapshot(request.name, request.snapshot))
+
+    async def DeleteSnapshot(self, request: cpb.SnapshotRequest, context):
+        await self.fleet.delete_snapshot(request.name, request.snapshot)
+        return cpb.DeleteSnapshotResponse()
 
     async def DestroyContainer(self, request, context):
         await self.fleet.destroy(request.name, request.force)

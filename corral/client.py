@@ -78,6 +78,7 @@ from corral.model import (
     OperationProgress,
     OperationStep,
     Resolution,
+    Snapshot,
 )
 from corral.exec_session import ExecInputEvent, ExecStart, Resize, SendSignal, StdinClosed, StdinData, TerminalSize
 from corral.proc import Exited, Output
@@ -88,7 +89,7 @@ __all__ = [
     # what calls return
     "Container", "ContainerState", "DesiredState", "Event", "ExecResult", "Exited", "Lease", "Limits", "Move",
     "Moves", "NetworkAttachment", "Node", "NodeCheck", "NodeFacts", "NodeState", "Operation", "OperationProgress",
-    "OperationStep", "Output", "PlacementPlan", "Resolution", "Stuck",
+    "OperationStep", "Output", "PlacementPlan", "Resolution", "Snapshot", "Stuck",
     # what an interactive exec sends
     "ExecStart", "ExecInputEvent", "StdinData", "StdinClosed", "Resize", "SendSignal", "TerminalSize",
     # what calls raise
@@ -304,13 +305,40 @@ class Client:
         )  # fmt: skip
 
     @_policy("StartContainer")
-    async def start_container(self, name: str) -> Container:
-        return await self._wire.start_container(name)
+    async def start_container(self, name: str, *, stateless: bool = False) -> Container:
+        """Start it. One stopped with `stateful` resumes its processes where they were, unless
+        `stateless` (its saved processes are dropped and it boots afresh)."""
+        return await self._wire.start_container(name, stateless=stateless)
 
     @_policy("StopContainer")
-    async def stop_container(self, name: str, *, force: bool = False, timeout: int = 0) -> Container:
-        """Stop it: cleanly within `timeout` seconds (0: the host's default), or kill it (`force`)."""
-        return await self._wire.stop_container(name, force=force, timeout=timeout)
+    async def stop_container(self, name: str, *, force: bool = False, timeout: int = 0,
+                             stateful: bool = False) -> Container:  # fmt: skip
+        """Stop it: cleanly within `timeout` seconds (0: the host's default), or kill it (`force`).
+        `stateful`: save its processes on its node (CRIU) instead; the next start resumes them."""
+        return await self._wire.stop_container(name, force=force, timeout=timeout, stateful=stateful)
+
+    # -- snapshots (kept on the container's node) --------------------------------------------
+
+    @_policy("CreateSnapshot")
+    async def create_snapshot(self, name: str, snapshot: str, *, stateful: bool = False) -> Snapshot:
+        """Copy its disk into a snapshot on its node; `stateful`: its running processes too (the
+        container pauses for the dump and the copy, then runs on)."""
+        return await self._wire.create_snapshot(name, snapshot, stateful=stateful)
+
+    @_policy("ListSnapshots")
+    async def list_snapshots(self, name: str) -> list[Snapshot]:
+        """Its snapshots, oldest first."""
+        return await self._wire.list_snapshots(name)
+
+    @_policy("RestoreSnapshot")
+    async def restore_snapshot(self, name: str, snapshot: str) -> Container:
+        """Put the (stopped) container back as the snapshot was: its disk exactly, and its
+        processes running again if the snapshot is stateful."""
+        return await self._wire.restore_snapshot(name, snapshot)
+
+    @_policy("DeleteSnapshot")
+    async def delete_snapshot(self, name: str, snapshot: str) -> None:
+        await self._wire.delete_snapshot(name, snapshot)
 
     @_policy("DestroyContainer")
     async def destroy_container(self, name: str, *, force: bool = False) -> None:

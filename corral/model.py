@@ -113,6 +113,19 @@ class Container:
     # Placement: label constraints ("zone=a", "ssd!=yes") its node must meet; its anti-affinity group.
     constraints: tuple[str, ...] = ()
     group: str = ""
+    # Observed: stopped with its processes saved on its node (`ct stop --stateful`); the next
+    # start restores them.
+    stateful_stopped: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One snapshot of a container, kept on its node: its disk, and its processes if stateful."""
+
+    name: str
+    created_at: float
+    stateful: bool = False
+    size_bytes: int = 0  # what it holds on the node's disk
 
 
 @dataclass(frozen=True)

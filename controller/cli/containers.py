@@ -58,7 +58,7 @@ def _show(obj, ct) -> None:
     if obj.machine:
         output.emit(obj, ct)
         return
-    observed = ct.state.value
+    observed = ct.state.value + (" (stateful)" if ct.stateful_stopped else "")
     if ct.observed_at:
         observed += f" (reported {max(0.0, time.time() - ct.observed_at):.0f}s ago)"
     wanted = [] if ct.desired_state.value == ct.state.value else [("desired", ct.desired_state.value)]
@@ -160,10 +160,7 @@ def _simple(verb: str, help_text: str):
         @run
         async def go():
             async with obj.client() as fleet:
-                if verb == "start":
-                    result = await fleet.start_container(name)
-                else:
-                    result = await fleet.get_container(name)
+                result = await fleet.get_container(name)
             if obj.machine or verb == "show":
                 _show(obj, result)
             else:
@@ -174,27 +171,52 @@ def _simple(verb: str, help_text: str):
     return command
 
 
-_simple("start", "Start a container.")
 _simple("show", "Show one container.")
 
 
-@ct.command("stop", examples=["corral ct stop web1", "corral ct stop web1 --timeout 30", "corral ct stop web1 --force"])
+@ct.command("start", examples=["corral ct start web1", "corral ct start web1 --stateless   # drop processes "
+                               "saved by stop --stateful, boot afresh", "corral ct start web1 -o json"])
 @click.argument("name", shell_complete=complete_containers)
-@click.option("--force", "-f", is_flag=True, help="kill at once instead of a clean shutdown")
-@click.option("--timeout", type=click.IntRange(0, 3600), default=0,
-              help="seconds to wait for a clean shutdown before killing; 0 = the agent's default")
+@click.option("--stateless", is_flag=True, help="boot afresh, dropping processes saved by `ct stop --stateful`")
 @click.pass_obj
-def ct_stop(obj, name, force, timeout) -> None:
-    """Stop a container."""
+def ct_start(obj, name, stateless) -> None:
+    """Start a container: one stopped with --stateful resumes its processes where they were."""
 
     @run
     async def go():
         async with obj.client() as fleet:
-            result = await fleet.stop_container(name, force=force, timeout=timeout)
+            result = await fleet.start_container(name, stateless=stateless)
         if obj.machine:
             _show(obj, result)
         else:
             click.echo(f"{result.name} {result.state.value} on {result.node}")
+
+    go()
+
+
+@ct.command("stop", examples=["corral ct stop web1", "corral ct stop web1 --timeout 30", "corral ct stop web1 --force",
+                              "corral ct stop web1 --stateful   # `ct start web1` resumes its processes"])
+@click.argument("name", shell_complete=complete_containers)
+@click.option("--force", "-f", is_flag=True, help="kill at once instead of a clean shutdown")
+@click.option("--timeout", type=click.IntRange(0, 3600), default=0,
+              help="seconds to wait for a clean shutdown before killing; 0 = the agent's default")
+@click.option("--stateful", is_flag=True,
+              help="save its processes on its node (CRIU) instead; the next start resumes them")
+@click.pass_obj
+def ct_stop(obj, name, force, timeout, stateful) -> None:
+    """Stop a container (with --stateful, its processes are saved to resume later)."""
+    if stateful and force:
+        raise click.UsageError("--stateful saves the processes; it cannot be combined with --force")
+
+    @run
+    async def go():
+        async with obj.client() as fleet:
+            result = await fleet.stop_container(name, force=force, timeout=timeout, stateful=stateful)
+        if obj.machine:
+            _show(obj, result)
+        else:
+            how = " (stateful: `corral ct start` resumes its processes)" if result.stateful_stopped else ""
+            click.echo(f"{result.name} {result.state.value} on {result.node}{how}")
 
     go()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from controller.cli import containers, contexts_cmd, events, fleet, interactive, lab, nodes, operations, pki, stats
+from controller.cli import containers, contexts_cmd, events, fleet, interactive, lab, nodes, operations, pki, snapshots, stats
 from controller.cli.command import CorralGroup
 from controller.cli.completion import SHELLS, completion_script
 from controller.cli.context import Ctx

@@ -37,8 +37,12 @@ def rfc3339(epoch: float) -> str | None:
 
 def to_message(value: Any):
     """The API message for a domain object (messages pass through)."""
-    from corral.model import Container, Node
+    from corral.model import Container, Node, Snapshot
 
+    if isinstance(value, Snapshot):
+        from corral.api.convert import snapshot_to_pb
+
+        return snapshot_to_pb(value)
     if isinstance(value, Container):
         from corral.api.convert import container_to_pb
 
@@ -209,6 +213,8 @@ def state_label(c: Container) -> str:
     wanted = c.desired_state.value
     if label in ("running", "stopped") and label != wanted:
         label += f"(want:{wanted})"  # one token: scripts split the table on blanks
+    elif c.stateful_stopped:
+        label += "(stateful)"  # its processes are saved: `ct start` resumes them
     return label
 
 

@@ -141,6 +141,22 @@ class MigrationPlan:
                      ms=round((time.monotonic() - began) * 1000))  # fmt: skip
         return final
 
+    async def _refuse_what_stays(self, src: AgentClient, observed: Container) -> None:
+        """Saved processes (`ct stop --stateful`) and snapshots live on the source node only: a
+        move would leave them behind, so it is refused before anything is touched."""
+        if observed.stateful_stopped:
+            raise FailedPrecondition(
+                f"container {self.name!r} is stopped with its processes saved on node {self.source_name!r}, which "
+                f"a migration would leave behind: `corral ct start {self.name}` (resume them there) or "
+                f"`corral ct start --stateless {self.name}` (drop them) first"
+            )
+        if snaps := await src.list_snapshots(self.name):
+            raise FailedPrecondition(
+                f"container {self.name!r} has {len(snaps)} snapshot(s) on node {self.source_name!r}, which stay "
+                f"there: a migration would lose them. Remove them first (`corral ct snapshot ls {self.name}`, "
+                f"`corral ct snapshot rm {self.name} SNAPSHOT`)"
+            )
+
     # -- run ------------------------------------------------------------------------------
 
     async def run(self, ctx: OpContext) -> dict[str, Any]:
@@ -152,6 +168,7 @@ class MigrationPlan:
         live = params.live
         strategy = params.strategy if live else "cold"
         observed = await src.get(self.name, wait_idle=True)
+        await self._refuse_what_stays(src, observed)
         was_running = observed.state == ContainerState.RUNNING
         await ctx.set_params(replace(self._params(ctx), was_running=was_running))
         if live and not was_running:

@@ -9,7 +9,7 @@ from corral.errors import CorralError, InvalidArgument
 from corral.exec_session import ExecInputEvent, ExecStart, Resize, SendSignal, StdinClosed, StdinData, TerminalSize
 from corral.model import Container, ContainerState, DesiredState, Limits, NetworkAttachment, Node, NodeFacts, NodeState
 from corral.model import ContainerStats, Event, Lease, NodeCheck, Operation, OperationProgress, OperationStep
-from corral.model import Resolution
+from corral.model import Resolution, Snapshot
 from corral.proc import STDERR, STDOUT, Exited, Output
 from corral.v1 import types_pb2 as pb
 
@@ -69,6 +69,7 @@ def container_to_pb(ct: Container) -> pb.Container:
         ha_failed=ct.ha_failed,
         constraints=list(ct.constraints),
         group=ct.group,
+        stateful_stopped=ct.stateful_stopped,
     )
 
 
@@ -98,7 +99,16 @@ def container_from_pb(msg: pb.Container) -> Container:
         ha_failed=msg.ha_failed,
         constraints=tuple(msg.constraints),
         group=msg.group,
+        stateful_stopped=msg.stateful_stopped,
     )
+
+
+def snapshot_to_pb(snap: Snapshot) -> pb.Snapshot:
+    return pb.Snapshot(name=snap.name, created_at=snap.created_at, stateful=snap.stateful, size_bytes=snap.size_bytes)
+
+
+def snapshot_from_pb(msg: pb.Snapshot) -> Snapshot:
+    return Snapshot(name=msg.name, created_at=msg.created_at, stateful=msg.stateful, size_bytes=msg.size_bytes)
 
 
 _COLLECTIONS = ("storage_drivers", "live_strategies", "live_unavailable", "unavailable", "labels")
