@@ -9,7 +9,7 @@ from agent.watchdog import check_device
 from corral.config import TlsFiles, load_document, parse_address
 from corral.errors import CorralError
 from corral.labels import check_labels
-from corral.log import parse_level
+from corral.log import LOG_FILE_KEYS, LogFile, log_file_from, parse_level
 from corral.names import validate_name
 
 
@@ -34,6 +34,7 @@ class AgentConfig:
     watchdog_timeout: int = 10  # seconds without a pet before the host is reset
     labels: dict[str, str] = field(default_factory=dict)  # the operator's, for placement constraints
     metrics_listen: str | None = None  # HOST:PORT of /metrics (plain HTTP; README, Observing); None = off
+    log_file: LogFile | None = None  # None: JSON lines on stderr (the journal)
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -41,7 +42,7 @@ class AgentConfig:
         doc.check_keys({
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
             "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
-            "watchdog_device", "watchdog_timeout", "labels", "metrics_listen",
+            "watchdog_device", "watchdog_timeout", "labels", "metrics_listen", *LOG_FILE_KEYS,
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
         heartbeat = doc.get("heartbeat_interval", float, 1.0)
@@ -78,6 +79,7 @@ class AgentConfig:
             watchdog_timeout=doc.get("watchdog_timeout", int, 10, parse=_watchdog_timeout),
             labels=doc.get("labels", dict, {}, parse=_labels),
             metrics_listen=metrics,
+            log_file=log_file_from(doc),
         )
 
 

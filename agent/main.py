@@ -167,14 +167,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(systemd.check_config("corral-agent", args.config, AgentConfig.load, lambda c: systemd.Checked(
             c.tls, [c.listen], "agent", c.node, f"node {c.node}, listen {c.listen}, advertise {c.advertise}, "
             f"controller {c.controller}, storage: dir{', image' if c.shared_dir else ''}"
-            f"{', lvm' if c.shared_volume_group else ''}")))  # fmt: skip
+            f"{', lvm' if c.shared_volume_group else ''}{corral_log.describe(c.log_file)}")))  # fmt: skip
     corral_log.configure(json_output=True)
     try:
         config = AgentConfig.load(args.config)
+        corral_log.configure(json_output=True, level=config.log_level, file=config.log_file)
     except CorralError as exc:
         print(f"corral-agent: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    corral_log.configure(json_output=True, level=config.log_level)
     try:
         asyncio.run(serve(config))
     except CorralError as exc:

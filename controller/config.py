@@ -12,7 +12,7 @@ from controller.scheduler.placement import PlacementPolicy, Strategy
 from corral.model import Limits
 from controller.scheduler.recovery import RecoveryPolicy
 from corral.config import TlsFiles, load_document, parse_address
-from corral.log import parse_level
+from corral.log import LOG_FILE_KEYS, LogFile, log_file_from, parse_level
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,14 @@ class ControllerConfig:
     placement: PlacementPolicy
     log_level: str
     metrics_listen: str | None = None  # HOST:PORT of /metrics (plain HTTP; README, Observing); None = off
+    log_file: LogFile | None = None  # None: JSON lines on stderr (the journal)
 
     @classmethod
     def load(cls, path: Path) -> "ControllerConfig":
         doc = load_document(path)
         doc.check_keys({"listen", "store", "tls", "heartbeat_timeout", "heartbeat_interval", "lease", "lease_margin",
                         "fence_command", "fence_timeout", "ha_max_restart", "ha_max_relocate", "ha_restart_window",
-                        "network", "placement", "log_level", "metrics_listen"})  # fmt: skip
+                        "network", "placement", "log_level", "metrics_listen", *LOG_FILE_KEYS})  # fmt: skip
         listen = doc.get("listen", list)
         if not listen:
             raise doc.error("listen", "give at least one HOST:PORT to listen on")
@@ -123,6 +124,7 @@ class ControllerConfig:
             placement=policy,
             log_level=doc.get("log_level", str, "info", parse=parse_level),
             metrics_listen=metrics,
+            log_file=log_file_from(doc),
         )
 
 

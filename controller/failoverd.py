@@ -23,16 +23,17 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import structlog
 
 from corral import log as corral_log
 from corral import systemd
-from corral.errors import CorralError
+from corral.errors import ConfigError, CorralError
 from corral.model import Container, Node
 
 log = structlog.get_logger("corral.failoverd")
+T = TypeVar("T")
 
 LEASE = "failoverd"
 LOST = ("fenced",)  # a dead node is not enough: its containers may run until it is fenced
@@ -139,6 +140,28 @@ class FailoverDaemon:
         return asked
 
 
+def _option(flag: str, parse: Callable[[str], T], value: str) -> T:
+    try:
+        return parse(value)
+    except (ValueError, CorralError) as exc:
+        raise ConfigError(f"{flag}: {exc.message if isinstance(exc, CorralError) else exc}") from None
+
+
+def _whole(text: str) -> int:
+    if not text.strip().isascii() or not text.strip().isdigit():
+        raise ValueError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def log_file_of(args: argparse.Namespace) -> corral_log.LogFile | None:
+    """The daemon's log file from its options (it has no config file of its own: the CLI's
+    names the controller and its certificate); ConfigError (exit 78) naming a bad option."""
+    path = _option("--log-file", corral_log.parse_log_path, args.log_file)
+    max_bytes = _option("--log-max-bytes", corral_log.parse_max_bytes, args.log_max_bytes)
+    backups = _option("--log-backups", lambda v: corral_log.parse_backups(_whole(v)), args.log_backups)
+    return corral_log.LogFile(path, max_bytes, backups) if path is not None else None
+
+
 def main(argv: list[str] | None = None) -> None:
     from controller.cli.settings import CliSettings
     from controller.client import ControllerClient
@@ -150,10 +173,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context", help="the context of that config to use (default: its current one)")
     parser.add_argument("--holder", default=f"{socket.gethostname()}-{os.getpid()}", help="this daemon's id")
     parser.add_argument("--lease-ttl", type=float, default=10.0, help="seconds (default 10)")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", help=f"{', '.join(corral_log.LEVELS)} (default info)")
+    parser.add_argument("--log-file", default="", help="write the JSON lines to this file (absolute path) "
+                        "instead of stderr (the journal)")  # fmt: skip
+    parser.add_argument("--log-max-bytes", default="50M", help="with --log-file: rotate it at this size "
+                        "(50M, 1G; 0: an external logrotate rotates it; default 50M)")  # fmt: skip
+    parser.add_argument("--log-backups", default="5", help="with --log-file: rotated files kept (1-100, default 5)")
     parser.add_argument("--version", action=VersionAction)
     args = parser.parse_args(argv)
-    corral_log.configure(args.log_level)
+    try:
+        corral_log.configure(json_output=True, level=_option("--log-level", corral_log.parse_level, args.log_level),
+                             file=log_file_of(args))  # fmt: skip
+    except CorralError as exc:
+        print(f"corral-failoverd: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
     async def serve() -> None:
         settings = CliSettings.load(args.config, args.context)

@@ -103,11 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(systemd.check_config("corral-controller", args.config, ControllerConfig.load, lambda c: (
             systemd.Checked(c.tls, c.listen, "controller", "controller", f"listen {', '.join(c.listen)}, store "
                             f"{c.store_path}, network {c.addresses.subnet}, fence_command "
-                            f"{' '.join(c.fence_command) or 'none'}"))))  # fmt: skip
+                            f"{' '.join(c.fence_command) or 'none'}{corral_log.describe(c.log_file)}"))))  # fmt: skip
     corral_log.configure(json_output=True)
     try:
         config = ControllerConfig.load(args.config)
-        corral_log.configure(json_output=True, level=config.log_level)
+        corral_log.configure(json_output=True, level=config.log_level, file=config.log_file)
         asyncio.run(serve(config))
     except CorralError as exc:
         print(f"corral-controller: {exc.message}", file=sys.stderr)

@@ -231,6 +231,7 @@ def example(name: str, pki_dir: Path, tmp_path: Path, *, enable_all: bool) -> Pa
         text = _DISABLED.sub(r"\1", text).replace("/dev/watchdog", "/dev/null")  # a writable char device
     text = text.replace("/etc/corral/pki/", f"{pki_dir}/")
     text = text.replace("/var/lib/corral/controller/", f"{tmp_path}/")
+    text = text.replace("/var/log/corral/", f"{tmp_path}/")  # made by the units (LogsDirectory=)
     path = tmp_path / name
     path.write_text(text)
     return path
