@@ -25,6 +25,7 @@ import structlog
 from agent.containers import ContainerManager
 from agent.records import write_durably
 from agent.runtime.checkpoint import Checkpointer
+from agent.stateful import monitor_gone
 from corral import proc
 from corral.errors import AlreadyExists, CorralError, FailedPrecondition, NotFound
 from corral.model import Container, Snapshot
@@ -87,6 +88,7 @@ class Snapshots:
                         raise FailedPrecondition(f"cannot save the processes of {name!r}: {exc.message}") from None
                     # Whatever fails from here, the container runs again from its dump (LIFO: before the rmtree).
                     undo.push_async_callback(self._resume, name, images)
+                    await monitor_gone(containers, name)  # else its restore would find LXC's socket taken
                     await _copy(rootfs, partial / ROOTFS)
                     await self._run_again(name, images)
                     undo.pop_all()

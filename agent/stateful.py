@@ -24,6 +24,9 @@ log = structlog.get_logger("corral.agent.stateful")
 
 DUMP_TIMEOUT = 300.0  # seconds: CRIU writing the whole memory to the host's disk
 RESTORE_TIMEOUT = 300.0
+# After a stopping dump of a restored container, its LXC monitor (lxc-checkpoint -r's) lingers
+# a few milliseconds with its command socket open: LXC still calls it running until it exits.
+MONITOR_EXIT_WAIT = 10.0
 
 
 class StatefulLifecycle:
@@ -64,9 +67,14 @@ class StatefulLifecycle:
                     f"cannot save the processes of {name!r} ({exc.message}); "
                     + ("it keeps running" if running else "it is stopped; start it afresh with `corral ct start`")
                 ) from None
+            if not await self._monitor_gone(name):
+                bound.warning("the container's LXC monitor outlived its stopping dump", wait_s=MONITOR_EXIT_WAIT)
             bound.info("container stopped with its processes saved", ms=round(result.wall_ms, 1),
                        images_bytes=result.images_bytes)  # fmt: skip
-        return await containers.get(name)
+            return await containers.get(name)
+
+    async def _monitor_gone(self, name: str) -> bool:
+        return await monitor_gone(self.containers, name)
 
     async def start(self, name: str, *, stateless: bool = False) -> Container:
         containers = self.containers
@@ -75,7 +83,7 @@ class StatefulLifecycle:
             return await containers.start(name)
         async with containers.lock(name):
             images = containers.saved_state_dir(name)
-            if stateless or name in containers.runtime.running_names():
+            if stateless or not await self._monitor_gone(name):
                 # Dropped at the operator's word, or stale (it runs: these processes are older).
                 await asyncio.to_thread(shutil.rmtree, images, True)
                 log.info("saved processes dropped", container=name, stateless=stateless)
@@ -96,3 +104,12 @@ class StatefulLifecycle:
                 return await containers.get(name)
         return await containers.start(name)
 
+
+async def monitor_gone(containers: ContainerManager, name: str) -> bool:
+    """Wait (MONITOR_EXIT_WAIT at most) until LXC no longer calls the container running."""
+    deadline = asyncio.get_running_loop().time() + MONITOR_EXIT_WAIT
+    while name in containers.runtime.running_names():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
