@@ -37,6 +37,7 @@ from corral import systemd
 from corral.api.server import make_server
 from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
+from corral.certwatch import CertificateWatch
 from corral.errors import CorralError, Unavailable
 from corral.metrics import MetricsServer
 from corral.v1 import agent_pb2_grpc
@@ -122,6 +123,7 @@ async def serve(config: AgentConfig) -> None:
         guard = tg.create_task(lease.guard())
         petting = tg.create_task(watchdog.run()) if watchdog is not None else None
         sweeper = tg.create_task(migrations.run_sweeper())
+        certificates = tg.create_task(CertificateWatch(config.tls).run())  # warns of their ends, daily
         # The fence at the data: re-check what is mounted here, beacons (agent/storage/beacons.py).
         image = storages.get("image")
         watchers = [tg.create_task(image.watch(containers.kill))] if isinstance(image, ImageStorage) else []
@@ -134,6 +136,7 @@ async def serve(config: AgentConfig) -> None:
         if petting is not None:
             petting.cancel()
         sweeper.cancel()
+        certificates.cancel()
         for watcher in watchers:
             watcher.cancel()
         await server.stop(grace=2)

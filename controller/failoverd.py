@@ -165,6 +165,7 @@ def log_file_of(args: argparse.Namespace) -> corral_log.LogFile | None:
 def main(argv: list[str] | None = None) -> None:
     from controller.cli.settings import CliSettings
     from controller.client import ControllerClient
+    from corral.certwatch import CertificateWatch
     from corral.version import VersionAction
 
     parser = argparse.ArgumentParser(prog="corral-failoverd", description=__doc__.splitlines()[0])
@@ -197,10 +198,12 @@ def main(argv: list[str] | None = None) -> None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             runner = asyncio.create_task(daemon.run())
+            certificates = asyncio.create_task(CertificateWatch(settings.tls).run())  # its user certificate's end
             await stop.wait()
             systemd.stopping()
             runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+            certificates.cancel()
+            await asyncio.gather(runner, certificates, return_exceptions=True)
 
     try:
         asyncio.run(serve())

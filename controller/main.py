@@ -26,6 +26,7 @@ from corral import systemd
 from corral.api.server import make_server
 from corral.api.standard import add_standard_services
 from corral.api.tls import server_credentials
+from corral.certwatch import CertificateWatch
 from corral.errors import CorralError, Unavailable
 from corral.metrics import MetricsServer
 from corral.v1 import controller_pb2_grpc
@@ -71,6 +72,7 @@ async def serve(config: ControllerConfig) -> None:
         async with asyncio.TaskGroup() as tg:
             watcher = tg.create_task(nodes.watch())
             counting = tg.create_task(metrics.follow())
+            certificates = tg.create_task(CertificateWatch(config.tls).run())  # warns of their ends, daily
             fencer = tg.create_task(Fencer(nodes, config.fence_command, config.fence_timeout).run()) \
                 if config.fence_command else None  # fmt: skip
             await stop.wait()
@@ -79,6 +81,7 @@ async def serve(config: ControllerConfig) -> None:
             await standard.stopping()
             watcher.cancel()
             counting.cancel()
+            certificates.cancel()
             if server_of_metrics is not None:
                 await asyncio.to_thread(server_of_metrics.close)
             if fencer is not None:

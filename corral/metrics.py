@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Iterable
 from wsgiref.simple_server import make_server
 
 import structlog
-from prometheus_client import REGISTRY, make_wsgi_app
+from prometheus_client import REGISTRY, Gauge, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.metrics_core import Metric
 
@@ -29,6 +29,13 @@ log = structlog.get_logger("corral.metrics")
 SCRAPE_TIMEOUT = 10.0  # seconds a scrape waits for the event loop's answer
 
 Gather = Callable[[], Awaitable[Iterable[Metric]]]
+
+# Set by corral.certwatch in every daemon: its own certificate (certificate="own") and the CA
+# certificates it trusts ("ca"). Alert on `corral_certificate_expiry_timestamp_seconds - time()`.
+CERTIFICATE_EXPIRY = Gauge(
+    "corral_certificate_expiry_timestamp_seconds", "When a certificate this daemon uses ends (Unix time)",
+    ["certificate", "role", "name"],
+)  # fmt: skip
 
 
 class LoopCollector:

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unauthenticated
+from corral.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
 
 ROLES = ("controller", "agent", "user")
 
@@ -106,8 +106,10 @@ def init_ca(pki_dir: Path, common_name: str = "Corral fleet CA") -> Path:
     return cert_path
 
 
-def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> CertPaths:
-    """Issue (or re-issue) the leaf certificate `{role}-{name}` signed by the CA in `pki_dir`."""
+def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = (),
+          validity: datetime.timedelta = _LEAF_VALIDITY) -> CertPaths:  # fmt: skip
+    """Issue (or re-issue) the leaf certificate `{role}-{name}` signed by the CA in `pki_dir`,
+    valid for `validity` (never past the CA's end)."""
     pki_dir = Path(pki_dir)
     validate_role(role)
     validate_name(name)
@@ -126,7 +128,7 @@ def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> Cer
     else:  # agents and the controller are both servers and clients of each other
         sans = [x509.DNSName(server_name(role, name)), *_sans(role, name, hosts)]
         usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert = _build_leaf(ca_cert, ca_key, key, subject, sans, _LEAF_VALIDITY, usages)
+    cert = _build_leaf(ca_cert, ca_key, key, subject, sans, validity, usages)
     paths = CertPaths(
         cert=pki_dir / f"{role}-{name}.crt",
         key=pki_dir / f"{role}-{name}.key",
@@ -135,6 +137,84 @@ def issue(pki_dir: Path, role: str, name: str, hosts: Sequence[str] = ()) -> Cer
     _write_private(paths.key, _key_pem(key))
     _write_public(paths.cert, cert.public_bytes(serialization.Encoding.PEM))
     return paths
+
+
+# -- what a PKI directory holds, and renewal ------------------------------------------------------
+
+CA_ROLE = "ca"  # the role `CertificateInfo` gives the CA's own certificate
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """One certificate file: whom it names, for which hosts, until when."""
+
+    path: Path
+    role: str  # controller, agent, user; CA_ROLE for the CA
+    name: str
+    hosts: tuple[str, ...]  # its SANs, without the reserved role-qualified server name
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+    def days_left(self, now: datetime.datetime | None = None) -> float:
+        """Days until it ends (negative once it has)."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return (self.not_after - now).total_seconds() / 86400
+
+    def state(self, warn_days: float, now: datetime.datetime | None = None) -> str:
+        """ok, expiring (ends within `warn_days`) or expired."""
+        left = self.days_left(now)
+        return "expired" if left <= 0 else "expiring" if left <= warn_days else "ok"
+
+
+def certificate_info(path: Path, pem: bytes | None = None) -> CertificateInfo:
+    """Read one certificate file (or its `pem`); InvalidArgument if it is none."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem if pem is not None else Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"{path}: not a readable PEM certificate ({exc})") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    try:
+        sans = [str(g.value) for g in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+    except x509.ExtensionNotFound:
+        sans = []
+    return CertificateInfo(
+        path=Path(path),
+        role=CA_ROLE if is_ca else (str(units[0].value) if units else "?"),
+        name=str(names[0].value) if names else "?",
+        hosts=tuple(h for h in sans if not _reserved(h)),  # in the order issued
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def list_certificates(pki_dir: Path) -> list[CertificateInfo]:
+    """Every certificate in `pki_dir` (`*.crt`): the CA first, then by file name."""
+    pki_dir = Path(pki_dir)
+    if not pki_dir.is_dir():
+        raise NotFound(f"no PKI directory {pki_dir}")
+    files = sorted(p for p in pki_dir.glob("*.crt") if not p.name.startswith("."))
+    files.sort(key=lambda p: p.name != CA_CERT)
+    return [certificate_info(p) for p in files]
+
+
+def renew(pki_dir: Path, role: str, name: str, validity: datetime.timedelta = _LEAF_VALIDITY) -> CertPaths:
+    """A new key and certificate for `{role}-{name}` with the hosts of the current one (its
+    SANs), replacing both files; the old certificate stays valid until it ends."""
+    pki_dir = Path(pki_dir)
+    validate_role(role)
+    validate_name(name)
+    path = pki_dir / f"{role}-{name}.crt"
+    if not path.exists():
+        raise NotFound(f"no certificate {path} to renew (corral pki issue makes a first one)")
+    current = certificate_info(path)
+    if (current.role, current.name) != (role, name):
+        raise FailedPrecondition(f"{path} is issued to {current.role} {current.name!r}, not to {role} {name!r}")
+    return issue(pki_dir, role, name, current.hosts, validity)
 
 
 def _check_name_free(pki_dir: Path, role: str, name: str, hosts: Sequence[str]) -> None:

@@ -147,8 +147,8 @@ def check(main, path: Path, capsys) -> tuple[int, str, str]:
 def test_check_config_names_the_log_file(tmp_path, fleet_pki, capsys):
     log = tmp_path / "logs" / "controller.log"
     log.parent.mkdir()
-    code, out, _ = check(controller_main.main, controller_yaml(tmp_path, fleet_pki, f"log_file: {log}\n"
-                                                               "log_max_bytes: 10M\nlog_backups: 3\n"), capsys)  # fmt: skip
+    settings = f"log_file: {log}\nlog_max_bytes: 10M\nlog_backups: 3\n"
+    code, out, _ = check(controller_main.main, controller_yaml(tmp_path, fleet_pki, settings), capsys)
     assert code == 0 and f", log {log} (rotated at 10M, 3 kept)" in out, out
     code, out, _ = check(agent_main.main, agent_yaml(tmp_path, fleet_pki, f"log_file: {log}\nlog_max_bytes: 0\n"),
                          capsys)  # fmt: skip
