@@ -132,3 +132,24 @@ async def test_stateful_snapshot_brings_the_processes_back(corral, cleanup, lab)
     assert count_at_snapshot <= count_restored < count_later
     rows = (await corral("ct", "snapshot", "ls", "sf3", "--no-headers")).stdout.splitlines()
     assert rows[0].split()[0] == "warm" and rows[0].split()[3] == "yes"
+
+
+async def test_a_failed_restore_keeps_the_saved_processes_and_stateless_starts_afresh(corral, cleanup, lab):
+    cleanup.append("sf4")
+    await corral("ct", "create", "sf4", "-t", "busybox", "--node", "n1", "--start")
+    await corral("ct", "stop", "--stateful", "sf4")
+    saved = _saved(lab, "n1", "sf4")
+    for pages in saved.glob("pages-*.img"):
+        pages.unlink()  # the saved memory is damaged: CRIU cannot restore it
+
+    failed = await corral("ct", "start", "sf4", check=False)
+    assert failed.returncode == 5, failed.stderr
+    assert "cannot restore" in failed.stderr and "--stateless" in failed.stderr and "restore.log" in failed.stderr
+    shown = await corral.json("ct", "show", "sf4")
+    assert shown["state"] == "stopped" and shown["stateful_stopped"] is True  # kept, for the operator to look at
+    assert (saved / "inventory.img").is_file()
+
+    started = await corral.json("ct", "start", "--stateless", "sf4")
+    assert started["state"] == "running" and not started.get("stateful_stopped")
+    assert not saved.exists()
+    assert (await corral("ct", "exec", "sf4", "--", "true")).returncode == 0
