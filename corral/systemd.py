@@ -134,7 +134,10 @@ def _check_certificates(path: Path, checked: Checked) -> str:
     if (who.role, who.name) != (checked.role, checked.name):
         raise fail("cert", tls.cert, f"issued to {who.role} {who.name!r}, not to {checked.role} {checked.name!r} "
                                      f"(corral pki issue --role {checked.role} --name {checked.name})")  # fmt: skip
-    return f"{cert.not_valid_after_utc:%Y-%m-%d}"
+    left = (cert.not_valid_after_utc - now).days
+    # Still OK (the daemon can start), but said where the operator looks: corral.certwatch.
+    soon = f" ({left} days left: corral pki renew --role {who.role} --name {who.name})" if left < 30 else ""
+    return f"{cert.not_valid_after_utc:%Y-%m-%d}{soon}"
 
 
 def _signed_by(cert, ca) -> bool:

@@ -222,3 +222,21 @@ async def test_the_controller_exports_its_certificate_expiry_on_metrics(tmp_path
             await proc.wait()
     warnings = [json.loads(l) for l in err.decode().splitlines() if "certificate of controller" in l]
     assert warnings and warnings[0]["level"] == "warning" and warnings[0]["days_left"] == pytest.approx(20, abs=0.1)
+
+
+def test_check_config_says_how_soon_a_certificate_ends(tmp_path, capsys):
+    from controller import main as controller_main
+
+    d = tmp_path / "pki"
+    pki.init_ca(d)
+    pki.issue(d, "controller", "controller", ["127.0.0.1"], validity=datetime.timedelta(days=12, hours=1))
+    config = tmp_path / "controller.yaml"
+    config.write_text(
+        f'listen: ["127.0.0.1:{free_port()}"]\nstore: {{path: {tmp_path / "store.db"}}}\n'
+        f"tls: {{ca: {d}/ca.crt, cert: {d}/controller-controller.crt, key: {d}/controller-controller.key}}\n"
+        "network: {subnet: 10.0.0.0/24, gateway: 10.0.0.1, range_start: 10.0.0.100, range_end: 10.0.0.250}\n"
+    )
+    with pytest.raises(SystemExit) as exited:
+        controller_main.main(["--check-config", "--config", str(config)])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and "(12 days left: corral pki renew --role controller --name controller)" in out
