@@ -129,12 +129,12 @@ def configure(json_output: bool, level: str = "info", stream=None, file: LogFile
         structlog.processors.format_exc_info,
     ]
     renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer(colors=False)
-    factory = _file_logger_factory(file) if file is not None else None
-    _stop_listener()  # configured again: the earlier file's writer finishes first
-    if factory is None:
+    if file is None:
+        _stop_listener()  # configured again: the earlier file's writer finishes first
         factory = structlog.PrintLoggerFactory(file=stream or sys.stderr)
     else:
-        factory, listener = factory
+        factory, listener = _file_logger_factory(file)  # opened first: a bad file changes nothing
+        _stop_listener()
         _start_listener(listener)
     structlog.configure(
         processors=[*processors, renderer],
