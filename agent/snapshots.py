@@ -5,7 +5,7 @@ A snapshot is a directory in the container's LXC directory (ContainerManager.sna
 driver), `meta.json`, and for a stateful one `checkpoint/`, its processes (CRIU). A stateful
 snapshot is a consistent pair: dump with stop, copy the disk, restore (the workload pauses
 that long). A snapshot is written under a hidden name and renamed when whole. Restoring needs
-the container stopped; it copies the disk back exactly (--delete), and a stateful one then
+the container stopped; it copies the disk back exactly (every file, --delete), and a stateful one then
 restores the processes, running. Snapshots stay on this host: they do not follow a migration
 (refused while there are any) and a destroy removes them.
 """
@@ -131,7 +131,7 @@ class Snapshots:
             if name in containers.runtime.running_names():
                 raise FailedPrecondition(f"container {name!r} is running: stop it before restoring a snapshot")
             meta = await asyncio.to_thread(_read_meta, source)
-            await _copy(source / ROOTFS, rootfs, delete=True)
+            await _copy(source / ROOTFS, rootfs, exact=True)
             # Processes a stateful stop saved belong to the disk just replaced.
             await asyncio.to_thread(shutil.rmtree, containers.saved_state_dir(name), True)
             if meta.stateful:
@@ -156,8 +156,11 @@ class Snapshots:
             log.info("snapshot removed", container=name, snapshot=snap)
 
 
-async def _copy(source: Path, target: Path, *, delete: bool = False) -> None:
-    argv = [*_RSYNC, *(["--delete"] if delete else []), f"{source}/", f"{target}/"]
+async def _copy(source: Path, target: Path, *, exact: bool = False) -> None:
+    """`exact` (a restore onto the container's disk): files not in `source` are deleted, and every
+    file is copied whatever its size and time say (rsync's quick check would keep a file changed
+    within the same second, or with its time set back, as it is)."""
+    argv = [*_RSYNC, *(["--delete", "--ignore-times"] if exact else []), f"{source}/", f"{target}/"]
     await proc.run(argv, timeout=COPY_TIMEOUT, what=f"copying {source}")
 
 

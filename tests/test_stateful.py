@@ -78,7 +78,9 @@ async def test_snapshot_restore_brings_back_the_files(corral, cleanup, lab):
     bad = await corral("ct", "snapshot", "create", "sf2", "../x", check=False)
     assert bad.returncode == 2 and "snapshot name" in bad.stderr
 
-    await corral("ct", "exec", "sf2", "--", "sh", "-c", "echo v2 > /root/data; echo later > /root/new")
+    # Same size, time set back: a restore must not trust rsync's quick check.
+    await corral("ct", "exec", "sf2", "--", "sh", "-c", "touch -r /root/data /root/ref; echo v2 > /root/data; "
+                 "touch -r /root/ref /root/data; echo later > /root/new")
     running = await corral("ct", "snapshot", "restore", "sf2", "s1", check=False)
     assert running.returncode == 5 and "stop it" in running.stderr
     # Snapshots stay on their node: a migration is refused, nothing moves.
