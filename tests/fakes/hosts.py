@@ -317,7 +317,7 @@ class FakeAgent:
         return h.view(copy)
 
     @_call
-    async def start(self, name: str) -> Container:
+    async def start(self, name: str, *, stateless: bool = False) -> Container:
         h = self.host
         copy = h.copy(name)
         if copy.state == STOPPED:
@@ -325,7 +325,7 @@ class FakeAgent:
         return h.view(copy)
 
     @_call
-    async def stop(self, name: str, force: bool, timeout: int) -> Container:
+    async def stop(self, name: str, force: bool, timeout: int, *, stateful: bool = False) -> Container:
         h = self.host
         copy = h.copy(name)
         h.stop(copy)
@@ -344,6 +344,11 @@ class FakeAgent:
     @_call
     async def get(self, name: str, *, wait_idle: bool = False) -> Container:
         return self.host.view(self.host.copy(name))
+
+    @_call
+    async def list_snapshots(self, name: str) -> list:
+        self.host.copy(name)
+        return []  # fake hosts keep no snapshots (nor saved processes)
 
     @_call
     async def set_limits(self, name: str, limits: Limits) -> Container:
