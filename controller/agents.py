@@ -68,7 +68,12 @@ class AgentClient:
         return snapshot_from_pb(await self._call(self.stub.CreateSnapshot, req, SNAPSHOT_TIMEOUT))
 
     async def list_snapshots(self, name: str) -> list[Snapshot]:
-        reply = await self._call(self.stub.ListSnapshots, apb.AgentContainerRef(name=name), QUICK_TIMEOUT)
+        try:
+            reply = await self.stub.ListSnapshots(apb.AgentContainerRef(name=name), timeout=QUICK_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return []  # an agent older than snapshots (a rolling upgrade) has none
+            raise rpc_error(exc, self.peer) from None
         return [snapshot_from_pb(s) for s in reply.snapshots]
 
     async def restore_snapshot(self, name: str, snapshot: str) -> Container:

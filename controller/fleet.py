@@ -447,7 +447,12 @@ class Fleet:
             record = await self._record(name)
             record = await self._want(record, DesiredState.STOPPED)
             observed = await self._agent_for(record.node).stop(name, force, timeout, stateful=stateful)
-            return await self._save_observed(record, observed)
+            saved = await self._save_observed(record, observed)
+            if stateful and observed.state == ContainerState.STOPPED and not observed.stateful_stopped:
+                # Only an agent older than stateful stops ignores the flag (a rolling upgrade).
+                raise FailedPrecondition(f"the agent on node {record.node!r} stopped {name!r} without saving its "
+                                         "processes: it is too old for --stateful; upgrade it")  # fmt: skip
+            return saved
 
     # -- snapshots (kept on the container's node: agent/snapshots.py) ------------------------
 
