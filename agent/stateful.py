@@ -57,11 +57,13 @@ class StatefulLifecycle:
             containers.intend(name, False)  # the dump stops it: not a crash
             try:
                 result = await self.checkpointer.dump(name, images, stop=True, timeout=DUMP_TIMEOUT)
-            except CorralError as exc:
-                # CRIU undid its freeze: the container runs on, as it was.
+            except BaseException as exc:
+                # CRIU undid its freeze (or never began): the container runs on, as it was.
                 running = name in containers.runtime.running_names()
                 containers.intend(name, running)
                 await asyncio.to_thread(shutil.rmtree, images, True)
+                if not isinstance(exc, CorralError):
+                    raise
                 bound.warning("stateful stop failed", error=exc.message, running=running)
                 raise FailedPrecondition(
                     f"cannot save the processes of {name!r} ({exc.message}); "

@@ -445,8 +445,13 @@ class Fleet:
         validate_name(name)
         with self.locks.hold(name, "a stop"):
             record = await self._record(name)
-            record = await self._want(record, DesiredState.STOPPED)
+            if not stateful:
+                record = await self._want(record, DesiredState.STOPPED)
+            # A stateful stop CRIU cannot make leaves the container running: its desired state
+            # changes once the processes are saved (while this lock is held nothing restarts it).
             observed = await self._agent_for(record.node).stop(name, force, timeout, stateful=stateful)
+            if stateful:
+                record = await self._want(record, DesiredState.STOPPED)
             saved = await self._save_observed(record, observed)
             if stateful and observed.state == ContainerState.STOPPED and not observed.stateful_stopped:
                 # Only an agent older than stateful stops ignores the flag (a rolling upgrade).

@@ -155,3 +155,34 @@ async def test_a_failed_restore_keeps_the_saved_processes_and_stateless_starts_a
     assert started["state"] == "running" and not started.get("stateful_stopped")
     assert not saved.exists()
     assert (await corral("ct", "exec", "sf4", "--", "true")).returncode == 0
+
+
+GHOST_WORKLOAD = """#!/bin/sh
+# Holds a deleted 2 MiB file open: more than CRIU dumps of a ghost file (its --ghost-limit, 1 MiB).
+dd if=/dev/zero of=/root/big bs=1M count=2 2>/dev/null
+exec 3</root/big
+rm /root/big
+echo $$ > /tmp/workload.pid
+exec sleep 2147483647
+"""
+
+
+async def test_a_container_criu_cannot_dump_keeps_running_and_says_why(corral, cleanup, lab):
+    cleanup.append("sf5")
+    await corral("ct", "create", "sf5", "-t", "busybox", "--node", "n2", "--start")
+    await corral("ct", "exec", "-i", "sf5", "--", "sh", "-c", "cat > /etc/init.d/w.new && chmod +x /etc/init.d/w.new "
+                 "&& mv /etc/init.d/w.new /etc/init.d/workload && kill $(pidof sleep)", stdin=GHOST_WORKLOAD.encode())
+    async with asyncio.timeout(10):
+        while (await corral("ct", "exec", "sf5", "--", "test", "-s", "/tmp/workload.pid", check=False)).returncode:
+            await asyncio.sleep(0.2)
+    pid = await read_int(corral, "sf5", "/tmp/workload.pid")
+
+    refused = await corral("ct", "stop", "--stateful", "sf5", check=False)
+    assert refused.returncode == 5, refused.stderr
+    assert "cannot save the processes" in refused.stderr and "ghost file" in refused.stderr
+    assert "keeps running" in refused.stderr
+    shown = await corral.json("ct", "show", "sf5")
+    # Nothing changed: it runs, the same process, and the fleet still wants it running.
+    assert shown["state"] == "running" and shown["desired_state"] == "running" and not shown.get("stateful_stopped")
+    assert await read_int(corral, "sf5", "/tmp/workload.pid") == pid
+    assert not _saved(lab, "n2", "sf5").exists()
