@@ -373,7 +373,13 @@ def test_interrupted_watch_says_the_operation_continues(monkeypatch):
             await asyncio.sleep(10)
 
     monkeypatch.setattr(Ctx, "client", lambda self, timeout=None: Watching())
-    result = CliRunner().invoke(cli, ["ops", "watch", "op-1"], prog_name="corral")
+    # As a terminal's ^C finds it, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = CliRunner().invoke(cli, ["ops", "watch", "op-1"], prog_name="corral")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.exit_code == 130
     assert "operation op-1 continues: `corral ops watch op-1`" in result.output
 
