@@ -277,7 +277,7 @@ def ct_file_pull(obj, name, src, dst) -> None:
                 error = NotFound if b"No such file" in err else FailedPrecondition
                 raise error(f"cannot read {name}:{source}: {_said(err)}")
             if final is not None:
-                os.fsync(out_fd)
+                await asyncio.to_thread(os.fsync, out_fd)  # a big file: seconds, off the loop
                 os.rename(partial, final)
                 partial = None
         finally:
