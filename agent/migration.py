@@ -12,7 +12,7 @@ Layout under the agent's state directory:
                                                  page transfer a complete checkpoint ("kept")
   checkpoints/<op>-predump/<n>                   pre-copy: the source's memory pre-dumps
   checkpoints/<op>-lazy/                         a failed post-copy dump, kept for its logs
-  checkpoints/<op>-tls/, <op>-trial/             one-time TLS files; a trial dump's scratch
+  checkpoints/<op>-tls/, <op>-trial/             one-time TLS files; a pre-flight trial dump's scratch
   checkpoints/<op>.json                          which container the op's dumps are of (sweeps)
 
 Leftovers are swept (sweep_leftovers, at start; sweep_expired, as grants expire): what
@@ -43,7 +43,7 @@ from agent.containers import ContainerManager
 from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PageServerTls, PostCopySource, PostCopyTarget
 from agent.postcopy import memory_usage_of, write_tls_files
 from agent.records import write_durably
-from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, DumpResult, PageServer, RestoreResult
+from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, CriuTimes, DumpResult, PageServer, RestoreResult
 from agent.runtime.checkpoint import TlsFiles as CriuTls
 from agent.runtime.criu_pagemap import lazy_bytes
 from agent.runtime.freezer import NETLOCKED, PREFROZEN_MARK, read_frozen_at
@@ -71,6 +71,9 @@ SOURCE_FINISH_WAIT = 60.0  # release: for the source's CRIU to exit once every p
 KEPT_MARK = "corral-kept.json"  # a complete checkpoint a failed post-copy source left
 SWEEP_INTERVAL = 60.0  # how often expired grants' staging is looked for
 STALE_PREDUMPS = 24 * 3600.0  # pre-dumps this old belong to no migration still running
+# Pre-flight: a container whose tasks hold at most this much memory also gets a trial dump
+# (its pause: tens of ms here, less than its migration's downtime); bigger ones only the /proc look.
+PREFLIGHT_TRIAL_MAX_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -364,7 +367,7 @@ class Migrations:
     async def checkpoint(
         self, op_id: str, name: str, trial: bool, parent_predump: int = 0, send: SendAlong | None = None
     ) -> tuple[DumpResult, Sent | None]:
-        """A trial dump (keeps running), or the real one (stops): for pre-copy, as the delta
+        """The pre-flight (`trial`: nothing stops, see _preflight), or the real dump (stops): for pre-copy, as the delta
         from pre-dump number `parent_predump`; with `send`, sent along (SendAlong)."""
         if trial and send is not None:
             raise InvalidArgument("a trial dump is not sent anywhere")
@@ -378,8 +381,7 @@ class Migrations:
                 if name not in self.containers.runtime.running_names():
                     raise FailedPrecondition(f"container {name!r} is not running")
                 if trial:
-                    scratch = self.checkpoints_root / f"{_op(op_id)}-trial"
-                    return await self.checkpointer.trial_dump(name, scratch), None
+                    return await self._preflight(op_id, name), None
                 images = self._checkpoint_dir(op_id)
                 if images.exists():
                     await asyncio.to_thread(shutil.rmtree, images)
@@ -393,6 +395,20 @@ class Migrations:
                 return result, sent
 
         return await self._shielded(work())
+
+    async def _preflight(self, op_id: str, name: str) -> DumpResult:
+        """Can CRIU dump `name`? A look at its tasks in /proc, which never stops it
+        (Checkpointer.inspect); then, only if its memory is small enough that the pause stays
+        short, a trial dump, which also catches what that look cannot see."""
+        started_at = time.time()
+        verdict = await self.checkpointer.inspect(name)
+        log.info("pre-flight inspection", op=op_id, container=name, tasks=verdict.tasks, files=verdict.files,
+                 memory_bytes=verdict.memory_bytes, ms=round(verdict.ms, 1), blockers=len(verdict.blockers))  # fmt: skip
+        if not verdict.dumpable:
+            raise FailedPrecondition(f"CRIU would refuse to dump {name!r}: {verdict.reason()}")
+        if verdict.memory_bytes <= PREFLIGHT_TRIAL_MAX_BYTES:
+            return await self.checkpointer.trial_dump(name, self.checkpoints_root / f"{_op(op_id)}-trial")
+        return DumpResult(Path(), verdict.ms, started_at, CriuTimes(), 0, started_at + verdict.ms / 1000)
 
     async def predump(self, op_id: str, name: str, iteration: int) -> DumpResult:
         """Pre-copy: memory pre-dump number `iteration` (1, 2...), each the delta from the one

@@ -17,6 +17,7 @@ from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, 
 from agent.postcopy import PagesState, PagesStatus, PageServerTls
 from agent.snapshots import Snapshots
 from agent.stateful import StatefulLifecycle
+from agent.runtime.checkpoint import DumpResult
 from agent.transfer.client import PushTarget, TransferProgress
 from corral.api.convert import (
     container_from_pb,
@@ -231,8 +232,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             wall_ms=result.wall_ms, frozen_ms=c.frozen_ms or 0, freezing_ms=c.freezing_ms or 0,
             memdump_ms=c.memdump_ms or 0, memwrite_ms=c.memwrite_ms or 0, images_bytes=result.images_bytes,
             started_at=result.started_at,
-            pause_ms=max(0.0, (result.finished_at - result.freeze_began) * 1000) if result.finished_at else result.wall_ms,
-            pages_written=c.pages_written or 0,
+            pause_ms=_pause_ms(result, trial=mode == apb.CHECKPOINT_MODE_TRIAL), pages_written=c.pages_written or 0,
         ), sent)  # fmt: skip
 
     async def WatchSending(self, request: apb.WatchSendingRequest, context):
@@ -305,6 +305,14 @@ _PAGES_STATE = {
 def _send_along(send: apb.SendAlong) -> SendAlong:
     return SendAlong(PushTarget(send.address, send.user, send.host_key, send.private_key), send.rootfs,
                      float(send.timeout_seconds or 3600))  # fmt: skip
+
+
+def _pause_ms(result: DumpResult, *, trial: bool) -> float:
+    """How long the workload stood still. A pre-flight pauses it only if it ran a trial dump
+    (CRIU's own figure then: no freeze of ours marks its start)."""
+    if trial:
+        return result.criu.paused_ms or 0.0
+    return max(0.0, (result.finished_at - result.freeze_began) * 1000) if result.finished_at else result.wall_ms
 
 
 def _with_sent(result: apb.CheckpointResult, sent: Sent | None) -> apb.CheckpointResult:

@@ -39,6 +39,7 @@ from typing import Sequence
 
 import structlog
 
+from agent.runtime import dumpability
 from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
 from agent.runtime.freezer import (
     FREEZE_SCRIPT,
@@ -478,6 +479,18 @@ class Checkpointer:
         log.info(f"{what} done", container=name, wall_ms=round(wall_ms, 1), criu_paused_ms=criu.paused_ms,
                  images_bytes=size)  # fmt: skip
         return DumpResult(images, wall_ms, started_at, criu, size, finished_at, frozen_at)
+
+    async def inspect(self, name: str) -> dumpability.Dumpability:
+        """What CRIU would refuse to dump in the running container `name`, looked for in /proc
+        while it runs on (agent/runtime/dumpability.py says what this sees and what not)."""
+        self._require_config(name)
+        pid = await asyncio.to_thread(_init_pid, self.lxc_path, name)
+        try:
+            if not pid:
+                raise ProcessLookupError(name)
+            return await asyncio.to_thread(dumpability.inspect, pid)
+        except ProcessLookupError:
+            raise FailedPrecondition(f"container {name!r} is not running") from None
 
     async def trial_dump(self, name: str, scratch: Path, timeout: float = 60) -> DumpResult:
         """Dump while leaving the container running, to learn whether CRIU can dump it and

@@ -6,7 +6,7 @@ Order of steps (each recorded before it is taken):
                         final-transfer, adopt, start-target, switch, release-source, close-channel
   cold, shared storage  stop-source, detach-source, adopt (attach at a new generation),
                         start-target, switch, release-source
-  live, stop-and-copy   preflight (trial dump), open-channel, [precopy-rootfs], checkpoint
+  live, stop-and-copy   preflight (can CRIU dump it?), open-channel, [precopy-rootfs], checkpoint
                         (freeze+dump+stop; the source sends the rootfs delta while it dumps
                         and the images right after, in the same step), [detach-source],
                         adopt, restore, switch, release-source, close-channel
@@ -178,11 +178,13 @@ class MigrationPlan:
             raise FailedPrecondition(f"post-copy cannot move {record.storage} storage (see fleet.migrate)")
 
         if live:
-            await ctx.phase("preflight", "checking that CRIU can dump this container")
+            await ctx.phase("preflight", "checking that CRIU can dump this container, without stopping it")
             try:
                 async with ctx.step(StepName.PREFLIGHT):
                     trial = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_TRIAL)
-                await ctx.timing(preflight_pause=trial.frozen_ms or trial.wall_ms)
+                # The pre-flight looks at the container without stopping it (pause 0), and trial-dumps
+                # only a small one: pause_ms is what the workload stood still.
+                await ctx.timing(preflight=trial.wall_ms, preflight_pause=trial.pause_ms)
             except CorralError as exc:
                 if not params.fallback_cold:
                     raise FailedPrecondition(f"CRIU cannot live-migrate {self.name!r}: {exc.message}") from None
