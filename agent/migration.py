@@ -85,6 +85,7 @@ class SendAlong:
     target: PushTarget
     rootfs: bool
     timeout: float
+    while_dumping: bool = False  # the memory images as CRIU writes them (the receiver takes pieces)
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ class Migrations:
             await sending.changed.wait()
 
     async def _dump_and_send(self, op_id: str, name: str, images: Path, dumping: Awaitable[Any],
-                             send: SendAlong | None) -> tuple[Any, Sent | None]:  # fmt: skip
+                             send: SendAlong | None, memory_along: bool = False) -> tuple[Any, Sent | None]:  # fmt: skip
         """Await `dumping` (done once the images are written) and, with `send`, send along (see
         SendAlong). A failed dump sends nothing; a failed send fails the step (the dump stands:
         the controller rolls back from it)."""
@@ -341,14 +342,30 @@ class Migrations:
         sending = self._sending[op_id] = _Sending()
         dump = asyncio.ensure_future(dumping)
         rootfs = asyncio.ensure_future(self._rootfs_once_frozen(name, images, dump, send)) if send.rootfs else None
+        # The memory images as CRIU writes them (`memory_along`: a full dump into a fresh flat
+        # directory; a pre-copy dump links its parent, and goes by rsync after it).
+        following = None
+        if send.while_dumping and memory_along:
+            following = asyncio.ensure_future(self.pusher.push_while_writing(
+                images, send.target, CHECKPOINT, writing=dump, grows=_is_memory_image, timeout=send.timeout,
+                progress=sending.update,
+            ))  # fmt: skip
         try:
-            result = await dump
+            try:
+                result = await dump
+            except BaseException:
+                if following is not None:  # nothing of a failed dump is worth sending
+                    following.cancel()
+                raise
             dumped = time.monotonic()
-            images_sent = await self._push_images(images, send.target, send.timeout, sending.update)
+            if following is not None:
+                images_sent = await following
+            else:
+                images_sent = await self._push_images(images, send.target, send.timeout, sending.update)
             rootfs_sent = await rootfs if rootfs is not None else None
         finally:
             sending.finish()
-            for task in (dump, rootfs):
+            for task in (dump, rootfs, following):
                 if task is not None and not task.done():
                     task.cancel()
         return result, Sent(images_sent, rootfs_sent, (time.monotonic() - dumped) * 1000)
@@ -388,7 +405,7 @@ class Migrations:
                 await self._note_container(op_id, name)
                 self.containers.intend(name, False)  # the dump stops it: not a crash
                 dumping = self.checkpointer.dump(name, images, stop=True, parent=parent)
-                result, sent = await self._dump_and_send(op_id, name, images, dumping, send)
+                result, sent = await self._dump_and_send(op_id, name, images, dumping, send, memory_along=parent is None)
                 log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
                          parent_predump=parent_predump or None,
                          sent_after_ms=round(sent.after_dump_ms, 1) if sent else None)  # fmt: skip
@@ -768,6 +785,11 @@ def _remove_all(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
         elif path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_memory_image(name: str) -> bool:
+    """CRIU's page images (pages-N.img): written once, front to back, while it dumps."""
+    return name.startswith("pages-") and name.endswith(".img")
 
 
 def _is_lazy(images: Path) -> bool:

@@ -651,6 +651,56 @@ async def test_checkpoint_images_stream_over_one_warm_connection(endpoint, tmp_p
         await pusher.close()
 
 
+async def test_memory_images_go_while_they_are_written(endpoint, tmp_path):
+    """The checkpoint step's stream while CRIU dumps: the page image in pieces as it grows,
+    the other images once the dump is done; what arrives is what was written."""
+    from agent.transfer.stream_push import StreamPusher
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "corral-criu-dump.conf").write_text("network-lock nftables\n")
+    target, staging = endpoint.grant()
+    pieces = [os.urandom(1 << 20) for _ in range(12)]
+    arrived_while_writing: list[int] = []
+
+    async def dump() -> None:  # as CRIU: the page image front to back, the small ones at the end
+        with open(images / "pages-1.img", "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+                f.flush()
+                await asyncio.sleep(0.05)
+                got = staging / "checkpoint" / "pages-1.img"
+                arrived_while_writing.append(got.stat().st_size if got.exists() else 0)
+        (images / "inventory.img").write_bytes(b"inventory")
+        (images / "pagemap-1.img").write_bytes(b"map")
+
+    pusher = StreamPusher()
+    try:
+        writing = asyncio.ensure_future(dump())
+        sent = await pusher.push_while_writing(images, target, "checkpoint", writing=writing, timeout=30,
+                                               grows=lambda name: name.startswith("pages-"))  # fmt: skip
+        received = staging / "checkpoint"
+        assert (received / "pages-1.img").read_bytes() == b"".join(pieces)
+        assert (received / "inventory.img").read_bytes() == b"inventory"
+        assert sorted(p.name for p in received.iterdir()) == sorted(p.name for p in images.iterdir())
+        assert sent.files_transferred == 4 and sent.total_size == sum(p.stat().st_size for p in images.iterdir())
+        assert max(arrived_while_writing) >= 8 << 20, arrived_while_writing  # most of it went during the dump
+
+        # A dump that fails: its error, and the stream is cut (the receiver keeps no success).
+        async def failing() -> None:
+            with open(images / "pages-2.img", "wb") as f:
+                f.write(os.urandom(3 << 20))
+            await asyncio.sleep(0.2)
+            raise RuntimeError("criu said no")
+
+        (images / "pages-1.img").unlink()
+        with pytest.raises(RuntimeError, match="criu said no"):
+            await pusher.push_while_writing(images, target, "checkpoint", writing=asyncio.ensure_future(failing()),
+                                            grows=lambda name: name.startswith("pages-"), timeout=30)  # fmt: skip
+    finally:
+        await pusher.close()
+
+
 async def test_file_stream_writes_nothing_outside_its_directory(endpoint, tmp_path):
     target, staging = endpoint.grant()
     outside = tmp_path / "outside"
@@ -667,9 +717,12 @@ async def test_file_stream_writes_nothing_outside_its_directory(endpoint, tmp_pa
     assert list(outside.iterdir()) == []
     assert not (staging / "checkpoint").is_symlink()
     assert sorted(p.name for p in (staging / "checkpoint").iterdir()) == ["ok.img"]
-    # The same name twice in one stream is refused (no overwrite through a race).
-    status, _, _ = await _raw_stream(target, "corral-receive-files checkpoint", _frame(b"a", b"1") + _frame(b"a", b"2"))
-    assert status == 1
+    # The same name twice in one stream appends (pieces of a file sent as it was written), only
+    # ever to the file this stream made: never through a link, never outside.
+    status, _, _ = await _raw_stream(target, "corral-receive-files checkpoint",
+                                     _frame(b"a", b"1") + _frame(b"a", b"2") + b"\0\0")  # fmt: skip
+    assert status == 0 and (staging / "checkpoint" / "a").read_bytes() == b"12"
+    assert list(outside.iterdir()) == []
     for command in ("corral-receive-files ../x", "corral-receive-files a/b", "corral-receive-files",
                     "corral-receive-files a b", "corral-receive-files ."):  # fmt: skip
         status, _, stderr = await _raw_stream(target, command, b"\0\0")

@@ -12,9 +12,12 @@ repeated per file and ended by an empty name:
 
     u16 name length, name (UTF-8), u32 mode (permission bits), u64 size, size bytes
 
-Names are single plain components (no '/', '.', '..'); only regular files are
-created, with O_EXCL|O_NOFOLLOW relative to a directory the receiver made itself, so
-nothing outside it can be reached. The receiver answers `OK FILES BYTES` on stdout.
+A name may come again in one stream: its bytes are then appended to the file (a piece).
+So the memory images can go while CRIU still writes them (write_following), the rest
+once it is done. Names are single plain components (no '/', '.', '..'); only regular
+files are created, with O_EXCL|O_NOFOLLOW relative to a directory the receiver made
+itself (and only those are appended to), so nothing outside it can be reached. The
+receiver answers `OK FILES BYTES` on stdout.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from agent.transfer.rsync_command import CommandRefused
 RECEIVE_COMMAND = "corral-receive-files"
 CHUNK = 1024 * 1024
 SMALL_FILE = 256 * 1024  # at most this size, files travel in batches (one thread hop a batch)
+FOLLOW_PIECE = CHUNK  # a growing file goes once this much more of it is written
+FOLLOW_POLL = 0.02  # seconds between looks at the growing files when nothing was sent
 BATCH_FILES = 64
 MAX_NAME = 255
 MAX_FILES = 100_000
@@ -100,6 +105,68 @@ async def write_stream(files: list[Path], write: Callable[[bytes], Awaitable[Non
     return StreamedFiles(count, total)
 
 
+async def write_following(
+    directory: Path, write: Callable[[bytes], Awaitable[None]], writing: asyncio.Future,
+    grows: Callable[[str], bool], poll: float = FOLLOW_POLL,
+) -> StreamedFiles:  # fmt: skip
+    """Send the files of `directory` while `writing` (a task that writes them) runs: meanwhile
+    the files whose names `grows` accepts, in pieces as they grow (they must be written front
+    to back and never rewritten, as CRIU writes its page images); once it is done, what is
+    left of those and every other file whole, then the end. If `writing` fails this raises
+    its error (the receiver sees a stream cut short)."""
+    sent: dict[str, int] = {}  # bytes of each growing file already sent
+    total = 0
+    while not writing.done():
+        moved = 0
+        for name, size in await asyncio.to_thread(_growing, directory, grows):
+            if size - sent.get(name, 0) >= FOLLOW_PIECE:
+                n = await _write_piece(directory / name, sent.get(name, 0), size, write)
+                sent[name] = sent.get(name, 0) + n
+                moved += n
+        total += moved
+        if not moved:
+            await asyncio.wait([writing], timeout=poll)
+    writing.result()  # its error, if it failed
+    files = await asyncio.to_thread(flat_files, directory)
+    if files is None:
+        raise CommandRefused(f"{directory} is no longer a flat directory of files")
+    rest = [p for p in files if p.name not in sent]
+    for name, offset in sent.items():
+        size = (directory / name).stat().st_size
+        if size < offset:
+            raise OSError(f"{directory / name} shrank while being sent")
+        total += await _write_piece(directory / name, offset, size, write)
+    streamed = await write_stream(rest, write)
+    return StreamedFiles(len(sent) + streamed.files, total + streamed.bytes)
+
+
+def _growing(directory: Path, grows: Callable[[str], bool]) -> list[tuple[str, int]]:
+    found = []
+    if not directory.is_dir():
+        return found  # not made yet: the dump has not begun
+    for entry in os.scandir(directory):
+        if grows(entry.name) and _NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            found.append((entry.name, entry.stat(follow_symlinks=False).st_size))
+    return found
+
+
+async def _write_piece(path: Path, offset: int, end: int, write: Callable[[bytes], Awaitable[None]]) -> int:
+    """Bytes [offset, end) of `path`, as pieces of at most CHUNK (each its own frame)."""
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        mode = os.fstat(fd).st_mode
+        position = offset
+        while position < end:
+            data = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - position), position)
+            if not data:
+                raise OSError(f"{path} shrank while being sent")
+            await write(_head(path.name, mode, len(data)) + data)
+            position += len(data)
+        return end - offset
+    finally:
+        os.close(fd)
+
+
 async def _write_small(paths: list[Path], write: Callable[[bytes], Awaitable[None]]) -> int:
     frames = await asyncio.to_thread(lambda: [_frame_of(p) for p in paths])
     await write(b"".join(f for f, _ in frames))
@@ -160,28 +227,28 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) 
     files are written in batches, one thread hop per batch."""
     await asyncio.to_thread(_fresh_directory, directory)
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    files = total = 0
+    total = 0
+    made: set[str] = set()  # the files this stream created: a name that comes again appends to one
     batch: list[tuple[str, int, bytes]] = []
     try:
         while True:
             (length,) = _NAME_LEN.unpack(await read(_NAME_LEN.size))
             if length == 0:
-                await asyncio.to_thread(_create_files, dir_fd, batch)
-                return StreamedFiles(files, total)
+                await asyncio.to_thread(_store_files, dir_fd, batch, made)
+                return StreamedFiles(len(made), total)
             if length > MAX_NAME:
                 raise CommandRefused(f"file name of {length} bytes")
             name = check_name((await read(length)).decode("utf-8", errors="replace"))
             mode, size = _FILE_HEAD.unpack(await read(_FILE_HEAD.size))
-            files += 1
-            if files > MAX_FILES:
+            if name not in made and len(made) + len(batch) >= MAX_FILES:
                 raise CommandRefused(f"more than {MAX_FILES} files")
             if size <= SMALL_FILE and len(batch) < BATCH_FILES:
                 batch.append((name, mode, await read(size) if size else b""))
                 total += size
                 continue
-            await asyncio.to_thread(_create_files, dir_fd, batch)
+            await asyncio.to_thread(_store_files, dir_fd, batch, made)
             batch = []
-            fd = await asyncio.to_thread(_create, dir_fd, name, mode)
+            fd = await asyncio.to_thread(_open_piece, dir_fd, name, mode, made)
             try:
                 left = size
                 while left > 0:
@@ -199,9 +266,19 @@ def _create(dir_fd: int, name: str, mode: int) -> int:
     return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o700, dir_fd=dir_fd)
 
 
-def _create_files(dir_fd: int, files: list[tuple[str, int, bytes]]) -> None:
+def _open_piece(dir_fd: int, name: str, mode: int, made: set[str]) -> int:
+    """The file to write a piece of `name` to: created (it must not exist), or, if this
+    stream created it, opened to append."""
+    if name in made:
+        return os.open(name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW, dir_fd=dir_fd)
+    fd = _create(dir_fd, name, mode)
+    made.add(name)
+    return fd
+
+
+def _store_files(dir_fd: int, files: list[tuple[str, int, bytes]], made: set[str]) -> None:
     for name, mode, data in files:
-        fd = _create(dir_fd, name, mode)
+        fd = _open_piece(dir_fd, name, mode, made)
         try:
             _write_all(fd, data)
         finally:

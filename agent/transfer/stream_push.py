@@ -80,19 +80,34 @@ class StreamPusher:
         if files is None:
             return None
         meter = _Meter(sum(await asyncio.to_thread(lambda: [f.stat().st_size for f in files])), progress)
+        return await self._push(target, dest, meter, timeout, lambda write: file_stream.write_stream(files, write))
+
+    async def push_while_writing(
+        self, src_dir: Path, target: PushTarget, dest: str, *, writing: asyncio.Future,
+        grows: Callable[[str], bool], timeout: float, progress: Callable[[TransferProgress], None] | None = None,
+    ) -> TransferStats:  # fmt: skip
+        """Send the flat directory `src_dir` as staging/`dest` while `writing` writes it: the
+        files `grows` names in pieces as they grow, the rest once `writing` is done
+        (file_stream.write_following). Raises `writing`'s error if it fails."""
+        dest = file_stream.check_name(dest, "destination")  # (src_dir may not be made yet)
+        meter = _Meter(0, progress)  # the total grows with the files
+        return await self._push(target, dest, meter, timeout,
+                                lambda write: file_stream.write_following(src_dir, write, writing, grows))  # fmt: skip
+
+    async def _push(self, target: PushTarget, dest: str, meter: _Meter, timeout: float, produce) -> TransferStats:
         began = time.monotonic()
         plog = log.bind(op=target.user.removeprefix("op-"), address=target.address, dest=dest)
         try:
             async with asyncio.timeout(timeout):
                 try:
-                    sent, answer, status, errors = await self._send(target, files, dest, meter)
+                    sent, answer, status, errors = await self._send(target, produce, dest, meter)
                 except (OSError, asyncssh.Error):
                     if _key(target) not in self._connections:
                         raise
                     # A kept connection the peer has since closed (idle, or its grant was
                     # replaced): once more on a new one, which also hears why.
                     self._drop(target)
-                    sent, answer, status, errors = await self._send(target, files, dest, meter)
+                    sent, answer, status, errors = await self._send(target, produce, dest, meter)
         except TimeoutError:
             self._drop(target)
             raise DeadlineExceeded(f"sending {dest} did not finish within {timeout:g} s") from None
@@ -107,7 +122,8 @@ class StreamPusher:
         return TransferStats(bytes_sent=sent.bytes, literal_bytes=sent.bytes, total_size=sent.bytes,
                              files_transferred=sent.files, duration_s=duration)  # fmt: skip
 
-    async def _send(self, target: PushTarget, files: list[Path], dest: str, meter: _Meter):
+    async def _send(self, target: PushTarget, produce, dest: str, meter: _Meter):
+        """One stream to `dest`, its bytes written by `produce(write)`."""
         entry = await self._connection(target)
         entry.used_at = time.monotonic()
         meter.restart()
@@ -118,7 +134,7 @@ class StreamPusher:
                 meter.sent(len(data))
 
             try:
-                sent = await file_stream.write_stream(files, write)
+                sent = await produce(write)
                 process.stdin.write_eof()
             except BrokenPipeError:
                 sent = None  # the receiver stopped reading: its stderr says why
@@ -176,6 +192,7 @@ class _Meter:
 
     def sent(self, n: int) -> None:
         self._done += n
+        self.total = max(self.total, self._done)
         now = time.monotonic()
         if self._callback is not None and now - self._last >= PROGRESS_INTERVAL:
             self._last = now

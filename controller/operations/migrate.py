@@ -7,8 +7,9 @@ Order of steps (each recorded before it is taken):
   cold, shared storage  stop-source, detach-source, adopt (attach at a new generation),
                         start-target, switch, release-source
   live, stop-and-copy   preflight (can CRIU dump it?), open-channel, [precopy-rootfs], checkpoint
-                        (freeze+dump+stop; the source sends the rootfs delta while it dumps
-                        and the images right after, in the same step), [detach-source],
+                        (freeze+dump+stop; the source sends the rootfs delta and the memory
+                        images while it dumps, the other images right after, in the same
+                        step), [detach-source],
                         adopt, restore, switch, release-source, close-channel
   live, pre-copy        as stop-and-copy, with precopy-memory (memory pre-dumps, each sent,
                         until the dirty set stops shrinking) before the checkpoint, which then
@@ -234,7 +235,8 @@ class MigrationPlan:
                 watching = asyncio.ensure_future(self._watch_sending(ctx, src))
                 try:
                     dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_STOP, predumps,
-                                                send=self._send_along(grant, private_key, rootfs=not shared))  # fmt: skip
+                                                send=self._send_along(grant, private_key, rootfs=not shared,
+                                                                      while_dumping=grant.takes_pieces))  # fmt: skip
                 finally:
                     watching.cancel()
             # Downtime began at the freeze, inside the dump: count from there, not from the call.
@@ -285,9 +287,10 @@ class MigrationPlan:
         await ctx.timing(final_rootfs_bytes=final.literal_bytes)
 
     @staticmethod
-    def _send_along(grant: apb.ReceiveGrant, private_key: str, *, rootfs: bool) -> apb.SendAlong:
-        return apb.SendAlong(address=grant.address, user=grant.user, host_key=grant.host_key,
-                             private_key=private_key, rootfs=rootfs, timeout_seconds=TRANSFER_TIMEOUT)  # fmt: skip
+    def _send_along(grant: apb.ReceiveGrant, private_key: str, *, rootfs: bool,
+                    while_dumping: bool = False) -> apb.SendAlong:  # fmt: skip
+        return apb.SendAlong(address=grant.address, user=grant.user, host_key=grant.host_key, private_key=private_key,
+                             rootfs=rootfs, timeout_seconds=TRANSFER_TIMEOUT, while_dumping=while_dumping)  # fmt: skip
 
     async def _watch_sending(self, ctx: OpContext, src: AgentClient) -> None:
         """The images' progress while the checkpoint step sends them (for `ops watch`); a report,

@@ -214,14 +214,16 @@ class PrepareReceiveRequest(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., public_key: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class ReceiveGrant(_message.Message):
-    __slots__ = ("address", "user", "host_key")
+    __slots__ = ("address", "user", "host_key", "takes_pieces")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     HOST_KEY_FIELD_NUMBER: _ClassVar[int]
+    TAKES_PIECES_FIELD_NUMBER: _ClassVar[int]
     address: str
     user: str
     host_key: str
-    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ...) -> None: ...
+    takes_pieces: bool
+    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., takes_pieces: _Optional[bool] = ...) -> None: ...
 
 class FinishReceiveRequest(_message.Message):
     __slots__ = ("op_id", "discard")
@@ -300,20 +302,22 @@ class WatchSendingRequest(_message.Message):
     def __init__(self, op_id: _Optional[str] = ...) -> None: ...
 
 class SendAlong(_message.Message):
-    __slots__ = ("address", "user", "host_key", "private_key", "rootfs", "timeout_seconds")
+    __slots__ = ("address", "user", "host_key", "private_key", "rootfs", "timeout_seconds", "while_dumping")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     HOST_KEY_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_KEY_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WHILE_DUMPING_FIELD_NUMBER: _ClassVar[int]
     address: str
     user: str
     host_key: str
     private_key: str
     rootfs: bool
     timeout_seconds: int
-    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ...) -> None: ...
+    while_dumping: bool
+    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., while_dumping: _Optional[bool] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
     __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes", "page_server_tls")
