@@ -38,6 +38,7 @@ RECEIVE_COMMAND = "corral-receive-files"
 CHUNK = 1024 * 1024
 SMALL_FILE = 256 * 1024  # at most this size, files travel in batches (one thread hop a batch)
 FOLLOW_PIECE = CHUNK  # a growing file goes once this much more of it is written
+FOLLOW_READ = 4 * CHUNK  # read (one thread hop) and framed at most this much at a time
 FOLLOW_POLL = 0.02  # seconds between looks at the growing files when nothing was sent
 BATCH_FILES = 64
 MAX_NAME = 255
@@ -151,13 +152,13 @@ def _growing(directory: Path, grows: Callable[[str], bool]) -> list[tuple[str, i
 
 
 async def _write_piece(path: Path, offset: int, end: int, write: Callable[[bytes], Awaitable[None]]) -> int:
-    """Bytes [offset, end) of `path`, as pieces of at most CHUNK (each its own frame)."""
+    """Bytes [offset, end) of `path`, as pieces of at most FOLLOW_READ (each its own frame)."""
     fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         mode = os.fstat(fd).st_mode
         position = offset
         while position < end:
-            data = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - position), position)
+            data = await asyncio.to_thread(os.pread, fd, min(FOLLOW_READ, end - position), position)
             if not data:
                 raise OSError(f"{path} shrank while being sent")
             await write(_head(path.name, mode, len(data)) + data)
