@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
@@ -257,7 +258,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         local = request.source == apb.RESTORE_SOURCE_LOCAL
         ct, result = await self.migrations.restore(request.op_id, request.container, local, lazy_from, lazy_tls)
         return apb.RestoreResult(container=container_to_pb(ct), wall_ms=result.wall_ms,
-                                 restore_ms=result.criu.restore_ms or 0, finished_at=result.finished_at)  # fmt: skip
+                                 restore_ms=result.criu.restore_ms or 0, finished_at=result.finished_at,
+                                 reply_after_ms=max(0.0, (time.time() - result.finished_at) * 1000))  # fmt: skip
 
     async def WaitPages(self, request: apb.WaitPagesRequest, context):
         async for status in self.migrations.wait_pages(request.op_id):
@@ -322,4 +324,5 @@ def _with_sent(result: apb.CheckpointResult, sent: Sent | None) -> apb.Checkpoin
         result.images_sent_bytes = sent.images.bytes_sent
         result.rootfs_delta_bytes = rootfs.literal_bytes if rootfs else 0
         result.bytes_sent = sent.images.bytes_sent + (rootfs.bytes_sent if rootfs else 0)
+        result.reply_after_ms = max(0.0, (time.time() - sent.finished_at) * 1000)
     return result

@@ -240,7 +240,7 @@ class MigrationPlan:
                 finally:
                     watching.cancel()
             # Downtime began at the freeze, inside the dump: count from there, not from the call.
-            down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms) / 1000
+            down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms + dump.reply_after_ms) / 1000
             await self._sent_along(ctx, dump, shared)
             await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, criu_frozen=dump.frozen_ms,
                              criu_memdump=dump.memdump_ms)  # fmt: skip
@@ -270,7 +270,9 @@ class MigrationPlan:
             restore_began = time.monotonic()
             async with ctx.step(StepName.RESTORE):
                 restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED)
-            now = time.monotonic()
+                # Downtime ends when the target runs it, not when its agent's reply (after some
+                # bookkeeping) arrives here: the agent measures that gap on its own clock.
+                now = time.monotonic() - restored.reply_after_ms / 1000
             await ctx.timing(restore=(now - restore_began) * 1000, downtime=(now - down_began) * 1000,
                              criu_restore=restored.restore_ms)  # fmt: skip
         elif was_running:
@@ -339,7 +341,7 @@ class MigrationPlan:
         async with ctx.step(StepName.LAZY_CHECKPOINT):
             dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_LAZY,
                                         send=self._send_along(grant, private_key, rootfs=True))  # fmt: skip
-        self.down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms) / 1000
+        self.down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms + dump.reply_after_ms) / 1000
         server = (dump.page_server_address, dump.page_server_port)
         await ctx.set_params(replace(self._params(ctx), page_server=f"{server[0]}:{server[1]}"))
         await self._sent_along(ctx, dump, False)
@@ -353,7 +355,7 @@ class MigrationPlan:
         async with ctx.step(StepName.LAZY_RESTORE):
             restored = await dst.restore(ctx.op.id, self.name, apb.RESTORE_SOURCE_RECEIVED, lazy_from=server,
                                          lazy_tls=dump.page_server_tls)  # fmt: skip
-        now = time.monotonic()
+            now = time.monotonic() - restored.reply_after_ms / 1000  # (see run: when it ran again)
         await ctx.timing(restore=(now - restore_began) * 1000, downtime=(now - self.down_began) * 1000,
                          criu_restore=restored.restore_ms)  # fmt: skip
         return await self._postcopy_tail(ctx)

@@ -320,7 +320,7 @@ class SendAlong(_message.Message):
     def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., while_dumping: _Optional[bool] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
-    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes", "page_server_tls")
+    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes", "page_server_tls", "reply_after_ms")
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +338,7 @@ class CheckpointResult(_message.Message):
     ROOTFS_DELTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     IMAGES_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SERVER_TLS_FIELD_NUMBER: _ClassVar[int]
+    REPLY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     wall_ms: float
     frozen_ms: float
     freezing_ms: float
@@ -355,7 +356,8 @@ class CheckpointResult(_message.Message):
     rootfs_delta_bytes: int
     images_sent_bytes: int
     page_server_tls: PageServerTls
-    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ..., sent_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., rootfs_delta_bytes: _Optional[int] = ..., images_sent_bytes: _Optional[int] = ..., page_server_tls: _Optional[_Union[PageServerTls, _Mapping]] = ...) -> None: ...
+    reply_after_ms: float
+    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ..., sent_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., rootfs_delta_bytes: _Optional[int] = ..., images_sent_bytes: _Optional[int] = ..., page_server_tls: _Optional[_Union[PageServerTls, _Mapping]] = ..., reply_after_ms: _Optional[float] = ...) -> None: ...
 
 class PageServerTls(_message.Message):
     __slots__ = ("ca", "cert", "key")
@@ -384,16 +386,18 @@ class RestoreRequest(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., source: _Optional[_Union[RestoreSource, str]] = ..., lazy_address: _Optional[str] = ..., lazy_port: _Optional[int] = ..., lazy_tls: _Optional[_Union[PageServerTls, _Mapping]] = ...) -> None: ...
 
 class RestoreResult(_message.Message):
-    __slots__ = ("container", "wall_ms", "restore_ms", "finished_at")
+    __slots__ = ("container", "wall_ms", "restore_ms", "finished_at", "reply_after_ms")
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_MS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     container: _types_pb2.Container
     wall_ms: float
     restore_ms: float
     finished_at: float
-    def __init__(self, container: _Optional[_Union[_types_pb2.Container, _Mapping]] = ..., wall_ms: _Optional[float] = ..., restore_ms: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    reply_after_ms: float
+    def __init__(self, container: _Optional[_Union[_types_pb2.Container, _Mapping]] = ..., wall_ms: _Optional[float] = ..., restore_ms: _Optional[float] = ..., finished_at: _Optional[float] = ..., reply_after_ms: _Optional[float] = ...) -> None: ...
 
 class AdoptContainerRequest(_message.Message):
     __slots__ = ("op_id", "container", "volume_generation", "takeover_from")
