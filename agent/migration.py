@@ -33,7 +33,7 @@ import json
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -239,7 +239,7 @@ class Migrations:
 
         async def work():
             async with self.containers.lock(name):
-                # Counted (~30 ms of parsing at 1 GiB) while CRIU restores, not after: off the downtime.
+                # Counted (~30 ms of parsing at 1 GiB) while CRIU restores (another process), not after.
                 counting = asyncio.ensure_future(asyncio.to_thread(lazy_bytes, images))
                 try:
                     lazy = await self.checkpointer.start_lazy_restore(name, images, server, timeout=PAGES_DEADLINE)
@@ -489,7 +489,6 @@ class Migrations:
                 self.containers.intend(name, False)  # the dump stops it: not a crash
                 lazy = await self.checkpointer.start_lazy_dump(name, images, server, timeout=PAGES_DEADLINE,
                                                                keep_source=True)  # fmt: skip
-                counting: list[asyncio.Future] = []  # the count of what is left to pull (see serving)
 
                 async def serving() -> LazyCheckpoint:
                     ready = await lazy.images_ready()
@@ -500,9 +499,8 @@ class Migrations:
                         await lazy.resume_source()
                         raise FailedPrecondition(f"post-copy of {name!r} refused, the source could not be kept "
                                                  f"stopped if the page transfer failed: {why}")
-                    # How much is left to pull, counted while the images go (~30 ms at 1 GiB): not
-                    # before, where it would hold the downtime up.
-                    counting.append(asyncio.ensure_future(asyncio.to_thread(lazy_bytes, images)))
+                    # lazy_bytes 0: the destination counts what it pulls. Here the count (~30 ms of
+                    # parsing at 1 GiB, holding the GIL) would delay sending the images: the downtime.
                     info = LazyCheckpoint(ready, server.address, server.port, read_frozen_at(images), 0,
                                           PageServerTls.client_of(one_time))  # fmt: skip
                     # Known before anything is sent: a failed send rolls back through resume_source.
@@ -512,13 +510,7 @@ class Migrations:
                              images_ms=round(ready.wall_ms, 1))  # fmt: skip
                     return info
 
-                try:
-                    info, sent = await self._dump_and_send(op_id, name, images, serving(), send)
-                finally:
-                    counted = await counting[0] if counting else 0
-                info = replace(info, lazy_bytes=counted)
-                self._sources[op_id].info = info
-                return info, sent
+                return await self._dump_and_send(op_id, name, images, serving(), send)
 
         return await self._shielded(work())
 

@@ -109,6 +109,7 @@ class MigrationPlan:
         self.target_name: str = params.target
         self.bytes_sent = 0  # what crossed the network in this run (not counted across a restart)
         self.down_began: float | None = None  # monotonic, the freeze (not known across a restart)
+        self.lazy_bytes = 0  # post-copy: the memory the target pulls (its own count)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class MigrationPlan:
         server = (dump.page_server_address, dump.page_server_port)
         await ctx.set_params(replace(self._params(ctx), page_server=f"{server[0]}:{server[1]}"))
         await self._sent_along(ctx, dump, False)
-        await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms, lazy_bytes=dump.lazy_bytes)
+        await ctx.timing(dump=dump.wall_ms, freeze=dump.pause_ms)
 
         await ctx.phase("adopt", "installing the container on the target")
         async with ctx.step(StepName.ADOPT):
@@ -377,6 +378,7 @@ class MigrationPlan:
 
         def progress(u: apb.PagesUpdate) -> None:
             ctx.progress(phase="wait-pages", bytes_done=u.bytes_done, bytes_total=u.bytes_total, eta_s=-1)
+            self.lazy_bytes = u.bytes_total or self.lazy_bytes  # counted by the target, from its images
 
         target = asyncio.ensure_future(self._side_report(ctx, self.target_name, deadline, progress))
         source = asyncio.ensure_future(self._side_report(ctx, self.source_name, deadline))
@@ -415,6 +417,8 @@ class MigrationPlan:
     async def _pages_done(self, ctx: OpContext, target: SideReport) -> None:
         if self.down_began is not None:
             await ctx.timing(pages_done=(time.monotonic() - self.down_began) * 1000)
+        if self.lazy_bytes:
+            await ctx.timing(lazy_bytes=self.lazy_bytes)
         ctx.log.info("every page has moved", target=target.state)
 
     async def _side_report(self, ctx: OpContext, node: str, deadline: float, progress=None) -> SideReport:
