@@ -35,6 +35,8 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)  # the operator's, for placement constraints
     metrics_listen: str | None = None  # HOST:PORT of /metrics (plain HTTP; README, Observing); None = off
     log_file: LogFile | None = None  # None: JSON lines on stderr (the journal)
+    # Live-migration pre-flight: also trial-dump a container holding at most this much (0: never).
+    preflight_trial_max_bytes: int = 0
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -42,7 +44,8 @@ class AgentConfig:
         doc.check_keys({
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
             "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
-            "watchdog_device", "watchdog_timeout", "labels", "metrics_listen", *LOG_FILE_KEYS,
+            "watchdog_device", "watchdog_timeout", "labels", "metrics_listen", "preflight_trial_max_bytes",
+            *LOG_FILE_KEYS,
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
         heartbeat = doc.get("heartbeat_interval", float, 1.0)
@@ -80,6 +83,7 @@ class AgentConfig:
             labels=doc.get("labels", dict, {}, parse=_labels),
             metrics_listen=metrics,
             log_file=log_file_from(doc),
+            preflight_trial_max_bytes=doc.get("preflight_trial_max_bytes", object, 0, parse=_trial_max_bytes),
         )
 
 
@@ -96,6 +100,19 @@ def _labels(value: dict) -> dict[str, str]:
         return check_labels(value)
     except CorralError as exc:
         raise ValueError(exc.message) from None
+
+
+def _trial_max_bytes(value) -> int:
+    """A size (32M, 1G, 1048576) or 0 (never trial-dump)."""
+    from corral.units import parse_size
+
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 32M or 0, got {value!r}")
+    if value == 0 or str(value).strip() == "0":
+        return 0
+    if str(value).strip().startswith("-"):
+        raise ValueError(f"must not be negative, got {value}")
+    return parse_size(str(value), "size")
 
 
 def _watchdog_timeout(value: int) -> int:

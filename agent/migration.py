@@ -71,9 +71,6 @@ SOURCE_FINISH_WAIT = 60.0  # release: for the source's CRIU to exit once every p
 KEPT_MARK = "corral-kept.json"  # a complete checkpoint a failed post-copy source left
 SWEEP_INTERVAL = 60.0  # how often expired grants' staging is looked for
 STALE_PREDUMPS = 24 * 3600.0  # pre-dumps this old belong to no migration still running
-# Pre-flight: a container whose tasks hold at most this much memory also gets a trial dump
-# (its pause: tens of ms here, less than its migration's downtime); bigger ones only the /proc look.
-PREFLIGHT_TRIAL_MAX_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -129,8 +126,10 @@ class Migrations:
         grants: GrantRegistry,
         checkpointer: Checkpointer,
         state_dir: Path,
+        preflight_trial_max_bytes: int = 0,
     ) -> None:
         self.containers = containers
+        self.preflight_trial_max_bytes = preflight_trial_max_bytes
         self.transfer = transfer
         self.grants = grants
         self.checkpointer = checkpointer
@@ -421,15 +420,16 @@ class Migrations:
 
     async def _preflight(self, op_id: str, name: str) -> DumpResult:
         """Can CRIU dump `name`? A look at its tasks in /proc, which never stops it
-        (Checkpointer.inspect); then, only if its memory is small enough that the pause stays
-        short, a trial dump, which also catches what that look cannot see."""
+        (Checkpointer.inspect); then, only if the host's config asks for it for a container of
+        that little memory (`preflight_trial_max_bytes`), a trial dump, which also catches what
+        that look cannot see, at the cost of a pause (~200 ms for a small container here)."""
         started_at = time.time()
         verdict = await self.checkpointer.inspect(name)
         log.info("pre-flight inspection", op=op_id, container=name, tasks=verdict.tasks, files=verdict.files,
                  memory_bytes=verdict.memory_bytes, ms=round(verdict.ms, 1), blockers=len(verdict.blockers))  # fmt: skip
         if not verdict.dumpable:
             raise FailedPrecondition(f"CRIU would refuse to dump {name!r}: {verdict.reason()}")
-        if verdict.memory_bytes <= PREFLIGHT_TRIAL_MAX_BYTES:
+        if self.preflight_trial_max_bytes and verdict.memory_bytes <= self.preflight_trial_max_bytes:
             return await self.checkpointer.trial_dump(name, self.checkpoints_root / f"{_op(op_id)}-trial")
         return DumpResult(Path(), verdict.ms, started_at, CriuTimes(), 0, started_at + verdict.ms / 1000)
 

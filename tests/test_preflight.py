@@ -193,3 +193,26 @@ async def until_new(lab, before: set[int]) -> set[int]:
                 await asyncio.sleep(0.3)  # let it reach its last exec
                 return await cases_running(lab) - before
             await asyncio.sleep(0.1)
+
+
+def test_the_trial_dump_is_off_unless_the_host_asks_for_it(tmp_path):
+    """`preflight_trial_max_bytes`: 0 (never) by default; a size; a bad value stops the agent's
+    start with FILE:LINE (and `--check-config` with exit 78)."""
+    from agent.config import AgentConfig
+    from corral.config import ConfigError
+
+    for name in ("ca.crt", "c.crt", "c.key"):
+        (tmp_path / name).write_text("x")
+    path = tmp_path / "agent.yaml"
+    base = "node: n1\nlisten: 127.0.0.1:7701\ncontroller: 127.0.0.1:7700\ntls: {ca: ca.crt, cert: c.crt, key: c.key}\n"
+
+    def load(extra: str) -> AgentConfig:
+        path.write_text(base + extra)
+        return AgentConfig.load(path)
+
+    assert load("").preflight_trial_max_bytes == 0
+    assert load("preflight_trial_max_bytes: 32M\n").preflight_trial_max_bytes == 32 << 20
+    assert load("preflight_trial_max_bytes: 0\n").preflight_trial_max_bytes == 0
+    for bad in ("-1", "lots", "true"):
+        with pytest.raises(ConfigError, match=r"agent.yaml:5: preflight_trial_max_bytes"):
+            load(f"preflight_trial_max_bytes: {bad}\n")
