@@ -339,7 +339,7 @@ def inner_lazy_floor(args) -> dict:
     killed and the original thawed, running on as the fleet believes. Nothing of the copy is
     left (its cgroups, its veth, the scratch path)."""
     from agent.runtime.cgroups import container_cgroup_dirs, remove_empty
-    from agent.runtime.checkpoint import _listening  # the agent's own test: connecting would take the page server
+    from agent.runtime.tcp_listen import listening as _listening  # the agent's own: connecting would take the page server
     from agent.runtime.criu_pagemap import lazy_bytes
     from agent.runtime.criu_stats import StatsFormatError, read_restore_stats
     from agent.runtime.freezer import PREFROZEN_MARK, Freezer, read_frozen_at, remove_network_lock
@@ -837,14 +837,15 @@ async def outer(args) -> int:
             facts = {n.name: {"live_strategies": list(n.facts.live_strategies),
                               "live_unavailable": dict(n.facts.live_unavailable),
                               "criu": n.facts.criu_version, "kernel": n.facts.kernel} for n in nodes}  # fmt: skip
-            strategies = [s for s in (STOP_AND_COPY, POST_COPY) if all(s in n.facts.live_strategies for n in nodes)]
+            strategies = [s for s in (STOP_AND_COPY, POST_COPY) if all(s in n.facts.live_strategies for n in nodes)
+                          and s in args.strategies]  # fmt: skip
             postcopy_note = ""
-            if POST_COPY not in strategies:
+            if POST_COPY not in strategies and POST_COPY in args.strategies:
                 why = "; ".join(f"{n.name}: {n.facts.live_unavailable.get(POST_COPY, 'not listed')}"
                                 for n in nodes if POST_COPY not in n.facts.live_strategies)  # fmt: skip
                 postcopy_note = f"not offered by the nodes ({why})"
                 bench.log(f"post-copy: {postcopy_note}")
-            if STOP_AND_COPY not in strategies:
+            if STOP_AND_COPY not in strategies and STOP_AND_COPY in args.strategies:
                 raise RuntimeError(f"the nodes offer no stop-and-copy live migration: {facts}")
             try:
                 for size in args.sizes:
@@ -896,6 +897,9 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=20, help="MB/s of memory dirtied by the sized workloads (default 20)")
     p.add_argument("--lab", default="lmb")
     p.add_argument("--keep", action="store_true", help="leave the lab up if this run brought it up")
+    p.add_argument("--strategies", default=f"{STOP_AND_COPY},{POST_COPY}",
+                   type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help=f"comma-separated, of {STOP_AND_COPY},{POST_COPY} (default: both, where the nodes offer them)")
     p.add_argument("--inner-floor", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--inner-lazy-floor", action="store_true", help=argparse.SUPPRESS)
     for opt in ("--lxc-path", "--name", "--images"):
@@ -909,6 +913,8 @@ def main() -> int:
         return 0
     if args.n < 1:
         p.error("-n must be at least 1")
+    if not args.strategies or set(args.strategies) - {STOP_AND_COPY, POST_COPY}:
+        p.error(f"--strategies takes {STOP_AND_COPY} and/or {POST_COPY}, comma-separated")
     return asyncio.run(outer(args))
 
 

@@ -3,6 +3,10 @@ anything stops or moves, says why, and never pauses it. Each case the pre-flight
 to catch is made for real in a lab container, and CRIU itself is asked to agree."""
 
 import asyncio
+import contextlib
+import os
+import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -95,12 +99,14 @@ async def cases_running(lab) -> set[int]:
 async def criu_refuses(lab) -> str:
     """CRIU's own verdict: a trial dump with the raw tool (the container keeps running)."""
     images = lab.host("n1").state_dir / "preflight-trial"
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
     try:
-        out = await on_host(lab, "n1", "sh", "-c", f'rm -rf "$1"; mkdir -p "$1"; lxc-checkpoint -P "$2" -n {NAME} '
-                            '-D "$1" >/dev/null 2>&1; echo "exit $?"; grep "^Error" "$1/dump.log" | tail -3',
+        out = await on_host(lab, "n1", "sh", "-c", f'lxc-checkpoint -P "$2" -n {NAME} -D "$1" >/dev/null 2>&1; '
+                            'echo "exit $?"; grep "^Error" "$1/dump.log" | tail -3',
                             "sh", str(images), str(lab.host("n1").lxc_path))  # fmt: skip
     finally:
-        await on_host(lab, "n1", "rm", "-rf", str(images), check=False)
+        shutil.rmtree(images, ignore_errors=True)
     assert not out.startswith("exit 0"), f"CRIU dumped it: the pre-flight refused what CRIU can do ({out})"
     return out
 
@@ -130,7 +136,8 @@ async def refused_before_anything_moves(corral, lab, workload_pid: int, expected
 
 async def end(pids: set[int]) -> None:
     for pid in pids:
-        await asyncio.create_subprocess_exec("kill", "-9", str(pid))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     await asyncio.sleep(0.3)
 
 

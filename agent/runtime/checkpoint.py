@@ -53,6 +53,7 @@ from agent.runtime.freezer import (
     remove_network_lock,
     write_executable,
 )
+from agent.runtime.tcp_listen import listening
 from agent.runtime.tool_process import ToolProcess, kill_tree, restored_monitor, tools_using
 from agent.runtime.criu import check_feature
 from agent.runtime.criu_stats import DumpStats, RestoreStats, StatsFormatError, read_dump_stats, read_restore_stats
@@ -67,7 +68,7 @@ RESTORE_RCFILE = "corral-lxc-restore.conf"
 APPARMOR_FS = Path("/sys/kernel/security/apparmor")  # what CRIU looks at (criu/lsm.c, kerndat_lsm)
 LAZY_SOCKET = "lazy-pages.socket"
 LAZY_LOG = "lazy-pages.log"
-_POLL = 0.005  # seconds between looks at /proc/net/tcp or a socket file: cheap, and 5 ms is noise
+_POLL = 0.005  # seconds between looks at a listening port or a socket file: cheap, and 5 ms is noise
 # Lines CRIU logs as errors that do not make a dump fail (no CAP_SYS_RESOURCE here).
 _BENIGN_ERRORS = ("RLIMIT_NOFILE",)
 
@@ -236,23 +237,6 @@ def failure_reason(criu_log: Path, output: Path | None = None, lines: int = 6) -
         return " | ".join(tail[-lines:])
     out = [line.strip() for line in _tail(output).splitlines() if line.strip()] if output else []
     return " | ".join(out[-lines:]) or f"no log at {criu_log}"
-
-
-def _listening(port: int) -> bool:
-    """Is something in this network namespace listening on TCP `port`? (Connecting to
-    find out is not an option: CRIU's page server serves the first connection it gets.)"""
-    want = f":{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 3 and parts[3] == "0A" and parts[1].endswith(want):
-                        return True
-        except OSError:
-            continue
-    return False
 
 
 def _init_pid(lxc_path: Path, name: str) -> int:
@@ -532,7 +516,7 @@ class Checkpointer:
             images / DUMP_CONFIG,
             [("lazy-pages", None), *server.criu_options(server=True), *self._dump_options(), *await self._cgroup_options(name)],
         )
-        if _listening(server.port):
+        if listening(server.port):
             raise FailedPrecondition(f"port {server.port} is already in use on this host")
         freezer, freeze_flags = await self._prefreeze(name, images)
         if keep_source:
@@ -721,7 +705,7 @@ class LazyDump:
             return self._ready
         try:
             async with asyncio.timeout(self._left()):
-                while not _listening(self.server.port):
+                while not listening(self.server.port):
                     if self._child.returncode is not None:
                         # CRIU failed before serving pages (and unlocked the network): the source goes on.
                         await self._resume_after_failure()
