@@ -241,8 +241,8 @@ def inspect(init_pid: int, ghost_limit: int = GHOST_LIMIT) -> Dumpability:
         if pid in nested:
             block("it runs in a PID namespace nested in the container's, which CRIU cannot dump")
         elif status.get("NSsid", "").split()[-1:] == ["0"]:
-            block("its session is led from outside the container (a process left by lxc-attach or "
-                  "`corral ct exec` that went on running): CRIU cannot dump it")  # fmt: skip
+            block("its session is led from outside the container (an open `corral ct exec`/`ct enter` or "
+                  "lxc-attach session, or a process one left running): CRIU cannot dump it")  # fmt: skip
         for kind in NESTED_UNSUPPORTED:
             if kind != "pid" and init_ns[kind] is not None and _ns(pid, kind) not in (None, init_ns[kind]):
                 block(f"it has its own {kind} namespace nested in the container's, which CRIU cannot dump")
