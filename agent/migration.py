@@ -238,14 +238,12 @@ class Migrations:
 
         async def work():
             async with self.containers.lock(name):
-                # Counted (~30 ms of parsing at 1 GiB) while CRIU restores (another process), not after.
-                counting = asyncio.ensure_future(asyncio.to_thread(lazy_bytes, images))
-                try:
-                    lazy = await self.checkpointer.start_lazy_restore(name, images, server, timeout=PAGES_DEADLINE)
-                    self.containers.intend(name, True)
-                    running = await lazy.running()
-                finally:
-                    total = await counting
+                lazy = await self.checkpointer.start_lazy_restore(name, images, server, timeout=PAGES_DEADLINE)
+                self.containers.intend(name, True)
+                running = await lazy.running()
+                # Counted once it runs (~30 ms of parsing at 1 GiB, holding the GIL): not while the
+                # restore is watched, where it delayed seeing the container run.
+                total = await asyncio.to_thread(lazy_bytes, images)
                 pid = running.init_pid
                 usage = lambda: memory_usage_of(pid) if pid else None  # noqa: E731
                 target = PostCopyTarget(op_id, name, lazy, running, total, usage)
@@ -338,7 +336,7 @@ class Migrations:
             await sending.changed.wait()
 
     async def _dump_and_send(self, op_id: str, name: str, images: Path, dumping: Awaitable[Any],
-                             send: SendAlong | None, memory_along: bool = False) -> tuple[Any, Sent | None]:  # fmt: skip
+                             send: SendAlong | None, flat_images: bool = False) -> tuple[Any, Sent | None]:  # fmt: skip
         """Await `dumping` (done once the images are written) and, with `send`, send along (see
         SendAlong). A failed dump sends nothing; a failed send fails the step (the dump stands:
         the controller rolls back from it)."""
@@ -347,10 +345,11 @@ class Migrations:
         sending = self._sending[op_id] = _Sending()
         dump = asyncio.ensure_future(dumping)
         rootfs = asyncio.ensure_future(self._rootfs_once_frozen(name, images, dump, send)) if send.rootfs else None
-        # The memory images as CRIU writes them (`memory_along`: a full dump into a fresh flat
-        # directory; a pre-copy dump links its parent, and goes by rsync after it).
+        # The memory images as CRIU writes them, the rest the moment the dump is done, on a stream
+        # opened when it starts (`flat_images`: a dump into a fresh flat directory; a pre-copy
+        # dump links its parent, and goes by rsync after it).
         following = None
-        if send.while_dumping and memory_along:
+        if send.while_dumping and flat_images:
             following = asyncio.ensure_future(self.pusher.push_while_writing(
                 images, send.target, CHECKPOINT, writing=dump, grows=_is_memory_image, timeout=send.timeout,
                 progress=sending.update,
@@ -410,7 +409,7 @@ class Migrations:
                 await self._note_container(op_id, name)
                 self.containers.intend(name, False)  # the dump stops it: not a crash
                 dumping = self.checkpointer.dump(name, images, stop=True, parent=parent)
-                result, sent = await self._dump_and_send(op_id, name, images, dumping, send, memory_along=parent is None)
+                result, sent = await self._dump_and_send(op_id, name, images, dumping, send, flat_images=parent is None)
                 log.info("checkpointed", op=op_id, container=name, ms=round(result.wall_ms, 1),
                          parent_predump=parent_predump or None,
                          sent_after_ms=round(sent.after_dump_ms, 1) if sent else None)  # fmt: skip
@@ -510,7 +509,8 @@ class Migrations:
                              images_ms=round(ready.wall_ms, 1))  # fmt: skip
                     return info
 
-                return await self._dump_and_send(op_id, name, images, serving(), send)
+                # (A lazy dump writes no page images to follow: the stream only saves opening it later.)
+                return await self._dump_and_send(op_id, name, images, serving(), send, flat_images=True)
 
         return await self._shielded(work())
 

@@ -856,7 +856,7 @@ async def outer(args) -> int:
                         errors.append({"size": size.label, "error": str(exc)})
                         run["error"] = str(exc)
                         bench.log(f"{size.label}: FAILED: {exc}")
-                    if run.get("floor"):
+                    if run.get("floor") or run.get("lazy_floor"):
                         runs.append(run)
             finally:
                 for size in args.sizes:  # whatever is left of this run's containers

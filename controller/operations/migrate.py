@@ -341,7 +341,8 @@ class MigrationPlan:
         await ctx.phase("lazy-checkpoint", "freezing the container, dumping all but its memory, sending it")
         async with ctx.step(StepName.LAZY_CHECKPOINT):
             dump = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_LAZY,
-                                        send=self._send_along(grant, private_key, rootfs=True))  # fmt: skip
+                                        send=self._send_along(grant, private_key, rootfs=True,
+                                                              while_dumping=grant.takes_pieces))  # fmt: skip
         self.down_began = time.monotonic() - (dump.pause_ms + dump.sent_ms + dump.reply_after_ms) / 1000
         server = (dump.page_server_address, dump.page_server_port)
         await ctx.set_params(replace(self._params(ctx), page_server=f"{server[0]}:{server[1]}"))
