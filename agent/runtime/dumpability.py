@@ -155,54 +155,56 @@ def _is_ghost(st: os.stat_result, ghost_limit: int) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and st.st_blocks * 512 > ghost_limit
 
 
+def _listing(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:  # the task is gone, or has no such table
+        return []
+
+
+def _fd_blocker(pid: int, fd: str, link: str, st: os.stat_result, mounts: set[int], ghost_limit: int) -> str | None:
+    """What CRIU would refuse in descriptor `fd` (pointing to `link`, of stat `st`), or None."""
+    if link.startswith("anon_inode:"):
+        kind = link[len("anon_inode:") :]
+        return None if kind in SUPPORTED_ANON else f"fd {fd} is a {kind} descriptor, which CRIU cannot dump"
+    if link.startswith(("socket:", "pipe:", "pidfd:", "/memfd:")):
+        return None  # sockets: not looked at (see the module's docstring); pipes, memfds: dumped
+    mode = st.st_mode
+    if stat.S_ISCHR(mode):
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        if _is_tty(major, minor):
+            return None
+        if major not in (MEM_MAJOR, MISC_MAJOR) or (major == MISC_MAJOR and minor not in MISC_SUPPORTED):
+            return f"fd {fd} is the character device {major}:{minor} ({link}), which CRIU cannot dump"
+        if major == MISC_MAJOR and minor != 235:
+            return None  # tun; mem devices and autofs are dumped as files: their mount must be known
+    elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        return None
+    if ":[" in link and not link.startswith("/"):
+        return None  # a namespace file (nsfs), which CRIU dumps
+    mnt = _mnt_id(pid, fd)
+    if mnt is not None and mnt not in mounts:
+        return f"fd {fd} is {link}, on a mount the container does not have (a file passed in from outside)"
+    if _is_ghost(st, ghost_limit):
+        return (f"fd {fd} is the deleted file {link} of {st.st_blocks * 512} bytes, over CRIU's ghost "
+                f"limit of {ghost_limit}")  # fmt: skip
+    return None
+
+
 def _file_blockers(pid: int, mounts: set[int], ghost_limit: int) -> tuple[int, list[str]]:
     """(descriptors and mapped files looked at, what CRIU would refuse among them)."""
     found: list[str] = []
     count = 0
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        fds = []
-    for fd in fds:
+    for fd in _listing(f"/proc/{pid}/fd"):
         path = f"/proc/{pid}/fd/{fd}"
         try:
-            link = os.readlink(path)
-            st = os.stat(path)
+            link, st = os.readlink(path), os.stat(path)
         except OSError:
             continue  # closed meanwhile
         count += 1
-        if link.startswith("anon_inode:"):
-            kind = link[len("anon_inode:") :]
-            if kind not in SUPPORTED_ANON:
-                found.append(f"fd {fd} is a {kind} descriptor, which CRIU cannot dump")
-            continue
-        if link.startswith(("socket:", "pipe:", "pidfd:")) or link.startswith("/memfd:"):
-            continue  # sockets: not looked at (see the module's docstring); pipes, memfds: dumped
-        mode = st.st_mode
-        regular_like = stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
-        if stat.S_ISCHR(mode):
-            major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            if _is_tty(major, minor):
-                continue
-            if major not in (MEM_MAJOR, MISC_MAJOR) or (major == MISC_MAJOR and minor not in MISC_SUPPORTED):
-                found.append(f"fd {fd} is the character device {major}:{minor} ({link}), which CRIU cannot dump")
-                continue
-            regular_like = major == MEM_MAJOR or minor == 235  # dumped as files: their mount must be known
-        if not regular_like:
-            continue
-        if ":[" in link and not link.startswith("/"):
-            continue  # a namespace file (nsfs), which CRIU dumps
-        mnt = _mnt_id(pid, fd)
-        if mnt is not None and mnt not in mounts:
-            found.append(f"fd {fd} is {link}, on a mount the container does not have (a file passed in from outside)")
-        elif _is_ghost(st, ghost_limit):
-            found.append(f"fd {fd} is the deleted file {link} of {st.st_blocks * 512} bytes, over CRIU's ghost "
-                         f"limit of {ghost_limit}")  # fmt: skip
-    try:
-        maps = os.listdir(f"/proc/{pid}/map_files")
-    except OSError:
-        maps = []
-    for area in maps:
+        if (why := _fd_blocker(pid, fd, link, st, mounts, ghost_limit)) is not None:
+            found.append(why)
+    for area in _listing(f"/proc/{pid}/map_files"):
         path = f"/proc/{pid}/map_files/{area}"
         try:
             link = os.readlink(path)
@@ -246,14 +248,7 @@ def inspect(init_pid: int, ghost_limit: int = GHOST_LIMIT) -> Dumpability:
         for kind in NESTED_UNSUPPORTED:
             if kind != "pid" and init_ns[kind] is not None and _ns(pid, kind) not in (None, init_ns[kind]):
                 block(f"it has its own {kind} namespace nested in the container's, which CRIU cannot dump")
-        tracers = set()
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                tracer = _status_field(pid, tid, "TracerPid")
-                if tracer not in (None, "0"):
-                    tracers.add(tracer)
-        except OSError:
-            pass
+        tracers = {_status_field(pid, tid, "TracerPid") for tid in _listing(f"/proc/{pid}/task")} - {None, "0"}
         if tracers:
             block(f"it is traced by pid {', '.join(sorted(tracers))} (a debugger or strace): CRIU must trace it itself")
         if status.get("State", "").startswith("Z"):
