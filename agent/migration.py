@@ -84,6 +84,7 @@ class SendAlong:
     rootfs: bool
     timeout: float
     while_dumping: bool = False  # the memory images as CRIU writes them (the receiver takes pieces)
+    compress: bool = False  # those compressed where it pays (the receiver takes compressed pieces)
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,7 @@ class Migrations:
         if send.while_dumping and flat_images:
             following = asyncio.ensure_future(self.pusher.push_while_writing(
                 images, send.target, CHECKPOINT, writing=dump, grows=_is_memory_image, timeout=send.timeout,
-                progress=sending.update,
+                progress=sending.update, compress=send.compress,
             ))  # fmt: skip
         try:
             try:

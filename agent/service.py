@@ -162,7 +162,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         grant = await self.migrations.prepare_receive(
             request.op_id, request.container, request.public_key, float(request.ttl_seconds or 3600)
         )
-        return apb.ReceiveGrant(address=grant.address, user=grant.user, host_key=grant.host_key, takes_pieces=True)
+        return apb.ReceiveGrant(address=grant.address, user=grant.user, host_key=grant.host_key, takes_pieces=True,
+                                takes_compressed=True)  # fmt: skip
 
     async def FinishReceive(self, request, context):
         await self.migrations.finish_receive(request.op_id, request.discard)
@@ -306,7 +307,7 @@ _PAGES_STATE = {
 
 def _send_along(send: apb.SendAlong) -> SendAlong:
     return SendAlong(PushTarget(send.address, send.user, send.host_key, send.private_key), send.rootfs,
-                     float(send.timeout_seconds or 3600), send.while_dumping)  # fmt: skip
+                     float(send.timeout_seconds or 3600), send.while_dumping, send.compress)  # fmt: skip
 
 
 def _pause_ms(result: DumpResult, *, trial: bool) -> float:

@@ -63,10 +63,15 @@ up) is removed, also on error or Ctrl-C.
     python bench/live_migration.py                      # quick: small container, 3 repetitions
     python bench/live_migration.py --sizes small,256M,1G -n 3
 
-The memory workload is busybox `awk` (no compiled code): it holds SIZE in 60 KiB
-strings of varied bytes (real anonymous memory, checked with VmRSS) and, fed
-ten ticks a second by a shell loop through a pipe, rewrites rate/10 MB of them
-per tick. Both are started by the container's init, so CRIU can dump them.
+The memory workload (`--memory text`, the default) is busybox `awk` (no compiled
+code): it holds SIZE in 60 KiB strings of varied bytes (real anonymous memory,
+checked with VmRSS) and, fed ten ticks a second by a shell loop through a pipe,
+rewrites rate/10 MB of them per tick. Both are started by the container's init,
+so CRIU can dump them. Its strings repeat a 4 KiB seed, so its pages compress
+~500x with zstd: the stop-and-copy stream compresses them (agent/transfer/file_stream.py).
+`--memory random` measures the other end: busybox `dd` reads SIZE from
+/dev/urandom into one buffer and stays blocked writing it to a pipe nobody reads
+(incompressible memory, not dirtied).
 """
 
 from __future__ import annotations
@@ -112,6 +117,18 @@ fi
 i=0
 while :; do i=$((i+1)); echo $i > /tmp/counter; usleep 100000; done
 """
+
+COUNTER_AND_RANDOM = """#!/bin/sh
+# Started by init (so CRIU can dump it): a counter, and MB MiB of random bytes held by dd.
+echo $$ > /tmp/workload.pid
+if [ {mb} -gt 0 ]; then
+    dd if=/dev/urandom bs={mb}M count=1 iflag=fullblock 2>/dev/null | sleep 2147483647 &
+    echo 1 > /tmp/dirty.ready
+fi
+i=0
+while :; do i=$((i+1)); echo $i > /tmp/counter; usleep 100000; done
+"""
+MEMORY_HOLDERS = {"text": "awk", "random": "dd"}  # --memory: the process holding it
 
 DIRTY_AWK = r"""# Holds MB MiB in 60 KiB strings of varied bytes; on each input line (a tick,
 # ten a second) rewrites RATE/10 MB of them, so RATE MB/s of memory gets dirtied.
@@ -506,7 +523,9 @@ class Bench:
             await self.fleet.destroy_container(name, force=True)
         limits = Limits(memory_bytes=parse_bytes(size.memory_limit, "memory"))
         await self.fleet.create_container(name, "busybox", node=LAB_NODES[0], limits=limits, start=True)
-        workload = COUNTER_AND_DIRTIER.format(mb=size.mb, rate=self.args.rate)
+        script = COUNTER_AND_RANDOM if self.args.memory == "random" else COUNTER_AND_DIRTIER
+        workload = script.format(mb=size.mb, rate=self.args.rate)
+        holder = MEMORY_HOLDERS[self.args.memory]
         await self.exec_ok(name, ["sh", "-c", "cat > /etc/dirty.awk"], DIRTY_AWK.encode())
         await self.exec_ok(name, ["sh", "-c", "cat > /etc/init.d/workload.new && chmod +x /etc/init.d/workload.new"
                                   " && mv /etc/init.d/workload.new /etc/init.d/workload"], workload.encode())  # fmt: skip
@@ -515,16 +534,16 @@ class Bench:
         rss_kib = 0
         while True:
             probe = await self.fleet.exec(name, ["sh", "-c",
-                "cat /tmp/counter; [ -s /tmp/dirty.ready ] && grep VmRSS /proc/$(pidof awk)/status || true"])  # fmt: skip
+                f"cat /tmp/counter; [ -s /tmp/dirty.ready ] && grep VmRSS /proc/$(pidof {holder})/status || true"])  # fmt: skip
             lines = probe.stdout.decode().split("\n")
             counter = int(lines[0]) if lines and lines[0].strip().isdigit() else 0
             rss_kib = int(lines[1].split()[1]) if len(lines) > 1 and lines[1].startswith("VmRSS") else 0
             if counter > 3 and (size.mb == 0 or rss_kib >= size.mb * 1024 * 0.95):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name}: workload not ready (counter {counter}, awk VmRSS {rss_kib} KiB)")
+                raise RuntimeError(f"{name}: workload not ready (counter {counter}, {holder} VmRSS {rss_kib} KiB)")
             await asyncio.sleep(0.5)
-        self.log(f"{name}: workload running" + (f", awk VmRSS {rss_kib / 1024:.0f} MiB" if size.mb else ""))
+        self.log(f"{name}: workload running" + (f", {holder} VmRSS {rss_kib / 1024:.0f} MiB" if size.mb else ""))
         return {"awk_vmrss_kib": rss_kib}
 
     async def floor(self, name: str, node: str, lazy: bool = False) -> dict:
@@ -878,7 +897,8 @@ async def outer(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"live_migration-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({
-        "config": {"sizes": [s.label for s in args.sizes], "n": args.n, "rate_mb_s": args.rate, "lab": args.lab},
+        "config": {"sizes": [s.label for s in args.sizes], "n": args.n, "rate_mb_s": args.rate, "lab": args.lab,
+                   "memory": args.memory},
         "nodes": facts, "strategies": strategies, "postcopy_note": postcopy_note,
         "targets": {"ratio": TARGET_RATIO, "ratio_1g": TARGET_RATIO_1G, "small_ms": TARGET_SMALL_MS,
                     "criu_restore_ratio": TARGET_RESTORE_RATIO, "1g_preflight_ms": TARGET_1G_PREFLIGHT_MS,
@@ -895,6 +915,8 @@ def main() -> int:
                    help="comma-separated: small, 256M, 1G, ... (default: small)")  # fmt: skip
     p.add_argument("-n", type=int, default=3, help="repetitions per size and strategy (default 3)")
     p.add_argument("--rate", type=int, default=20, help="MB/s of memory dirtied by the sized workloads (default 20)")
+    p.add_argument("--memory", choices=sorted(MEMORY_HOLDERS), default="text",
+                   help="what the sized workloads hold: text (compressible, dirtied) or random (default: text)")
     p.add_argument("--lab", default="lmb")
     p.add_argument("--keep", action="store_true", help="leave the lab up if this run brought it up")
     p.add_argument("--strategies", default=f"{STOP_AND_COPY},{POST_COPY}",

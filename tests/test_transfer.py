@@ -701,6 +701,83 @@ async def test_memory_images_go_while_they_are_written(endpoint, tmp_path):
         await pusher.close()
 
 
+async def test_memory_images_go_compressed_where_it_pays(endpoint, tmp_path):
+    """A receiver that takes compressed pieces gets memory that compresses in far fewer bytes,
+    random memory as it is, and both exactly as written."""
+    from agent.transfer.stream_push import StreamPusher
+
+    images = tmp_path / "images"
+    images.mkdir()
+    target, staging = endpoint.grant()
+    seed = os.urandom(4096)
+    text_like = [(seed * 256)[i:] + seed[:i] for i in range(8)]  # 1 MiB each, repeating as a heap does
+    random_pieces = [os.urandom(1 << 20) for _ in range(8)]
+
+    async def dump() -> None:
+        with open(images / "pages-1.img", "wb") as text, open(images / "pages-2.img", "wb") as noise:
+            for a, b in zip(text_like, random_pieces):
+                text.write(a)
+                noise.write(b)
+                text.flush()
+                noise.flush()
+                await asyncio.sleep(0.03)
+        (images / "inventory.img").write_bytes(b"inventory")
+
+    pusher = StreamPusher()
+    try:
+        sent = await pusher.push_while_writing(images, target, "checkpoint", writing=asyncio.ensure_future(dump()),
+                                               grows=lambda name: name.startswith("pages-"), timeout=30,
+                                               compress=True)  # fmt: skip
+        received = staging / "checkpoint"
+        assert (received / "pages-1.img").read_bytes() == b"".join(text_like)
+        assert (received / "pages-2.img").read_bytes() == b"".join(random_pieces)
+        assert sent.total_size == (16 << 20) + len(b"inventory")
+        # The random half went (nearly) whole, the repeating half in a few KB.
+        assert (8 << 20) <= sent.bytes_sent < (8 << 20) + (1 << 20), sent
+    finally:
+        await pusher.close()
+
+
+def test_piece_compressor_gives_up_on_memory_that_does_not_compress():
+    from agent.transfer.file_stream import GIVE_UP_AFTER, RETRY_EVERY, PieceCompressor
+
+    compressor = PieceCompressor()
+    tries = []
+    real = compressor._zstd.compress
+    compressor._zstd = type("Counting", (), {"compress": lambda self, d: tries.append(1) or real(d)})()
+    noise = os.urandom(1 << 16)
+    for _ in range(GIVE_UP_AFTER + 2 * RETRY_EVERY):
+        assert compressor.pack(noise) is None  # never sent compressed: it would not be smaller
+    assert len(tries) == GIVE_UP_AFTER + 2  # after giving up, one try every RETRY_EVERY pieces
+    # Memory that compresses again is caught at the next try, and from then on each piece is.
+    caught = [compressor.pack(b"a" * (1 << 16)) is not None for _ in range(RETRY_EVERY + 2)]
+    assert caught.index(True) < RETRY_EVERY and all(caught[caught.index(True):])
+
+
+async def test_compressed_pieces_that_lie_are_refused(endpoint, tmp_path):
+    """A credential holder's compressed frames: a bomb (claims more than a piece may hold), one
+    that does not say its size, garbage, unknown flags: refused, nothing written."""
+    import zstandard
+
+    from agent.transfer.file_stream import MAX_PIECE, ZSTD_FRAME
+
+    target, staging = endpoint.grant()
+    good = zstandard.ZstdCompressor(level=1).compress(b"x" * 100)
+    status, _, _ = await _raw_stream(target, "corral-receive-files checkpoint",
+                                     _frame(b"p", b"ab") + _frame(b"p", good, 0o600 | ZSTD_FRAME) + b"\0\0")  # fmt: skip
+    assert status == 0 and (staging / "checkpoint" / "p").read_bytes() == b"ab" + b"x" * 100
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(MAX_PIECE + 1))
+    sizeless = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(b"x" * 100)
+    for data, mode, why in ((bomb, 0o600 | ZSTD_FRAME, b"compressed piece of"),
+                            (sizeless, 0o600 | ZSTD_FRAME, b"unknown size"),
+                            (b"not zstd at all", 0o600 | ZSTD_FRAME, b"does not decompress"),
+                            (b"plain", 0o600 | (1 << 30), b"unknown frame flags")):  # fmt: skip
+        status, _, stderr = await _raw_stream(target, "corral-receive-files checkpoint",
+                                              _frame(b"q", data, mode) + b"\0\0")  # fmt: skip
+        assert status == 1 and b"corral: refused" in stderr and why in stderr, (why, stderr)
+        assert not (staging / "checkpoint" / "q").exists()
+
+
 async def test_file_stream_writes_nothing_outside_its_directory(endpoint, tmp_path):
     target, staging = endpoint.grant()
     outside = tmp_path / "outside"

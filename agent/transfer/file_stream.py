@@ -14,7 +14,11 @@ repeated per file and ended by an empty name:
 
 A name may come again in one stream: its bytes are then appended to the file (a piece).
 So the memory images can go while CRIU still writes them (write_following), the rest
-once it is done. Names are single plain components (no '/', '.', '..'); only regular
+once it is done. A piece whose mode has ZSTD_FRAME set is one zstd frame (at most
+MAX_PIECE once decompressed): the memory pieces are compressed, where that pays, for
+a receiver that takes it (ReceiveGrant.takes_compressed): the SSH channel (~400 MB/s
+here) is slower than zstd's level 1 (~1-4 GB/s a core), and memory often compresses.
+A mode with any other bit beyond the permission bits is refused. Names are single plain components (no '/', '.', '..'); only regular
 files are created, with O_EXCL|O_NOFOLLOW relative to a directory the receiver made
 itself (and only those are appended to), so nothing outside it can be reached. The
 receiver answers `OK FILES BYTES` on stdout.
@@ -32,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
+import zstandard
+
 from agent.transfer.rsync_command import CommandRefused
 
 RECEIVE_COMMAND = "corral-receive-files"
@@ -46,12 +52,48 @@ MAX_FILES = 100_000
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
 _FILE_HEAD = struct.Struct(">IQ")  # mode, size
 _NAME_LEN = struct.Struct(">H")
+ZSTD_FRAME = 1 << 31  # in a frame's mode: its bytes are a zstd frame of the piece
+MAX_PIECE = 4 * FOLLOW_READ  # what one compressed frame may hold once decompressed
+ZSTD_LEVEL = 1
+WORTH_IT = 0.9  # a piece goes compressed only if that makes it at most this much of its size
+GIVE_UP_AFTER = 3  # pieces in a row that did not compress: then only every RETRY_EVERY-th is tried
+RETRY_EVERY = 16
 
 
 @dataclass(frozen=True)
 class StreamedFiles:
     files: int
-    bytes: int
+    bytes: int  # of the files
+    sent_bytes: int = -1  # of the pieces as sent (compressed ones smaller); -1: as many as `bytes`
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.bytes if self.sent_bytes < 0 else self.sent_bytes
+
+
+class PieceCompressor:
+    """zstd level 1 for the pieces of one stream, while it pays: a piece that does not shrink
+    to WORTH_IT of its size goes as it is, and after GIVE_UP_AFTER such pieces in a row only
+    every RETRY_EVERY-th is tried (random memory then costs ~1/16 of a compression). Used
+    from one thread at a time (a zstd context is not shared)."""
+
+    def __init__(self) -> None:
+        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+        self._misses = 0
+        self._skipped = 0
+
+    def pack(self, data: bytes) -> bytes | None:
+        """`data` compressed, or None: send it as it is."""
+        if self._misses >= GIVE_UP_AFTER:
+            self._skipped += 1
+            if self._skipped % RETRY_EVERY:
+                return None
+        packed = self._zstd.compress(data)
+        if len(packed) > WORTH_IT * len(data):
+            self._misses += 1
+            return None
+        self._misses = self._skipped = 0
+        return packed
 
 
 def command_for(destination: str) -> str:
@@ -108,20 +150,22 @@ async def write_stream(files: list[Path], write: Callable[[bytes], Awaitable[Non
 
 async def write_following(
     directory: Path, write: Callable[[bytes], Awaitable[None]], writing: asyncio.Future,
-    grows: Callable[[str], bool], poll: float = FOLLOW_POLL,
+    grows: Callable[[str], bool], poll: float = FOLLOW_POLL, compress: bool = False,
 ) -> StreamedFiles:  # fmt: skip
     """Send the files of `directory` while `writing` (a task that writes them) runs: meanwhile
     the files whose names `grows` accepts, in pieces as they grow (they must be written front
     to back and never rewritten, as CRIU writes its page images); once it is done, what is
     left of those and every other file whole, then the end. If `writing` fails this raises
-    its error (the receiver sees a stream cut short)."""
+    its error (the receiver sees a stream cut short). `compress`: those pieces are
+    compressed where it pays (PieceCompressor; only for a receiver that takes ZSTD_FRAME)."""
     sent: dict[str, int] = {}  # bytes of each growing file already sent
     total = 0
+    wire = _Wire(write, PieceCompressor() if compress else None)
     while not writing.done():
         moved = 0
         for name, size in await asyncio.to_thread(_growing, directory, grows):
             if size - sent.get(name, 0) >= FOLLOW_PIECE:
-                n = await _write_piece(directory / name, sent.get(name, 0), size, write)
+                n = await _write_piece(directory / name, sent.get(name, 0), size, wire)
                 sent[name] = sent.get(name, 0) + n
                 moved += n
         total += moved
@@ -136,9 +180,21 @@ async def write_following(
         size = (directory / name).stat().st_size
         if size < offset:
             raise OSError(f"{directory / name} shrank while being sent")
-        total += await _write_piece(directory / name, offset, size, write)
+        total += await _write_piece(directory / name, offset, size, wire)
     streamed = await write_stream(rest, write)
-    return StreamedFiles(len(sent) + streamed.files, total + streamed.bytes)
+    return StreamedFiles(len(sent) + streamed.files, total + streamed.bytes,
+                         total - wire.saved + streamed.bytes)  # fmt: skip
+
+
+@dataclass
+class _Wire:
+    """Where the pieces go, and how much compressing them has saved so far. `write(frame,
+    counted)` may be told how many bytes of files a compressed frame stands for (progress
+    counts those)."""
+
+    write: Callable[..., Awaitable[None]]
+    compressor: PieceCompressor | None
+    saved: int = 0
 
 
 def _growing(directory: Path, grows: Callable[[str], bool]) -> list[tuple[str, int]]:
@@ -151,21 +207,33 @@ def _growing(directory: Path, grows: Callable[[str], bool]) -> list[tuple[str, i
     return found
 
 
-async def _write_piece(path: Path, offset: int, end: int, write: Callable[[bytes], Awaitable[None]]) -> int:
-    """Bytes [offset, end) of `path`, as pieces of at most FOLLOW_READ (each its own frame)."""
+async def _write_piece(path: Path, offset: int, end: int, wire: _Wire) -> int:
+    """Bytes [offset, end) of `path`, as pieces of at most FOLLOW_READ (each its own frame,
+    compressed if `wire` does and it pays; read and compressed in one thread hop)."""
     fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        mode = os.fstat(fd).st_mode
+        mode = os.fstat(fd).st_mode & 0o777
         position = offset
         while position < end:
-            data = await asyncio.to_thread(os.pread, fd, min(FOLLOW_READ, end - position), position)
+            data, packed = await asyncio.to_thread(_read_piece, fd, min(FOLLOW_READ, end - position), position,
+                                                   wire.compressor)  # fmt: skip
             if not data:
                 raise OSError(f"{path} shrank while being sent")
-            await write(_head(path.name, mode, len(data)) + data)
+            if packed is None:
+                await wire.write(_head(path.name, mode, len(data)) + data)
+            else:
+                head = _head(path.name, mode | ZSTD_FRAME, len(packed))
+                await wire.write(head + packed, len(head) + len(data))
+                wire.saved += len(data) - len(packed)
             position += len(data)
         return end - offset
     finally:
         os.close(fd)
+
+
+def _read_piece(fd: int, size: int, position: int, compressor: PieceCompressor | None) -> tuple[bytes, bytes | None]:
+    data = os.pread(fd, size, position)
+    return data, compressor.pack(data) if compressor is not None and data else None
 
 
 async def _write_small(paths: list[Path], write: Callable[[bytes], Awaitable[None]]) -> int:
@@ -207,7 +275,7 @@ async def _write_large(path: Path, write: Callable[[bytes], Awaitable[None]]) ->
 
 def _head(name: str, mode: int, size: int) -> bytes:
     encoded = name.encode()
-    return _NAME_LEN.pack(len(encoded)) + encoded + _FILE_HEAD.pack(mode & 0o777, size)
+    return _NAME_LEN.pack(len(encoded)) + encoded + _FILE_HEAD.pack(mode & (0o777 | ZSTD_FRAME), size)
 
 
 def _read_all(fd: int, size: int, path: Path) -> bytes:
@@ -241,8 +309,18 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) 
                 raise CommandRefused(f"file name of {length} bytes")
             name = check_name((await read(length)).decode("utf-8", errors="replace"))
             mode, size = _FILE_HEAD.unpack(await read(_FILE_HEAD.size))
+            if mode & ~(0o7777 | ZSTD_FRAME):
+                raise CommandRefused(f"{name}: unknown frame flags {mode:#x}")
             if name not in made and len(made) + len(batch) >= MAX_FILES:
                 raise CommandRefused(f"more than {MAX_FILES} files")
+            if mode & ZSTD_FRAME:
+                if size > MAX_PIECE:
+                    raise CommandRefused(f"{name}: a compressed piece of {size} bytes")
+                packed = await read(size)
+                await asyncio.to_thread(_store_files, dir_fd, batch, made)
+                batch = []
+                total += await asyncio.to_thread(_store_compressed, dir_fd, name, mode, packed, made)
+                continue
             if size <= SMALL_FILE and len(batch) < BATCH_FILES:
                 batch.append((name, mode, await read(size) if size else b""))
                 total += size
@@ -284,6 +362,26 @@ def _store_files(dir_fd: int, files: list[tuple[str, int, bytes]], made: set[str
             _write_all(fd, data)
         finally:
             os.close(fd)
+
+
+def _store_compressed(dir_fd: int, name: str, mode: int, packed: bytes, made: set[str]) -> int:
+    """Decompress a ZSTD_FRAME piece and append it; returns its size. Its frame must say how
+    large it is, at most MAX_PIECE (zstd would otherwise allocate what the frame claims)."""
+    try:
+        size = zstandard.frame_content_size(packed)
+        if not 0 <= size <= MAX_PIECE:
+            raise CommandRefused(f"{name}: a compressed piece of {'unknown size' if size < 0 else f'{size} bytes'}")
+        data = zstandard.ZstdDecompressor().decompress(packed)
+    except zstandard.ZstdError as e:
+        raise CommandRefused(f"{name}: a compressed piece that does not decompress: {e}") from None
+    if len(data) != size:
+        raise CommandRefused(f"{name}: a compressed piece of {len(data)} bytes, not the {size} its frame says")
+    fd = _open_piece(dir_fd, name, mode, made)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    return len(data)
 
 
 def _fresh_directory(directory: Path) -> None:

@@ -85,14 +85,16 @@ class StreamPusher:
     async def push_while_writing(
         self, src_dir: Path, target: PushTarget, dest: str, *, writing: asyncio.Future,
         grows: Callable[[str], bool], timeout: float, progress: Callable[[TransferProgress], None] | None = None,
+        compress: bool = False,
     ) -> TransferStats:  # fmt: skip
         """Send the flat directory `src_dir` as staging/`dest` while `writing` writes it: the
         files `grows` names in pieces as they grow, the rest once `writing` is done
-        (file_stream.write_following). Raises `writing`'s error if it fails."""
+        (file_stream.write_following; `compress`: those pieces compressed where it pays, for
+        a receiver that takes it). Raises `writing`'s error if it fails."""
         dest = file_stream.check_name(dest, "destination")  # (src_dir may not be made yet)
         meter = _Meter(0, progress)  # the total grows with the files
-        return await self._push(target, dest, meter, timeout,
-                                lambda write: file_stream.write_following(src_dir, write, writing, grows))  # fmt: skip
+        return await self._push(target, dest, meter, timeout, lambda write: file_stream.write_following(
+            src_dir, write, writing, grows, compress=compress))  # fmt: skip
 
     async def _push(self, target: PushTarget, dest: str, meter: _Meter, timeout: float, produce) -> TransferStats:
         began = time.monotonic()
@@ -118,8 +120,9 @@ class StreamPusher:
             raise _refusal(errors, status)
         meter.finished()
         duration = time.monotonic() - began
-        plog.info("files pushed", files=sent.files, bytes=sent.bytes, ms=round(duration * 1000, 1))
-        return TransferStats(bytes_sent=sent.bytes, literal_bytes=sent.bytes, total_size=sent.bytes,
+        plog.info("files pushed", files=sent.files, bytes=sent.bytes, sent_bytes=sent.wire_bytes,
+                  ms=round(duration * 1000, 1))  # fmt: skip
+        return TransferStats(bytes_sent=sent.wire_bytes, literal_bytes=sent.wire_bytes, total_size=sent.bytes,
                              files_transferred=sent.files, duration_s=duration)  # fmt: skip
 
     async def _send(self, target: PushTarget, produce, dest: str, meter: _Meter):
@@ -128,10 +131,10 @@ class StreamPusher:
         entry.used_at = time.monotonic()
         meter.restart()
         async with entry.conn.create_process(file_stream.command_for(dest), encoding=None) as process:
-            async def write(data: bytes) -> None:
+            async def write(data: bytes, counted: int | None = None) -> None:
                 process.stdin.write(data)
                 await process.stdin.drain()
-                meter.sent(len(data))
+                meter.sent(len(data) if counted is None else counted)  # (a compressed piece: its files' bytes)
 
             try:
                 sent = await produce(write)

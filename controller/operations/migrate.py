@@ -292,8 +292,10 @@ class MigrationPlan:
     @staticmethod
     def _send_along(grant: apb.ReceiveGrant, private_key: str, *, rootfs: bool,
                     while_dumping: bool = False) -> apb.SendAlong:  # fmt: skip
+        """`while_dumping` only where the destination takes pieces; compressed where it takes those."""
         return apb.SendAlong(address=grant.address, user=grant.user, host_key=grant.host_key, private_key=private_key,
-                             rootfs=rootfs, timeout_seconds=TRANSFER_TIMEOUT, while_dumping=while_dumping)  # fmt: skip
+                             rootfs=rootfs, timeout_seconds=TRANSFER_TIMEOUT, while_dumping=while_dumping,
+                             compress=while_dumping and grant.takes_compressed)  # fmt: skip
 
     async def _watch_sending(self, ctx: OpContext, src: AgentClient) -> None:
         """The images' progress while the checkpoint step sends them (for `ops watch`); a report,
@@ -311,7 +313,8 @@ class MigrationPlan:
     async def _sent_along(self, ctx: OpContext, dump: apb.CheckpointResult, shared: bool) -> None:
         """What a checkpoint sent along (the rootfs delta during the dump, the images after it)."""
         self.bytes_sent += dump.bytes_sent
-        await ctx.timing(transfer=dump.sent_ms, images_bytes=dump.images_sent_bytes)
+        # images_bytes: what crossed the network (the memory compressed where it paid); images_size: on disk.
+        await ctx.timing(transfer=dump.sent_ms, images_bytes=dump.images_sent_bytes, images_size_bytes=dump.images_bytes)
         if not shared:
             await ctx.timing(final_rootfs_bytes=dump.rootfs_delta_bytes)
         ctx.log.info("sent along with the checkpoint", bytes_sent=dump.bytes_sent,
