@@ -37,6 +37,9 @@ class AgentConfig:
     log_file: LogFile | None = None  # None: JSON lines on stderr (the journal)
     # Live-migration pre-flight: also trial-dump a container holding at most this much (0: never).
     preflight_trial_max_bytes: int = 0
+    # Incoming live migrations: a TLS endpoint for their memory images, on a free port of the
+    # transfer address (agent/transfer/tls_stream.py); off: they come over the SSH transfer port.
+    images_endpoint: bool = True
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -45,6 +48,7 @@ class AgentConfig:
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
             "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
             "watchdog_device", "watchdog_timeout", "labels", "metrics_listen", "preflight_trial_max_bytes",
+            "images_endpoint",
             *LOG_FILE_KEYS,
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
@@ -84,6 +88,7 @@ class AgentConfig:
             metrics_listen=metrics,
             log_file=log_file_from(doc),
             preflight_trial_max_bytes=doc.get("preflight_trial_max_bytes", object, 0, parse=_trial_max_bytes),
+            images_endpoint=doc.get("images_endpoint", bool, True),
         )
 
 

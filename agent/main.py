@@ -86,7 +86,8 @@ async def serve(config: AgentConfig) -> None:
                               advertise_host=advertise_host)  # fmt: skip
     await transfer.start()
     migrations = Migrations(containers, transfer, grants, Checkpointer(config.lxc_path, network_lock=live.network_lock),
-                            config.state_dir, preflight_trial_max_bytes=config.preflight_trial_max_bytes)  # fmt: skip
+                            config.state_dir, preflight_trial_max_bytes=config.preflight_trial_max_bytes,
+                            images_endpoint=config.images_endpoint)  # fmt: skip
     try:
         await migrations.sweep_leftovers()
     except Exception:  # tidiness: never a reason not to start

@@ -52,6 +52,8 @@ from agent.transfer.client import PushTarget, TransferProgress, TransferStats, r
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
 from agent.transfer.stream_push import StreamPusher
+from agent.transfer.tls_stream import ClientTls, ImagesReceiver
+from agent.transfer import tls_stream
 from corral import pki
 from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container
@@ -85,6 +87,8 @@ class SendAlong:
     timeout: float
     while_dumping: bool = False  # the memory images as CRIU writes them (the receiver takes pieces)
     compress: bool = False  # those compressed where it pays (the receiver takes compressed pieces)
+    images_port: int = 0  # the destination's TLS endpoint for them (tls_stream.py), if it has one
+    images_tls: ClientTls | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Grant:
     address: str
     user: str
     host_key: str
+    images_port: int = 0  # the operation's TLS endpoint for checkpoint images (0: none)
+    images_tls: ClientTls | None = None
 
 
 class Migrations:
@@ -128,9 +134,11 @@ class Migrations:
         checkpointer: Checkpointer,
         state_dir: Path,
         preflight_trial_max_bytes: int = 0,
+        images_endpoint: bool = True,
     ) -> None:
         self.containers = containers
         self.preflight_trial_max_bytes = preflight_trial_max_bytes
+        self.images_endpoint = images_endpoint
         self.transfer = transfer
         self.grants = grants
         self.checkpointer = checkpointer
@@ -142,9 +150,12 @@ class Migrations:
         self._sources: dict[str, PostCopySource] = {}
         self._targets: dict[str, PostCopyTarget] = {}
         self._sending: dict[str, _Sending] = {}
+        self._receivers: dict[str, ImagesReceiver] = {}
 
     async def close(self) -> None:
         await self.pusher.close()
+        for op_id in list(self._receivers):
+            await self._close_receiver(op_id)
 
     async def _shielded(self, coro: Awaitable[Any]) -> Any:
         """Run to completion even if the caller (the controller) disconnects."""
@@ -176,14 +187,40 @@ class Migrations:
         if not public_key.startswith("ssh-"):
             raise InvalidArgument("the operation's public key must be in OpenSSH format")
         grant = self.grants.authorize(_op(op_id), public_key, ttl)
-        log.info("receive channel open", op=op_id, container=container, user=grant.user)
-        return Grant(self.transfer.address, grant.user, self.transfer.host_key)
+        images_port, client = await self._open_receiver(op_id, ttl)
+        log.info("receive channel open", op=op_id, container=container, user=grant.user, images_port=images_port)
+        return Grant(self.transfer.address, grant.user, self.transfer.host_key, images_port, client)
+
+    async def _open_receiver(self, op_id: str, ttl: float) -> tuple[int, ClientTls | None]:
+        """The operation's TLS endpoint for its checkpoint images (tls_stream.py), with a one-time
+        CA; (0, None) if it cannot open (the images then come over SSH)."""
+        await self._close_receiver(op_id)  # a repeated prepare: a new CA, the old client refused
+        if not self.images_endpoint:
+            return 0, None
+        host = split_address(self.transfer.address)[0]
+        try:
+            one_time = await asyncio.to_thread(pki.one_time_tls, host, datetime.timedelta(seconds=ttl + 3600),
+                                               f"images of {op_id}")  # fmt: skip
+            receiver = await asyncio.to_thread(ImagesReceiver.open, host, self._staging(op_id) / CHECKPOINT, one_time,
+                                               self.checkpoints_root, op_id)  # fmt: skip
+        except (OSError, CorralError) as e:
+            log.warning("no TLS endpoint for the images, they will come over SSH", op=op_id, error=str(e)[:200])
+            return 0, None
+        receiver.start()
+        self._receivers[op_id] = receiver
+        return receiver.port, ClientTls.of(one_time)
+
+    async def _close_receiver(self, op_id: str) -> None:
+        receiver = self._receivers.pop(op_id, None)
+        if receiver is not None:
+            await receiver.close()
 
     async def finish_receive(self, op_id: str, discard: bool) -> None:
         target = self._targets.get(op_id)
         if target is not None and target.state == PagesState.MOVING and not discard:
             raise FailedPrecondition(f"operation {op_id}: pages are still arriving from the source")
         self._targets.pop(op_id, None)
+        await self._close_receiver(op_id)
         # Whatever is still in staging was not adopted (or was only needed to restore): it goes.
         await asyncio.to_thread(self.grants.revoke, _op(op_id), remove_staging=True)
         await asyncio.to_thread(shutil.rmtree, self._page_server_tls_dir(op_id), True)
@@ -351,10 +388,7 @@ class Migrations:
         # dump links its parent, and goes by rsync after it).
         following = None
         if send.while_dumping and flat_images:
-            following = asyncio.ensure_future(self.pusher.push_while_writing(
-                images, send.target, CHECKPOINT, writing=dump, grows=_is_memory_image, timeout=send.timeout,
-                progress=sending.update, compress=send.compress,
-            ))  # fmt: skip
+            following = asyncio.ensure_future(self._push_following(images, send, dump, sending.update))
         try:
             try:
                 result = await dump
@@ -374,6 +408,22 @@ class Migrations:
                 if task is not None and not task.done():
                     task.cancel()
         return result, Sent(images_sent, rootfs_sent, (time.monotonic() - dumped) * 1000)
+
+    async def _push_following(self, images: Path, send: SendAlong, dump: asyncio.Future,
+                              progress: Callable[[TransferProgress], None]) -> TransferStats:  # fmt: skip
+        """The images as CRIU writes them: to the destination's TLS endpoint if it has one and
+        it answers, else over the SSH connection."""
+        if send.images_port and send.images_tls is not None:
+            sent = await tls_stream.push_while_writing(
+                images, split_address(send.target.address)[0], send.images_port, send.images_tls,
+                self.checkpoints_root, writing=dump, grows=_is_memory_image, compress=send.compress,
+                timeout=send.timeout, progress=progress,
+            )  # fmt: skip
+            if sent is not None:
+                return sent
+        return await self.pusher.push_while_writing(images, send.target, CHECKPOINT, writing=dump,
+                                                    grows=_is_memory_image, timeout=send.timeout,
+                                                    progress=progress, compress=send.compress)  # fmt: skip
 
     async def _rootfs_once_frozen(self, name: str, images: Path, dump: asyncio.Future,
                                   send: SendAlong) -> TransferStats | None:  # fmt: skip
@@ -741,6 +791,7 @@ class Migrations:
                 continue
             if await asyncio.to_thread(self.grants.revoke_expired, op_id):
                 self._targets.pop(op_id, None)
+                await self._close_receiver(op_id)
                 await asyncio.to_thread(shutil.rmtree, self._page_server_tls_dir(op_id), True)
                 swept.append(op_id)
         return swept

@@ -20,6 +20,7 @@ from agent.snapshots import Snapshots
 from agent.stateful import StatefulLifecycle
 from agent.runtime.checkpoint import DumpResult
 from agent.transfer.client import PushTarget, TransferProgress
+from agent.transfer.tls_stream import ClientTls
 from corral.api.convert import (
     container_from_pb,
     container_to_pb,
@@ -162,8 +163,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         grant = await self.migrations.prepare_receive(
             request.op_id, request.container, request.public_key, float(request.ttl_seconds or 3600)
         )
-        return apb.ReceiveGrant(address=grant.address, user=grant.user, host_key=grant.host_key, takes_pieces=True,
-                                takes_compressed=True)  # fmt: skip
+        tls = grant.images_tls
+        return apb.ReceiveGrant(
+            address=grant.address, user=grant.user, host_key=grant.host_key, takes_pieces=True, takes_compressed=True,
+            images_port=grant.images_port,
+            images_tls=apb.PageServerTls(ca=tls.ca.decode(), cert=tls.cert.decode(), key=tls.key.decode()) if tls else None,
+        )  # fmt: skip
 
     async def FinishReceive(self, request, context):
         await self.migrations.finish_receive(request.op_id, request.discard)
@@ -306,8 +311,15 @@ _PAGES_STATE = {
 
 
 def _send_along(send: apb.SendAlong) -> SendAlong:
+    images_tls = None
+    if send.images_port:
+        if not 0 < send.images_port < 65536 or not send.HasField("images_tls"):
+            raise InvalidArgument("an images endpoint needs a port (1-65535) and its one-time TLS")
+        t = send.images_tls
+        images_tls = ClientTls(t.ca.encode(), t.cert.encode(), t.key.encode())
     return SendAlong(PushTarget(send.address, send.user, send.host_key, send.private_key), send.rootfs,
-                     float(send.timeout_seconds or 3600), send.while_dumping, send.compress)  # fmt: skip
+                     float(send.timeout_seconds or 3600), send.while_dumping, send.compress,
+                     send.images_port, images_tls)  # fmt: skip
 
 
 def _pause_ms(result: DumpResult, *, trial: bool) -> float:

@@ -202,20 +202,25 @@ async def until_new(lab, before: set[int]) -> set[int]:
             await asyncio.sleep(0.1)
 
 
-def test_the_trial_dump_is_off_unless_the_host_asks_for_it(tmp_path):
-    """`preflight_trial_max_bytes`: 0 (never) by default; a size; a bad value stops the agent's
-    start with FILE:LINE (and `--check-config` with exit 78)."""
+def _agent_config(tmp_path, extra: str):
+    """An agent config with `extra` from line 5 on."""
     from agent.config import AgentConfig
-    from corral.config import ConfigError
 
     for name in ("ca.crt", "c.crt", "c.key"):
         (tmp_path / name).write_text("x")
     path = tmp_path / "agent.yaml"
-    base = "node: n1\nlisten: 127.0.0.1:7701\ncontroller: 127.0.0.1:7700\ntls: {ca: ca.crt, cert: c.crt, key: c.key}\n"
+    path.write_text("node: n1\nlisten: 127.0.0.1:7701\ncontroller: 127.0.0.1:7700\n"
+                    "tls: {ca: ca.crt, cert: c.crt, key: c.key}\n" + extra)  # fmt: skip
+    return AgentConfig.load(path)
 
-    def load(extra: str) -> AgentConfig:
-        path.write_text(base + extra)
-        return AgentConfig.load(path)
+
+def test_the_trial_dump_is_off_unless_the_host_asks_for_it(tmp_path):
+    """`preflight_trial_max_bytes`: 0 (never) by default; a size; a bad value stops the agent's
+    start with FILE:LINE (and `--check-config` with exit 78)."""
+    from corral.config import ConfigError
+
+    def load(extra: str):
+        return _agent_config(tmp_path, extra)
 
     assert load("").preflight_trial_max_bytes == 0
     assert load("preflight_trial_max_bytes: 32M\n").preflight_trial_max_bytes == 32 << 20
@@ -223,3 +228,16 @@ def test_the_trial_dump_is_off_unless_the_host_asks_for_it(tmp_path):
     for bad in ("-1", "lots", "true"):
         with pytest.raises(ConfigError, match=r"agent.yaml:5: preflight_trial_max_bytes"):
             load(f"preflight_trial_max_bytes: {bad}\n")
+
+
+def test_the_images_endpoint_is_on_unless_the_host_turns_it_off(tmp_path):
+    """`images_endpoint`: true by default (a live migration's memory images come over TLS,
+    agent/transfer/tls_stream.py); false sends them over the SSH port (a firewall that allows
+    only it); anything else stops the agent's start with FILE:LINE."""
+    from corral.config import ConfigError
+
+    assert _agent_config(tmp_path, "").images_endpoint is True
+    assert _agent_config(tmp_path, "images_endpoint: false\n").images_endpoint is False
+    for bad in ("maybe", "1", "[]"):
+        with pytest.raises(ConfigError, match=r"agent.yaml:5: images_endpoint"):
+            _agent_config(tmp_path, f"images_endpoint: {bad}\n")

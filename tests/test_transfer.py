@@ -877,3 +877,135 @@ def test_names_with_a_trailing_newline_are_refused(check, value):
     with pytest.raises((InvalidArgument, CommandRefused)):
         (validate_op_id if check == "op id" else check_name)(value)
     (validate_op_id if check == "op id" else check_name)(value.strip())
+
+
+# -- the images' TLS endpoint (tls_stream.py) ------------------------------------------------
+
+
+@pytest.fixture
+async def images_endpoint(tmp_path):
+    import datetime
+
+    from agent.transfer.tls_stream import ClientTls, ImagesReceiver
+    from corral import pki
+
+    (tmp_path / "staging").mkdir()
+    one_time = pki.one_time_tls("127.0.0.1", datetime.timedelta(hours=1), "images of a test")
+    receiver = await asyncio.to_thread(ImagesReceiver.open, "127.0.0.1", tmp_path / "staging" / "checkpoint",
+                                       one_time, tmp_path, "optest")  # fmt: skip
+    receiver.start()
+    try:
+        yield receiver, ClientTls.of(one_time)
+    finally:
+        await receiver.close()
+
+
+async def test_memory_images_go_over_the_tls_endpoint(images_endpoint, tmp_path):
+    """The same stream as over SSH (pieces while CRIU writes, compressed where it pays), on the
+    operation's TLS endpoint: what arrives is what was written; no key is left on disk."""
+    from agent.transfer import tls_stream
+
+    receiver, client = images_endpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    seed = os.urandom(4096)
+    pieces = [os.urandom(1 << 20) if i % 2 else seed * 256 for i in range(12)]
+
+    async def dump() -> None:
+        with open(images / "pages-1.img", "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+                f.flush()
+                await asyncio.sleep(0.02)
+        (images / "inventory.img").write_bytes(b"inventory")
+
+    seen = []
+    sent = await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, client, tmp_path,
+                                               writing=asyncio.ensure_future(dump()), compress=True, timeout=30,
+                                               grows=lambda name: name.startswith("pages-"), progress=seen.append)  # fmt: skip
+    assert sent is not None
+    assert (receiver.directory / "pages-1.img").read_bytes() == b"".join(pieces)
+    assert (receiver.directory / "inventory.img").read_bytes() == b"inventory"
+    assert sent.total_size == (12 << 20) + len(b"inventory") and sent.bytes_sent < (7 << 20)  # half compressed
+    assert seen and seen[-1].bytes_done >= sent.total_size  # (frame heads count too, as over SSH)
+    assert not list(tmp_path.glob(".tls-*")), "the TLS keys were left on disk"
+    # Sent again (a repeated step): made afresh.
+    (images / "pages-1.img").unlink()
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    again = await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, client, tmp_path, writing=done,
+                                                grows=lambda name: False, compress=False, timeout=30)  # fmt: skip
+    assert again is not None and sorted(p.name for p in receiver.directory.iterdir()) == ["inventory.img"]
+
+
+async def test_tls_endpoint_takes_only_its_one_time_client(images_endpoint, tmp_path):
+    """A certificate from another CA, a plain TCP peer, frames that try to escape: refused, and
+    the endpoint goes on serving its own client."""
+    import datetime
+    import socket
+
+    from agent.transfer import tls_stream
+    from agent.transfer.tls_stream import ClientTls
+    from corral import pki
+
+    receiver, client = images_endpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.img").write_bytes(b"data")
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    other = ClientTls.of(pki.one_time_tls("127.0.0.1", datetime.timedelta(hours=1), "another transfer"))
+    stranger = await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, other, tmp_path, writing=done,
+                                                   grows=lambda name: False, compress=False, timeout=30)  # fmt: skip
+    assert stranger is None  # refused at the handshake: the caller would try SSH, with the operation's key
+    assert not receiver.directory.exists()
+    with socket.create_connection(("127.0.0.1", receiver.port)) as plain:
+        plain.sendall(_frame(b"x.img", b"plain text"))
+    # Frames that try to leave the directory, through the real client's TLS.
+    ctx = tls_stream._context(server=False, ca=client.ca, cert=client.cert, key=client.key, scratch=tmp_path)
+    conn = await asyncio.to_thread(tls_stream._connect, ctx, "127.0.0.1", receiver.port)
+    try:
+        await asyncio.to_thread(conn.sendall, _frame(b"../escape", b"evil") + b"\0\0")
+        answer = await asyncio.to_thread(conn.makefile("rb").readline)
+    finally:
+        conn.close()
+    assert answer.startswith(b"corral: refused"), answer
+    assert not (tmp_path / "staging" / "escape").exists()
+    ok = await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, client, tmp_path, writing=done,
+                                             grows=lambda name: False, compress=False, timeout=30)  # fmt: skip
+    assert ok is not None and (receiver.directory / "a.img").read_bytes() == b"data"
+
+
+async def test_a_host_without_the_images_endpoint_grants_none(tmp_path):
+    """Turned off, a receive grant offers no TLS endpoint (the source then uses SSH); on, it
+    offers a port that listens and a one-time client certificate, closed with the grant."""
+    import socket
+
+    from agent.migration import Migrations
+    from agent.transfer.keys import new_operation_keypair
+
+    grants = GrantRegistry(tmp_path / "staging")
+    server = TransferServer("127.0.0.1", 0, tmp_path / "hk", grants)
+    await server.start()
+
+    class NoContainers:
+        node = "n1"
+
+        @staticmethod
+        def exists(name):
+            return False
+
+    _, public = new_operation_keypair()
+    for on in (False, True):
+        migrations = Migrations(NoContainers(), server, grants, None, tmp_path / f"state-{on}", images_endpoint=on)
+        try:
+            grant = await migrations.prepare_receive(f"op-{str(on).lower()}", "c1", public, 60)
+            assert (grant.images_port != 0) is on and (grant.images_tls is not None) is on
+            if on:
+                socket.create_connection(("127.0.0.1", grant.images_port), timeout=2).close()
+                await migrations.finish_receive(f"op-{str(on).lower()}", discard=True)
+                with pytest.raises(OSError):
+                    socket.create_connection(("127.0.0.1", grant.images_port), timeout=2).close()
+        finally:
+            await migrations.close()
+    await server.close()

@@ -317,8 +317,9 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) 
                 if size > MAX_PIECE:
                     raise CommandRefused(f"{name}: a compressed piece of {size} bytes")
                 packed = await read(size)
-                await asyncio.to_thread(_store_files, dir_fd, batch, made)
-                batch = []
+                if batch:
+                    await asyncio.to_thread(_store_files, dir_fd, batch, made)
+                    batch = []
                 total += await asyncio.to_thread(_store_compressed, dir_fd, name, mode, packed, made)
                 continue
             if size <= SMALL_FILE and len(batch) < BATCH_FILES:

@@ -295,7 +295,9 @@ class MigrationPlan:
         """`while_dumping` only where the destination takes pieces; compressed where it takes those."""
         return apb.SendAlong(address=grant.address, user=grant.user, host_key=grant.host_key, private_key=private_key,
                              rootfs=rootfs, timeout_seconds=TRANSFER_TIMEOUT, while_dumping=while_dumping,
-                             compress=while_dumping and grant.takes_compressed)  # fmt: skip
+                             compress=while_dumping and grant.takes_compressed,
+                             images_port=grant.images_port if while_dumping else 0,
+                             images_tls=grant.images_tls if while_dumping and grant.images_port else None)  # fmt: skip
 
     async def _watch_sending(self, ctx: OpContext, src: AgentClient) -> None:
         """The images' progress while the checkpoint step sends them (for `ops watch`); a report,

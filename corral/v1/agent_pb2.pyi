@@ -214,18 +214,22 @@ class PrepareReceiveRequest(_message.Message):
     def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., public_key: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class ReceiveGrant(_message.Message):
-    __slots__ = ("address", "user", "host_key", "takes_pieces", "takes_compressed")
+    __slots__ = ("address", "user", "host_key", "takes_pieces", "takes_compressed", "images_port", "images_tls")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     HOST_KEY_FIELD_NUMBER: _ClassVar[int]
     TAKES_PIECES_FIELD_NUMBER: _ClassVar[int]
     TAKES_COMPRESSED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PORT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_TLS_FIELD_NUMBER: _ClassVar[int]
     address: str
     user: str
     host_key: str
     takes_pieces: bool
     takes_compressed: bool
-    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., takes_pieces: _Optional[bool] = ..., takes_compressed: _Optional[bool] = ...) -> None: ...
+    images_port: int
+    images_tls: PageServerTls
+    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., takes_pieces: _Optional[bool] = ..., takes_compressed: _Optional[bool] = ..., images_port: _Optional[int] = ..., images_tls: _Optional[_Union[PageServerTls, _Mapping]] = ...) -> None: ...
 
 class FinishReceiveRequest(_message.Message):
     __slots__ = ("op_id", "discard")
@@ -304,7 +308,7 @@ class WatchSendingRequest(_message.Message):
     def __init__(self, op_id: _Optional[str] = ...) -> None: ...
 
 class SendAlong(_message.Message):
-    __slots__ = ("address", "user", "host_key", "private_key", "rootfs", "timeout_seconds", "while_dumping", "compress")
+    __slots__ = ("address", "user", "host_key", "private_key", "rootfs", "timeout_seconds", "while_dumping", "compress", "images_port", "images_tls")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
     HOST_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +317,8 @@ class SendAlong(_message.Message):
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WHILE_DUMPING_FIELD_NUMBER: _ClassVar[int]
     COMPRESS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PORT_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_TLS_FIELD_NUMBER: _ClassVar[int]
     address: str
     user: str
     host_key: str
@@ -321,7 +327,9 @@ class SendAlong(_message.Message):
     timeout_seconds: int
     while_dumping: bool
     compress: bool
-    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., while_dumping: _Optional[bool] = ..., compress: _Optional[bool] = ...) -> None: ...
+    images_port: int
+    images_tls: PageServerTls
+    def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., while_dumping: _Optional[bool] = ..., compress: _Optional[bool] = ..., images_port: _Optional[int] = ..., images_tls: _Optional[_Union[PageServerTls, _Mapping]] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
     __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes", "page_server_tls", "reply_after_ms")
