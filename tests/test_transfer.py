@@ -1009,3 +1009,38 @@ async def test_a_host_without_the_images_endpoint_grants_none(tmp_path):
         finally:
             await migrations.close()
     await server.close()
+
+
+async def test_tls_endpoint_refuses_mid_stream_while_the_sender_goes_on(images_endpoint, tmp_path):
+    """A stream refused halfway (a file that cannot be written) while the source goes on: it
+    hears the refusal before it has sent everything, and the endpoint's thread ends."""
+    import threading
+
+    from agent.transfer import tls_stream
+    from corral.errors import PermissionDenied
+
+    receiver, client = images_endpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    receiver.directory.parent.rmdir()  # its staging is gone (say, the grant was revoked): refused at once
+
+    async def dump() -> None:  # 64 MiB, as CRIU would write it
+        with open(images / "pages-1.img", "wb") as f:
+            for _ in range(64):
+                f.write(os.urandom(1 << 20))
+                f.flush()
+                await asyncio.sleep(0.01)
+
+    writing = asyncio.ensure_future(dump())
+    try:
+        with pytest.raises(Exception) as refused:
+            await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, client, tmp_path, writing=writing,
+                                                grows=lambda name: name.startswith("pages-"), compress=False,
+                                                timeout=30)  # fmt: skip
+        assert isinstance(refused.value, PermissionDenied) or "refused" in str(refused.value), refused.value
+        assert not writing.done(), "the source heard it only at the end"
+    finally:
+        await writing
+    async with asyncio.timeout(20):  # the connection's own thread (a pool's workers stay)
+        while any(t.name == "images-tls" for t in threading.enumerate()):
+            await asyncio.sleep(0.1)

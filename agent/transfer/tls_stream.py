@@ -47,6 +47,7 @@ HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0  # a connection that sends nothing this long is dropped (either side)
 BLOCK = 4 << 20  # decrypted bytes handed to the event loop at a time
 BLOCKS_AHEAD = 4  # ... at most this many waiting (the sender is held back beyond)
+DRAIN_TIME = 5.0  # after answering, how long what the sender still sends is read and dropped
 
 
 @dataclass(frozen=True, repr=False)
@@ -190,11 +191,22 @@ class _Inbound:
                 self._stop.wait(self.POLL)
             if self._answer is not None:
                 self._conn.sendall(self._answer)
-        except (OSError, ssl.SSLError, RuntimeError):  # (RuntimeError: the loop is gone)
+                self._drain()
+        except (OSError, ssl.SSLError, RuntimeError, TimeoutError):  # (RuntimeError: the loop is gone)
             pass
         finally:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._finished)
+
+    def _drain(self) -> None:
+        """After the answer: what the sender still had in flight is read and dropped for a
+        while (it looks for an answer before each piece), so that the close does not reset a
+        connection whose answer it has not read yet."""
+        deadline = time.monotonic() + DRAIN_TIME
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self._conn.pending() or select.select([self._conn], [], [], self.POLL)[0]:
+                if not self._conn.recv(BLOCK):
+                    return
 
     def _read_all(self) -> BaseException | None:
         """Blocks until the peer ends its side (None), an error (it), or an answer is due."""
@@ -224,7 +236,8 @@ class _Inbound:
             return e
 
     def _hand_over(self, item: bytes | bytearray | BaseException | None) -> None:
-        asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop).result()
+        # Bounded: a reader that has gone away must not keep this thread forever.
+        asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop).result(IDLE_TIMEOUT)
 
     def _finished(self) -> None:
         if not self._done.done():
@@ -257,11 +270,12 @@ class _Inbound:
     async def answer(self, text: str) -> None:
         """Send the one-line answer (from the connection's thread) and wait for it to go."""
         self._answer = text.encode()
-        while not self._queue.empty():  # the thread may be blocked handing over a block
-            self._queue.get_nowait()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-                await asyncio.shield(self._done)
+                while not self._done.done():
+                    while not self._queue.empty():  # (a refused stream: the sender may still be sending)
+                        self._queue.get_nowait()
+                    await asyncio.wait([self._done], timeout=self.POLL)
 
     def stop(self) -> None:
         self._stop.set()
@@ -288,12 +302,12 @@ async def push_while_writing(
         async with asyncio.timeout(timeout):
 
             async def write(data: bytes, counted: int | None = None) -> None:
-                await asyncio.to_thread(conn.sendall, data)
+                await asyncio.to_thread(_send_unless_answered, conn, data)
                 meter.sent(len(data) if counted is None else counted)
 
             try:
                 sent = await file_stream.write_following(src_dir, write, writing, grows, compress=compress)
-            except (OSError, ssl.SSLError) as e:
+            except (OSError, ssl.SSLError, _Answered) as e:
                 said = b""
                 with contextlib.suppress(OSError, ssl.SSLError):
                     said = await asyncio.to_thread(reader.readline, 4096)  # why it stopped reading, if it said
@@ -312,6 +326,16 @@ async def push_while_writing(
              sent_bytes=sent.wire_bytes, ms=round(duration * 1000, 1))  # fmt: skip
     return TransferStats(bytes_sent=sent.wire_bytes, literal_bytes=sent.wire_bytes, total_size=sent.bytes,
                          files_transferred=sent.files, duration_s=duration)  # fmt: skip
+
+
+class _Answered(Exception):
+    """The destination answered before the end of the stream: it refused it."""
+
+
+def _send_unless_answered(conn: ssl.SSLSocket, data: bytes) -> None:
+    if conn.pending() or select.select([conn], [], [], 0)[0]:
+        raise _Answered("the destination answered before the end")
+    conn.sendall(data)
 
 
 def _connect(ctx: ssl.SSLContext, host: str, port: int) -> ssl.SSLSocket:
