@@ -911,12 +911,16 @@ async def test_memory_images_go_over_the_tls_endpoint(images_endpoint, tmp_path)
     seed = os.urandom(4096)
     pieces = [os.urandom(1 << 20) if i % 2 else seed * 256 for i in range(12)]
 
+    arrived_while_writing: list[int] = []
+
     async def dump() -> None:
         with open(images / "pages-1.img", "wb") as f:
             for piece in pieces:
                 f.write(piece)
                 f.flush()
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
+                got = receiver.directory / "pages-1.img"
+                arrived_while_writing.append(got.stat().st_size if got.exists() else 0)
         (images / "inventory.img").write_bytes(b"inventory")
 
     seen = []
@@ -927,6 +931,8 @@ async def test_memory_images_go_over_the_tls_endpoint(images_endpoint, tmp_path)
     assert (receiver.directory / "pages-1.img").read_bytes() == b"".join(pieces)
     assert (receiver.directory / "inventory.img").read_bytes() == b"inventory"
     assert sent.total_size == (12 << 20) + len(b"inventory") and sent.bytes_sent < (7 << 20)  # half compressed
+    # Written as it came, compressed frames too (they trickle in: not held back for a full block).
+    assert max(arrived_while_writing) >= 8 << 20, arrived_while_writing
     assert seen and seen[-1].bytes_done >= sent.total_size  # (frame heads count too, as over SSH)
     assert not list(tmp_path.glob(".tls-*")), "the TLS keys were left on disk"
     # Sent again (a repeated step): made afresh.
@@ -1044,3 +1050,31 @@ async def test_tls_endpoint_refuses_mid_stream_while_the_sender_goes_on(images_e
     async with asyncio.timeout(20):  # the connection's own thread (a pool's workers stay)
         while any(t.name == "images-tls" for t in threading.enumerate()):
             await asyncio.sleep(0.1)
+
+
+async def test_tls_endpoint_writes_compressed_pieces_as_they_trickle_in(images_endpoint, tmp_path):
+    """Memory that compresses to almost nothing arrives as a trickle of small frames: they are
+    written as they come, not held back until a block fills or the sender pauses."""
+    from agent.transfer import tls_stream
+
+    receiver, client = images_endpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    piece = os.urandom(4096) * 256  # 1 MiB that compresses to a few KB
+    arrived: list[int] = []
+
+    async def dump() -> None:
+        with open(images / "pages-1.img", "wb") as f:
+            for _ in range(48):
+                f.write(piece)
+                f.flush()
+                await asyncio.sleep(0.01)
+                got = receiver.directory / "pages-1.img"
+                arrived.append(got.stat().st_size if got.exists() else 0)
+
+    sent = await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, client, tmp_path,
+                                               writing=asyncio.ensure_future(dump()), compress=True, timeout=30,
+                                               grows=lambda name: name.startswith("pages-"))  # fmt: skip
+    assert sent is not None and sent.bytes_sent < (1 << 20)
+    assert (receiver.directory / "pages-1.img").read_bytes() == piece * 48
+    assert max(arrived) >= 24 << 20, arrived

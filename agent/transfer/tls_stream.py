@@ -213,14 +213,15 @@ class _Inbound:
         block, n, idle = bytearray(BLOCK), 0, 0.0
         try:
             while not self._stop.is_set() and self._answer is None:
-                if not self._conn.pending() and not select.select([self._conn], [], [], self.POLL)[0]:
-                    if n:  # nothing more for now: hand over what came
+                if not self._conn.pending() and not select.select([self._conn], [], [], 0)[0]:
+                    if n:  # nothing more right now: hand over what came, then wait
                         self._hand_over(bytes(memoryview(block)[:n]))
                         block, n = bytearray(BLOCK), 0
-                    idle += self.POLL
-                    if idle >= IDLE_TIMEOUT:
-                        return TimeoutError(f"nothing came for {IDLE_TIMEOUT:g} s")
-                    continue
+                    if not select.select([self._conn], [], [], self.POLL)[0]:
+                        idle += self.POLL
+                        if idle >= IDLE_TIMEOUT:
+                            return TimeoutError(f"nothing came for {IDLE_TIMEOUT:g} s")
+                        continue
                 idle = 0.0
                 got = self._conn.recv_into(memoryview(block)[n:], BLOCK - n)
                 if not got:
