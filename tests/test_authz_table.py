@@ -117,7 +117,17 @@ def _set(message, path: str, value: str) -> None:
 
 
 async def _invoke(channel: grpc.aio.Channel, service, method, request) -> grpc.StatusCode:
-    """Call `method` of any kind with one request; the status it ended with."""
+    """Call `method` of any kind with one request; the status it ended with. A call the
+    transport broke (INTERNAL, seen once in CI on a loaded machine after a GOAWAY from the
+    server) is made once more: no check here expects INTERNAL, so the retry can only replace
+    a transport failure by the answer under test."""
+    code = await _invoke_once(channel, service, method, request)
+    if code == grpc.StatusCode.INTERNAL:
+        code = await _invoke_once(channel, service, method, request)
+    return code
+
+
+async def _invoke_once(channel: grpc.aio.Channel, service, method, request) -> grpc.StatusCode:
     path = f"/{service.full_name}/{method.name}"
     codec = dict(request_serializer=lambda m: m.SerializeToString(),
                  response_deserializer=message_factory.GetMessageClass(method.output_type).FromString)  # fmt: skip
