@@ -40,7 +40,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import structlog
 
 from agent.containers import ContainerManager
-from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PageServerTls, PostCopySource, PostCopyTarget
+from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PostCopySource, PostCopyTarget
 from agent.postcopy import memory_usage_of, write_tls_files
 from agent.records import write_durably
 from agent.runtime.checkpoint import DUMP_CONFIG, Checkpointer, CriuTimes, DumpResult, PageServer, RestoreResult
@@ -52,8 +52,8 @@ from agent.transfer.client import PushTarget, TransferProgress, TransferStats, r
 from agent.transfer.grants import GrantRegistry
 from agent.transfer.server import TransferServer
 from agent.transfer.stream_push import StreamPusher
-from agent.transfer.tls_stream import ClientTls, ImagesReceiver
 from agent.transfer import tls_stream
+from agent.transfer.tls_stream import ImagesReceiver
 from corral import pki
 from corral.errors import AlreadyExists, CorralError, FailedPrecondition, InvalidArgument, NotFound
 from corral.model import Container
@@ -88,7 +88,7 @@ class SendAlong:
     while_dumping: bool = False  # the memory images as CRIU writes them (the receiver takes pieces)
     compress: bool = False  # those compressed where it pays (the receiver takes compressed pieces)
     images_port: int = 0  # the destination's TLS endpoint for them (tls_stream.py), if it has one
-    images_tls: ClientTls | None = None
+    images_tls: pki.OneTimeClient | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Grant:
     user: str
     host_key: str
     images_port: int = 0  # the operation's TLS endpoint for checkpoint images (0: none)
-    images_tls: ClientTls | None = None
+    images_tls: pki.OneTimeClient | None = None
 
 
 class Migrations:
@@ -191,7 +191,7 @@ class Migrations:
         log.info("receive channel open", op=op_id, container=container, user=grant.user, images_port=images_port)
         return Grant(self.transfer.address, grant.user, self.transfer.host_key, images_port, client)
 
-    async def _open_receiver(self, op_id: str, ttl: float) -> tuple[int, ClientTls | None]:
+    async def _open_receiver(self, op_id: str, ttl: float) -> tuple[int, pki.OneTimeClient | None]:
         """The operation's TLS endpoint for its checkpoint images (tls_stream.py), with a one-time
         CA; (0, None) if it cannot open (the images then come over SSH)."""
         await self._close_receiver(op_id)  # a repeated prepare: a new CA, the old client refused
@@ -208,7 +208,7 @@ class Migrations:
             return 0, None
         receiver.start()
         self._receivers[op_id] = receiver
-        return receiver.port, ClientTls.of(one_time)
+        return receiver.port, one_time.client()
 
     async def _close_receiver(self, op_id: str) -> None:
         receiver = self._receivers.pop(op_id, None)
@@ -234,7 +234,7 @@ class Migrations:
 
     async def restore(
         self, op_id: str, name: str, local: bool, lazy_from: tuple[str, int] | None = None,
-        lazy_tls: PageServerTls | None = None,
+        lazy_tls: pki.OneTimeClient | None = None,
     ) -> tuple[Container, RestoreResult]:
         images = self._checkpoint_dir(op_id) if local else self._staging(op_id) / CHECKPOINT
         if not (images / "inventory.img").is_file():
@@ -259,7 +259,7 @@ class Migrations:
         return await self._shielded(work())
 
     async def _lazy_restore(
-        self, op_id: str, name: str, images: Path, source: tuple[str, int], client_tls: PageServerTls | None
+        self, op_id: str, name: str, images: Path, source: tuple[str, int], client_tls: pki.OneTimeClient | None
     ) -> tuple[Container, RestoreResult]:
         """Post-copy destination: restore, pulling the memory from the source's page server
         with the one-time client certificate the source made for this transfer. Returns once
@@ -271,7 +271,8 @@ class Migrations:
         if existing is not None:  # a repeated step
             return await self.containers.get(name), existing.running
         # Not in staging: the source can write there.
-        files = await asyncio.to_thread(client_tls.write, self._page_server_tls_dir(op_id))
+        files = await asyncio.to_thread(write_tls_files, self._page_server_tls_dir(op_id), client_tls.ca, client_tls.cert,
+                                        client_tls.key)  # fmt: skip
         server = PageServer(source[0], source[1], files)
 
         async def work():
@@ -552,7 +553,7 @@ class Migrations:
                     # lazy_bytes 0: the destination counts what it pulls. Here the count (~30 ms of
                     # parsing at 1 GiB, holding the GIL) would delay sending the images: the downtime.
                     info = LazyCheckpoint(ready, server.address, server.port, read_frozen_at(images), 0,
-                                          PageServerTls.client_of(one_time))  # fmt: skip
+                                          one_time.client())  # fmt: skip
                     # Known before anything is sent: a failed send rolls back through resume_source.
                     self._sources[op_id] = PostCopySource(op_id, name, lazy, info,
                                                           lambda: self._keep_source(op_id, name))  # fmt: skip

@@ -56,26 +56,6 @@ class PagesStatus:
     kept_checkpoint: Path | None = None
 
 
-@dataclass(frozen=True, repr=False)
-class PageServerTls:
-    """The destination's side of a page server's one-time TLS (corral.pki.one_time_tls), PEM."""
-
-    ca: bytes
-    cert: bytes
-    key: bytes
-
-    def __repr__(self) -> str:  # never print the key
-        return "PageServerTls(...)"
-
-    @classmethod
-    def client_of(cls, tls: pki.OneTimeTls) -> PageServerTls:
-        return cls(tls.ca_pem, tls.client_cert_pem, tls.client_key_pem)
-
-    def write(self, directory: Path) -> CriuTls:
-        """As files CRIU reads, in a private directory."""
-        return write_tls_files(directory, self.ca, self.cert, self.key)
-
-
 def write_tls_files(directory: Path, ca: bytes, cert: bytes, key: bytes) -> CriuTls:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
@@ -98,7 +78,7 @@ class LazyCheckpoint:
     port: int
     frozen_at: float | None  # when our freezer script froze it (the start of the downtime)
     lazy_bytes: int
-    client_tls: PageServerTls
+    client_tls: pki.OneTimeClient  # for the destination: the one certificate that may pull the pages
 
 
 def _describe(exc: BaseException) -> str:

@@ -15,12 +15,11 @@ from agent.containers import ContainerManager
 from agent.host_facts import HostFacts
 from agent.interactive import InteractiveExec
 from agent.migration import CHECKPOINT, PREDUMP, ROOTFS, Migrations, SendAlong, Sent
-from agent.postcopy import PagesState, PagesStatus, PageServerTls
+from agent.postcopy import PagesState, PagesStatus
 from agent.snapshots import Snapshots
 from agent.stateful import StatefulLifecycle
 from agent.runtime.checkpoint import DumpResult
 from agent.transfer.client import PushTarget, TransferProgress
-from agent.transfer.tls_stream import ClientTls
 from corral.api.convert import (
     container_from_pb,
     container_to_pb,
@@ -33,6 +32,7 @@ from corral.api.convert import (
 )
 from corral.api.server import ServicePolicy, serve_interactive_exec, container, node, operation, reads, writes
 from corral.api.standard import STANDARD_TABLES
+from corral import pki
 from corral.errors import InvalidArgument
 from corral.model import validate_limits
 from corral.v1 import agent_pb2 as apb
@@ -163,11 +163,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         grant = await self.migrations.prepare_receive(
             request.op_id, request.container, request.public_key, float(request.ttl_seconds or 3600)
         )
-        tls = grant.images_tls
         return apb.ReceiveGrant(
             address=grant.address, user=grant.user, host_key=grant.host_key, takes_pieces=True, takes_compressed=True,
-            images_port=grant.images_port,
-            images_tls=apb.PageServerTls(ca=tls.ca.decode(), cert=tls.cert.decode(), key=tls.key.decode()) if tls else None,
+            images_port=grant.images_port, images_tls=_one_time_to_pb(grant.images_tls) if grant.images_tls else None,
         )  # fmt: skip
 
     async def FinishReceive(self, request, context):
@@ -223,8 +221,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 wall_ms=r.wall_ms, images_bytes=r.images_bytes, started_at=r.started_at,
                 pause_ms=max(0.0, (r.ready_at - (lazy.frozen_at or r.started_at)) * 1000),
                 page_server_address=lazy.address, page_server_port=lazy.port, lazy_bytes=lazy.lazy_bytes,
-                page_server_tls=apb.PageServerTls(ca=lazy.client_tls.ca.decode(), cert=lazy.client_tls.cert.decode(),
-                                                  key=lazy.client_tls.key.decode()),
+                page_server_tls=_one_time_to_pb(lazy.client_tls),
             ), sent)  # fmt: skip
         sent = None
         if mode == apb.CHECKPOINT_MODE_PREDUMP:
@@ -257,10 +254,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             lazy_from = (request.lazy_address, request.lazy_port)
         lazy_tls = None
         if request.HasField("lazy_tls"):
-            t = request.lazy_tls
-            if not all("-----BEGIN" in pem for pem in (t.ca, t.cert, t.key)):
-                raise InvalidArgument("the page server's one-time TLS must be three PEM texts (CA, cert, key)")
-            lazy_tls = PageServerTls(t.ca.encode(), t.cert.encode(), t.key.encode())
+            lazy_tls = _one_time_from_pb(request.lazy_tls, "the page server's")
         local = request.source == apb.RESTORE_SOURCE_LOCAL
         ct, result = await self.migrations.restore(request.op_id, request.container, local, lazy_from, lazy_tls)
         return apb.RestoreResult(container=container_to_pb(ct), wall_ms=result.wall_ms,
@@ -310,13 +304,22 @@ _PAGES_STATE = {
 }
 
 
+def _one_time_to_pb(client: pki.OneTimeClient) -> apb.PageServerTls:
+    return apb.PageServerTls(ca=client.ca.decode(), cert=client.cert.decode(), key=client.key.decode())
+
+
+def _one_time_from_pb(t: apb.PageServerTls, whose: str) -> pki.OneTimeClient:
+    if not all("-----BEGIN" in pem for pem in (t.ca, t.cert, t.key)):
+        raise InvalidArgument(f"{whose} one-time TLS must be three PEM texts (CA, cert, key)")
+    return pki.OneTimeClient(t.ca.encode(), t.cert.encode(), t.key.encode())
+
+
 def _send_along(send: apb.SendAlong) -> SendAlong:
     images_tls = None
     if send.images_port:
         if not 0 < send.images_port < 65536 or not send.HasField("images_tls"):
             raise InvalidArgument("an images endpoint needs a port (1-65535) and its one-time TLS")
-        t = send.images_tls
-        images_tls = ClientTls(t.ca.encode(), t.cert.encode(), t.key.encode())
+        images_tls = _one_time_from_pb(send.images_tls, "the images endpoint's")
     return SendAlong(PushTarget(send.address, send.user, send.host_key, send.private_key), send.rootfs,
                      float(send.timeout_seconds or 3600), send.while_dumping, send.compress,
                      send.images_port, images_tls)  # fmt: skip

@@ -230,6 +230,19 @@ def _check_name_free(pki_dir: Path, role: str, name: str, hosts: Sequence[str]) 
 
 
 @dataclass(frozen=True)
+class OneTimeClient:
+    """The client's side of a one-time TLS (PEM): what the server's peer is given, through the
+    controller (a post-copy's page puller, a source sending its images)."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    def __repr__(self) -> str:  # never print the key
+        return "OneTimeClient(...)"
+
+
+@dataclass(frozen=True)
 class OneTimeTls:
     """A throwaway CA and the two certificates it signed, for one connection's peers (PEM).
     The CA's key is never kept: nothing else can ever be signed by it."""
@@ -242,6 +255,9 @@ class OneTimeTls:
 
     def __repr__(self) -> str:  # never print the keys
         return "OneTimeTls(...)"
+
+    def client(self) -> OneTimeClient:
+        return OneTimeClient(self.ca_pem, self.client_cert_pem, self.client_key_pem)
 
 
 def one_time_tls(server_host: str, validity: datetime.timedelta, purpose: str) -> OneTimeTls:

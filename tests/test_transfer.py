@@ -886,7 +886,7 @@ def test_names_with_a_trailing_newline_are_refused(check, value):
 async def images_endpoint(tmp_path):
     import datetime
 
-    from agent.transfer.tls_stream import ClientTls, ImagesReceiver
+    from agent.transfer.tls_stream import ImagesReceiver
     from corral import pki
 
     (tmp_path / "staging").mkdir()
@@ -895,7 +895,7 @@ async def images_endpoint(tmp_path):
                                        one_time, tmp_path, "optest")  # fmt: skip
     receiver.start()
     try:
-        yield receiver, ClientTls.of(one_time)
+        yield receiver, one_time.client()
     finally:
         await receiver.close()
 
@@ -951,7 +951,6 @@ async def test_tls_endpoint_takes_only_its_one_time_client(images_endpoint, tmp_
     import socket
 
     from agent.transfer import tls_stream
-    from agent.transfer.tls_stream import ClientTls
     from corral import pki
 
     receiver, client = images_endpoint
@@ -960,7 +959,7 @@ async def test_tls_endpoint_takes_only_its_one_time_client(images_endpoint, tmp_
     (images / "a.img").write_bytes(b"data")
     done = asyncio.get_running_loop().create_future()
     done.set_result(None)
-    other = ClientTls.of(pki.one_time_tls("127.0.0.1", datetime.timedelta(hours=1), "another transfer"))
+    other = pki.one_time_tls("127.0.0.1", datetime.timedelta(hours=1), "another transfer").client()
     stranger = await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, other, tmp_path, writing=done,
                                                    grows=lambda name: False, compress=False, timeout=30)  # fmt: skip
     assert stranger is None  # refused at the handshake: the caller would try SSH, with the operation's key

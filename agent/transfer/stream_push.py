@@ -79,7 +79,7 @@ class StreamPusher:
         files = await asyncio.to_thread(file_stream.flat_files, src_dir)
         if files is None:
             return None
-        meter = _Meter(sum(await asyncio.to_thread(lambda: [f.stat().st_size for f in files])), progress)
+        meter = ProgressMeter(sum(await asyncio.to_thread(lambda: [f.stat().st_size for f in files])), progress)
         return await self._push(target, dest, meter, timeout, lambda write: file_stream.write_stream(files, write))
 
     async def push_while_writing(
@@ -92,11 +92,11 @@ class StreamPusher:
         (file_stream.write_following; `compress`: those pieces compressed where it pays, for
         a receiver that takes it). Raises `writing`'s error if it fails."""
         dest = file_stream.check_name(dest, "destination")  # (src_dir may not be made yet)
-        meter = _Meter(0, progress)  # the total grows with the files
+        meter = ProgressMeter(0, progress)  # the total grows with the files
         return await self._push(target, dest, meter, timeout, lambda write: file_stream.write_following(
             src_dir, write, writing, grows, compress=compress))  # fmt: skip
 
-    async def _push(self, target: PushTarget, dest: str, meter: _Meter, timeout: float, produce) -> TransferStats:
+    async def _push(self, target: PushTarget, dest: str, meter: ProgressMeter, timeout: float, produce) -> TransferStats:
         began = time.monotonic()
         plog = log.bind(op=target.user.removeprefix("op-"), address=target.address, dest=dest)
         try:
@@ -117,7 +117,7 @@ class StreamPusher:
             self._drop(target)
             raise _error_for(e) from None
         if status != 0 or not answer.startswith("OK "):
-            raise _refusal(errors, status)
+            raise refusal(errors, status)
         meter.finished()
         duration = time.monotonic() - began
         plog.info("files pushed", files=sent.files, bytes=sent.bytes, sent_bytes=sent.wire_bytes,
@@ -125,7 +125,7 @@ class StreamPusher:
         return TransferStats(bytes_sent=sent.wire_bytes, literal_bytes=sent.wire_bytes, total_size=sent.bytes,
                              files_transferred=sent.files, duration_s=duration)  # fmt: skip
 
-    async def _send(self, target: PushTarget, produce, dest: str, meter: _Meter):
+    async def _send(self, target: PushTarget, produce, dest: str, meter: ProgressMeter):
         """One stream to `dest`, its bytes written by `produce(write)`."""
         entry = await self._connection(target)
         entry.used_at = time.monotonic()
@@ -183,7 +183,7 @@ class StreamPusher:
         self._connections.clear()
 
 
-class _Meter:
+class ProgressMeter:
     """Progress of one push for its caller: at most every PROGRESS_INTERVAL, and once at the end."""
 
     def __init__(self, total: int, callback: Callable[[TransferProgress], None] | None) -> None:
@@ -253,7 +253,7 @@ def _error_for(e: BaseException) -> CorralError:
     return RuntimeFailure(f"sending files failed: {e}")
 
 
-def _refusal(errors: str, status: int | None) -> CorralError:
+def refusal(errors: str, status: int | None) -> CorralError:
     line = next((l for l in reversed(errors.splitlines()) if l.strip()), f"exit status {status}")
     if "No space left on device" in errors or "Disk quota exceeded" in errors:
         return RuntimeFailure(f"the destination ran out of space (No space left on device); nothing was "

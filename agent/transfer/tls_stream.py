@@ -27,7 +27,6 @@ import ssl
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +35,7 @@ import structlog
 from agent.transfer import file_stream
 from agent.transfer.client import TransferProgress, TransferStats
 from agent.transfer.rsync_command import CommandRefused
-from agent.transfer.stream_push import _Meter, _refusal  # the SSH stream's progress, and its errors' words
+from agent.transfer.stream_push import ProgressMeter, refusal  # as the SSH stream reports them
 from corral import pki
 from corral.errors import DeadlineExceeded
 
@@ -48,19 +47,6 @@ IDLE_TIMEOUT = 60.0  # a connection that sends nothing this long is dropped (eit
 BLOCK = 4 << 20  # decrypted bytes handed to the event loop at a time
 BLOCKS_AHEAD = 4  # ... at most this many waiting (the sender is held back beyond)
 DRAIN_TIME = 5.0  # after answering, how long what the sender still sends is read and dropped
-
-
-@dataclass(frozen=True, repr=False)
-class ClientTls:
-    """The source's side of an images endpoint's one-time TLS (PEM)."""
-
-    ca: bytes
-    cert: bytes
-    key: bytes
-
-    @classmethod
-    def of(cls, tls: pki.OneTimeTls) -> ClientTls:
-        return cls(tls.ca_pem, tls.client_cert_pem, tls.client_key_pem)
 
 
 def _context(*, server: bool, ca: bytes, cert: bytes, key: bytes, scratch: Path) -> ssl.SSLContext:
@@ -283,7 +269,7 @@ class _Inbound:
 
 
 async def push_while_writing(
-    src_dir: Path, host: str, port: int, client: ClientTls, scratch: Path, *, writing: asyncio.Future,
+    src_dir: Path, host: str, port: int, client: pki.OneTimeClient, scratch: Path, *, writing: asyncio.Future,
     grows: Callable[[str], bool], compress: bool, timeout: float,
     progress: Callable[[TransferProgress], None] | None = None,
 ) -> TransferStats | None:  # fmt: skip
@@ -297,7 +283,7 @@ async def push_while_writing(
     except (OSError, ssl.SSLError) as e:
         log.info("images endpoint unreachable, sending over SSH", address=f"{host}:{port}", error=str(e)[:200])
         return None
-    meter = _Meter(0, progress)
+    meter = ProgressMeter(0, progress)
     reader = conn.makefile("rb")
     try:
         async with asyncio.timeout(timeout):
@@ -312,7 +298,7 @@ async def push_while_writing(
                 said = b""
                 with contextlib.suppress(OSError, ssl.SSLError):
                     said = await asyncio.to_thread(reader.readline, 4096)  # why it stopped reading, if it said
-                raise _refusal(said.decode(errors="replace") or f"corral: transfer cut: {e}", 1) from None
+                raise refusal(said.decode(errors="replace") or f"corral: transfer cut: {e}", 1) from None
             answer = (await asyncio.to_thread(reader.readline, 4096)).decode(errors="replace")
     except TimeoutError:
         raise DeadlineExceeded(f"sending the checkpoint images did not finish within {timeout:g} s") from None
@@ -320,7 +306,7 @@ async def push_while_writing(
         reader.close()
         conn.close()
     if not answer.startswith("OK "):
-        raise _refusal(answer or "corral: transfer cut: the destination closed the connection", 1)
+        raise refusal(answer or "corral: transfer cut: the destination closed the connection", 1)
     meter.finished()
     duration = time.monotonic() - began
     log.info("files pushed", address=f"{host}:{port}", channel="tls", files=sent.files, bytes=sent.bytes,
