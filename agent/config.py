@@ -40,6 +40,9 @@ class AgentConfig:
     # Incoming live migrations: a TLS endpoint for their memory images, on a free port of the
     # transfer address (agent/transfer/tls_stream.py); off: they come over the SSH transfer port.
     images_endpoint: bool = True
+    # Incoming live migrations: page cache for the memory images written before the freeze, as
+    # much as the pre-flight saw, at most half the available memory (agent/transfer/landing.py).
+    images_landing: bool = True
 
     @classmethod
     def load(cls, path: Path) -> "AgentConfig":
@@ -48,7 +51,7 @@ class AgentConfig:
             "node", "listen", "advertise", "controller", "lxc_path", "state_dir", "storage_dir",
             "shared_dir", "shared_volume_group", "template_cache", "bridge", "tls", "heartbeat_interval", "log_level", "transfer_port",
             "watchdog_device", "watchdog_timeout", "labels", "metrics_listen", "preflight_trial_max_bytes",
-            "images_endpoint",
+            "images_endpoint", "images_landing",
             *LOG_FILE_KEYS,
         })  # fmt: skip
         listen = doc.get("listen", str, parse=parse_address)
@@ -89,6 +92,7 @@ class AgentConfig:
             log_file=log_file_from(doc),
             preflight_trial_max_bytes=doc.get("preflight_trial_max_bytes", object, 0, parse=_trial_max_bytes),
             images_endpoint=doc.get("images_endpoint", bool, True),
+            images_landing=doc.get("images_landing", bool, True),
         )
 
 

@@ -87,7 +87,7 @@ async def serve(config: AgentConfig) -> None:
     await transfer.start()
     migrations = Migrations(containers, transfer, grants, Checkpointer(config.lxc_path, network_lock=live.network_lock),
                             config.state_dir, preflight_trial_max_bytes=config.preflight_trial_max_bytes,
-                            images_endpoint=config.images_endpoint)  # fmt: skip
+                            images_endpoint=config.images_endpoint, images_landing=config.images_landing)  # fmt: skip
     try:
         await migrations.sweep_leftovers()
     except Exception:  # tidiness: never a reason not to start

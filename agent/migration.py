@@ -28,6 +28,7 @@ per-operation channel like any other.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import shutil
@@ -50,6 +51,7 @@ from agent.runtime.freezer import NETLOCKED, PREFROZEN_MARK, read_frozen_at
 from agent.runtime.tool_process import tools_under
 from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push, split_address
 from agent.transfer.grants import GrantRegistry
+from agent.transfer.landing import LandingFile, available_memory, is_memory_image, landing_size
 from agent.transfer.server import TransferServer
 from agent.transfer.stream_push import StreamPusher
 from agent.transfer import tls_stream
@@ -135,10 +137,12 @@ class Migrations:
         state_dir: Path,
         preflight_trial_max_bytes: int = 0,
         images_endpoint: bool = True,
+        images_landing: bool = True,
     ) -> None:
         self.containers = containers
         self.preflight_trial_max_bytes = preflight_trial_max_bytes
         self.images_endpoint = images_endpoint
+        self.images_landing = images_landing
         self.transfer = transfer
         self.grants = grants
         self.checkpointer = checkpointer
@@ -180,16 +184,45 @@ class Migrations:
 
     # -- destination -------------------------------------------------------------
 
-    async def prepare_receive(self, op_id: str, container: str, public_key: str, ttl: float) -> Grant:
+    async def prepare_receive(self, op_id: str, container: str, public_key: str, ttl: float,
+                              expect_image_bytes: int = 0) -> Grant:  # fmt: skip
+        """Open receiving for the operation; `expect_image_bytes`: the memory its images will
+        hold (as the pre-flight saw it), for which page cache is prepared now (landing.py)."""
         validate_name(container)
         if self.containers.exists(container):
             raise AlreadyExists(f"container {container!r} already exists on node {self.containers.node!r}")
         if not public_key.startswith("ssh-"):
             raise InvalidArgument("the operation's public key must be in OpenSSH format")
+        if expect_image_bytes < 0:
+            raise InvalidArgument(f"expected image bytes must not be negative, got {expect_image_bytes}")
         grant = self.grants.authorize(_op(op_id), public_key, ttl)
         images_port, client = await self._open_receiver(op_id, ttl)
-        log.info("receive channel open", op=op_id, container=container, user=grant.user, images_port=images_port)
+        landing = await self._prepare_landing(op_id, grant.staging, expect_image_bytes)
+        log.info("receive channel open", op=op_id, container=container, user=grant.user, images_port=images_port,
+                 landing_bytes=landing)  # fmt: skip
         return Grant(self.transfer.address, grant.user, self.transfer.host_key, images_port, client)
+
+    async def _prepare_landing(self, op_id: str, staging: Path, expected: int) -> int:
+        """Start writing the landing file for `expected` bytes of images; its size (0: none)."""
+        if not self.images_landing or self.grants.landing(op_id) is not None:
+            return 0  # off, or a repeated prepare: the one being written stands
+        size = landing_size(expected, await asyncio.to_thread(available_memory))
+        if size:
+            landing = LandingFile(staging, size)
+            self.grants.attach_landing(op_id, landing)
+            landing.start()
+        return size
+
+    async def await_landing(self, op_id: str, timeout: float) -> tuple[bool, int]:
+        """Wait at most `timeout` s for the operation's landing file to be whole: (whole, size);
+        (False, 0) if it has none."""
+        landing = self.grants.landing(_op(op_id))
+        if landing is None:
+            return False, 0
+        try:
+            return await asyncio.wait_for(asyncio.shield(landing.prepared()), max(0.0, timeout)), landing.size
+        except TimeoutError:
+            return False, landing.size
 
     async def _open_receiver(self, op_id: str, ttl: float) -> tuple[int, pki.OneTimeClient | None]:
         """The operation's TLS endpoint for its checkpoint images (tls_stream.py), with a one-time
@@ -202,7 +235,7 @@ class Migrations:
             one_time = await asyncio.to_thread(pki.one_time_tls, host, datetime.timedelta(seconds=ttl + 3600),
                                                f"images of {op_id}")  # fmt: skip
             receiver = await asyncio.to_thread(ImagesReceiver.open, host, self._staging(op_id) / CHECKPOINT, one_time,
-                                               self.checkpoints_root, op_id)  # fmt: skip
+                                               self.checkpoints_root, op_id, lambda: self.grants.landing(op_id))  # fmt: skip
         except (OSError, CorralError) as e:
             log.warning("no TLS endpoint for the images, they will come over SSH", op=op_id, error=str(e)[:200])
             return 0, None
@@ -417,13 +450,13 @@ class Migrations:
         if send.images_port and send.images_tls is not None:
             sent = await tls_stream.push_while_writing(
                 images, split_address(send.target.address)[0], send.images_port, send.images_tls,
-                self.checkpoints_root, writing=dump, grows=_is_memory_image, compress=send.compress,
+                self.checkpoints_root, writing=dump, grows=is_memory_image, compress=send.compress,
                 timeout=send.timeout, progress=progress,
             )  # fmt: skip
             if sent is not None:
                 return sent
         return await self.pusher.push_while_writing(images, send.target, CHECKPOINT, writing=dump,
-                                                    grows=_is_memory_image, timeout=send.timeout,
+                                                    grows=is_memory_image, timeout=send.timeout,
                                                     progress=progress, compress=send.compress)  # fmt: skip
 
     async def _rootfs_once_frozen(self, name: str, images: Path, dump: asyncio.Future,
@@ -481,8 +514,10 @@ class Migrations:
         if not verdict.dumpable:
             raise FailedPrecondition(f"CRIU would refuse to dump {name!r}: {verdict.reason()}")
         if self.preflight_trial_max_bytes and verdict.memory_bytes <= self.preflight_trial_max_bytes:
-            return await self.checkpointer.trial_dump(name, self.checkpoints_root / f"{_op(op_id)}-trial")
-        return DumpResult(Path(), verdict.ms, started_at, CriuTimes(), 0, started_at + verdict.ms / 1000)
+            trial = await self.checkpointer.trial_dump(name, self.checkpoints_root / f"{_op(op_id)}-trial")
+            return dataclasses.replace(trial, memory_bytes=verdict.memory_bytes)
+        return DumpResult(Path(), verdict.ms, started_at, CriuTimes(), 0, started_at + verdict.ms / 1000,
+                          memory_bytes=verdict.memory_bytes)  # fmt: skip
 
     async def predump(self, op_id: str, name: str, iteration: int) -> DumpResult:
         """Pre-copy: memory pre-dump number `iteration` (1, 2...), each the delta from the one
@@ -845,11 +880,6 @@ def _remove_all(paths: list[Path]) -> None:
             path.unlink(missing_ok=True)
         elif path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _is_memory_image(name: str) -> bool:
-    """CRIU's page images (pages-N.img): written once, front to back, while it dumps."""
-    return name.startswith("pages-") and name.endswith(".img")
 
 
 def _is_lazy(images: Path) -> bool:

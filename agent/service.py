@@ -56,6 +56,7 @@ AGENT_POLICY = ServicePolicy(
         "GetContainerStats": reads(_CONTROLLER),  # names checked by the container manager
         "PrepareReceive": writes(_CONTROLLER, container("container"), operation()),
         "FinishReceive": writes(_CONTROLLER, operation()),
+        "AwaitLanding": reads(_CONTROLLER, operation()),
         "SendFiles": writes(_CONTROLLER, container("container"), operation()),
         "Checkpoint": writes(_CONTROLLER, container("container"), operation()),
         "WatchSending": reads(_CONTROLLER, operation()),
@@ -161,12 +162,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
 
     async def PrepareReceive(self, request: apb.PrepareReceiveRequest, context):
         grant = await self.migrations.prepare_receive(
-            request.op_id, request.container, request.public_key, float(request.ttl_seconds or 3600)
+            request.op_id, request.container, request.public_key, float(request.ttl_seconds or 3600),
+            expect_image_bytes=request.expect_image_bytes,
         )
         return apb.ReceiveGrant(
             address=grant.address, user=grant.user, host_key=grant.host_key, takes_pieces=True, takes_compressed=True,
             images_port=grant.images_port, images_tls=_one_time_to_pb(grant.images_tls) if grant.images_tls else None,
         )  # fmt: skip
+
+    async def AwaitLanding(self, request: apb.AwaitLandingRequest, context):
+        ready, size = await self.migrations.await_landing(request.op_id, request.timeout_ms / 1000)
+        return apb.AwaitLandingReply(ready=ready, bytes=size)
 
     async def FinishReceive(self, request, context):
         await self.migrations.finish_receive(request.op_id, request.discard)
@@ -237,6 +243,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             memdump_ms=c.memdump_ms or 0, memwrite_ms=c.memwrite_ms or 0, images_bytes=result.images_bytes,
             started_at=result.started_at,
             pause_ms=_pause_ms(result, trial=mode == apb.CHECKPOINT_MODE_TRIAL), pages_written=c.pages_written or 0,
+            memory_bytes=result.memory_bytes,
         ), sent)  # fmt: skip
 
     async def WatchSending(self, request: apb.WatchSendingRequest, context):

@@ -119,8 +119,14 @@ class AgentClient:
 
     # -- migration -------------------------------------------------------------------
 
-    async def prepare_receive(self, op_id: str, name: str, public_key: str, ttl: int) -> apb.ReceiveGrant:
-        req = apb.PrepareReceiveRequest(op_id=op_id, container=name, public_key=public_key, ttl_seconds=ttl)
+    async def await_landing(self, op_id: str, timeout: float) -> apb.AwaitLandingReply:
+        req = apb.AwaitLandingRequest(op_id=op_id, timeout_ms=int(timeout * 1000))
+        return await self._call(self.stub.AwaitLanding, req, QUICK_TIMEOUT + timeout)
+
+    async def prepare_receive(self, op_id: str, name: str, public_key: str, ttl: int,
+                              expect_image_bytes: int = 0) -> apb.ReceiveGrant:  # fmt: skip
+        req = apb.PrepareReceiveRequest(op_id=op_id, container=name, public_key=public_key, ttl_seconds=ttl,
+                                        expect_image_bytes=expect_image_bytes)  # fmt: skip
         return await self._call(self.stub.PrepareReceive, req, QUICK_TIMEOUT)
 
     async def finish_receive(self, op_id: str, discard: bool) -> None:

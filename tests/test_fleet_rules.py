@@ -78,3 +78,27 @@ async def test_operations_and_doubt_are_events(life):
     assert said[:2] == ["create of web started", said[1]] and said[1].startswith("create of web succeeded in ")
     assert said[2] == "migrate of web started" and said[3].startswith("migrate of web succeeded in ")
     assert said[4] == "web is settled on n2 (its nodes answered)"
+
+
+async def test_a_stop_and_copy_tells_the_target_how_much_memory_is_coming(tmp_path):
+    """The target prepares page cache for the images before the freeze (agent/transfer/landing.py):
+    a live stop-and-copy passes it what the pre-flight saw; post-copy (its pages are pulled
+    lazily) and a cold migration (no images) pass nothing."""
+    from fakes.hosts import PREFLIGHT_MEMORY_BYTES
+
+    life = await ControllerLife(FakeWorld(live_strategies=("stop-and-copy", "post-copy")), tmp_path / "s.db").open()
+    try:
+        for name in ("a", "b", "c"):
+            await life.fleet.create(name, "busybox", "n1", Limits(), "dir", start=True)
+        moves = {
+            "a": await life.fleet.migrate("a", "n2", live=True, postcopy=False, fallback_cold=False),
+            "b": await life.fleet.migrate("b", "n2", live=True, postcopy=True, fallback_cold=False),
+            "c": await life.fleet.migrate("c", "n2", live=False, postcopy=False, fallback_cold=False),
+        }
+        for op in moves.values():
+            assert (await life.wait(op.id)).state == OpState.SUCCEEDED
+        expected = life.world.hosts["n2"].expected_images
+        assert expected[moves["a"].id] == PREFLIGHT_MEMORY_BYTES
+        assert expected[moves["b"].id] == 0 and expected[moves["c"].id] == 0
+    finally:
+        await life.close()

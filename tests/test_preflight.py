@@ -241,3 +241,16 @@ def test_the_images_endpoint_is_on_unless_the_host_turns_it_off(tmp_path):
     for bad in ("maybe", "1", "[]"):
         with pytest.raises(ConfigError, match=r"agent.yaml:5: images_endpoint"):
             _agent_config(tmp_path, f"images_endpoint: {bad}\n")
+
+
+def test_the_images_landing_is_on_unless_the_host_turns_it_off(tmp_path):
+    """`images_landing`: true by default (an incoming live migration's memory images land on
+    page cache written before the freeze, agent/transfer/landing.py); false writes them to new
+    files; anything else stops the agent's start with FILE:LINE."""
+    from corral.config import ConfigError
+
+    assert _agent_config(tmp_path, "").images_landing is True
+    assert _agent_config(tmp_path, "images_landing: false\n").images_landing is False
+    for bad in ("maybe", "1", "[]"):
+        with pytest.raises(ConfigError, match=r"agent.yaml:5: images_landing"):
+            _agent_config(tmp_path, f"images_landing: {bad}\n")

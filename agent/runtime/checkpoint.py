@@ -119,6 +119,7 @@ class DumpResult:
     images_bytes: int
     finished_at: float = 0.0  # time.time() when it exited
     frozen_at: float | None = None  # when our action script began the freeze (None: CRIU froze it itself)
+    memory_bytes: int = 0  # pre-flight: the memory a dump copies, as /proc showed it (dumpability.py)
 
     @property
     def freeze_began(self) -> float:

@@ -38,6 +38,7 @@ from typing import Awaitable, Callable
 
 import zstandard
 
+from agent.transfer.landing import MIN_PIECE, LandingFile, is_memory_image
 from agent.transfer.rsync_command import CommandRefused
 
 RECEIVE_COMMAND = "corral-receive-files"
@@ -65,6 +66,7 @@ class StreamedFiles:
     files: int
     bytes: int  # of the files
     sent_bytes: int = -1  # of the pieces as sent (compressed ones smaller); -1: as many as `bytes`
+    landed_bytes: int = 0  # receiver: of the file written over a landing file (landing.py)
 
     @property
     def wire_bytes(self) -> int:
@@ -290,21 +292,32 @@ def _read_all(fd: int, size: int, path: Path) -> bytes:
     return b"".join(parts)
 
 
-async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) -> StreamedFiles:
+async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path,
+                      landing: LandingFile | None = None) -> StreamedFiles:  # fmt: skip
     """Receive a stream into `directory`, made afresh (a previous attempt's is removed).
     `read(n)` returns exactly n bytes or raises (asyncio.IncompleteReadError at EOF). Small
-    files are written in batches, one thread hop per batch."""
+    files are written in batches, one thread hop per batch. `landing`: the first memory image
+    that comes in pieces of at least landing.MIN_PIECE is written over it (landing.py)."""
     await asyncio.to_thread(_fresh_directory, directory)
+    if landing is not None and not landing.ready:
+        landing.abandon()  # the dump has begun: its writing must not compete with it
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     total = 0
     made: set[str] = set()  # the files this stream created: a name that comes again appends to one
     batch: list[tuple[str, int, bytes]] = []
+    landed: _Landed | None = None  # the file written over `landing`
     try:
         while True:
             (length,) = _NAME_LEN.unpack(await read(_NAME_LEN.size))
             if length == 0:
                 await asyncio.to_thread(_store_files, dir_fd, batch, made)
-                return StreamedFiles(len(made), total)
+                landed_bytes = 0
+                if landed is not None:
+                    landed_bytes = await asyncio.to_thread(landed.landing.settle, dir_fd, landed.name, landed.mode)
+                    landed = None
+                elif landing is not None:  # no memory image came big enough: its page cache goes
+                    await asyncio.to_thread(landing.discard)
+                return StreamedFiles(len(made), total, landed_bytes=landed_bytes)
             if length > MAX_NAME:
                 raise CommandRefused(f"file name of {length} bytes")
             name = check_name((await read(length)).decode("utf-8", errors="replace"))
@@ -320,15 +333,22 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) 
                 if batch:
                     await asyncio.to_thread(_store_files, dir_fd, batch, made)
                     batch = []
-                total += await asyncio.to_thread(_store_compressed, dir_fd, name, mode, packed, made)
+                if landed is None and landing is not None and name not in made:
+                    landed = await asyncio.to_thread(_land, landing, name, mode, _stated_size(packed), made)
+                fd = landed.fd if landed is not None and landed.name == name else None
+                total += await asyncio.to_thread(_store_compressed, dir_fd, name, mode, packed, made, fd)
                 continue
-            if size <= SMALL_FILE and len(batch) < BATCH_FILES:
+            on_landing = landed is not None and landed.name == name
+            if size <= SMALL_FILE and len(batch) < BATCH_FILES and not on_landing:
                 batch.append((name, mode, await read(size) if size else b""))
                 total += size
                 continue
             await asyncio.to_thread(_store_files, dir_fd, batch, made)
             batch = []
-            fd = await asyncio.to_thread(_open_piece, dir_fd, name, mode, made)
+            if landed is None and landing is not None and name not in made:
+                landed = await asyncio.to_thread(_land, landing, name, mode, size, made)
+                on_landing = landed is not None
+            fd = landed.fd if on_landing else await asyncio.to_thread(_open_piece, dir_fd, name, mode, made)
             try:
                 left = size
                 while left > 0:
@@ -336,10 +356,40 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path) 
                     await asyncio.to_thread(_write_all, fd, data)
                     left -= len(data)
             finally:
-                os.close(fd)
+                if not on_landing:
+                    os.close(fd)
             total += size
     finally:
+        if landed is not None:
+            landed.landing.release()
         os.close(dir_fd)
+
+
+@dataclass(frozen=True)
+class _Landed:
+    landing: LandingFile
+    name: str
+    mode: int
+    fd: int
+
+
+def _land(landing: LandingFile, name: str, mode: int, piece_size: int, made: set[str]) -> _Landed | None:
+    """`name` written over the landing file, if it is a memory image whose first piece is big
+    enough and the landing is ready (claimed; the name is then taken)."""
+    if not is_memory_image(name) or piece_size < MIN_PIECE:
+        return None
+    fd = landing.claim()
+    if fd is None:
+        return None
+    made.add(name)
+    return _Landed(landing, name, mode, fd)
+
+
+def _stated_size(packed: bytes) -> int:
+    try:
+        return zstandard.frame_content_size(packed)
+    except zstandard.ZstdError:
+        return -1  # refused when it is stored
 
 
 def _create(dir_fd: int, name: str, mode: int) -> int:
@@ -365,9 +415,10 @@ def _store_files(dir_fd: int, files: list[tuple[str, int, bytes]], made: set[str
             os.close(fd)
 
 
-def _store_compressed(dir_fd: int, name: str, mode: int, packed: bytes, made: set[str]) -> int:
-    """Decompress a ZSTD_FRAME piece and append it; returns its size. Its frame must say how
-    large it is, at most MAX_PIECE (zstd would otherwise allocate what the frame claims)."""
+def _store_compressed(dir_fd: int, name: str, mode: int, packed: bytes, made: set[str], fd: int | None = None) -> int:
+    """Decompress a ZSTD_FRAME piece and append it (to `fd` if given: a landed file); returns
+    its size. Its frame must say how large it is, at most MAX_PIECE (zstd would otherwise
+    allocate what the frame claims)."""
     try:
         size = zstandard.frame_content_size(packed)
         if not 0 <= size <= MAX_PIECE:
@@ -377,6 +428,9 @@ def _store_compressed(dir_fd: int, name: str, mode: int, packed: bytes, made: se
         raise CommandRefused(f"{name}: a compressed piece that does not decompress: {e}") from None
     if len(data) != size:
         raise CommandRefused(f"{name}: a compressed piece of {len(data)} bytes, not the {size} its frame says")
+    if fd is not None:
+        _write_all(fd, data)
+        return len(data)
     fd = _open_piece(dir_fd, name, mode, made)
     try:
         _write_all(fd, data)

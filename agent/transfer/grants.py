@@ -24,6 +24,7 @@ from typing import Callable
 import structlog
 
 from agent.transfer.keys import parse_public_key, public_key_line
+from agent.transfer.landing import LandingFile
 from corral.errors import InvalidArgument, RuntimeFailure
 
 log = structlog.get_logger("corral.agent.transfer")
@@ -68,6 +69,7 @@ class GrantRegistry:
         self.staging_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.staging_root, 0o700)
         self._grants: dict[str, ReceiveGrant] = {}  # by user
+        self._landings: dict[str, LandingFile] = {}  # by op id: page cache prepared for its images
         self._lock = threading.Lock()
         self._listeners: list[GrantListener] = []
 
@@ -93,12 +95,27 @@ class GrantRegistry:
             self._notify(user)
         return grant
 
+    def attach_landing(self, op_id: str, landing: LandingFile) -> None:
+        """The landing file the grant's images stream is to write over; it ends with the grant."""
+        with self._lock:
+            self._landings[op_id] = landing
+
+    def landing(self, op_id: str) -> LandingFile | None:
+        with self._lock:
+            return self._landings.get(op_id)
+
+    def _drop_landing(self, op_id: str) -> None:
+        landing = self._landings.pop(op_id, None)
+        if landing is not None:
+            landing.abandon()
+
     def revoke(self, op_id: str, *, remove_staging: bool) -> None:
         """Close receiving for `op_id` (idempotent): its key stops working and its live
         sessions are cut; with `remove_staging` its staging directory goes too."""
         user = user_for(op_id)
         with self._lock:
             grant = self._grants.pop(user, None)
+            self._drop_landing(op_id)
         self._notify(user)  # also for an unknown grant: cut anything still running
         if remove_staging:
             self._remove_staging(self.staging_root / op_id)
@@ -129,6 +146,7 @@ class GrantRegistry:
             if grant is None or not grant.expired():
                 return False
             del self._grants[user]
+            self._drop_landing(op_id)
             # Out of the way at once (a rename), so a new grant for the op starts afresh.
             doomed = self.staging_root / f".expired-{op_id}-{os.urandom(4).hex()}"
             try:

@@ -512,7 +512,8 @@ class TransferServer:
         """Receive a flat directory of files in-process (file_stream.py) into staging/NAME."""
         assert self._loop is not None
         directory = Path(grant.staging) / name
-        receiving = asyncio.ensure_future(file_stream.read_stream(process.stdin.readexactly, directory))
+        receiving = asyncio.ensure_future(file_stream.read_stream(process.stdin.readexactly, directory,
+                                                                  landing=self.grants.landing(grant.op_id)))  # fmt: skip
         session = _Session(state, state.user, state.key, _TaskHandle(receiving, self._loop))
         with self._lock:
             self._sessions.add(session)
@@ -546,7 +547,8 @@ class TransferServer:
             _write_stderr(process, f"corral: transfer cut: {session.cut_reason}\n")
             return 1
         process.stdout.write(f"OK {received.files} {received.bytes}\n".encode())
-        slog.info("files received", destination=name, files=received.files, bytes=received.bytes)
+        slog.info("files received", destination=name, files=received.files, bytes=received.bytes,
+                  landed_bytes=received.landed_bytes)  # fmt: skip
         return 0
 
     async def _until_grant_ends(self, user: str, key: bytes) -> str:

@@ -34,6 +34,7 @@ import structlog
 
 from agent.transfer import file_stream
 from agent.transfer.client import TransferProgress, TransferStats
+from agent.transfer.landing import LandingFile
 from agent.transfer.rsync_command import CommandRefused
 from agent.transfer.stream_push import ProgressMeter, refusal  # as the SSH stream reports them
 from corral import pki
@@ -73,14 +74,18 @@ def _context(*, server: bool, ca: bytes, cert: bytes, key: bytes, scratch: Path)
 class ImagesReceiver:
     """One operation's TLS endpoint for its checkpoint images (see the module docstring)."""
 
-    def __init__(self, listener: socket.socket, ctx: ssl.SSLContext, directory: Path, op: str) -> None:
+    def __init__(self, listener: socket.socket, ctx: ssl.SSLContext, directory: Path, op: str,
+                 landing: Callable[[], LandingFile | None] = lambda: None) -> None:  # fmt: skip
         self._listener, self._ctx, self.directory, self._op = listener, ctx, directory, op
+        self._landing = landing
         self.port: int = listener.getsockname()[1]
         self._task: asyncio.Task | None = None
 
     @classmethod
-    def open(cls, host: str, directory: Path, tls: pki.OneTimeTls, scratch: Path, op: str) -> ImagesReceiver:
-        """Listen on a free port of `host` (blocking: call it in a thread). `tls` names `host`."""
+    def open(cls, host: str, directory: Path, tls: pki.OneTimeTls, scratch: Path, op: str,
+             landing: Callable[[], LandingFile | None] = lambda: None) -> ImagesReceiver:  # fmt: skip
+        """Listen on a free port of `host` (blocking: call it in a thread). `tls` names `host`.
+        `landing`: the operation's landing file when a stream comes (landing.py)."""
         ctx = _context(server=True, ca=tls.ca_pem, cert=tls.server_cert_pem, key=tls.server_key_pem, scratch=scratch)
         listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -90,7 +95,7 @@ class ImagesReceiver:
         except OSError:
             listener.close()
             raise
-        return cls(listener, ctx, directory, op)
+        return cls(listener, ctx, directory, op, landing)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._serve())
@@ -128,10 +133,10 @@ class ImagesReceiver:
         inbound = _Inbound(conn, asyncio.get_running_loop())
         try:
             try:
-                received = await file_stream.read_stream(inbound.readexactly, self.directory)
+                received = await file_stream.read_stream(inbound.readexactly, self.directory, self._landing())
                 answer = f"OK {received.files} {received.bytes}\n"
                 log.info("files received", op=self._op, peer=peer, destination=self.directory.name, channel="tls",
-                         files=received.files, bytes=received.bytes)  # fmt: skip
+                         files=received.files, bytes=received.bytes, landed_bytes=received.landed_bytes)  # fmt: skip
             except CommandRefused as e:
                 answer = f"corral: refused: {e}\n"
             except asyncio.IncompleteReadError:

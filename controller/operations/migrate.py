@@ -78,6 +78,7 @@ SHARED_STORAGES = frozenset({"image", "lvm"})
 
 STOP_AND_COPY = Strategy.STOP_AND_COPY
 PRE_COPY = Strategy.PRE_COPY
+LANDING_WAIT = 15.0  # s, at most, for the target's page cache for the images (~2.5 s a GB here)
 POST_COPY = Strategy.POST_COPY
 FROM_CHECKPOINT = Strategy.FROM_CHECKPOINT
 
@@ -129,6 +130,20 @@ class MigrationPlan:
             raise NotFound(f"container {self.name!r} no longer exists")
         return record
 
+    async def _await_landing(self, ctx: OpContext, dst: AgentClient) -> None:
+        """Let the target finish the page cache it writes for the images (agent/transfer/landing.py)
+        while the container still runs: their writing then costs the downtime a fraction. Bounded;
+        a target that cannot say (an older agent) is not waited for."""
+        began = time.monotonic()
+        try:
+            landing = await dst.await_landing(ctx.op.id, LANDING_WAIT)
+        except CorralError as exc:
+            ctx.log.info("the target prepares no landing for the images", error=exc.message)
+            return
+        await ctx.timing(landing=(time.monotonic() - began) * 1000)
+        if not landing.ready and landing.bytes:
+            ctx.log.info("the landing for the images was not ready in time", bytes=landing.bytes)
+
     async def _send(self, ctx: OpContext, content: int, label: str, private_key: str, grant) -> apb.TransferUpdate:
         src = self._agent(self.source_name)
         began = time.monotonic()
@@ -179,11 +194,14 @@ class MigrationPlan:
         if strategy == POST_COPY and shared:
             raise FailedPrecondition(f"post-copy cannot move {record.storage} storage (see fleet.migrate)")
 
+        image_bytes = 0  # what the memory images will hold, for the destination to prepare room
         if live:
             await ctx.phase("preflight", "checking that CRIU can dump this container, without stopping it")
             try:
                 async with ctx.step(StepName.PREFLIGHT):
                     trial = await src.checkpoint(ctx.op.id, self.name, apb.CHECKPOINT_MODE_TRIAL)
+                if strategy == Strategy.STOP_AND_COPY:  # not pre-copy's diffs, nor post-copy's lazy pages
+                    image_bytes = trial.memory_bytes
                 # The pre-flight looks at the container without stopping it (pause 0), and trial-dumps
                 # only a small one: pause_ms is what the workload stood still.
                 await ctx.timing(preflight=trial.wall_ms, preflight_pause=trial.pause_ms)
@@ -200,7 +218,7 @@ class MigrationPlan:
             private_key, public_key = _operation_keypair()
             await ctx.phase("open-channel")
             async with ctx.step(StepName.OPEN_CHANNEL):
-                grant = await dst.prepare_receive(ctx.op.id, self.name, public_key, CHANNEL_TTL)
+                grant = await dst.prepare_receive(ctx.op.id, self.name, public_key, CHANNEL_TTL, image_bytes)
 
         if not shared:
             await ctx.phase("precopy-rootfs", "copying the root filesystem while the container runs")
@@ -228,6 +246,8 @@ class MigrationPlan:
         if strategy == POST_COPY:
             return await self._run_postcopy(ctx, record, src, dst, private_key, grant)
 
+        if image_bytes:
+            await self._await_landing(ctx, dst)
         down_began = time.monotonic()
         if live:
             what = "freezing and dumping the container, sending " + ("its images" if shared else "it")

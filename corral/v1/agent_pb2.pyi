@@ -202,16 +202,18 @@ class AgentSetLimitsRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., limits: _Optional[_Union[_types_pb2.Limits, _Mapping]] = ...) -> None: ...
 
 class PrepareReceiveRequest(_message.Message):
-    __slots__ = ("op_id", "container", "public_key", "ttl_seconds")
+    __slots__ = ("op_id", "container", "public_key", "ttl_seconds", "expect_image_bytes")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     op_id: str
     container: str
     public_key: str
     ttl_seconds: int
-    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., public_key: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    expect_image_bytes: int
+    def __init__(self, op_id: _Optional[str] = ..., container: _Optional[str] = ..., public_key: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., expect_image_bytes: _Optional[int] = ...) -> None: ...
 
 class ReceiveGrant(_message.Message):
     __slots__ = ("address", "user", "host_key", "takes_pieces", "takes_compressed", "images_port", "images_tls")
@@ -242,6 +244,22 @@ class FinishReceiveRequest(_message.Message):
 class FinishReceiveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AwaitLandingRequest(_message.Message):
+    __slots__ = ("op_id", "timeout_ms")
+    OP_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    op_id: str
+    timeout_ms: int
+    def __init__(self, op_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class AwaitLandingReply(_message.Message):
+    __slots__ = ("ready", "bytes")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    bytes: int
+    def __init__(self, ready: _Optional[bool] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class SendFilesRequest(_message.Message):
     __slots__ = ("op_id", "container", "content", "address", "user", "host_key", "private_key", "timeout_seconds")
@@ -332,7 +350,7 @@ class SendAlong(_message.Message):
     def __init__(self, address: _Optional[str] = ..., user: _Optional[str] = ..., host_key: _Optional[str] = ..., private_key: _Optional[str] = ..., rootfs: _Optional[bool] = ..., timeout_seconds: _Optional[int] = ..., while_dumping: _Optional[bool] = ..., compress: _Optional[bool] = ..., images_port: _Optional[int] = ..., images_tls: _Optional[_Union[PageServerTls, _Mapping]] = ...) -> None: ...
 
 class CheckpointResult(_message.Message):
-    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes", "page_server_tls", "reply_after_ms")
+    __slots__ = ("wall_ms", "frozen_ms", "freezing_ms", "memdump_ms", "memwrite_ms", "images_bytes", "started_at", "pause_ms", "page_server_address", "page_server_port", "lazy_bytes", "pages_written", "sent_ms", "bytes_sent", "rootfs_delta_bytes", "images_sent_bytes", "page_server_tls", "reply_after_ms", "memory_bytes")
     WALL_MS_FIELD_NUMBER: _ClassVar[int]
     FROZEN_MS_FIELD_NUMBER: _ClassVar[int]
     FREEZING_MS_FIELD_NUMBER: _ClassVar[int]
@@ -351,6 +369,7 @@ class CheckpointResult(_message.Message):
     IMAGES_SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SERVER_TLS_FIELD_NUMBER: _ClassVar[int]
     REPLY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     wall_ms: float
     frozen_ms: float
     freezing_ms: float
@@ -369,7 +388,8 @@ class CheckpointResult(_message.Message):
     images_sent_bytes: int
     page_server_tls: PageServerTls
     reply_after_ms: float
-    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ..., sent_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., rootfs_delta_bytes: _Optional[int] = ..., images_sent_bytes: _Optional[int] = ..., page_server_tls: _Optional[_Union[PageServerTls, _Mapping]] = ..., reply_after_ms: _Optional[float] = ...) -> None: ...
+    memory_bytes: int
+    def __init__(self, wall_ms: _Optional[float] = ..., frozen_ms: _Optional[float] = ..., freezing_ms: _Optional[float] = ..., memdump_ms: _Optional[float] = ..., memwrite_ms: _Optional[float] = ..., images_bytes: _Optional[int] = ..., started_at: _Optional[float] = ..., pause_ms: _Optional[float] = ..., page_server_address: _Optional[str] = ..., page_server_port: _Optional[int] = ..., lazy_bytes: _Optional[int] = ..., pages_written: _Optional[int] = ..., sent_ms: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., rootfs_delta_bytes: _Optional[int] = ..., images_sent_bytes: _Optional[int] = ..., page_server_tls: _Optional[_Union[PageServerTls, _Mapping]] = ..., reply_after_ms: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class PageServerTls(_message.Message):
     __slots__ = ("ca", "cert", "key")

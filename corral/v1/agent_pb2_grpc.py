@@ -101,6 +101,11 @@ class AgentServiceStub:
                 request_serializer=corral_dot_v1_dot_agent__pb2.FinishReceiveRequest.SerializeToString,
                 response_deserializer=corral_dot_v1_dot_agent__pb2.FinishReceiveResponse.FromString,
                 _registered_method=True)
+        self.AwaitLanding = channel.unary_unary(
+                '/corral.v1.AgentService/AwaitLanding',
+                request_serializer=corral_dot_v1_dot_agent__pb2.AwaitLandingRequest.SerializeToString,
+                response_deserializer=corral_dot_v1_dot_agent__pb2.AwaitLandingReply.FromString,
+                _registered_method=True)
         self.SendFiles = channel.unary_stream(
                 '/corral.v1.AgentService/SendFiles',
                 request_serializer=corral_dot_v1_dot_agent__pb2.SendFilesRequest.SerializeToString,
@@ -260,6 +265,14 @@ class AgentServiceServicer:
 
     def FinishReceive(self, request, context):
         """Close it again (and drop what was received, if discard).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AwaitLanding(self, request, context):
+        """Wait (at most timeout_ms) until the page cache PrepareReceive began to write for the
+        operation's memory images is whole: before the freeze, so that they land on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -438,6 +451,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.FinishReceive,
                     request_deserializer=corral_dot_v1_dot_agent__pb2.FinishReceiveRequest.FromString,
                     response_serializer=corral_dot_v1_dot_agent__pb2.FinishReceiveResponse.SerializeToString,
+            ),
+            'AwaitLanding': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitLanding,
+                    request_deserializer=corral_dot_v1_dot_agent__pb2.AwaitLandingRequest.FromString,
+                    response_serializer=corral_dot_v1_dot_agent__pb2.AwaitLandingReply.SerializeToString,
             ),
             'SendFiles': grpc.unary_stream_rpc_method_handler(
                     servicer.SendFiles,
@@ -866,6 +884,33 @@ class AgentService:
             '/corral.v1.AgentService/FinishReceive',
             corral_dot_v1_dot_agent__pb2.FinishReceiveRequest.SerializeToString,
             corral_dot_v1_dot_agent__pb2.FinishReceiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitLanding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.v1.AgentService/AwaitLanding',
+            corral_dot_v1_dot_agent__pb2.AwaitLandingRequest.SerializeToString,
+            corral_dot_v1_dot_agent__pb2.AwaitLandingReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,9 @@ def data_of(name: str) -> str:
     return f"disk-of-{name}"
 
 
+PREFLIGHT_MEMORY_BYTES = 300 << 20  # what every container's pre-flight sees in its tasks
+
+
 @dataclass
 class Copy:
     """One host's copy of a container."""
@@ -145,6 +148,7 @@ class FakeHost:
         self.staging: dict[str, Staging] = {}
         self.checkpoints: dict[str, Checkpoint] = {}
         self.predumps: dict[str, int] = {}
+        self.expected_images: dict[str, int] = {}  # by op: what PrepareReceive said its images would hold
         self.sources: dict[str, PostCopySide] = {}
         self.targets: dict[str, PostCopySide] = {}
         self.reachable = True
@@ -359,13 +363,20 @@ class FakeAgent:
     # -- migration: destination ----------------------------------------------------------
 
     @_call
-    async def prepare_receive(self, op_id: str, name: str, public_key: str, ttl: int) -> apb.ReceiveGrant:
+    async def await_landing(self, op_id: str, timeout: float) -> apb.AwaitLandingReply:
+        expected = self.host.expected_images.get(op_id, 0)
+        return apb.AwaitLandingReply(ready=expected > 0, bytes=expected)
+
+    @_call
+    async def prepare_receive(self, op_id: str, name: str, public_key: str, ttl: int,
+                              expect_image_bytes: int = 0) -> apb.ReceiveGrant:  # fmt: skip
         h = self.host
         if name in h.containers:
             raise AlreadyExists(f"container {name!r} already exists on node {h.name!r}")
         if not public_key.startswith("ssh-"):
             raise InvalidArgument("the operation's public key must be in OpenSSH format")
         h.staging.setdefault(op_id, Staging()).open = True
+        h.expected_images[op_id] = expect_image_bytes
         return apb.ReceiveGrant(address=h.transfer_address, user=f"op-{op_id}", host_key="ssh-ed25519 FAKE")
 
     @_call
@@ -496,7 +507,7 @@ class FakeAgent:
         if copy.state != RUNNING:
             raise FailedPrecondition(f"container {name!r} is not running")
         if mode == apb.CHECKPOINT_MODE_TRIAL:
-            return apb.CheckpointResult(wall_ms=20.0, frozen_ms=10.0, pause_ms=10.0)
+            return apb.CheckpointResult(wall_ms=20.0, frozen_ms=10.0, pause_ms=10.0, memory_bytes=PREFLIGHT_MEMORY_BYTES)
         if mode == apb.CHECKPOINT_MODE_PREDUMP:
             if iteration < 1:
                 raise InvalidArgument("pre-dump iterations are numbered from 1")
