@@ -215,7 +215,7 @@ class Migrations:
 
     async def await_landing(self, op_id: str, timeout: float) -> tuple[bool, int]:
         """Wait at most `timeout` s for the operation's landing file to be whole: (whole, size);
-        (False, 0) if it has none."""
+        (False, 0) if it has none. One not whole by then is landed on as far as it got."""
         landing = self.grants.landing(_op(op_id))
         if landing is None:
             return False, 0

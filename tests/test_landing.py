@@ -95,7 +95,7 @@ async def test_the_big_memory_image_is_written_over_the_landing_file(tls_endpoin
     assert (receiver.directory / "pages-2.img").read_bytes() == b"small process"
     assert (receiver.directory / "inventory.img").read_bytes() == b"inventory"
     assert not [p.name for p in staging.iterdir() if p.name.startswith(LANDING_NAME)], "the landing stayed"
-    assert not landing.ready and landing.claim() is None  # used up
+    assert not landing.whole and landing.claim() is None  # used up
 
 
 async def test_an_image_bigger_than_the_landing_grows_past_it(tls_endpoint, tmp_path):
@@ -116,15 +116,23 @@ async def test_a_landing_that_no_image_needs_is_freed_when_the_stream_ends(tls_e
     assert not (staging / LANDING_NAME).exists()
 
 
-async def test_a_landing_still_being_written_when_the_dump_begins_is_abandoned(tls_endpoint, tmp_path):
-    """Its writing stops (it must not compete with the dump) and the images go to new files."""
+async def test_a_landing_still_being_written_when_the_dump_begins_is_landed_on_as_far_as_it_got(tls_endpoint, tmp_path):
+    """Its writing stops when the stream begins (it must not compete with the dump), and the
+    image is written over what it had, then past it."""
     receiver, client, staging, offered = tls_endpoint
-    landing = offered[0] = LandingFile(staging, 2048 * MiB)
+    landing = offered[0] = LandingFile(staging, 4096 * MiB)
     landing.start()
-    pieces = _memory(6)
+    part = staging / (LANDING_NAME + ".part")
+    async with asyncio.timeout(20):
+        while not part.exists() or part.stat().st_size < 4 * MiB:
+            await asyncio.sleep(0.005)
+    inode = part.stat().st_ino
+    pieces = _memory(64)
     await _push_tls(receiver, client, tmp_path, pieces)
     assert not await asyncio.wait_for(landing.prepared(), 10)
-    assert (receiver.directory / "pages-1.img").read_bytes() == b"".join(pieces)
+    assert 4 * MiB <= landing.written < 4096 * MiB
+    got = receiver.directory / "pages-1.img"
+    assert got.read_bytes() == b"".join(pieces) and got.stat().st_ino == inode
     assert not [p.name for p in staging.iterdir() if p.name.startswith(LANDING_NAME)]
 
 

@@ -299,8 +299,8 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path,
     files are written in batches, one thread hop per batch. `landing`: the first memory image
     that comes in pieces of at least landing.MIN_PIECE is written over it (landing.py)."""
     await asyncio.to_thread(_fresh_directory, directory)
-    if landing is not None and not landing.ready:
-        landing.abandon()  # the dump has begun: its writing must not compete with it
+    if landing is not None:
+        landing.abandon()  # the dump has begun: the landing's writing must not compete with it
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     total = 0
     made: set[str] = set()  # the files this stream created: a name that comes again appends to one
@@ -375,7 +375,7 @@ class _Landed:
 
 def _land(landing: LandingFile, name: str, mode: int, piece_size: int, made: set[str]) -> _Landed | None:
     """`name` written over the landing file, if it is a memory image whose first piece is big
-    enough and the landing is ready (claimed; the name is then taken)."""
+    enough and the landing has page cache to give (claimed; the name is then taken)."""
     if not is_memory_image(name) or piece_size < MIN_PIECE:
         return None
     fd = landing.claim()

@@ -10,9 +10,9 @@ the container still runs; the stream then writes the biggest memory image over i
 renames it into place, cut to the image's size, once the stream has ended.
 
 Contract: `start()` writes in a worker thread; `claim()` hands the file to at most one stream
-at a time, and only once it is whole (a file still being written is abandoned then: its
-writing stops so as not to compete with the dump); `settle()` moves it into place. The file
-lives in the operation's staging directory, and goes with it.
+at a time, whole or as much as was written when the stream began (its writing stops then,
+so as not to compete with the dump); `settle()` moves it into place. The file lives in the
+operation's staging directory, and goes with it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ LANDING_NAME = ".landing"
 PART_SUFFIX = ".part"
 MIN_BYTES = 64 << 20  # below this a landing is not worth the page cache it holds
 MIN_PIECE = 1 << 20  # only a file whose first piece is at least this big lands on it
+CLAIM_WAIT = 5.0  # s for a stopped writing to end (it finishes one write of _WRITE bytes)
 _WRITE = 1 << 20
 _ZEROS = bytes(_WRITE)
 _MEMORY_IMAGE = re.compile(r"^pages-[0-9]+\.img$")  # CRIU's page images (not pagemap-*)
@@ -64,48 +65,55 @@ class LandingFile:
     def __init__(self, directory: Path, size: int) -> None:
         self.path = directory / LANDING_NAME
         self.size = size
+        self.written = 0  # of it, once its writing has ended
         self._part = directory / (LANDING_NAME + PART_SUFFIX)
         self._stop = threading.Event()
+        self._done = threading.Event()
         self._lock = threading.Lock()
-        self._ready = False
+        self._usable = False  # `path` holds page cache written for the images (all or part)
         self._claimed_fd: int | None = None
         self._task: asyncio.Future | None = None
 
     @property
-    def ready(self) -> bool:
-        return self._ready
+    def whole(self) -> bool:
+        """Written to its full size (and neither used nor dropped since)."""
+        return self._usable and self.written == self.size
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(asyncio.to_thread(self._prepare))
 
     async def prepared(self) -> bool:
-        """Wait for the writing to end; whether the file is ready (for tests and tools)."""
+        """Wait for the writing to end; whether the file is whole."""
         if self._task is not None:
             await asyncio.shield(self._task)
-        return self._ready
+        return self.whole
 
     def _prepare(self) -> None:
+        try:
+            self._write()
+        finally:
+            self._done.set()
+
+    def _write(self) -> None:
         try:
             fd = os.open(self._part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             log.warning("no landing file for the images", path=str(self._part), error=str(e))
             return
+        written = 0
         try:
-            written = 0
-            while written < self.size:
-                if self._stop.is_set():
-                    break
+            while written < self.size and not self._stop.is_set():
                 written += os.write(fd, _ZEROS[: min(_WRITE, self.size - written)])
         except OSError as e:
             log.warning("landing file not written", path=str(self._part), error=str(e))
-            written = -1
+            written = 0
         finally:
             os.close(fd)
         with self._lock:
-            if written == self.size and not self._stop.is_set():
+            if written:  # what was written is worth landing on, whole or not
                 try:
                     os.rename(self._part, self.path)
-                    self._ready = True
+                    self.written, self._usable = written, True
                     return
                 except OSError as e:  # the staging went meanwhile
                     log.warning("landing file not kept", path=str(self._part), error=str(e))
@@ -116,13 +124,13 @@ class LandingFile:
         self._stop.set()
 
     def claim(self) -> int | None:
-        """The file, open for writing from its start, if it is whole and no stream holds it;
-        else None (and a file still being written is abandoned)."""
+        """The file, open for writing from its start, if no stream holds it: whole, or as much
+        as was written of it (its writing is stopped first: the dump has begun); else None."""
+        self._stop.set()
+        if not self._done.wait(CLAIM_WAIT):
+            return None
         with self._lock:
-            if not self._ready:
-                self._stop.set()
-                return None
-            if self._claimed_fd is not None:
+            if not self._usable or self._claimed_fd is not None:
                 return None
             self._claimed_fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
             return self._claimed_fd
@@ -130,11 +138,11 @@ class LandingFile:
     def discard(self) -> None:
         """Not needed (the stream ended without a memory image for it): stop, and free its
         page cache now rather than with the staging."""
+        self._stop.set()
         with self._lock:
-            self._stop.set()
-            if self._claimed_fd is None and self._ready:
+            if self._claimed_fd is None and self._usable:
                 self.path.unlink(missing_ok=True)
-                self._ready = False
+                self._usable = False
 
     def release(self) -> None:
         """The claiming stream failed: the file stays (with what it got), for another."""
@@ -158,5 +166,5 @@ class LandingFile:
             finally:
                 os.close(fd)
                 self._claimed_fd = None
-                self._ready = False
+                self._usable = False
             return length
