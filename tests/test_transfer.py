@@ -1077,3 +1077,23 @@ async def test_tls_endpoint_writes_compressed_pieces_as_they_trickle_in(images_e
     assert sent is not None and sent.bytes_sent < (1 << 20)
     assert (receiver.directory / "pages-1.img").read_bytes() == piece * 48
     assert max(arrived) >= 24 << 20, arrived
+
+
+async def test_tls_endpoint_answers_as_soon_as_the_stream_is_stored(images_endpoint, tmp_path, monkeypatch):
+    """The endpoint's thread is woken to send its answer, not left to notice it at its next
+    look (that added up to a poll interval, ~50 ms, to every frozen container's downtime): with
+    looks 20 s apart, a stream still ends in well under that."""
+    from agent.transfer import tls_stream
+
+    monkeypatch.setattr(tls_stream._Inbound, "POLL", 20.0)
+    receiver, client = images_endpoint
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(40):
+        (images / f"core-{i}.img").write_bytes(os.urandom(10_000))
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    async with asyncio.timeout(10):
+        sent = await tls_stream.push_while_writing(images, "127.0.0.1", receiver.port, client, tmp_path, writing=done,
+                                                   grows=lambda name: False, compress=False, timeout=30)  # fmt: skip
+    assert sent is not None and sent.files_transferred == 40
