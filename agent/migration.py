@@ -157,6 +157,7 @@ class Migrations:
         self._receivers: dict[str, ImagesReceiver] = {}
 
     async def close(self) -> None:
+        self.grants.stop_landings()
         await self.pusher.close()
         for op_id in list(self._receivers):
             await self._close_receiver(op_id)

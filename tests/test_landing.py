@@ -163,6 +163,21 @@ async def test_the_ssh_transfer_port_lands_the_images_too(tmp_path):
         await server.close()
 
 
+class _NoContainers:
+    node = "n1"
+
+    @staticmethod
+    def exists(name):
+        return False
+
+
+def _migrations(server: TransferServer, state: Path, **config):
+    """The destination's side of migrations, with no containers (none is adopted here)."""
+    from agent.migration import Migrations
+
+    return Migrations(_NoContainers(), server, server.grants, None, state, images_endpoint=False, **config)
+
+
 def test_landing_size_follows_the_memory_within_what_the_host_can_spare():
     assert landing_size(0, 64 << 30) == 0
     assert landing_size(MIN_BYTES - 1, 64 << 30) == 0  # not worth holding page cache for
@@ -175,23 +190,13 @@ async def test_prepare_receive_writes_the_landing_unless_the_host_turns_it_off(t
     """PrepareReceive with the memory the pre-flight saw: a landing file of that size in the
     operation's staging (written in the background, AwaitLanding waits for it); `images_landing: false`, or too little to
     be worth it: none; a negative size is refused."""
-    from agent.migration import Migrations
-
-    class NoContainers:
-        node = "n1"
-
-        @staticmethod
-        def exists(name):
-            return False
-
     grants = GrantRegistry(tmp_path / "staging")
     server = TransferServer("127.0.0.1", 0, tmp_path / "hk", grants)
     await server.start()
     _, public = new_operation_keypair()
     try:
         for on in (True, False):
-            migrations = Migrations(NoContainers(), server, grants, None, tmp_path / f"state-{on}",
-                                    images_endpoint=False, images_landing=on)  # fmt: skip
+            migrations = _migrations(server, tmp_path / f"state-{on}", images_landing=on)
             op = f"op-{str(on).lower()}"
             await migrations.prepare_receive(op, "c1", public, 60, expect_image_bytes=MIN_BYTES)
             landing = grants.landing(op)
@@ -207,5 +212,24 @@ async def test_prepare_receive_writes_the_landing_unless_the_host_turns_it_off(t
             await migrations.finish_receive(op, discard=True)
             assert grants.landing(op) is None and not (tmp_path / "staging" / op).exists()
             await migrations.close()
+    finally:
+        await server.close()
+
+
+async def test_an_agent_that_stops_stops_writing_its_landings(tmp_path):
+    """A shutdown does not wait for gigabytes of zeros: the writing stops (the next start sweeps
+    the staging, and the file with it)."""
+    grants = GrantRegistry(tmp_path / "staging")
+    server = TransferServer("127.0.0.1", 0, tmp_path / "hk", grants)
+    await server.start()
+    try:
+        migrations = _migrations(server, tmp_path / "state")
+        _, public = new_operation_keypair()
+        await migrations.prepare_receive("op-big", "c1", public, 60, expect_image_bytes=4096 * MiB)
+        landing = grants.landing("op-big")
+        assert landing is not None
+        await migrations.close()
+        assert not await asyncio.wait_for(landing.prepared(), 10)
+        assert landing.written < 4096 * MiB
     finally:
         await server.close()

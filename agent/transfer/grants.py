@@ -104,6 +104,13 @@ class GrantRegistry:
         with self._lock:
             return self._landings.get(op_id)
 
+    def stop_landings(self) -> None:
+        """Stop writing every landing file (the agent is shutting down); they stay on disk with
+        their staging, which the next start sweeps."""
+        with self._lock:
+            for landing in self._landings.values():
+                landing.abandon()
+
     def _drop_landing(self, op_id: str) -> None:
         landing = self._landings.pop(op_id, None)
         if landing is not None:
