@@ -75,6 +75,7 @@ SOURCE_FINISH_WAIT = 60.0  # release: for the source's CRIU to exit once every p
 KEPT_MARK = "corral-kept.json"  # a complete checkpoint a failed post-copy source left
 SWEEP_INTERVAL = 60.0  # how often expired grants' staging is looked for
 STALE_PREDUMPS = 24 * 3600.0  # pre-dumps this old belong to no migration still running
+MAX_LANDING_WAIT = 300.0  # s an AwaitLanding may hold its call, whatever it asks
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,8 @@ class Migrations:
         if landing is None:
             return False, 0
         try:
-            return await asyncio.wait_for(asyncio.shield(landing.prepared()), max(0.0, timeout)), landing.size
+            wait = min(max(0.0, timeout), MAX_LANDING_WAIT)
+            return await asyncio.wait_for(asyncio.shield(landing.prepared()), wait), landing.size
         except TimeoutError:
             return False, landing.size
 
