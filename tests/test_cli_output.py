@@ -418,3 +418,17 @@ def test_watch_progress_bar_on_a_terminal(monkeypatch):
     assert asyncio.run(watch_with_progress(Watching(), "op-1", Ctx())) == 0
     assert "transfer" in err.getvalue() and "10 bytes" in err.getvalue()
     assert "state:     succeeded" in out.getvalue()
+
+
+def test_ops_show_times_each_phase_in_the_order_a_migration_runs_them(capsys):
+    """`vzmigrate -t`'s table: the wait for the target's page cache (before the freeze) comes
+    before the dump; byte counts are not times; unknown keys follow, by name."""
+    from types import SimpleNamespace
+
+    from controller.cli.operations import print_timings
+
+    print_timings(SimpleNamespace(timings_ms={"downtime": 1850.0, "landing": 1609.0, "dump": 1146.0,
+                                              "images_bytes": 2.8e6, "zz_new": 1.0}))  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["timings:", "target's", "checkpoint", "total", "zz_new"]
+    assert "1609.0 ms" in lines[1]

@@ -46,10 +46,11 @@ def print_timings(op) -> None:
     t = dict(op.timings_ms)
     if not t:
         return
-    order = ["preflight_pause", "precopy", "dump", "freeze", "criu_frozen", "criu_memdump", "transfer",
+    order = ["preflight_pause", "precopy", "landing", "dump", "freeze", "criu_frozen", "criu_memdump", "transfer",
              "restore", "criu_restore", "pages_done", "downtime"]  # fmt: skip
     labels = {
-        "preflight_pause": "pre-flight pause", "precopy": "rootfs pre-copy", "dump": "checkpoint call",
+        "preflight_pause": "pre-flight pause", "precopy": "rootfs pre-copy", "landing": "target's page cache",
+        "dump": "checkpoint call",
         "freeze": "  frozen in dump", "criu_frozen": "  CRIU frozen", "criu_memdump": "  CRIU memory dump",
         "transfer": "final transfer", "restore": "restore", "criu_restore": "  CRIU restore",
         "pages_done": "all pages moved", "downtime": "total downtime",
