@@ -54,7 +54,8 @@ def program_search_path() -> str:
     return os.environ.get("PATH") or programs.SEARCH_PATH
 
 
-def _meminfo() -> tuple[int, int]:
+def meminfo() -> tuple[int, int]:
+    """MemTotal and MemAvailable of this host, in bytes."""
     values = {}
     with open("/proc/meminfo") as f:
         for line in f:
@@ -115,7 +116,7 @@ class HostFacts:
         return live
 
     def current(self) -> NodeFacts:
-        total, available = _meminfo()
+        total, available = meminfo()
         disk = shutil.disk_usage(self._storage_dir)
         return replace(
             self._base,

@@ -41,6 +41,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import structlog
 
 from agent.containers import ContainerManager
+from agent.host_facts import meminfo
 from agent.postcopy import LazyCheckpoint, PagesState, PagesStatus, PostCopySource, PostCopyTarget
 from agent.postcopy import memory_usage_of, write_tls_files
 from agent.records import write_durably
@@ -51,7 +52,7 @@ from agent.runtime.freezer import NETLOCKED, PREFROZEN_MARK, read_frozen_at
 from agent.runtime.tool_process import tools_under
 from agent.transfer.client import PushTarget, TransferProgress, TransferStats, rsync_push, split_address
 from agent.transfer.grants import GrantRegistry
-from agent.transfer.landing import LandingFile, available_memory, is_memory_image, landing_size
+from agent.transfer.landing import LandingFile, is_memory_image, landing_size
 from agent.transfer.server import TransferServer
 from agent.transfer.stream_push import StreamPusher
 from agent.transfer import tls_stream
@@ -208,7 +209,7 @@ class Migrations:
         """Start writing the landing file for `expected` bytes of images; its size (0: none)."""
         if not self.images_landing or self.grants.landing(op_id) is not None:
             return 0  # off, or a repeated prepare: the one being written stands
-        size = landing_size(expected, await asyncio.to_thread(available_memory))
+        size = landing_size(expected, (await asyncio.to_thread(meminfo))[1])
         if size:
             landing = LandingFile(staging, size)
             self.grants.attach_landing(op_id, landing)

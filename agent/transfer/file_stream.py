@@ -333,8 +333,8 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path,
                 if batch:
                     await asyncio.to_thread(_store_files, dir_fd, batch, made)
                     batch = []
-                if landed is None and landing is not None and name not in made:
-                    landed = await asyncio.to_thread(_land, landing, name, mode, _stated_size(packed), made)
+                if landed is None and _may_land(landing, name, _stated_size(packed), made):
+                    landed = await asyncio.to_thread(_land, landing, name, mode, made)
                 fd = landed.fd if landed is not None and landed.name == name else None
                 total += await asyncio.to_thread(_store_compressed, dir_fd, name, mode, packed, made, fd)
                 continue
@@ -345,8 +345,8 @@ async def read_stream(read: Callable[[int], Awaitable[bytes]], directory: Path,
                 continue
             await asyncio.to_thread(_store_files, dir_fd, batch, made)
             batch = []
-            if landed is None and landing is not None and name not in made:
-                landed = await asyncio.to_thread(_land, landing, name, mode, size, made)
+            if landed is None and _may_land(landing, name, size, made):
+                landed = await asyncio.to_thread(_land, landing, name, mode, made)
                 on_landing = landed is not None
             fd = landed.fd if on_landing else await asyncio.to_thread(_open_piece, dir_fd, name, mode, made)
             try:
@@ -373,11 +373,15 @@ class _Landed:
     fd: int
 
 
-def _land(landing: LandingFile, name: str, mode: int, piece_size: int, made: set[str]) -> _Landed | None:
-    """`name` written over the landing file, if it is a memory image whose first piece is big
-    enough and the landing has page cache to give (claimed; the name is then taken)."""
-    if not is_memory_image(name) or piece_size < MIN_PIECE:
-        return None
+def _may_land(landing: LandingFile | None, name: str, piece_size: int, made: set[str]) -> bool:
+    """Whether a new file `name` whose first piece is `piece_size` is one to write over the
+    landing: a memory image, in pieces big enough to be the bulk of the memory."""
+    return landing is not None and name not in made and is_memory_image(name) and piece_size >= MIN_PIECE
+
+
+def _land(landing: LandingFile, name: str, mode: int, made: set[str]) -> _Landed | None:
+    """`name` written over the landing file, if it has page cache to give (claimed: the name is
+    then taken). Blocking (a claim waits for the landing's writing to stop)."""
     fd = landing.claim()
     if fd is None:
         return None

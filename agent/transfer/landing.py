@@ -42,18 +42,6 @@ def is_memory_image(name: str) -> bool:
     return bool(_MEMORY_IMAGE.fullmatch(name))
 
 
-def available_memory() -> int:
-    """MemAvailable of /proc/meminfo, in bytes (0 if unreadable)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def landing_size(expected: int, available: int) -> int:
     """How big a landing to prepare for `expected` bytes of memory images: 0 (none) below
     MIN_BYTES, and never more than half the host's available memory."""
